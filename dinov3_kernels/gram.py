@@ -111,33 +111,6 @@ def _gram_fwd_factored(s, t, apply_norm, grad_s, grad_t):
     return loss, gs, gt
 
 
-def _gram_fwd_cuda(s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t):
-    C = _backend.cuda_ext()
-    G, P, D = s.shape
-    stream = torch.cuda.current_stream(s.device).cuda_stream
-    partial = torch.empty(C.gram_num_partials(G, P), device=s.device, dtype=torch.float32)
-    acc_s = torch.zeros((G, P, D), device=s.device, dtype=torch.float32) if grad_s else partial
-    acc_t = torch.zeros((G, P, D), device=s.device, dtype=torch.float32) if grad_t else partial
-    M = G * P * P
-    C.gram_fwd(
-        s.data_ptr(), t.data_ptr(), acc_s.data_ptr(), acc_t.data_ptr(), partial.data_ptr(),
-        G, P, D, *s.stride(), *t.stride(), _backend.CUDA_DTYPE_CODES[s.dtype], 4.0 / M, NORM_EPS,
-        apply_norm, clamp_s, clamp_t, grad_s, grad_t, bool(torch.backends.cuda.matmul.allow_tf32), stream,
-    )
-    loss = (partial.sum(dtype=torch.float64) / M).to(torch.float32)
-
-    def finish(x, acc):
-        out = torch.empty((G, P, D), device=x.device, dtype=x.dtype)
-        x2 = x.reshape(G * P, D)
-        C.gram_norm_bwd(x2.data_ptr(), acc.data_ptr(), out.data_ptr(), G * P, D, x2.stride(0), x2.stride(1),
-                        _backend.CUDA_DTYPE_CODES[x.dtype], NORM_EPS, apply_norm, stream)
-        return out
-
-    gs = finish(s, acc_s) if grad_s else s.new_empty(0)
-    gt = finish(t, acc_t) if grad_t else t.new_empty(0)
-    return loss, gs, gt
-
-
 def _choose_method(method, s, clamp):
     if method != "auto":
         return method
@@ -161,7 +134,10 @@ def _gram_loss_fwd_impl(student, teacher, apply_norm, clamp_student, clamp_teach
         return gram_fwd_triton(student, teacher, apply_norm=apply_norm, clamp_s=clamp_student,
                                clamp_t=clamp_teacher, grad_s=grad_student, grad_t=grad_teacher, eps=NORM_EPS)
     if backend == "cuda":
-        return _gram_fwd_cuda(student, teacher, apply_norm, clamp_student, clamp_teacher, grad_student, grad_teacher)
+        from ._cuda.gram import gram_fwd_cuda
+
+        return gram_fwd_cuda(student, teacher, apply_norm=apply_norm, clamp_s=clamp_student, clamp_t=clamp_teacher,
+                             grad_s=grad_student, grad_t=grad_teacher, eps=NORM_EPS)
     raise ValueError(f"gram_loss_fwd: unknown kernel backend {backend!r}")
 
 
