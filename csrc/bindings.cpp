@@ -11,6 +11,15 @@ namespace py = pybind11;
 
 namespace dinov3 {
 // ---- gram_loss.cu ----
+int64_t gram_num_partials(int64_t G, int64_t P);
+void gram_fwd(std::uintptr_t s_ptr, std::uintptr_t t_ptr, std::uintptr_t acc_s_ptr, std::uintptr_t acc_t_ptr,
+              std::uintptr_t partial_ptr, int64_t G, int64_t P, int64_t D, int64_t s_stride_g, int64_t s_stride_p,
+              int64_t s_stride_d, int64_t t_stride_g, int64_t t_stride_p, int64_t t_stride_d, int dtype_code,
+              double scale, double eps, bool apply_norm, bool clamp_s, bool clamp_t, bool grad_s, bool grad_t,
+              bool allow_tf32, std::uintptr_t stream);
+void gram_norm_bwd(std::uintptr_t x_ptr, std::uintptr_t gxh_ptr, std::uintptr_t out_ptr, int64_t R, int64_t D,
+                   int64_t stride_r, int64_t stride_d, int dtype_code, double eps, bool apply_norm,
+                   std::uintptr_t stream);
 // ---- koleo_loss.cu ----
 // ---- rope_attention.cu ----
 }  // namespace dinov3
@@ -23,6 +32,18 @@ PYBIND11_MODULE(_C, m) {
     return v;
   });
   // ---- gram_loss.cu ----
+  m.def("gram_num_partials", &dinov3::gram_num_partials, py::arg("G"), py::arg("P"),
+        "Length of the fp32 partial-loss buffer gram_fwd writes: G * (number of 64x64 tile pairs i <= j).");
+  m.def("gram_fwd", &dinov3::gram_fwd, py::arg("s_ptr"), py::arg("t_ptr"), py::arg("acc_s_ptr"), py::arg("acc_t_ptr"),
+        py::arg("partial_ptr"), py::arg("G"), py::arg("P"), py::arg("D"), py::arg("s_stride_g"), py::arg("s_stride_p"),
+        py::arg("s_stride_d"), py::arg("t_stride_g"), py::arg("t_stride_p"), py::arg("t_stride_d"),
+        py::arg("dtype_code"), py::arg("scale"), py::arg("eps"), py::arg("apply_norm"), py::arg("clamp_s"),
+        py::arg("clamp_t"), py::arg("grad_s"), py::arg("grad_t"), py::arg("allow_tf32"), py::arg("stream"),
+        "Fused Gram loss: per-tile-pair partial losses and the fp32 gradients w.r.t. the normalised rows (atomics).");
+  m.def("gram_norm_bwd", &dinov3::gram_norm_bwd, py::arg("x_ptr"), py::arg("gxh_ptr"), py::arg("out_ptr"), py::arg("R"),
+        py::arg("D"), py::arg("stride_r"), py::arg("stride_d"), py::arg("dtype_code"), py::arg("eps"),
+        py::arg("apply_norm"), py::arg("stream"),
+        "Gradient w.r.t. x of x / max(|x|, eps) from the fp32 gradient w.r.t. the normalised rows; contiguous output.");
   // ---- koleo_loss.cu ----
   // ---- rope_attention.cu ----
 }
