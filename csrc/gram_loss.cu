@@ -111,13 +111,17 @@ struct Smem {
   static constexpr int kLdA = kChunk + (kIs16 ? 8 : 4);       // forward operand tiles (T)
   static constexpr int kLdW = kTile + (kIs16 ? 8 : 1);        // W (T; fp32: odd pitch, also read transposed)
   static constexpr int kLdX = kGradChunk + (kIs16 ? 8 : 4);   // staged Ŝ chunk of the scatter (T)
+  // Every array starts 16-byte aligned: staging writes 16-byte vectors.
   struct Fwd {
-    T si[kTile * kLdA], sj[kTile * kLdA], ti[kTile * kLdA], tj[kTile * kLdA];
+    alignas(16) T si[kTile * kLdA];
+    alignas(16) T sj[kTile * kLdA];
+    alignas(16) T ti[kTile * kLdA];
+    alignas(16) T tj[kTile * kLdA];
   };
   struct Grad {
-    T w[kTile * kLdW];
-    T wt[kIs16 ? kTile * kLdW : 1];  // Wᵀ, for the A operand of the transposed product (16-bit path)
-    T x[kTile * kLdX];
+    alignas(16) T x[kTile * kLdX];
+    alignas(16) T w[kTile * kLdW];
+    alignas(16) T wt[kIs16 ? kTile * kLdW : 1];  // Wᵀ, the A operand of the transposed product (16-bit path)
   };
   union __align__(16) {
     Fwd fwd;
@@ -126,6 +130,7 @@ struct Smem {
   float rinv[4][kTile];  // 1/max(|x|, eps) of rows s_i, s_j, t_i, t_j (1 without apply_norm)
   float red[kThreads / 32];
 };
+static_assert(sizeof(Smem<float>) <= 48 * 1024 && sizeof(Smem<__half>) <= 48 * 1024, "over the static smem limit");
 
 // ---- staging: global (any strides) -> shared --------------------------------------------------------------------
 // Rows row0.. of a (P, D) slice, columns k0..k0+COLS, zero outside. vec_ok: stride_d == 1 and every row start 16-byte
@@ -167,8 +172,6 @@ __device__ __forceinline__ void stage_tile(T* dst, const T* src, int64_t stride_
       for (int e = 0; e < VEC; ++e) f[e] *= s;
     }
     *reinterpret_cast<uint4*>(dst + r * LD + kc) = Elem<T>::pack(f);
-    // At most 4 passes of loads in flight: bounds the registers of the fp32 scatter (8 passes).
-    if ((p & 3) == 3) asm volatile("" ::: "memory");
   }
 }
 
