@@ -6,7 +6,12 @@ from .. import _backend
 
 
 def gram_fwd_cuda(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1e-12):
-    """Same contract as dinov3_kernels._triton.gram.gram_fwd_triton, on the compiled kernels (csrc/gram_loss.cu)."""
+    """Same contract as dinov3_kernels._triton.gram.gram_fwd_triton, on the compiled kernels (csrc/gram_loss.cu).
+
+    Any strides: the kernels load 16-byte vectors when stride_d == 1 and rows are 16-byte aligned, element by element
+    otherwise, so no copy is made here. fp32 runs IEEE SIMT FMAs, or TF32 tensor cores when
+    torch.backends.cuda.matmul.allow_tf32 is set; fp16/bf16 run tensor cores with fp32 accumulation.
+    """
     C = _backend.cuda_ext()
     G, P, D = s.shape
     stream = torch.cuda.current_stream(s.device).cuda_stream

@@ -261,6 +261,24 @@ def test_bindings_validate_arguments():
         C.gram_num_partials(0, 3)
 
 
+def test_ptxas_report_has_no_spills():
+    """The build keeps ptxas -v output beside the module: the Gram kernels must not spill or use a stack frame."""
+    C = _backend.CUDA_EXT
+    if C is None:
+        pytest.skip(f"CUDA extension not built: {_backend.CUDA_EXT_UNAVAILABLE}")
+    report = os.path.join(os.path.dirname(C.__file__), "_ptxas_report.txt")
+    if not os.path.exists(report):
+        pytest.skip("no _ptxas_report.txt beside the extension")
+    lines = open(report).read().splitlines()
+    checked = 0
+    for k, line in enumerate(lines):
+        if "Function properties for" in line and "gram_" in line:
+            props = lines[k + 1]
+            assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in props, (line, props)
+            checked += 1
+    assert checked >= 2 * 7  # 4 forward + 3 norm-backward kernels, per architecture
+
+
 # ---- GPU: the kernels against the float64 reference ------------------------------------------------------------
 # Errors are relative to the largest reference value (loss) or the largest reference gradient entry.
 TOL_LOSS = {torch.float32: 1e-4, "tf32": 1e-2, torch.float16: 1e-2, torch.bfloat16: 4e-2}
