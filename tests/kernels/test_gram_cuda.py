@@ -307,8 +307,9 @@ def _check(shape, dtype, apply_norm, img_level, opts, teacher_grad, tol_key=None
     t_ref = t.detach().double().requires_grad_(teacher_grad)
     ref = gram_loss_reference(s_ref, t_ref, apply_norm=apply_norm, img_level=img_level, **opts)
     ref.backward()
-    s_in, t_in = s.clone().requires_grad_(True), t.clone().requires_grad_(teacher_grad)
-    s_copy, t_copy = s_in.detach().clone(), t_in.detach().clone()
+    # detach() keeps the strides (clone() would make the padded-pitch inputs contiguous).
+    s_in, t_in = s.detach().requires_grad_(True), t.detach().requires_grad_(teacher_grad)
+    s_copy, t_copy = s.detach().clone(), t.detach().clone()
     loss = gram_loss(s_in, t_in, apply_norm=apply_norm, img_level=img_level, backend="cuda", method="tiled", **opts)
     loss.backward()
     assert loss.dtype == torch.float32
