@@ -69,6 +69,10 @@ template <>
 struct Elem<__nv_bfloat16> : Elem16<__nv_bfloat16> {};
 
 // ---- tensor-core primitives ----------------------------------------------------------------------------------------
+#if defined(DINOV3_HOST_EMULATION)
+// tests/kernels/gram_cuda_emu.cpp runs these kernels on the CPU and supplies mma_16816, mma_1688_tf32 and to_tf32,
+// emulated from the PTX ISA fragment layouts.
+#else
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 template <>
@@ -98,6 +102,7 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif  // DINOV3_HOST_EMULATION
 
 __device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 __device__ __forceinline__ uint32_t lds16(const void* p) { return *reinterpret_cast<const unsigned short*>(p); }
@@ -595,8 +600,12 @@ template <typename T, bool TF32>
 void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   const unsigned gy = static_cast<unsigned>(args.G < 65535 ? args.G : 65535);  // the kernel loops over the rest
   const dim3 grid(static_cast<unsigned>(args.num_pairs), gy);
+#if defined(DINOV3_HOST_EMULATION)
+  emu_launch(_gram_fwd_kernel<T, TF32>, grid, dim3(kThreads), args);
+#else
   _gram_fwd_kernel<T, TF32><<<grid, kThreads, 0, stream>>>(args);
   DINOV3_CHECK_LAUNCH();
+#endif
 }
 
 template <typename T>
@@ -604,10 +613,16 @@ void launch_norm_bwd(std::uintptr_t x, std::uintptr_t gxh, std::uintptr_t out, i
                      int64_t stride_d, float eps, bool apply_norm, cudaStream_t stream) {
   const int64_t blocks = (R + kNormRowsPerBlock - 1) / kNormRowsPerBlock;
   if (blocks > INT32_MAX) throw std::invalid_argument("gram_norm_bwd: too many rows");
+#if defined(DINOV3_HOST_EMULATION)
+  emu_launch(_gram_norm_bwd_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kNormRowsPerBlock * 32),
+             reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(gxh), reinterpret_cast<T*>(out), R,
+             static_cast<int>(D), stride_r, stride_d, eps, apply_norm);
+#else
   _gram_norm_bwd_kernel<T><<<static_cast<unsigned>(blocks), kNormRowsPerBlock * 32, 0, stream>>>(
       reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(gxh), reinterpret_cast<T*>(out), R,
       static_cast<int>(D), stride_r, stride_d, eps, apply_norm);
   DINOV3_CHECK_LAUNCH();
+#endif
 }
 
 }  // namespace
