@@ -202,7 +202,9 @@ __global__ void __launch_bounds__(kThreads) koleo_search_kernel(
   __shared__ __align__(32) T sA[kBlockM * P];
   __shared__ __align__(32) T sB[kBlockN * P];
   __shared__ __align__(32) float sC[kBlockM * kLdc];
-  __shared__ float sRj[kBlockN];
+  // Double-buffered by tile parity: a fast thread may fill the next tile's inverse norms while a slow one still merges
+  // the current tile (the barriers inside dot_tile order everything two tiles apart).
+  __shared__ float sRj[2][kBlockN];
   __shared__ float sWarp[kThreads / 32];
   __shared__ double sTot[kThreads];
   __shared__ bool sLast;
@@ -227,9 +229,10 @@ __global__ void __launch_bounds__(kThreads) koleo_search_kernel(
   }
 
   for (int64_t c0 = 0; c0 < M; c0 += kBlockN) {
+    float* rj = sRj[(c0 / kBlockN) & 1];
     if (tid < kBlockN) {
       const int64_t c = c0 + tid;
-      sRj[tid] = c < M ? 1.f / fmaxf(norm[c], eps) : 0.f;
+      rj[tid] = c < M ? 1.f / fmaxf(norm[c], eps) : 0.f;
     }
     dot_tile<T>(sA, sB, sC, s, offset + q0, q_valid, c0, M - c0, D, sm, sd, vec);
     __syncthreads();
@@ -238,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) koleo_search_kernel(
       for (int cc = half; cc < kBlockN; cc += 2) {
         const int64_t c = c0 + cc;
         if (c >= M || c == self) continue;
-        insert<KMAX>(vals, idx, crow[cc] * r_i * sRj[cc], static_cast<int>(c));
+        insert<KMAX>(vals, idx, crow[cc] * r_i * rj[cc], static_cast<int>(c));
       }
     }
     // The next tile's first __syncthreads (inside dot_tile) orders these reads before sC is overwritten.

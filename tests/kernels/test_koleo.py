@@ -185,6 +185,25 @@ def test_triton_non_contiguous(triton_cpu):
         _check(xi, "triton", 2)
 
 
+def _check_offset(search, offset, n, topk, backend, rtol, grad_rtol):
+    """The op on a search set whose query rows start at `offset` (a rank's rows in the gathered batch)."""
+    from dinov3_kernels.koleo import _koleo_reference_on_set
+
+    def op(a):
+        return torch.ops.dinov3_kernels.koleo_loss_fwd(a, offset, n, topk, 1e-8, backend)[0]
+
+    loss, g = _run(op, search)
+    ref, rg = _run(lambda a: _koleo_reference_on_set(a, offset, n, topk, 1e-8), search.double())
+    _assert_close(loss, ref, rtol, f"loss with offset ({backend})")
+    _assert_close(g, rg, grad_rtol, f"grad with offset ({backend})")
+
+
+def test_triton_query_rows_at_an_offset(triton_cpu):
+    search = torch.randn(40, 12)
+    for offset, n, topk in ((0, 10, 2), (13, 10, 1), (30, 10, 3)):
+        _check_offset(search, offset, n, topk, "triton", RTOL[torch.float32], GRAD_RTOL[torch.float32])
+
+
 def test_triton_inputs_not_modified(triton_cpu):
     x = torch.randn(33, 10)
     x0 = x.clone()
@@ -367,17 +386,37 @@ def test_gpu_against_reference(backend, dtype, n, d, topk):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_offset_and_strides(backend, dtype):
+    if backend not in _gpu_backends():
+        pytest.fail("the CUDA extension is not built on this GPU machine")
+    key = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    search = _clustered(600, 64, 3, dtype, "cuda")
+    _check_offset(search, 200, 200, 2, backend, RTOL[key], GRAD_RTOL[key])
+    x = _clustered(300, 72, 2, dtype, "cuda")
+    for xi in (torch.stack([x, -x], dim=-1)[..., 0], x.T.contiguous().T, x[:, :65]):  # strided, unaligned rows
+        assert not xi.is_contiguous() or xi.shape[1] == 65
+        _check(xi, backend, 1, RTOL[key], GRAD_RTOL[key])
+
+
+@pytest.mark.gpu
 def test_gpu_random_fp32_indices_match():
-    # Random data has no near ties at this size: the kernels' fp32 (IEEE) search finds the float64 neighbours.
-    torch.backends.cuda.matmul.allow_tf32 = False
+    # Random data has almost no near ties at this size: the kernels' fp32 (IEEE) search finds the float64
+    # neighbours, in order, for all but a handful of the 8000 (row, k) slots.
     x = torch.randn(2000, 128, device="cuda")
     u = F.normalize(x.double(), dim=-1, eps=1e-8)
     dots = u @ u.T
     dots.fill_diagonal_(float("-inf"))
     want = torch.sort(dots, dim=1, descending=True, stable=True).indices[:, :4]
-    for backend in _gpu_backends():
-        _, idx, _, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(x, 0, 2000, 4, 1e-8, backend)
-        assert (idx == want).float().mean() > 0.999, backend
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for backend in _gpu_backends():
+            _, idx, _, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(x, 0, 2000, 4, 1e-8, backend)
+            assert (idx == want).float().mean() > 0.999, backend
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.mark.gpu
