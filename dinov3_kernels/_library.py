@@ -46,3 +46,12 @@ def _koleo_loss_fwd_fake(search, offset, n, topk, eps, backend):
     dist = search.new_empty((n, topk), dtype=torch.float32)
     norm = search.new_empty((search.shape[0],), dtype=torch.float32)
     return loss, idx, dist, norm
+
+# Gradient of loss · grad w.r.t. search (M, D), from the saved outputs of koleo_loss_fwd; in search.dtype.
+LIB.define("koleo_loss_bwd(Tensor grad, Tensor search, Tensor indices, Tensor dist, Tensor norm, int offset, int n, "
+           "float eps, str backend) -> Tensor")
+
+
+@torch.library.register_fake("dinov3_kernels::koleo_loss_bwd")
+def _koleo_loss_bwd_fake(grad, search, indices, dist, norm, offset, n, eps, backend):
+    return torch.empty_like(search, memory_format=torch.contiguous_format)

@@ -97,22 +97,18 @@ torch.library.register_kernel("dinov3_kernels::koleo_loss_fwd", ("cpu", "cuda"),
 
 
 def _koleo_setup_context(ctx, inputs, output):
-    search, offset, n, topk, eps, _ = inputs
+    search, offset, n, topk, eps, backend = inputs
     _, idx, d, norm = output
     ctx.save_for_backward(search, idx, d, norm)
-    ctx.offset, ctx.n, ctx.eps = offset, n, eps
+    ctx.offset, ctx.n, ctx.eps, ctx.backend = offset, n, eps, backend
 
 
-def _koleo_backward(ctx, grad_loss, _g_idx, _g_dist, _g_norm):
+def _koleo_bwd_torch(grad_loss, search, idx, d, norm, offset, n, eps):
     """O(M·D + n·K·D): gather the neighbours, the distance gradient, scatter it back, then F.normalize's backward.
 
     With diff = u_i - u_j + pdist_eps and d = |diff|:  ∂loss/∂u_i = c·diff, ∂loss/∂u_j = -c·diff,
     c = -1 / (nK (d + eps) d).  u = s / max(|s|, eps):  ∂s = (∂u - u (u·∂u)) / |s| when |s| > eps, else ∂u / eps.
     """
-    search, idx, d, norm = ctx.saved_tensors
-    offset, n, eps = ctx.offset, ctx.n, ctx.eps
-    if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None, None
     dtype = _compute_dtype(search.dtype)
     K = idx.shape[1]
     norm = norm.to(dtype).unsqueeze(1)
@@ -126,7 +122,27 @@ def _koleo_backward(ctx, grad_loss, _g_idx, _g_dist, _g_norm):
     g_u.index_add_(0, idx.reshape(-1), g.reshape(-1, u.shape[1]), alpha=-1)
     proj = (u * g_u).sum(1, keepdim=True)
     g_s = torch.where(norm > eps, (g_u - u * proj) / norm, g_u / eps)
-    return g_s.to(search.dtype), None, None, None, None, None
+    return g_s.to(search.dtype).contiguous()
+
+
+def _koleo_loss_bwd_impl(grad, search, idx, d, norm, offset, n, eps, backend):
+    if backend == "triton":  # two kernels and a zero fill
+        from ._triton.koleo import koleo_bwd_triton
+
+        return koleo_bwd_triton(grad.to(torch.float32), search, idx, d, norm, offset, n, eps, PDIST_EPS)
+    return _koleo_bwd_torch(grad, search, idx, d, norm, offset, n, eps)
+
+
+torch.library.register_kernel("dinov3_kernels::koleo_loss_bwd", ("cpu", "cuda"), _koleo_loss_bwd_impl)
+
+
+def _koleo_backward(ctx, grad_loss, _g_idx, _g_dist, _g_norm):
+    search, idx, d, norm = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    g = torch.ops.dinov3_kernels.koleo_loss_bwd(grad_loss, search, idx, d, norm, ctx.offset, ctx.n, ctx.eps,
+                                                ctx.backend)
+    return g, None, None, None, None, None
 
 
 torch.library.register_autograd("dinov3_kernels::koleo_loss_fwd", _koleo_backward, setup_context=_koleo_setup_context)

@@ -182,3 +182,82 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps):
         num_warps=4,
     )
     return loss, idx, dist, norm
+
+
+@triton.jit
+def _koleo_bwd_kernel(
+    S, NORM, IDX, DIST, GRAD, GU,
+    n, D, offset,
+    stride_m, stride_d,
+    eps, pdist_eps, scale,
+    TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # diff = u_i - u_j + pdist_eps, d = |diff|:  ∂u_i += c·diff, ∂u_j -= c·diff,  c = -g / (nK (d + eps) d)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mr = rows < n
+    grows = (offset + rows).to(tl.int64)
+    d_i = tl.maximum(tl.load(NORM + grows, mask=mr, other=1.0), eps)
+    coef = -tl.load(GRAD).to(tl.float32) * scale
+    for k0 in range(0, D, BLOCK_D):
+        k = k0 + tl.arange(0, BLOCK_D)
+        m2 = mr[:, None] & (k < D)[None, :]
+        xi = tl.load(S + grows[:, None] * stride_m + k[None, :] * stride_d, mask=m2, other=0.0).to(tl.float32)
+        ui = xi / d_i[:, None]
+        g_i = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for t in tl.static_range(TOPK):
+            j = tl.load(IDX + rows.to(tl.int64) * TOPK + t, mask=mr, other=0)
+            dist = tl.load(DIST + rows.to(tl.int64) * TOPK + t, mask=mr, other=1.0)
+            c = tl.where(dist > 0, coef / ((dist + eps) * dist), 0.0)
+            d_j = tl.maximum(tl.load(NORM + j, mask=mr, other=1.0), eps)
+            xj = tl.load(S + j[:, None] * stride_m + k[None, :] * stride_d, mask=m2, other=0.0).to(tl.float32)
+            g = tl.where(m2, c[:, None] * (ui - xj / d_j[:, None] + pdist_eps), 0.0)
+            g_i += g
+            tl.atomic_add(GU + j[:, None] * D + k[None, :], -g, mask=m2)
+        tl.atomic_add(GU + grows[:, None] * D + k[None, :], g_i, mask=m2)
+
+
+@triton.jit
+def _koleo_norm_bwd_kernel(S, NORM, GU, OUT, M, D, stride_m, stride_d, eps,
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # u = s / max(|s|, eps):  ∂s = (∂u - u (u·∂u)) / |s|  if |s| > eps,  else ∂u / eps (the clamp holds the norm).
+    # Written with u as F.normalize's backward is, so that e.g. d = 1 (u = ±1 exactly) gives exactly 0.
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    mr = rows < M
+    nrm = tl.load(NORM + rows, mask=mr, other=1.0)
+    den = tl.maximum(nrm, eps)
+    cols = tl.arange(0, BLOCK_D)
+    ug = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        k = k0 + cols
+        m2 = mr[:, None] & (k < D)[None, :]
+        x = tl.load(S + rows[:, None] * stride_m + k[None, :] * stride_d, mask=m2, other=0.0).to(tl.float32)
+        gu = tl.load(GU + rows[:, None] * D + k[None, :], mask=m2, other=0.0)
+        ug += tl.sum((x / den[:, None]) * gu, axis=1)
+    ug = tl.where(nrm > eps, ug, 0.0)
+    for k0 in range(0, D, BLOCK_D):
+        k = k0 + cols
+        m2 = mr[:, None] & (k < D)[None, :]
+        x = tl.load(S + rows[:, None] * stride_m + k[None, :] * stride_d, mask=m2, other=0.0).to(tl.float32)
+        gu = tl.load(GU + rows[:, None] * D + k[None, :], mask=m2, other=0.0)
+        gs = (gu - (x / den[:, None]) * ug[:, None]) / den[:, None]
+        tl.store(OUT + rows[:, None] * D + k[None, :], gs.to(OUT.dtype.element_ty), mask=m2)
+
+
+def koleo_bwd_triton(grad_loss, search, idx, dist, norm, offset, n, eps, pdist_eps):
+    """Gradient of loss * grad_loss w.r.t. the search set (M, D), in search.dtype: O(n·K·D) work, three launches
+    (zero fill, the distance gradient scattered with atomics, F.normalize's backward)."""
+    M, D = search.shape
+    K = idx.shape[1]
+    g_u = torch.zeros((M, D), device=search.device, dtype=torch.float32)
+    BLOCK_M = 16
+    BLOCK_D = max(16, min(128, triton.next_power_of_2(D)))
+    _koleo_bwd_kernel[(triton.cdiv(n, BLOCK_M),)](
+        search, norm, idx, dist, grad_loss, g_u, n, D, offset, search.stride(0), search.stride(1),
+        eps, pdist_eps, 1.0 / (n * K), TOPK=K, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+    )
+    out = torch.empty((M, D), device=search.device, dtype=search.dtype)
+    BLOCK_R = 16
+    _koleo_norm_bwd_kernel[(triton.cdiv(M, BLOCK_R),)](
+        search, norm, g_u, out, M, D, search.stride(0), search.stride(1), eps, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+    )
+    return out

@@ -233,6 +233,23 @@ def test_opcheck(triton_cpu, offset, n, topk):
     torch.library.opcheck(torch.ops.dinov3_kernels.koleo_loss_fwd.default, (s, offset, n, topk, 1e-8, "triton"))
 
 
+@pytest.mark.parametrize("bwd_backend", ["triton", "cuda"])
+def test_backward_op(triton_cpu, bwd_backend):
+    # The cuda backend's backward is plain torch ops (it runs on CPU tensors too); both must give the reference
+    # gradient, and the op must pass opcheck.
+    from dinov3_kernels.koleo import _koleo_reference_on_set
+
+    search = torch.randn(30, 10)
+    offset, n, topk = 5, 20, 3
+    _, idx, dist, norm = torch.ops.dinov3_kernels.koleo_loss_fwd(search, offset, n, topk, 1e-8, "triton")
+    grad = torch.tensor(1.7)
+    args = (grad, search, idx, dist, norm, offset, n, 1e-8, bwd_backend)
+    g = torch.ops.dinov3_kernels.koleo_loss_bwd(*args)
+    _, rg = _run(lambda a: 1.7 * _koleo_reference_on_set(a, offset, n, topk, 1e-8), search.double())
+    _assert_close(g, rg, GRAD_RTOL[torch.float32], f"backward op ({bwd_backend})")
+    torch.library.opcheck(torch.ops.dinov3_kernels.koleo_loss_bwd.default, args)
+
+
 def test_torch_compile_fullgraph(triton_cpu):
     x = torch.randn(21, 16)
 
