@@ -2,6 +2,12 @@
 neighbours in the batch, which spreads the features over the sphere. Single-GPU and distributed (DKoLeo).
 
 reference (the spec) -> input checks -> kernels and autograd -> distributed search set -> public function -> modules.
+
+Against the official DINOv3 code, three deliberate differences, all in degenerate cases or in precision: a row is
+excluded from its own neighbours outright (upstream writes -1 on the diagonal, so a row whose every other row is
+antipodal could pick itself); equal similarities go to the lowest index (upstream's torch.max/topk leave ties
+unspecified on GPU); and everything is computed in float32 for half/bfloat16 input (upstream normalises and
+multiplies in the input dtype).
 """
 
 from __future__ import annotations

@@ -459,3 +459,20 @@ def test_gpu_memory_is_linear_in_n():
         extra = torch.cuda.max_memory_allocated() - base
         assert extra < 40 * n * d, f"{backend}: {extra / 2**20:.1f} MiB extra (an n×n fp32 matrix is 4 GiB)"
         x.grad = None
+
+
+@pytest.mark.gpu
+def test_gpu_forward_is_two_launches():
+    # Row norms, then one search launch that also produces the distances and the loss.
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(64, 384, device="cuda", dtype=torch.bfloat16)
+    for backend in _gpu_backends():
+        koleo_loss(x, backend=backend)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            koleo_loss(x, backend=backend)
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and "memset" not in e.name.lower() and "memcpy" not in e.name.lower()]
+        assert len(kernels) == 2, f"{backend}: {kernels}"
