@@ -1,0 +1,387 @@
+// Fused KoLeo loss: nearest-neighbour search over the search set without an n×M matrix, then the distances and the
+// loss, in two launches.
+//
+// Search set S (M, D) of raw features (any strides), query rows S[offset + i], i < n, u = s / max(|s|, eps):
+//   nn_k(i) = k-th largest u_i·u_j over j != offset + i (ties to the lowest j), k < topk
+//   d_ik    = |u_i - u_nn_k(i) + pdist_eps|,   loss = -1/(n topk) Σ log(d_ik + eps)
+//
+// koleo_norm_kernel: |s| per row (one warp per row), and zeroes the arrival counter.
+// koleo_search_kernel: one block per 64 query rows sweeps 64-column tiles of S: the 64×64 tile of raw dots is built
+// in shared memory (tensor cores through WMMA for half/bf16, fp32 FMA for float), scaled by the inverse norms, and
+// merged into each row's sorted top-KMAX kept in registers by two threads per row. Then the two lists of a row are
+// merged, each warp gathers its rows' neighbours and computes d_ik from the rows themselves (2 - 2cos would cancel
+// for close pairs), and the last block to arrive sums the per-block partials in a fixed order (deterministic loss).
+#include "common.cuh"
+
+#include <mma.h>
+
+#include <cmath>
+#include <climits>
+
+namespace dinov3 {
+namespace koleo {
+
+constexpr int kBlockM = 64;  // query rows per block
+constexpr int kBlockN = 64;  // search rows per tile
+constexpr int kBK = 32;      // feature chunk staged in shared memory
+constexpr int kThreads = 128;
+constexpr int kLdc = kBlockN + 4;  // fp32 dot tile; WMMA wants a multiple of 4
+
+// Row pitch of the staged tiles: +1 float breaks bank conflicts of the FMA path; +8 halves keep WMMA's 32-byte
+// alignment of every 16-row fragment.
+template <typename T>
+struct Pitch {
+  static constexpr int value = kBK + 8;
+};
+template <>
+struct Pitch<float> {
+  static constexpr int value = kBK + 1;
+};
+
+__device__ __forceinline__ bool better(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
+
+// Sorted (best first) insertion; every index is a compile-time constant after unrolling, so the list stays in
+// registers.
+template <int K>
+__device__ __forceinline__ void insert(float (&vals)[K], int (&idx)[K], float v, int c) {
+  if (!better(v, c, vals[K - 1], idx[K - 1])) return;
+  vals[K - 1] = v;
+  idx[K - 1] = c;
+#pragma unroll
+  for (int s = K - 1; s > 0; --s) {
+    if (better(vals[s], idx[s], vals[s - 1], idx[s - 1])) {
+      const float tv = vals[s];
+      vals[s] = vals[s - 1];
+      vals[s - 1] = tv;
+      const int ti = idx[s];
+      idx[s] = idx[s - 1];
+      idx[s - 1] = ti;
+    }
+  }
+}
+
+// Stages rows [first, first + valid) ∩ 64 rows, features [k0, k0 + kBK) into dst (64 × Pitch), zero-padded.
+template <typename T>
+__device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ s, int64_t first, int64_t valid, int64_t k0,
+                                          int64_t D, int64_t sm, int64_t sd, bool vec) {
+  constexpr int P = Pitch<T>::value;
+  if (vec) {  // sd == 1, D and sm multiples of the vector, 16-byte aligned base
+    constexpr int V = 16 / sizeof(T);
+    constexpr int per_row = kBK / V;
+    for (int e = threadIdx.x; e < kBlockM * per_row; e += kThreads) {
+      const int r = e / per_row;
+      const int kv = (e % per_row) * V;
+      const int64_t k = k0 + kv;
+      const bool ok = r < valid && k < D;
+      if constexpr (sizeof(T) == 4) {
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (ok) v = *reinterpret_cast<const float4*>(s + (first + r) * sm + k);
+        float* d = reinterpret_cast<float*>(dst) + r * P + kv;
+        d[0] = v.x;
+        d[1] = v.y;
+        d[2] = v.z;
+        d[3] = v.w;
+      } else {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (ok) v = *reinterpret_cast<const uint4*>(s + (first + r) * sm + k);
+        *reinterpret_cast<uint4*>(dst + r * P + kv) = v;
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < kBlockM * kBK; e += kThreads) {
+      const int r = e / kBK;
+      const int kk = e % kBK;
+      const int64_t k = k0 + kk;
+      dst[r * P + kk] = (r < valid && k < D) ? s[(first + r) * sm + k * sd] : from_float<T>(0.f);
+    }
+  }
+}
+
+// sC (64 × kLdc fp32) = raw dots of the 64 query rows starting at q0 with the 64 search rows starting at c0.
+template <typename T>
+__device__ __forceinline__ void dot_tile(T* sA, T* sB, float* sC, const T* __restrict__ s, int64_t q0, int64_t q_valid,
+                                         int64_t c0, int64_t c_valid, int64_t D, int64_t sm, int64_t sd, bool vec) {
+  using namespace nvcuda;
+  constexpr int P = Pitch<T>::value;
+  const int warp = threadIdx.x / 32;
+  const int wr = (warp >> 1) * 32;  // each warp owns a 32×32 quarter of the tile
+  const int wc = (warp & 1) * 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  for (int64_t k0 = 0; k0 < D; k0 += kBK) {
+    load_tile<T>(sA, s, q0, q_valid, k0, D, sm, sd, vec);
+    load_tile<T>(sB, s, c0, c_valid, k0, D, sm, sd, vec);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];  // Bᵀ = rows of sB
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], sA + (wr + 16 * i) * P + kk, P);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], sB + (wc + 16 * j) * P + kk, P);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(sC + (wr + 16 * i) * kLdc + wc + 16 * j, acc[i][j], kLdc, wmma::mem_row_major);
+}
+
+// fp32: exact FMA (no TF32), each thread an 8×4 block of the tile.
+template <>
+__device__ __forceinline__ void dot_tile<float>(float* sA, float* sB, float* sC, const float* __restrict__ s,
+                                                int64_t q0, int64_t q_valid, int64_t c0, int64_t c_valid, int64_t D,
+                                                int64_t sm, int64_t sd, bool vec) {
+  constexpr int P = Pitch<float>::value;
+  const int ty = threadIdx.x / 16;  // rows ty + 8i
+  const int tx = threadIdx.x % 16;  // cols tx + 16j
+  float acc[8][4];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  for (int64_t k0 = 0; k0 < D; k0 += kBK) {
+    load_tile<float>(sA, s, q0, q_valid, k0, D, sm, sd, vec);
+    load_tile<float>(sB, s, c0, c_valid, k0, D, sm, sd, vec);
+    __syncthreads();
+#pragma unroll 4
+    for (int kk = 0; kk < kBK; ++kk) {
+      float a[8], b[4];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) a[i] = sA[(ty + 8 * i) * P + kk];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = sB[(tx + 16 * j) * P + kk];
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) sC[(ty + 8 * i) * kLdc + tx + 16 * j] = acc[i][j];
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) koleo_norm_kernel(const T* __restrict__ s, int64_t M, int64_t D, int64_t sm,
+                                                         int64_t sd, float* __restrict__ norm, int* __restrict__ counter) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *counter = 0;
+  if (row >= M) return;
+  const T* p = s + row * sm;
+  float acc = 0.f;
+  for (int64_t k = lane; k < D; k += 32) {
+    const float v = to_float<T>(p[k * sd]);
+    acc = fmaf(v, v, acc);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) norm[row] = sqrtf(acc);
+}
+
+template <typename T, int KMAX>
+__global__ void __launch_bounds__(kThreads) koleo_search_kernel(
+    const T* __restrict__ s, const float* __restrict__ norm, int64_t M, int64_t D, int64_t sm, int64_t sd,
+    int64_t offset, int64_t n, int topk, float eps, float pdist_eps, float scale, bool vec,
+    int64_t* __restrict__ out_idx, float* __restrict__ out_dist, float* __restrict__ partial, int* __restrict__ counter,
+    float* __restrict__ loss) {
+  constexpr int P = Pitch<T>::value;
+  __shared__ __align__(32) T sA[kBlockM * P];
+  __shared__ __align__(32) T sB[kBlockN * P];
+  __shared__ __align__(32) float sC[kBlockM * kLdc];
+  // Double-buffered by tile parity: a fast thread may fill the next tile's inverse norms while a slow one still merges
+  // the current tile (the barriers inside dot_tile order everything two tiles apart).
+  __shared__ float sRj[2][kBlockN];
+  __shared__ float sWarp[kThreads / 32];
+  __shared__ double sTot[kThreads];
+  __shared__ bool sLast;
+
+  const int tid = threadIdx.x;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  const int64_t q_valid = n - q0;
+  // Merge role: two threads per query row, each scanning every other column of a tile.
+  const int my_row = tid >> 1;
+  const int half = tid & 1;
+  const int64_t q = q0 + my_row;
+  const bool q_ok = q < n;
+  const int64_t self = offset + q;
+  const float r_i = q_ok ? 1.f / fmaxf(norm[self], eps) : 0.f;
+
+  float vals[KMAX];
+  int idx[KMAX];
+#pragma unroll
+  for (int k = 0; k < KMAX; ++k) {
+    vals[k] = -INFINITY;
+    idx[k] = INT_MAX;  // "no neighbour": stays only if every similarity was NaN
+  }
+
+  for (int64_t c0 = 0; c0 < M; c0 += kBlockN) {
+    float* rj = sRj[(c0 / kBlockN) & 1];
+    if (tid < kBlockN) {
+      const int64_t c = c0 + tid;
+      rj[tid] = c < M ? 1.f / fmaxf(norm[c], eps) : 0.f;
+    }
+    dot_tile<T>(sA, sB, sC, s, offset + q0, q_valid, c0, M - c0, D, sm, sd, vec);
+    __syncthreads();
+    if (q_ok) {
+      const float* crow = sC + my_row * kLdc;
+      for (int cc = half; cc < kBlockN; cc += 2) {
+        const int64_t c = c0 + cc;
+        if (c >= M || c == self) continue;
+        insert<KMAX>(vals, idx, crow[cc] * r_i * rj[cc], static_cast<int>(c));
+      }
+    }
+    // The next tile's first __syncthreads (inside dot_tile) orders these reads before sC is overwritten.
+  }
+
+  // Both threads of a row end with the same top-KMAX of the union (a strict total order: value, then index).
+  {
+    float ov[KMAX];
+    int oi[KMAX];
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
+      ov[k] = __shfl_xor_sync(0xffffffffu, vals[k], 1);
+      oi[k] = __shfl_xor_sync(0xffffffffu, idx[k], 1);
+    }
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) insert<KMAX>(vals, idx, ov[k], oi[k]);
+  }
+
+  // Distances: warp w handles rows 16w .. 16w + 15, whose lists live in lanes 0, 2, .., 30.
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  float warp_sum = 0.f;
+  for (int rr = 0; rr < 16; ++rr) {
+    const int64_t qr = q0 + warp * 16 + rr;
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
+      const int j = __shfl_sync(0xffffffffu, idx[k], 2 * rr);
+      if (k >= topk || qr >= n) continue;  // uniform over the warp
+      const bool found = j < M;
+      const int64_t jj = found ? j : 0;
+      const float di = fmaxf(norm[offset + qr], eps);
+      const float dj = fmaxf(norm[jj], eps);
+      const T* xi = s + (offset + qr) * sm;
+      const T* xj = s + jj * sm;
+      float acc = 0.f;
+      for (int64_t f = lane; f < D; f += 32) {
+        // Division, as F.normalize does: duplicate rows give exactly u_i - u_j = 0.
+        const float d = to_float<T>(xi[f * sd]) / di - to_float<T>(xj[f * sd]) / dj + pdist_eps;
+        acc = fmaf(d, d, acc);
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) {
+        const float dist = found ? sqrtf(acc) : NAN;
+        out_idx[qr * topk + k] = jj;
+        out_dist[qr * topk + k] = dist;
+        warp_sum += logf(dist + eps);
+      }
+    }
+  }
+  if (lane == 0) sWarp[warp] = warp_sum;
+  __syncthreads();
+  if (tid == 0) {
+    float b = 0.f;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) b += sWarp[w];
+    partial[blockIdx.x] = b;
+    __threadfence();  // the partial is visible to every block before this block is counted
+    sLast = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  if (!sLast) return;
+  double t = 0.0;
+  for (int p = tid; p < static_cast<int>(gridDim.x); p += kThreads) t += static_cast<double>(__ldcg(partial + p));
+  sTot[tid] = t;
+  __syncthreads();
+#pragma unroll
+  for (int w = kThreads / 2; w > 0; w >>= 1) {
+    if (tid < w) sTot[tid] += sTot[tid + w];
+    __syncthreads();
+  }
+  if (tid == 0) *loss = static_cast<float>(-sTot[0] * static_cast<double>(scale));
+}
+
+template <typename T, int KMAX>
+void launch_search(const void* s, const float* norm, int64_t M, int64_t D, int64_t sm, int64_t sd, int64_t offset,
+                   int64_t n, int topk, float eps, float pdist_eps, bool vec, int64_t* out_idx, float* out_dist,
+                   float* partial, int* counter, float* loss, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(ceil_div<int64_t>(n, kBlockM));
+  koleo_search_kernel<T, KMAX><<<grid, kThreads, 0, stream>>>(
+      static_cast<const T*>(s), norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps,
+      static_cast<float>(1.0 / (static_cast<double>(n) * topk)), vec, out_idx, out_dist, partial, counter, loss);
+  DINOV3_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch_all(const void* s, int64_t M, int64_t D, int64_t sm, int64_t sd, int64_t offset, int64_t n, int topk,
+                float eps, float pdist_eps, float* norm, int* counter, int64_t* out_idx, float* out_dist,
+                float* partial, float* loss, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = 8;
+  koleo_norm_kernel<T><<<static_cast<unsigned>(ceil_div<int64_t>(M, kRowsPerBlock)), 32 * kRowsPerBlock, 0, stream>>>(
+      static_cast<const T*>(s), M, D, sm, sd, norm, counter);
+  DINOV3_CHECK_LAUNCH();
+  constexpr int64_t V = 16 / sizeof(T);
+  const bool vec = sd == 1 && D % V == 0 && sm % V == 0 && reinterpret_cast<std::uintptr_t>(s) % 16 == 0;
+  if (topk <= 1)
+    launch_search<T, 1>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, out_idx, out_dist, partial,
+                        counter, loss, stream);
+  else if (topk <= 2)
+    launch_search<T, 2>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, out_idx, out_dist, partial,
+                        counter, loss, stream);
+  else if (topk <= 4)
+    launch_search<T, 4>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, out_idx, out_dist, partial,
+                        counter, loss, stream);
+  else if (topk <= 8)
+    launch_search<T, 8>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, out_idx, out_dist, partial,
+                        counter, loss, stream);
+  else
+    launch_search<T, 16>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, out_idx, out_dist, partial,
+                         counter, loss, stream);
+}
+
+}  // namespace koleo
+
+int64_t koleo_num_partials(int64_t n) { return ceil_div<int64_t>(n, koleo::kBlockM); }
+
+void koleo_fwd_cuda(const void* s, int dtype, int64_t M, int64_t D, int64_t stride_m, int64_t stride_d,
+                    int64_t offset, int64_t n, int topk, float eps, float pdist_eps, float* norm, int* counter,
+                    int64_t* out_idx, float* out_dist, float* partial, float* loss, cudaStream_t stream) {
+  if (n < 1 || M < 2 || D < 1 || offset < 0 || offset + n > M)
+    throw std::invalid_argument("koleo_fwd_cuda: need 1 <= n, offset + n <= M, M >= 2, D >= 1");
+  if (topk < 1 || topk > 16 || topk >= M)
+    throw std::invalid_argument("koleo_fwd_cuda: need 1 <= topk <= 16 and topk < M");
+  if (M >= INT_MAX) throw std::invalid_argument("koleo_fwd_cuda: the search set must have fewer than 2^31 rows");
+  switch (dtype) {
+    case kFloat32:
+      koleo::launch_all<float>(s, M, D, stride_m, stride_d, offset, n, topk, eps, pdist_eps, norm, counter, out_idx,
+                               out_dist, partial, loss, stream);
+      break;
+    case kFloat16:
+      koleo::launch_all<__half>(s, M, D, stride_m, stride_d, offset, n, topk, eps, pdist_eps, norm, counter, out_idx,
+                                out_dist, partial, loss, stream);
+      break;
+    case kBFloat16:
+      koleo::launch_all<__nv_bfloat16>(s, M, D, stride_m, stride_d, offset, n, topk, eps, pdist_eps, norm, counter,
+                                       out_idx, out_dist, partial, loss, stream);
+      break;
+    default:
+      throw std::invalid_argument("koleo_fwd_cuda: unsupported dtype code " + std::to_string(dtype));
+  }
+}
+
+}  // namespace dinov3
