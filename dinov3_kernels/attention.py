@@ -8,6 +8,10 @@ x·cos + rotate_half(x)·sin, cast back; scaled_dot_product_attention (scale Dh^
 The kernels read qkv in place, rotate q and k tiles as they load them, never write the rotated q/k or the N×N scores,
 and write the gradient straight into the packed (B, N, 3C) layout. They compute RoPE in float32 whatever sin.dtype is
 (the official default); sin and cos are treated as constants (no gradient), as the official module's buffers are.
+
+sin/cos may also be given as (H·W, head_dim/2) tables, meaning both halves of the head dim share their angles, which
+is how the DINOv3 RoPE module builds them (its (H·W, head_dim) tables are two copies side by side): the kernels then
+read half the bytes for every k tile they rotate.
 """
 
 from __future__ import annotations
@@ -30,12 +34,18 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _full_table(t, head_dim):
+    """(H·W, Dh/2) tied table -> the (H·W, Dh) table it stands for."""
+    return torch.cat((t, t), dim=-1) if t.shape[-1] * 2 == head_dim else t
+
+
 def apply_rope_reference(q, k, sin, cos, num_prefix_tokens=None):
-    """The official SelfAttention.apply_rope: q, k (B, heads, N, Dh); sin, cos (H·W, Dh).
+    """The official SelfAttention.apply_rope: q, k (B, heads, N, Dh); sin, cos (H·W, Dh) (or tied (H·W, Dh/2)).
 
     q and k are cast to sin.dtype, their last H·W tokens rotated by x·cos + rotate_half(x)·sin, the first
     num_prefix_tokens (default N - H·W) kept, and the results cast back to the input dtypes.
     """
+    sin, cos = _full_table(sin, q.shape[-1]), _full_table(cos, q.shape[-1])
     N = q.shape[-2]
     prefix = N - sin.shape[-2] if num_prefix_tokens is None else num_prefix_tokens
 
@@ -77,8 +87,9 @@ def _check_rope(op, sin, cos, N, head_dim, num_prefix_tokens, device):
         raise ValueError(f"{op}: sin {tuple(sin.shape)} and cos {tuple(cos.shape)} differ in shape")
     if sin.dtype != cos.dtype:
         raise TypeError(f"{op}: sin ({sin.dtype}) and cos ({cos.dtype}) differ in dtype")
-    if sin.dim() != 2 or sin.shape[1] != head_dim:
-        raise ValueError(f"{op}: sin/cos must be (H*W, head_dim={head_dim}), got {tuple(sin.shape)}")
+    if sin.dim() != 2 or sin.shape[1] not in (head_dim, head_dim // 2):
+        raise ValueError(f"{op}: sin/cos must be (H*W, head_dim={head_dim}) or, with tied halves, "
+                         f"(H*W, head_dim/2={head_dim // 2}), got {tuple(sin.shape)}")
     if sin.device != device or cos.device != device:
         raise ValueError(f"{op}: sin ({sin.device}) and cos ({cos.device}) must be on the device of q/k ({device})")
     num_patches = sin.shape[0]
@@ -156,7 +167,17 @@ def _attention_kernels(backend):
     if backend == "cuda":
         from ._cuda.attention import rope_attention_bwd_cuda, rope_attention_fwd_cuda
 
-        return rope_attention_fwd_cuda, rope_attention_bwd_cuda
+        # The CUDA kernels take full (H·W, Dh) tables.
+        def fwd(qkv, sin, cos, num_heads, *args):
+            Dh = qkv.shape[-1] // (3 * num_heads)
+            return rope_attention_fwd_cuda(qkv, _full_table(sin, Dh), _full_table(cos, Dh), num_heads, *args)
+
+        def bwd(qkv, sin, cos, out, lse, dout, num_heads, *args):
+            Dh = qkv.shape[-1] // (3 * num_heads)
+            return rope_attention_bwd_cuda(qkv, _full_table(sin, Dh), _full_table(cos, Dh), out, lse, dout,
+                                           num_heads, *args)
+
+        return fwd, bwd
     raise ValueError(f"rope_attention: unknown kernel backend {backend!r}")
 
 
@@ -233,8 +254,9 @@ def rope_attention(qkv, sin, cos, *, num_heads, num_prefix_tokens=None, backend=
     """Fused RoPE + softmax attention on the packed qkv; same values and gradients as :func:`rope_attention_reference`.
 
     qkv: (B, N, 3C), the qkv linear's output, C = num_heads·head_dim, read in place (only a last-dim stride other
-    than 1 costs a copy). sin, cos: (H·W, head_dim) from the RoPE module; the last H·W tokens are rotated, the first
-    num_prefix_tokens (default N - H·W; must agree) are not. Returns (B, N, C) in qkv.dtype, the layout the output
+    than 1 costs a copy). sin, cos: (H·W, head_dim) from the RoPE module, or (H·W, head_dim/2) when both halves
+    share their angles (true of the DINOv3 RoPE module's tables: passing sin[:, :head_dim // 2] halves the table
+    traffic); the last H·W tokens are rotated, the first num_prefix_tokens (default N - H·W; must agree) are not. Returns (B, N, C) in qkv.dtype, the layout the output
     projection takes; the gradient flows to qkv in the same packed layout. backend: "auto" | "reference" | "triton" |
     "cuda". Kernels: float32/float16/bfloat16; head_dim a multiple of 16 up to 256 (triton), 64 or 128 (cuda).
     """

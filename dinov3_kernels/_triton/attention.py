@@ -39,22 +39,34 @@ def _mma(a, b, acc, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """cos/sin of both halves for token rows (BLOCK,), as (BLOCK, BLOCK_H) fp32, and the rows that rotate."""
+def _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 TIED: tl.constexpr):
+    """cos/sin of both halves for token rows (BLOCK,), as (BLOCK, BLOCK_H) fp32, and the rows that rotate.
+
+    TIED: the table is (H·W, Dh/2), both halves sharing their angles (the DINOv3 layout): half the bytes to load.
+    """
     pos = rows - num_prefix
     rot = (pos >= 0) & (rows < N)
     pos = tl.where(rot, pos, 0)
     m = rot[:, None] & (cols < HALF)[None, :]
-    off = pos[:, None] * HEAD_DIM + cols[None, :]
-    c1 = tl.load(COS + off, mask=m, other=1.0)
-    s1 = tl.load(SIN + off, mask=m, other=0.0)
-    c2 = tl.load(COS + off + HALF, mask=m, other=1.0)
-    s2 = tl.load(SIN + off + HALF, mask=m, other=0.0)
+    if TIED:
+        off = pos[:, None] * HALF + cols[None, :]
+        c1 = tl.load(COS + off, mask=m, other=1.0)
+        s1 = tl.load(SIN + off, mask=m, other=0.0)
+        c2 = c1
+        s2 = s1
+    else:
+        off = pos[:, None] * HEAD_DIM + cols[None, :]
+        c1 = tl.load(COS + off, mask=m, other=1.0)
+        s1 = tl.load(SIN + off, mask=m, other=0.0)
+        c2 = tl.load(COS + off + HALF, mask=m, other=1.0)
+        s2 = tl.load(SIN + off + HALF, mask=m, other=0.0)
     return c1, s1, c2, s2, rot
 
 
 @triton.jit
-def _load_rotated(ptr, mrow, cols, SIN, COS, rows, N, num_prefix, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _load_rotated(ptr, mrow, cols, SIN, COS, rows, N, num_prefix, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  TIED: tl.constexpr):
     """Loads the halves of a (BLOCK, Dh) tile (ptr: (BLOCK, 1) row pointers) and applies RoPE to patch rows.
 
     The rotation runs in fp32 and is cast back to the input dtype; prefix rows pass through untouched.
@@ -62,7 +74,7 @@ def _load_rotated(ptr, mrow, cols, SIN, COS, rows, N, num_prefix, HALF: tl.const
     m = mrow[:, None] & (cols < HALF)[None, :]
     x1 = tl.load(ptr + cols[None, :], mask=m, other=0.0)
     x2 = tl.load(ptr + HALF + cols[None, :], mask=m, other=0.0)
-    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM)
+    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
     a1 = x1.to(tl.float32)
     a2 = x2.to(tl.float32)
     r1 = (a1 * c1 - a2 * s1).to(x1.dtype)
@@ -74,9 +86,9 @@ def _load_rotated(ptr, mrow, cols, SIN, COS, rows, N, num_prefix, HALF: tl.const
 
 @triton.jit
 def _store_unrotated(ptr, g1, g2, mrow, cols, SIN, COS, rows, N, num_prefix, HALF: tl.constexpr,
-                     HEAD_DIM: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, TIED: tl.constexpr):
     """Stores the gradient w.r.t. the unrotated tile given fp32 gradients (g1, g2) w.r.t. the rotated halves."""
-    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM)
+    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
     d1 = tl.where(rot[:, None], g1 * c1 + g2 * s2, g1)
     d2 = tl.where(rot[:, None], g2 * c2 - g1 * s1, g2)
     m = mrow[:, None] & (cols < HALF)[None, :]
@@ -91,7 +103,7 @@ def _rope_attention_fwd_kernel(
     QKV, SIN, COS, OUT, LSE,
     stride_b, stride_n, stride_ob, stride_on,
     N, H, C, num_prefix, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
     IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -108,7 +120,7 @@ def _rope_attention_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mrow = rows < N
     q1, q2 = _load_rotated(base + rows.to(tl.int64)[:, None] * stride_n, mrow, cols_h, SIN, COS, rows, N,
-                           num_prefix, HALF, HEAD_DIM)
+                           num_prefix, HALF, HEAD_DIM, TIED)
 
     # Invariant: m_i = max_j s_ij·scale·log2(e) over the keys seen, l_i = Σ_j 2^(s_ij·scale·log2(e) - m_i),
     # acc = Σ_j 2^(...) v_j.
@@ -119,7 +131,8 @@ def _rope_attention_fwd_kernel(
         keys = start_n + tl.arange(0, BLOCK_N)
         mkey = keys < N
         krow = keys.to(tl.int64)[:, None] * stride_n
-        k1, k2 = _load_rotated(base + C + krow, mkey, cols_h, SIN, COS, keys, N, num_prefix, HALF, HEAD_DIM)
+        k1, k2 = _load_rotated(base + C + krow, mkey, cols_h, SIN, COS, keys, N, num_prefix, HALF, HEAD_DIM,
+                               TIED)
         s = _mma(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
         s = _mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
         s = tl.where(mkey[None, :], s * qk_scale, float("-inf"))
@@ -165,7 +178,7 @@ def _rope_attention_bwd_dkdv_kernel(
     QKV, SIN, COS, DOUT, LSE, DELTA, DQKV,
     stride_b, stride_n, stride_db, stride_dn, stride_gb, stride_gn,
     N, H, C, num_prefix, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
     IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -187,7 +200,8 @@ def _rope_attention_bwd_dkdv_kernel(
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mkey = keys < N
     krow = keys.to(tl.int64)[:, None]
-    k1, k2 = _load_rotated(base + C + krow * stride_n, mkey, cols_h, SIN, COS, keys, N, num_prefix, HALF, HEAD_DIM)
+    k1, k2 = _load_rotated(base + C + krow * stride_n, mkey, cols_h, SIN, COS, keys, N, num_prefix, HALF,
+                           HEAD_DIM, TIED)
     v = tl.load(base + 2 * C + krow * stride_n + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
 
     dk1 = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
@@ -197,7 +211,8 @@ def _rope_attention_bwd_dkdv_kernel(
         rows = start_m + tl.arange(0, BLOCK_M)
         mrow = rows < N
         r64 = rows.to(tl.int64)[:, None]
-        q1, q2 = _load_rotated(base + r64 * stride_n, mrow, cols_h, SIN, COS, rows, N, num_prefix, HALF, HEAD_DIM)
+        q1, q2 = _load_rotated(base + r64 * stride_n, mrow, cols_h, SIN, COS, rows, N, num_prefix, HALF,
+                               HEAD_DIM, TIED)
         do = tl.load(do_base + r64 * stride_dn + cols_d[None, :], mask=mrow[:, None] & mcol_d[None, :], other=0.0)
         lse = tl.load(lse_base + rows, mask=mrow, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=mrow, other=0.0)
@@ -213,7 +228,7 @@ def _rope_attention_bwd_dkdv_kernel(
 
     g_base = DQKV + b * stride_gb + krow * stride_gn + h * HEAD_DIM
     _store_unrotated(g_base + C, dk1 * sm_scale, dk2 * sm_scale, mkey, cols_h, SIN, COS, keys, N, num_prefix,
-                     HALF, HEAD_DIM)
+                     HALF, HEAD_DIM, TIED)
     tl.store(g_base + 2 * C + cols_d[None, :], dv.to(DQKV.dtype.element_ty), mask=mkey[:, None] & mcol_d[None, :])
 
 
@@ -222,7 +237,7 @@ def _rope_attention_bwd_dq_kernel(
     QKV, SIN, COS, DOUT, LSE, DELTA, DQKV,
     stride_b, stride_n, stride_db, stride_dn, stride_gb, stride_gn,
     N, H, C, num_prefix, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
     IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -240,7 +255,8 @@ def _rope_attention_bwd_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mrow = rows < N
     r64 = rows.to(tl.int64)[:, None]
-    q1, q2 = _load_rotated(base + r64 * stride_n, mrow, cols_h, SIN, COS, rows, N, num_prefix, HALF, HEAD_DIM)
+    q1, q2 = _load_rotated(base + r64 * stride_n, mrow, cols_h, SIN, COS, rows, N, num_prefix, HALF, HEAD_DIM,
+                           TIED)
     do = tl.load(DOUT + b * stride_db + r64 * stride_dn + h * HEAD_DIM + cols_d[None, :],
                  mask=mrow[:, None] & mcol_d[None, :], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=mrow, other=0.0) * 1.4426950408889634
@@ -252,7 +268,8 @@ def _rope_attention_bwd_dq_kernel(
         keys = start_n + tl.arange(0, BLOCK_N)
         mkey = keys < N
         krow = keys.to(tl.int64)[:, None] * stride_n
-        k1, k2 = _load_rotated(base + C + krow, mkey, cols_h, SIN, COS, keys, N, num_prefix, HALF, HEAD_DIM)
+        k1, k2 = _load_rotated(base + C + krow, mkey, cols_h, SIN, COS, keys, N, num_prefix, HALF, HEAD_DIM,
+                               TIED)
         v = tl.load(base + 2 * C + krow + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
         s = _mma(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
         s = _mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
@@ -264,7 +281,7 @@ def _rope_attention_bwd_dq_kernel(
 
     g_base = DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM
     _store_unrotated(g_base, dq1 * sm_scale, dq2 * sm_scale, mrow, cols_h, SIN, COS, rows, N, num_prefix,
-                     HALF, HEAD_DIM)
+                     HALF, HEAD_DIM, TIED)
 
 
 # ---- apply_rope --------------------------------------------------------------------------------------------------
@@ -273,7 +290,8 @@ def _apply_rope_kernel(
     Q, K, QO, KO, SIN, COS,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
     N, H, num_prefix,
-    INVERSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    INVERSE: tl.constexpr, HEAD_DIM: tl.constexpr, TIED: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # q and k of one (b, h) and BLOCK_N tokens share their sin/cos rows: one load of the coefficients for both.
     # INVERSE applies the transposed rotation (the backward of the forward one).
@@ -284,7 +302,7 @@ def _apply_rope_kernel(
     h = (bh % H).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_H)
-    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM)
+    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
     m = (rows < N)[:, None] & (cols < HALF)[None, :]
     r64 = rows.to(tl.int64)[:, None]
     o_off = bh.to(tl.int64) * N * HEAD_DIM + r64 * HEAD_DIM + cols[None, :]
@@ -354,6 +372,10 @@ def _precision(x):
     return fp32, ("tf32" if (fp32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee")
 
 
+def _tied(sin, head_dim):
+    return sin.shape[1] * 2 == head_dim
+
+
 def _dims(head_dim):
     half = head_dim // 2
     return max(16, triton.next_power_of_2(half)), max(16, triton.next_power_of_2(head_dim))
@@ -369,7 +391,8 @@ def _launch(tuned, raw, tile, N, B, H, on_cpu, *args, **meta):
 
 
 def rope_attention_fwd_triton(qkv, sin, cos, num_heads, num_prefix_tokens, scale):
-    """(B, N, 3C) packed qkv (last-dim stride 1), (H·W, Dh) fp32 contiguous sin/cos ->
+    """(B, N, 3C) packed qkv (last-dim stride 1), fp32 contiguous sin/cos of (H·W, Dh) or, with tied halves,
+    (H·W, Dh/2) ->
     (out (B, N, C) in qkv.dtype, lse (B, num_heads, N) fp32, natural-log logsumexp of the scaled scores)."""
     B, N, C3 = qkv.shape
     C = C3 // 3
@@ -382,7 +405,8 @@ def rope_attention_fwd_triton(qkv, sin, cos, num_heads, num_prefix_tokens, scale
             qkv, sin, cos, out, lse,
             qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
             N, num_heads, C, num_prefix_tokens, scale * LOG2E,
-            HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, IS_FP32=is_fp32, PRECISION=precision)
+            HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), IS_FP32=is_fp32,
+            PRECISION=precision)
     return out, lse
 
 
@@ -403,7 +427,8 @@ def rope_attention_bwd_triton(qkv, sin, cos, out, lse, dout, num_heads, num_pref
     args = (qkv, sin, cos, dout, lse, delta, dqkv,
             qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
             N, num_heads, C, num_prefix_tokens, scale, scale * LOG2E)
-    meta = dict(HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, IS_FP32=is_fp32, PRECISION=precision)
+    meta = dict(HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), IS_FP32=is_fp32,
+                PRECISION=precision)
     on_cpu = not qkv.is_cuda
     _launch(_dkdv_tuned, _rope_attention_bwd_dkdv_kernel, "BLOCK_N", N, B, num_heads, on_cpu, *args, **meta)
     _launch(_dq_tuned, _rope_attention_bwd_dq_kernel, "BLOCK_M", N, B, num_heads, on_cpu, *args, **meta)
@@ -412,14 +437,14 @@ def rope_attention_bwd_triton(qkv, sin, cos, out, lse, dout, num_heads, num_pref
 
 def apply_rope_triton(q, k, sin, cos, num_prefix_tokens, inverse=False):
     """RoPE (or its transpose, inverse=True) on the patch tokens of (B, heads, N, Dh) q and k -> new contiguous
-    tensors of the same dtypes. sin/cos: (H·W, Dh) fp32 contiguous."""
+    tensors of the same dtypes. sin/cos: (H·W, Dh) or tied (H·W, Dh/2), fp32 contiguous."""
     B, H, N, Dh = q.shape
     qo = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     ko = torch.empty((B, H, N, Dh), device=k.device, dtype=k.dtype)
     block_n = 16 if q.device.type == "cpu" else 64
     _apply_rope_kernel[(triton.cdiv(N, block_n), B * H)](
         q, k, qo, ko, sin, cos, *q.stride(), *k.stride(), N, H, num_prefix_tokens,
-        INVERSE=inverse, HEAD_DIM=Dh, BLOCK_H=max(16, triton.next_power_of_2(Dh // 2)), BLOCK_N=block_n,
-        num_warps=4,
+        INVERSE=inverse, HEAD_DIM=Dh, TIED=_tied(sin, Dh), BLOCK_H=max(16, triton.next_power_of_2(Dh // 2)),
+        BLOCK_N=block_n, num_warps=4,
     )
     return qo, ko

@@ -148,6 +148,25 @@ def test_triton_untied_sin_cos(triton_cpu):
     _check_attention(qkv, sin, cos, 2, "triton")
 
 
+def test_triton_tied_half_tables(triton_cpu):
+    # (H·W, Dh/2) tables stand for both halves: the same results as the full tables, bit for bit, and as the reference.
+    H, Dh, hw = 2, 32, 15
+    qkv = _qkv(2, PREFIX + hw, H, Dh)
+    sin, cos = _rope(hw, Dh)
+    half_sin, half_cos = sin[:, :Dh // 2].contiguous(), cos[:, :Dh // 2].contiguous()
+    dout = torch.randn(2, PREFIX + hw, H * Dh)
+    full = _out_and_grad(lambda x: rope_attention(x, sin, cos, num_heads=H, backend="triton"), qkv, dout)
+    half = _out_and_grad(lambda x: rope_attention(x, half_sin, half_cos, num_heads=H, backend="triton"), qkv, dout)
+    for f, h in zip(full, half):
+        assert torch.equal(f, h)
+    torch.testing.assert_close(rope_attention_reference(qkv, half_sin, half_cos, num_heads=H),
+                               rope_attention_reference(qkv, sin, cos, num_heads=H), rtol=0, atol=0)
+    _check_attention(qkv, half_sin, half_cos, H, "triton")
+    q, k = torch.randn(2, 1, H, PREFIX + hw, Dh)
+    for f, h in zip(apply_rope(q, k, sin, cos, backend="triton"), apply_rope(q, k, half_sin, half_cos, backend="triton")):
+        assert torch.equal(f, h)
+
+
 def test_triton_lse(triton_cpu):
     B, H, Dh, hw = 1, 2, 32, 15
     N = PREFIX + hw
@@ -329,7 +348,7 @@ def _good(B=1, N=PREFIX + 6, H=2, Dh=16, hw=6):
     (dict(num_prefix_tokens=-1), ValueError, "num_prefix_tokens"),
     (dict(sin=torch.randn(12, 16), cos=torch.randn(12, 16)), ValueError, "positions"),
     (dict(sin=torch.randn(6, 16), cos=torch.randn(6, 8)), ValueError, "shape"),
-    (dict(sin=torch.randn(6, 8), cos=torch.randn(6, 8)), ValueError, "head_dim"),
+    (dict(sin=torch.randn(6, 12), cos=torch.randn(6, 12)), ValueError, "head_dim"),
     (dict(sin=torch.randn(1, 6, 16), cos=torch.randn(1, 6, 16)), ValueError, "H\\*W"),
     (dict(sin=torch.randn(6, 16).double()), TypeError, "dtype"),
     (dict(qkv=torch.ones(1, 11, 96, dtype=torch.int32)), TypeError, "floating"),
