@@ -1,6 +1,7 @@
 """dinov3_kernels: fused Triton and CUDA kernels for DINOv3 training, drop-in for the official modules."""
 
 from ._backend import BackendUnavailableError, available_backends
+from .attention import apply_rope, apply_rope_reference, rope_attention, rope_attention_reference
 from .gram import GramLoss, gram_loss, gram_loss_reference
 
 __version__ = "0.1.0"
@@ -11,4 +12,8 @@ __all__ = [
     "GramLoss",
     "gram_loss",
     "gram_loss_reference",
+    "rope_attention",
+    "rope_attention_reference",
+    "apply_rope",
+    "apply_rope_reference",
 ]
