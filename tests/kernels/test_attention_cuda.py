@@ -93,6 +93,20 @@ def test_glue_rejects_bad_shapes_and_cpu_tensors():
     assert "head_dim 48" in glue.unsupported_reason(torch.zeros(1, N, 3 * H * 48), H)
 
 
+def test_packed_view_reads_in_place_only_when_vector_aligned():
+    # 16-bit kernels read 16-byte vectors: an aligned strided view is used as is, a misaligned one is copied.
+    base = torch.zeros(2, 9, 3 * 128 + 64, dtype=torch.bfloat16)
+    aligned = base[:, :, 32:32 + 3 * 128]
+    assert glue._packed_view(aligned).data_ptr() == aligned.data_ptr()
+    shifted = base[:, :, 1:1 + 3 * 128]
+    copy = glue._packed_view(shifted)
+    assert copy.data_ptr() != shifted.data_ptr() and copy.is_contiguous() and torch.equal(copy, shifted)
+    f32 = torch.zeros(2, 9, 3 * 64 + 1)[:, :, 1:]  # fp32 path: scalar loads, any token stride
+    assert glue._packed_view(f32).data_ptr() == f32.data_ptr()
+    cols = torch.zeros(2, 3 * 64, 9).transpose(1, 2)  # last stride != 1: copied
+    assert glue._packed_view(cols).stride(-1) == 1
+
+
 needs_ext = pytest.mark.skipif(_backend.CUDA_EXT is None, reason="the CUDA extension is not built")
 
 
