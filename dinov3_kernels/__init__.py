@@ -1,0 +1,3 @@
+from dinov3_kernels.rope import RopePositionEmbedding
+
+__all__ = ["RopePositionEmbedding"]
