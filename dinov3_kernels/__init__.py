@@ -1,3 +1,16 @@
-from dinov3_kernels.rope import RopePositionEmbedding
+"""dinov3_kernels: fused Triton and CUDA kernels for DINOv3 training, drop-in for the official modules."""
 
-__all__ = ["RopePositionEmbedding"]
+from ._backend import BackendUnavailableError, available_backends
+from .gram import GramLoss, gram_loss, gram_loss_reference
+from .rope import RopePositionEmbedding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "GramLoss",
+    "gram_loss",
+    "gram_loss_reference",
+    "RopePositionEmbedding",
+]

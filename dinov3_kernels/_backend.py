@@ -1,0 +1,135 @@
+"""Which backends exist here, the "auto" choice, and the errors that say why a backend cannot run.
+
+Every op has three backends:
+  "reference"  plain PyTorch, any device and dtype (float64 included): the spec
+  "triton"     Triton kernels; on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 (fp32, how CI checks them)
+  "cuda"       the compiled extension dinov3_kernels._C (built by `pip install .` when nvcc was found)
+
+backend="auto" picks cuda, else triton, on CUDA tensors and reference on CPU tensors. The environment variable
+DINOV3_KERNELS_BACKEND replaces "auto" with an explicit choice. An explicit choice that cannot run raises
+BackendUnavailableError with the reason; "auto" falls back silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+ENV_VAR = "DINOV3_KERNELS_BACKEND"
+# Must match csrc/common.cuh (enum DType).
+CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run these inputs; the message says why."""
+
+
+def _probe_triton() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        importlib.import_module("triton.language")
+    except Exception as exc:  # a broken install should read as unavailable, not crash import
+        return f"triton failed to import: {exc!r}"
+    return None
+
+
+def _probe_cuda_ext():
+    try:
+        return importlib.import_module("dinov3_kernels._C"), None
+    except ImportError as exc:
+        return None, (
+            "the CUDA extension dinov3_kernels._C is not built (install with nvcc available, "
+            f"without DINOV3_SKIP_CUDA_BUILD): {exc}"
+        )
+
+
+# Probed once at import: module constants keep dispatch traceable by torch.compile.
+TRITON_UNAVAILABLE: Optional[str] = _probe_triton()
+CUDA_EXT, CUDA_EXT_UNAVAILABLE = _probe_cuda_ext()
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cuda_ext():
+    """The compiled module; raises BackendUnavailableError when it was not built."""
+    if CUDA_EXT is None:
+        raise BackendUnavailableError(CUDA_EXT_UNAVAILABLE)
+    return CUDA_EXT
+
+
+def env_backend() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected one of auto, {', '.join(BACKENDS)}")
+    return value
+
+
+def why_not(backend: str, tensors: Sequence[torch.Tensor], op_check: Optional[Callable[[str], Optional[str]]] = None):
+    """The reason `backend` cannot run on these tensors, or None if it can.
+
+    op_check(backend) adds the op's own limits (dtypes, sizes) and returns a reason or None.
+    """
+    if backend == "reference":
+        return None
+    devices = {t.device.type for t in tensors}
+    if backend == "triton":
+        if TRITON_UNAVAILABLE:
+            return TRITON_UNAVAILABLE
+        if devices == {"cpu"}:
+            if not triton_interpret():
+                return "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run its kernels on the CPU)"
+            if any(t.dtype != torch.float32 for t in tensors if t.is_floating_point()):
+                return "the Triton interpreter on CPU is used with float32 inputs only"
+        elif devices != {"cuda"}:
+            return f"the triton backend needs CUDA tensors, got devices {sorted(devices)}"
+    elif backend == "cuda":
+        if CUDA_EXT is None:
+            return CUDA_EXT_UNAVAILABLE
+        if devices != {"cuda"}:
+            return f"the cuda backend needs CUDA tensors, got devices {sorted(devices)}"
+    else:
+        raise ValueError(f"unknown backend {backend!r}: expected auto or one of {', '.join(BACKENDS)}")
+    return op_check(backend) if op_check is not None else None
+
+
+def choose_backend(
+    requested: str,
+    tensors: Sequence[torch.Tensor],
+    op_check: Optional[Callable[[str], Optional[str]]] = None,
+    op_name: str = "op",
+) -> str:
+    """Resolves backend="auto" / the environment override / an explicit request to a backend that can run."""
+    if not isinstance(requested, str):
+        raise TypeError(f"{op_name}: backend must be a string, got {type(requested).__name__}")
+    requested = requested.lower()
+    if requested == "auto":
+        requested = env_backend()
+    if requested != "auto":
+        reason = why_not(requested, tensors, op_check)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op_name}: backend {requested!r} cannot run here: {reason}")
+        return requested
+    if all(t.device.type == "cuda" for t in tensors):
+        for candidate in ("cuda", "triton"):
+            if why_not(candidate, tensors, op_check) is None:
+                return candidate
+    return "reference"
+
+
+def available_backends() -> dict:
+    """Human-readable summary: backend -> None if usable on this machine, else the reason."""
+    gpu = torch.cuda.is_available()
+    return {
+        "reference": None,
+        "triton": TRITON_UNAVAILABLE
+        or (None if gpu or triton_interpret() else "no CUDA GPU (set TRITON_INTERPRET=1 to run on CPU)"),
+        "cuda": CUDA_EXT_UNAVAILABLE or (None if gpu else "built, but no CUDA GPU is visible"),
+    }

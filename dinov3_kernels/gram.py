@@ -1,0 +1,218 @@
+"""Gram-anchoring loss (DINOv3, Sec. 4): MSE between the patch Gram matrices of the student and the Gram teacher.
+
+reference (the spec) -> input checks -> kernels and autograd -> public function -> nn.Module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend, _library  # noqa: F401  (_library defines the op schemas)
+
+__all__ = ["gram_loss", "gram_loss_reference", "GramLoss"]
+
+NORM_EPS = 1e-12  # F.normalize's default, as the official loss uses it
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+METHODS = ("auto", "tiled", "factored")
+
+
+# ---- 1. reference ------------------------------------------------------------------------------------------------
+def gram_loss_reference(student, teacher, *, apply_norm=True, img_level=True, remove_neg=False,
+                        remove_only_teacher_neg=False):
+    """mean((clamp(Ŝ Ŝᵀ) - clamp(T̂ T̂ᵀ))²) in float32 (float64 if an input is float64), as official DINOv3.
+
+    remove_neg clamps the negative entries of both Gram matrices to 0; remove_only_teacher_neg those of the teacher
+    (the official code's extra student mask tests the already-clamped teacher and so changes nothing).
+    """
+    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    s, t = student.to(dtype), teacher.to(dtype)
+    if apply_norm:
+        s, t = F.normalize(s, dim=-1, eps=NORM_EPS), F.normalize(t, dim=-1, eps=NORM_EPS)
+    if not img_level and s.dim() == 3:
+        s, t = s.flatten(0, 1), t.flatten(0, 1)
+    gram_s = s @ s.transpose(-1, -2)
+    gram_t = t @ t.transpose(-1, -2)
+    if remove_neg:
+        gram_s = gram_s.masked_fill(gram_s < 0, 0.0)
+        gram_t = gram_t.masked_fill(gram_t < 0, 0.0)
+    elif remove_only_teacher_neg:
+        gram_t = gram_t.masked_fill(gram_t < 0, 0.0)
+    return F.mse_loss(gram_s, gram_t)
+
+
+# ---- 2. input checks (public boundary) ---------------------------------------------------------------------------
+def _check_inputs(student, teacher, img_level, remove_neg, remove_only_teacher_neg, method):
+    for name, x in (("student", student), ("teacher", teacher)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"gram_loss: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"gram_loss: {name} must be a floating-point tensor, got {x.dtype}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"gram_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
+    if student.device != teacher.device:
+        raise ValueError(f"gram_loss: student is on {student.device} and teacher on {teacher.device}")
+    if img_level and student.dim() != 3:
+        raise ValueError(f"gram_loss: img_level=True needs (B, N, D) features, got shape {tuple(student.shape)}")
+    if student.dim() not in (2, 3):
+        raise ValueError(f"gram_loss: expected (B, N, D) or (B*N, D) features, got shape {tuple(student.shape)}")
+    if student.numel() == 0:
+        raise ValueError(f"gram_loss: empty input of shape {tuple(student.shape)}")
+    if remove_neg and remove_only_teacher_neg:
+        raise ValueError("gram_loss: remove_neg and remove_only_teacher_neg are exclusive")
+    if method not in METHODS:
+        raise ValueError(f"gram_loss: method must be one of {METHODS}, got {method!r}")
+
+
+def _op_check(dtype):
+    def check(backend):
+        if dtype not in KERNEL_DTYPES:
+            return f"dtype {dtype} is not supported by the {backend} kernels (float32, float16, bfloat16)"
+        return None
+
+    return check
+
+
+# ---- 3. kernels and autograd -------------------------------------------------------------------------------------
+def _normalize_backward(x, g_hat, apply_norm):
+    """Gradient w.r.t. x of x̂ = x / max(|x|, eps), given the gradient w.r.t. x̂ (both in the compute dtype)."""
+    if not apply_norm:
+        return g_hat
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    r = 1.0 / norm.clamp_min(NORM_EPS)
+    x_hat = x * r
+    proj = torch.where(norm > NORM_EPS, (x_hat * g_hat).sum(-1, keepdim=True), torch.zeros_like(norm))
+    return (g_hat - x_hat * proj) * r
+
+
+def _gram_fwd_factored(s, t, apply_norm, grad_s, grad_t):
+    """|ŜŜᵀ - T̂T̂ᵀ|² = |ŜᵀŜ|² - 2|ŜᵀT̂|² + |T̂ᵀT̂|² per group: O(P·D²) instead of O(P²·D), no P×P matrix.
+
+    Only valid without clamping. It cancels in low precision, so it runs in float32 (float64 for float64 input).
+    """
+    G, P, D = s.shape
+    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    xs, xt = s.to(dtype), t.to(dtype)
+    sh = F.normalize(xs, dim=-1, eps=NORM_EPS) if apply_norm else xs
+    th = F.normalize(xt, dim=-1, eps=NORM_EPS) if apply_norm else xt
+    a_s = sh.transpose(1, 2) @ sh  # (G, D, D)
+    a_t = th.transpose(1, 2) @ th
+    c = sh.transpose(1, 2) @ th
+    M = G * P * P
+    total = a_s.square().sum() - 2 * c.square().sum() + a_t.square().sum()
+    loss = (total.clamp_min(0) / M).to(dtype)
+    gs = gt = s.new_empty(0)
+    if grad_s:  # 4/M (ŜŜᵀ - T̂T̂ᵀ) Ŝ = 4/M (Ŝ A_s - T̂ Cᵀ)
+        g_hat = (sh @ a_s - th @ c.transpose(1, 2)) * (4.0 / M)
+        gs = _normalize_backward(xs, g_hat, apply_norm).to(s.dtype).contiguous()
+    if grad_t:  # -4/M (ŜŜᵀ - T̂T̂ᵀ) T̂ = -4/M (Ŝ C - T̂ A_t)
+        g_hat = (th @ a_t - sh @ c) * (4.0 / M)
+        gt = _normalize_backward(xt, g_hat, apply_norm).to(t.dtype).contiguous()
+    return loss, gs, gt
+
+
+def _choose_method(method, s, clamp):
+    if method != "auto":
+        return method
+    G, P, D = s.shape
+    # The factored form wins when P > D (cost P·D² vs P²·D) but cancels in low precision: fp32/fp64 only.
+    if not clamp and P >= 2 * D and s.dtype in (torch.float32, torch.float64):
+        return "factored"
+    return "tiled"
+
+
+def _gram_loss_fwd_impl(student, teacher, apply_norm, clamp_student, clamp_teacher, grad_student, grad_teacher,
+                        backend, method):
+    method = _choose_method(method, student, clamp_student or clamp_teacher)
+    if method == "factored":
+        if clamp_student or clamp_teacher:
+            raise ValueError("gram_loss: method='factored' cannot clamp negative entries (remove_neg)")
+        return _gram_fwd_factored(student, teacher, apply_norm, grad_student, grad_teacher)
+    if backend == "triton":
+        from ._triton.gram import gram_fwd_triton
+
+        return gram_fwd_triton(student, teacher, apply_norm=apply_norm, clamp_s=clamp_student,
+                               clamp_t=clamp_teacher, grad_s=grad_student, grad_t=grad_teacher, eps=NORM_EPS)
+    if backend == "cuda":
+        from ._cuda.gram import gram_fwd_cuda
+
+        return gram_fwd_cuda(student, teacher, apply_norm=apply_norm, clamp_s=clamp_student, clamp_t=clamp_teacher,
+                             grad_s=grad_student, grad_t=grad_teacher, eps=NORM_EPS)
+    raise ValueError(f"gram_loss_fwd: unknown kernel backend {backend!r}")
+
+
+torch.library.register_kernel("dinov3_kernels::gram_loss_fwd", ("cpu", "cuda"), _gram_loss_fwd_impl)
+
+
+def _gram_setup_context(ctx, inputs, output):
+    _, gs, gt = output
+    ctx.save_for_backward(gs, gt)
+    ctx.grad_student, ctx.grad_teacher = inputs[5], inputs[6]
+
+
+def _gram_backward(ctx, grad_loss, _grad_gs, _grad_gt):
+    gs, gt = ctx.saved_tensors
+    ds = (gs * grad_loss).to(gs.dtype) if ctx.grad_student else None
+    dt = (gt * grad_loss).to(gt.dtype) if ctx.grad_teacher else None
+    return ds, dt, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("dinov3_kernels::gram_loss_fwd", _gram_backward, setup_context=_gram_setup_context)
+
+
+# ---- 4. public function and module -------------------------------------------------------------------------------
+def gram_loss(student, teacher, *, apply_norm=True, img_level=True, remove_neg=False, remove_only_teacher_neg=False,
+              backend="auto", method="auto"):
+    """Fused Gram-anchoring loss; same value and gradients as :func:`gram_loss_reference`.
+
+    student, teacher: (B, N, D) patch features (or (B*N, D) with img_level=False). The Gram matrices are per image
+    (img_level=True) or over the whole flattened batch. Gradients reach the student, and the teacher when it requires
+    grad. backend: "auto" | "reference" | "triton" | "cuda". method (kernel backends): "tiled" (fused P×P tiles, never
+    stored), "factored" (|SᵀS|² - 2|SᵀT|² + |TᵀT|², no clamping, fp32), or "auto".
+    """
+    if not torch.compiler.is_compiling():
+        _check_inputs(student, teacher, img_level, remove_neg, remove_only_teacher_neg, method)
+    if student.dtype != teacher.dtype:
+        dtype = torch.promote_types(student.dtype, teacher.dtype)
+        student, teacher = student.to(dtype), teacher.to(dtype)
+    chosen = _backend.choose_backend(backend, (student, teacher), _op_check(student.dtype), "gram_loss")
+    if chosen == "reference":
+        return gram_loss_reference(student, teacher, apply_norm=apply_norm, img_level=img_level,
+                                   remove_neg=remove_neg, remove_only_teacher_neg=remove_only_teacher_neg)
+    D = student.shape[-1]
+    if img_level:
+        s, t = student, teacher
+    else:  # one group of B*N rows: a view for contiguous input, one copy otherwise
+        s, t = student.reshape(1, -1, D), teacher.reshape(1, -1, D)
+    loss, _, _ = torch.ops.dinov3_kernels.gram_loss_fwd(
+        s, t, apply_norm, remove_neg, remove_neg or remove_only_teacher_neg,
+        student.requires_grad, teacher.requires_grad, chosen, method,
+    )
+    return loss
+
+
+class GramLoss(torch.nn.Module):
+    """Drop-in for the official ``dinov3.loss.GramLoss`` (same constructor and call), backed by the fused kernels.
+
+    As in the official class, the Gram level is chosen by ``forward``'s ``img_level`` argument.
+    """
+
+    def __init__(self, apply_norm=True, img_level=True, remove_neg=True, remove_only_teacher_neg=False,
+                 backend="auto"):
+        super().__init__()
+        if remove_neg and remove_only_teacher_neg:
+            raise ValueError("GramLoss: remove_neg and remove_only_teacher_neg are exclusive")
+        self.apply_norm = apply_norm
+        self.img_level = img_level
+        self.remove_neg = remove_neg
+        self.remove_only_teacher_neg = remove_only_teacher_neg
+        self.backend = backend
+
+    def forward(self, output_feats, target_feats, img_level=True):
+        return gram_loss(output_feats, target_feats, apply_norm=self.apply_norm, img_level=img_level,
+                         remove_neg=self.remove_neg, remove_only_teacher_neg=self.remove_only_teacher_neg,
+                         backend=self.backend)
+
+    def extra_repr(self):
+        return (f"apply_norm={self.apply_norm}, remove_neg={self.remove_neg}, "
+                f"remove_only_teacher_neg={self.remove_only_teacher_neg}, backend={self.backend!r}")
