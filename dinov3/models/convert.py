@@ -156,7 +156,7 @@ def from_hf_state_dict(
         if names is None:
             raise ValueError(f"unexpected key in Hugging Face state_dict: {key}")
         if len(names) > 1:  # mlp.up_proj / mlp.down_proj: fc1/fc2 or w2/w3
-            names = [n for n in names if (".w" in n) == gated]
+            names = [n for n in names if n.startswith("mlp.w") == gated]
         out[f"blocks.{i}.{names[0]}"] = value
     for i, parts in qkv.items():
         out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts["q.weight"], parts["k.weight"], parts["v.weight"]], 0)
@@ -213,10 +213,14 @@ def hf_config_kwargs(model) -> dict[str, Any]:
         layerscale_value=1.0,
         use_gated_mlp=gated,
         num_register_tokens=model.n_storage_tokens,
-        pos_embed_shift=rope.shift_coords,
-        pos_embed_jitter=rope.jitter_coords,
-        pos_embed_rescale=rope.rescale_coords,
+        pos_embed_shift=_opt_float(rope.shift_coords),
+        pos_embed_jitter=_opt_float(rope.jitter_coords),
+        pos_embed_rescale=_opt_float(rope.rescale_coords),
     )
+
+
+def _opt_float(v):
+    return None if v is None else float(v)
 
 
 def dinov3_kwargs_from_hf_config(config) -> dict[str, Any]:
