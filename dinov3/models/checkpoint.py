@@ -11,8 +11,11 @@ from torch import Tensor, nn
 __all__ = ["load_pretrained", "read_state_dict", "extract_backbone_state_dict", "CheckpointMismatchError"]
 
 _NESTING_KEYS = ("teacher", "model", "state_dict", "module")
-_PREFIXES = ("module.", "_orig_mod.", "backbone.", "teacher.", "student.", "model.")
-
+# Backbone prefixes of training checkpoints, in order of preference (the teacher is the model evaluated).
+_BACKBONE_PREFIXES = ("teacher.backbone.", "backbone.", "student.backbone.")
+# Wrapper prefixes that cover the whole dict, and wrapper names that torch.compile / FSDP insert anywhere.
+_WHOLE_PREFIXES = ("module.", "model.", "teacher.", "student.")
+_WRAPPER_PARTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's keys or shapes do not match the model."""
@@ -36,9 +39,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 def extract_backbone_state_dict(obj: Mapping) -> dict[str, Tensor]:
     """Find the backbone tensors in a raw or wrapped checkpoint.
 
-    Descends into "teacher"/"model"/"state_dict"/"module" entries until the values are tensors, then
-    strips training-wrapper prefixes ("module.", "_orig_mod.", "backbone.", ...). When some keys carry
-    "backbone." (a full SSL checkpoint with heads), only those are kept.
+    Descends into "teacher"/"model"/"state_dict"/"module" entries until the values are tensors, drops
+    torch.compile/FSDP wrapper names, keeps only the "teacher.backbone." (else "backbone.", else
+    "student.backbone.") keys of a full SSL checkpoint with heads, and strips prefixes that every key
+    carries ("module.", ...).
     """
     seen = 0
     while not any(isinstance(v, Tensor) for v in obj.values()):
@@ -55,18 +59,20 @@ def extract_backbone_state_dict(obj: Mapping) -> dict[str, Tensor]:
         if seen > 4:
             raise CheckpointMismatchError("checkpoint is nested too deeply")
     sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            with_prefix = [k for k in sd if k.startswith(prefix)]
-            if not with_prefix:
-                continue
-            if prefix == "backbone." or len(with_prefix) == len(sd):
-                sd = {k[len(prefix):]: sd[k] for k in with_prefix}
-                changed = True
+    for part in _WRAPPER_PARTS:
+        sd = {k.replace(part, ""): v for k, v in sd.items()}
+    for prefix in _BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WHOLE_PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                stripped = True
     return sd
-
 
 def _describe(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])

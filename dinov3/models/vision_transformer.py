@@ -198,9 +198,10 @@ class DinoVisionTransformer(nn.Module):
             t, hw = self.prepare_tokens_with_masks(x, m)
             xs.append(t)
             hws.append(hw)
+        # In training each block draws its own RoPE augmentation (official); in eval the tables are shared.
+        shared = None if self.training else [self._rope(hw) for hw in hws]
         for blk in self.blocks:
-            # Recomputed per block: in training each block draws its own RoPE augmentation.
-            xs = blk(xs, [self._rope(hw) for hw in hws])
+            xs = blk(xs, shared if shared is not None else [self._rope(hw) for hw in hws])
         n_prefix = self.n_storage_tokens + 1
         outputs = []
         for idx, (x, masks) in enumerate(zip(xs, masks_list)):
@@ -257,8 +258,9 @@ class DinoVisionTransformer(nn.Module):
                 raise ValueError(f"block indices must be in [0, {total - 1}], got {list(n)}")
             n_take = len(take)
         out = []
+        shared = None if self.training else self._rope(hw)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, self._rope(hw))
+            x = blk(x, shared if shared is not None else self._rope(hw))
             if i in take:
                 out.append(x)
         if len(out) != n_take:

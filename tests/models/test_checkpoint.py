@@ -31,13 +31,18 @@ def _same_outputs(a, b):
         torch.testing.assert_close(ob[k], oa[k], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("wrap", ["raw", "teacher_backbone", "model", "state_dict_module"])
+@pytest.mark.parametrize("wrap", ["raw", "teacher_backbone", "model", "state_dict_module", "ssl_model"])
 def test_pth_round_trip(tmp_path, source, wrap):
     sd = source.state_dict()
     if wrap == "teacher_backbone":
         # a training checkpoint: teacher with backbone and head entries
         obj = {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, "dino_head.mlp.0.weight": torch.ones(2)},
                "iteration": 7}
+    elif wrap == "ssl_model":
+        # the whole SSL arch: student and teacher backbones (student perturbed: must not be picked), compiled
+        obj = {"model": {**{f"student.backbone._orig_mod.{k}": v + 1 for k, v in sd.items()},
+                         **{f"teacher.backbone._orig_mod.{k}": v for k, v in sd.items()},
+                         "teacher.dino_head.last_layer.weight": torch.ones(3)}, "optimizer": {}}
     elif wrap == "model":
         obj = {"model": sd}
     elif wrap == "state_dict_module":

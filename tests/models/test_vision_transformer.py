@@ -426,3 +426,41 @@ def test_min_max_period_rope_and_rmsnorm_variants_run():
     with torch.no_grad():
         out = m.forward_features(torch.randn(1, 3, 16, 16))
     assert out["x_storage_tokens"].shape == (1, 0, 32)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(not HAS_ROPE_ATTENTION, reason="dinov3_kernels.rope_attention (branch `attention`) not merged")
+def test_cuda_auto_picks_fused_and_matches_reference_bf16():
+    torch.manual_seed(0)
+    ref = vit_small(embed_dim=128, depth=2, num_heads=2, attn_backend="reference").cuda().eval()
+    auto = vit_small(embed_dim=128, depth=2, num_heads=2, attn_backend="auto").cuda().eval()
+    auto.load_state_dict(ref.state_dict())
+    qkv = torch.zeros(1, 2, 384, device="cuda")
+    assert auto.blocks[0].attn._use_fused(qkv, (torch.zeros(1, 64, device="cuda"),) * 2)
+    x = torch.randn(2, 3, 224, 160, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a = ref.forward_features(x)["x_prenorm"].float()
+        b = auto.forward_features(x)["x_prenorm"].float()
+    with torch.no_grad():
+        exact = ref.double().forward_features(x.double())["x_prenorm"]
+    # fused error at most 2x that of the eager bf16 computation (+ a floor for near-zero errors)
+    err_ref = (a - exact).abs().max().item()
+    assert (b - exact).abs().max().item() <= 2 * err_ref + 1e-3
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_bf16_autocast_reference():
+    torch.manual_seed(0)
+    m = vit_small(embed_dim=128, depth=2, num_heads=2, attn_backend="reference").cuda().eval()
+    x = torch.randn(2, 3, 64, 96, device="cuda")
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(x)
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.1)
