@@ -1,6 +1,7 @@
 """dinov3_kernels: fused Triton and CUDA kernels for DINOv3 training, drop-in for the official modules."""
 
 from ._backend import BackendUnavailableError, available_backends
+from .attention import apply_rope, apply_rope_reference, rope_attention, rope_attention_reference
 from .gram import GramLoss, gram_loss, gram_loss_reference
 from .rope import RopePositionEmbedding
 
@@ -13,4 +14,8 @@ __all__ = [
     "gram_loss",
     "gram_loss_reference",
     "RopePositionEmbedding",
+    "rope_attention",
+    "rope_attention_reference",
+    "apply_rope",
+    "apply_rope_reference",
 ]

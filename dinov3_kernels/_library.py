@@ -30,3 +30,40 @@ def _gram_loss_fwd_fake(student, teacher, apply_norm, clamp_student, clamp_teach
     gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher else teacher.new_empty(0)
     return loss, gs, gt
+
+
+# ---- rope_attention / apply_rope ---------------------------------------------------------------------------------
+# Packed qkv (B, N, 3C) -> (out (B, N, C) in qkv.dtype, lse (B, num_heads, N) fp32: natural-log logsumexp of the
+# scaled scores, saved for backward). sin/cos: (H·W, head_dim) fp32 contiguous. backend: "triton" | "cuda".
+LIB.define(
+    "rope_attention_fwd(Tensor qkv, Tensor sin, Tensor cos, int num_heads, int num_prefix_tokens, float scale, "
+    "str backend) -> (Tensor, Tensor)"
+)
+# -> d qkv, (B, N, 3C) contiguous in qkv.dtype.
+LIB.define(
+    "rope_attention_bwd(Tensor qkv, Tensor sin, Tensor cos, Tensor out, Tensor lse, Tensor dout, int num_heads, "
+    "int num_prefix_tokens, float scale, str backend) -> Tensor"
+)
+# (B, heads, N, Dh) q and k -> new contiguous rotated q and k; inverse=True applies the transposed rotation.
+LIB.define(
+    "apply_rope(Tensor q, Tensor k, Tensor sin, Tensor cos, int num_prefix_tokens, bool inverse, str backend) "
+    "-> (Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("dinov3_kernels::rope_attention_fwd")
+def _rope_attention_fwd_fake(qkv, sin, cos, num_heads, num_prefix_tokens, scale, backend):
+    B, N, C3 = qkv.shape
+    out = qkv.new_empty((B, N, C3 // 3))
+    lse = qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("dinov3_kernels::rope_attention_bwd")
+def _rope_attention_bwd_fake(qkv, sin, cos, out, lse, dout, num_heads, num_prefix_tokens, scale, backend):
+    return qkv.new_empty(qkv.shape)
+
+
+@torch.library.register_fake("dinov3_kernels::apply_rope")
+def _apply_rope_fake(q, k, sin, cos, num_prefix_tokens, inverse, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
