@@ -98,6 +98,7 @@ def resolve_device(name: str) -> torch.device:
 
 def load_model(args) -> torch.nn.Module:
     from dinov3.models import load_pretrained
+    from dinov3.models.checkpoint import extract_backbone_state_dict, read_state_dict, untie_flags
     from dinov3.models.vision_transformer import build_model
 
     overrides = {}
@@ -108,9 +109,12 @@ def load_model(args) -> torch.nn.Module:
             raise ValueError(f"--model-kwargs is not valid JSON: {exc}") from None
         if not isinstance(overrides, dict):
             raise ValueError("--model-kwargs must be a JSON object")
+    sd = extract_backbone_state_dict(read_state_dict(args.checkpoint))
+    # e.g. the ViT-L SAT-493M weights carry local_cls_norm; explicit --model-kwargs win
+    overrides = {**untie_flags(sd), **overrides}
     # Built on the meta device and materialised from the checkpoint: no wasted random init (7B).
     model = build_model(args.arch, device="meta", **overrides)
-    load_pretrained(model, args.checkpoint)
+    load_pretrained(model, sd)
     return model.to(resolve_device(args.device)).eval()
 
 

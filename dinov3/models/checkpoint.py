@@ -8,7 +8,13 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["load_pretrained", "read_state_dict", "extract_backbone_state_dict", "CheckpointMismatchError"]
+__all__ = [
+    "load_pretrained",
+    "read_state_dict",
+    "extract_backbone_state_dict",
+    "untie_flags",
+    "CheckpointMismatchError",
+]
 
 _NESTING_KEYS = ("teacher", "model", "state_dict", "module")
 # Backbone prefixes of training checkpoints, in order of preference (the teacher is the model evaluated).
@@ -103,7 +109,21 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, Tensor]) -> None:
             f"  the checkpoint has embed_dim {sd['cls_token'].shape[-1]} but the model {expected['cls_token'].shape[-1]}:"
             " is it for another size (--arch)?"
         )
+    for key, flag in (("local_cls_norm.weight", "untie_global_and_local_cls_norm"),
+                      ("cls_norm.weight", "untie_cls_and_patch_norms")):
+        if key in sd and key not in expected:
+            lines.append(f"  the checkpoint has {key.split('.')[0]}: build the model with {flag}=True")
+        elif key in expected and key not in sd:
+            lines.append(f"  the checkpoint has no {key.split('.')[0]}: build the model with {flag}=False")
     raise CheckpointMismatchError("\n".join(lines))
+
+
+def untie_flags(sd: Mapping[str, Tensor]) -> dict[str, bool]:
+    """The untie_* constructor flags a backbone state_dict was saved with (ViT-L SAT-493M and 7B untie)."""
+    return {
+        "untie_global_and_local_cls_norm": "local_cls_norm.weight" in sd,
+        "untie_cls_and_patch_norms": "cls_norm.weight" in sd,
+    }
 
 
 def load_pretrained(model: nn.Module, path_or_state_dict, *, strict: bool = True) -> nn.Module:

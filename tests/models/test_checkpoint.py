@@ -119,3 +119,14 @@ def test_bad_files(tmp_path):
 def test_extract_does_not_strip_partial_prefixes():
     sd = {"model.x": torch.ones(1), "y": torch.ones(1)}
     assert set(extract_backbone_state_dict(sd)) == {"model.x", "y"}
+
+
+def test_untied_norm_hint_and_flags():
+    from dinov3.models.checkpoint import untie_flags
+
+    sat = make(untie_global_and_local_cls_norm=True).state_dict()
+    assert untie_flags(sat) == {"untie_global_and_local_cls_norm": True, "untie_cls_and_patch_norms": False}
+    with pytest.raises(CheckpointMismatchError, match="untie_global_and_local_cls_norm=True"):
+        load_pretrained(make(), sat)
+    with pytest.raises(CheckpointMismatchError, match="untie_cls_and_patch_norms=False"):
+        load_pretrained(make(untie_cls_and_patch_norms=True), make().state_dict())

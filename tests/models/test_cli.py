@@ -154,3 +154,14 @@ def test_pca_and_similarity_math():
     expected = [(f[i] @ f[2] / (f[i].norm() * f[2].norm())).item() for i in range(6)]
     np.testing.assert_allclose(sim.reshape(-1), expected, atol=1e-12)
     assert len(set(np.round(sim.reshape(-1), 6))) == 6
+
+
+def test_cli_detects_untied_local_norm(tmp_path):
+    # a SAT-493M-style checkpoint (local_cls_norm present) loads without extra flags
+    m = vit_small(**TINY, untie_global_and_local_cls_norm=True)
+    ckpt = tmp_path / "sat.pth"
+    torch.save(m.state_dict(), ckpt)
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "z.png")
+    rc = features_cli.main(model_args(ckpt) + [str(tmp_path / "z.png"), "-o", str(tmp_path / "z.safetensors"),
+                                               "--no-progress"])
+    assert rc == 0
