@@ -13,6 +13,7 @@ from dinov3.models import (
     vit_base,
     vit_huge_plus,
     vit_large,
+    vit_large_plus,
     vit_small,
     vit_small_plus,
 )
@@ -51,6 +52,7 @@ SIZES = {
     "vit_small_plus": (vit_small_plus, official_param_count(384, 12, "swiglu", 6), 29),
     "vit_base": (vit_base, official_param_count(768, 12, "mlp", 4), 86),
     "vit_large": (vit_large, official_param_count(1024, 24, "mlp", 4), 300),
+    "vit_large_plus": (vit_large_plus, official_param_count(1024, 24, "swiglu", 6), None),
     "vit_huge_plus": (vit_huge_plus, official_param_count(1280, 32, "swiglu", 6), 840),
     "vit_7b": (vit_7b, official_param_count(4096, 40, "swiglu", 3, qkv_bias=False, align=64, local_norm=True), 6716),
 }
@@ -63,7 +65,8 @@ def test_parameter_count_matches_official(name):
     assert all(p.is_meta for p in model.parameters())
     n = sum(p.numel() for p in model.parameters())
     assert n == expected
-    assert abs(n / 1e6 - published_m) / published_m < 0.035
+    if published_m is not None:
+        assert abs(n / 1e6 - published_m) / published_m < 0.035
     assert ARCHS[name] is ctor
 
 
