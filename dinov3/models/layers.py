@@ -175,7 +175,7 @@ def rope_rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope_reference(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
+def apply_rope_eager(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
     """Rotate the last sin.shape[-2] tokens of q, k (B, h, N, d); earlier (prefix) tokens pass unchanged.
 
     Computed in sin's dtype and cast back, as official (the released models use fp32 RoPE).
@@ -227,7 +227,7 @@ class SelfAttention(nn.Module):
             return rope_attention(qkv, sin, cos, num_heads=self.num_heads, num_prefix_tokens=N - sin.shape[-2])
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
-            q, k = apply_rope_reference(q, k, rope[0], rope[1])
+            q, k = apply_rope_eager(q, k, rope[0], rope[1])
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
         return out.transpose(1, 2).reshape(B, N, C)
 
