@@ -69,6 +69,8 @@ def _check_tensor(op, name, x):
 
 def _check_rope(op, sin, cos, N, head_dim, num_prefix_tokens, device):
     """Checks sin/cos against N tokens of head_dim; returns the number of prefix tokens."""
+    if head_dim % 2:
+        raise ValueError(f"{op}: head_dim must be even for rotate-half RoPE, got {head_dim}")
     _check_tensor(op, "sin", sin)
     _check_tensor(op, "cos", cos)
     if sin.shape != cos.shape:
@@ -79,8 +81,6 @@ def _check_rope(op, sin, cos, N, head_dim, num_prefix_tokens, device):
         raise ValueError(f"{op}: sin/cos must be (H*W, head_dim={head_dim}), got {tuple(sin.shape)}")
     if sin.device != device or cos.device != device:
         raise ValueError(f"{op}: sin ({sin.device}) and cos ({cos.device}) must be on the device of q/k ({device})")
-    if head_dim % 2:
-        raise ValueError(f"{op}: head_dim must be even for rotate-half RoPE, got {head_dim}")
     num_patches = sin.shape[0]
     if num_patches > N:
         raise ValueError(f"{op}: sin/cos have {num_patches} positions but there are only {N} tokens")

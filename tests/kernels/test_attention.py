@@ -1,0 +1,420 @@
+"""Tests of dinov3_kernels/attention.py: the reference against an independent formulation, the Triton kernels
+(interpreter on CPU, fp32) and the CUDA kernels (GPU) against the float64 reference, forward and backward, the op
+registration, and the public boundary.
+
+Tolerance rule for the kernels: max |kernel - ref64| <= 2 * max |ref_in_dtype - ref64| + ATOL[dtype], where
+ref_in_dtype is the official eager path (RoPE, SDPA) run in the input precision, as flash-attention tests do.
+"""
+
+import math
+
+import pytest
+import torch
+
+from dinov3_kernels import (BackendUnavailableError, apply_rope, apply_rope_reference, rope_attention,
+                            rope_attention_reference)
+from dinov3_kernels import _backend
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3, "tf32": 5e-3}
+PREFIX = 5  # CLS + 4 registers, as DINOv3 ViTs have
+
+
+def _rope(hw, head_dim, dtype=torch.float32, device="cpu", tied=True):
+    """sin/cos (H·W, Dh). tied: both halves share their angles, as the DINOv3 RoPE module makes them; untied
+    angles (and rows that are no rotation) exercise the general formula x·cos + rotate_half(x)·sin."""
+    if tied:
+        a = torch.rand(hw, head_dim // 2, dtype=torch.float64) * 2 * math.pi
+        a = torch.cat((a, a), dim=-1)
+        sin, cos = a.sin(), a.cos()
+    else:
+        sin, cos = torch.randn(hw, head_dim, dtype=torch.float64), torch.randn(hw, head_dim, dtype=torch.float64)
+    return sin.to(device=device, dtype=dtype), cos.to(device=device, dtype=dtype)
+
+
+def _qkv(B, N, H, Dh, dtype=torch.float32, device="cpu"):
+    return torch.randn(B, N, 3 * H * Dh, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _out_and_grad(fn, qkv, dout):
+    x = qkv.detach().clone().requires_grad_(True)
+    out = fn(x)
+    (dqkv,) = torch.autograd.grad(out, x, dout)
+    return out.detach(), dqkv
+
+
+def _assert_within_twice(got, ref64, ref_lp, atol, what):
+    err = (got.double() - ref64.double()).abs().max().item()
+    base = (ref_lp.double() - ref64.double()).abs().max().item()
+    assert err <= 2 * base + atol, f"{what}: max error {err:.3e} > 2 * {base:.3e} (PyTorch in input dtype) + {atol:.0e}"
+
+
+def _check_attention(qkv, sin, cos, H, backend, dtype_key=None, prefix=None):
+    """Kernel forward and backward against the float64 reference, with the 2x rule."""
+    dtype_key = dtype_key or qkv.dtype
+    B, N, C3 = qkv.shape
+    dout = torch.randn(B, N, C3 // 3, dtype=torch.float64).to(device=qkv.device, dtype=qkv.dtype)
+
+    def run(backend_, dt, sin_, cos_):
+        return _out_and_grad(lambda x: (rope_attention(x, sin_, cos_, num_heads=H, num_prefix_tokens=prefix,
+                                                       backend=backend_)), qkv.to(dt), dout.to(dt))
+
+    out, dqkv = run(backend, qkv.dtype, sin, cos)
+    ref, dref = run("reference", torch.float64, sin.double(), cos.double())
+    lp, dlp = run("reference", qkv.dtype, sin, cos)
+    assert out.dtype == qkv.dtype and out.shape == (B, N, C3 // 3)
+    assert dqkv.dtype == qkv.dtype and dqkv.shape == qkv.shape
+    _assert_within_twice(out, ref, lp, ATOL[dtype_key], "out")
+    _assert_within_twice(dqkv, dref, dlp, ATOL[dtype_key], "dqkv")
+
+
+# ---- the reference is the spec --------------------------------------------------------------------------------
+def _rotation_matrices(sin, cos):
+    """(H·W, Dh, Dh) matrices R with rope(x) = R x, built entry by entry from the rotate-half definition."""
+    hw, d = sin.shape
+    half = d // 2
+    R = torch.zeros(hw, d, d, dtype=sin.dtype)
+    for i in range(d):
+        R[:, i, i] = cos[:, i]
+        if i < half:
+            R[:, i, i + half] = -sin[:, i]  # rotate_half(x)_i = -x_{i+half}
+        else:
+            R[:, i, i - half] = sin[:, i]  # rotate_half(x)_i = x_{i-half}
+    return R
+
+
+@pytest.mark.parametrize("prefix,tied", [(PREFIX, True), (0, True), (1, False)])
+def test_reference_matches_explicit_formula(prefix, tied):
+    B, H, Dh, hw = 2, 3, 8, 6
+    N = prefix + hw
+    qkv = _qkv(B, N, H, Dh, torch.float64)
+    sin, cos = _rope(hw, Dh, torch.float64, tied=tied)
+    q, k, v = qkv.view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh) each
+    R = _rotation_matrices(sin, cos)
+    eye = torch.eye(Dh, dtype=torch.float64).expand(prefix, Dh, Dh)
+    R = torch.cat((eye, R))  # (N, Dh, Dh): prefix tokens are not rotated
+    q = torch.einsum("nij,bhnj->bhni", R, q)
+    k = torch.einsum("nij,bhnj->bhni", R, k)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(Dh), dim=-1)
+    want = (attn @ v).permute(0, 2, 1, 3).reshape(B, N, H * Dh)
+    got = rope_attention_reference(qkv, sin, cos, num_heads=H)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got_auto = rope_attention(qkv, sin, cos, num_heads=H, num_prefix_tokens=prefix)  # CPU "auto" = reference
+    torch.testing.assert_close(got_auto, want, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_rotates_in_rope_dtype_and_casts_back():
+    # bf16 q with fp32 sin/cos: rotation in fp32, one rounding to bf16 at the end (as the official code).
+    q = torch.randn(1, 1, 7, 8).bfloat16()
+    k = torch.randn(1, 1, 7, 8).bfloat16()
+    sin, cos = _rope(5, 8)
+    rq, rk = apply_rope_reference(q, k, sin, cos)
+    assert rq.dtype == torch.bfloat16 and rk.dtype == torch.bfloat16
+    R = _rotation_matrices(sin.double(), cos.double())
+    want = torch.einsum("nij,bhnj->bhni", R, q[:, :, 2:].double()).bfloat16()
+    assert torch.equal(rq[:, :, 2:], want)
+    assert torch.equal(rq[:, :, :2], q[:, :, :2])
+    assert rope_attention_reference(_qkv(1, 7, 1, 8).bfloat16(), sin, cos, num_heads=1).dtype == torch.bfloat16
+
+
+def test_reference_gradcheck():
+    B, H, Dh, hw = 1, 2, 4, 3
+    qkv = _qkv(B, 2 + hw, H, Dh, torch.float64).requires_grad_(True)
+    sin, cos = _rope(hw, Dh, torch.float64, tied=False)
+    assert torch.autograd.gradcheck(lambda x: rope_attention_reference(x, sin, cos, num_heads=H), (qkv,))
+    q, k = torch.randn(2, B, H, 2 + hw, Dh, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: apply_rope_reference(a, b, sin, cos), (q, k))
+
+
+# ---- Triton kernels under the interpreter (CPU, fp32) ---------------------------------------------------------
+@pytest.mark.parametrize("B,H,Dh,prefix,grid", [
+    (2, 2, 32, PREFIX, (3, 5)),
+    (1, 1, 16, 0, (4, 5)),
+    (1, 2, 64, PREFIX, (3, 5)),
+    (2, 1, 48, 1, (3, 5)),  # head dim not a power of two
+    (1, 1, 32, PREFIX, (14, 14)),  # N = 201: several tiles with a ragged edge
+])
+def test_triton_against_reference(triton_cpu, B, H, Dh, prefix, grid):
+    hw = grid[0] * grid[1]
+    qkv = _qkv(B, prefix + hw, H, Dh)
+    sin, cos = _rope(hw, Dh)
+    _check_attention(qkv, sin, cos, H, "triton", prefix=prefix)
+
+
+def test_triton_untied_sin_cos(triton_cpu):
+    # Halves with different angles and non-unit coefficients: the backward's transposed rotation must use the
+    # sin of the other half.
+    qkv = _qkv(1, PREFIX + 15, 2, 32)
+    sin, cos = _rope(15, 32, tied=False)
+    _check_attention(qkv, sin, cos, 2, "triton")
+
+
+def test_triton_lse(triton_cpu):
+    B, H, Dh, hw = 1, 2, 32, 15
+    N = PREFIX + hw
+    qkv = _qkv(B, N, H, Dh)
+    sin, cos = _rope(hw, Dh)
+    scale = Dh ** -0.5
+    out, lse = torch.ops.dinov3_kernels.rope_attention_fwd(qkv, sin, cos, H, PREFIX, scale, "triton")
+    assert lse.shape == (B, H, N) and lse.dtype == torch.float32
+    q, k, _ = qkv.double().view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+    q, k = apply_rope_reference(q, k, sin.double(), cos.double())
+    want = torch.logsumexp(q @ k.transpose(-1, -2) * scale, dim=-1)
+    torch.testing.assert_close(lse.double(), want, rtol=0, atol=1e-5)
+
+
+def test_triton_strided_inputs(triton_cpu):
+    B, H, Dh, hw = 2, 2, 16, 15
+    N, C = PREFIX + hw, H * Dh
+    sin, cos = _rope(hw, Dh)
+    # Row stride > 3C (qkv sliced out of a wider buffer) and batch stride != N*3C (token-major storage).
+    wide = _qkv(B, N, H, Dh + 4)[..., :3 * C]
+    token_major = _qkv(N, B, H, Dh).transpose(0, 1)
+    # Last-dim stride 2: the one layout the kernels copy.
+    strided_last = _qkv(B, N, 2 * H, Dh)[..., ::2]
+    for qkv in (wide, token_major, strided_last):
+        assert not qkv.is_contiguous()
+        _check_attention(qkv, sin, cos, H, "triton")
+
+
+def test_triton_strided_output_gradient(triton_cpu):
+    B, H, Dh, hw = 1, 2, 16, 15
+    N, C = PREFIX + hw, H * Dh
+    qkv = _qkv(B, N, H, Dh)
+    sin, cos = _rope(hw, Dh)
+    dout = torch.randn(B, N, C + 8)[..., :C]
+    _, got = _out_and_grad(lambda x: rope_attention(x, sin, cos, num_heads=H, backend="triton"), qkv, dout)
+    _, want = _out_and_grad(lambda x: rope_attention_reference(x, sin, cos, num_heads=H), qkv, dout)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_triton_inputs_not_modified(triton_cpu):
+    qkv = _qkv(1, PREFIX + 15, 2, 16)
+    sin, cos = _rope(15, 16)
+    dout = torch.randn(1, PREFIX + 15, 32)
+    saved = [t.clone() for t in (qkv, sin, cos, dout)]
+    _out_and_grad(lambda x: rope_attention(x, sin, cos, num_heads=2, backend="triton"), qkv, dout)
+    q, k = qkv[..., :32].view(1, -1, 2, 16).transpose(1, 2), qkv[..., 32:64].view(1, -1, 2, 16).transpose(1, 2)
+    rq, rk = apply_rope(q, k, sin, cos, backend="triton")
+    assert rq.data_ptr() != q.data_ptr() and rk.data_ptr() != k.data_ptr()
+    for t, s in zip((qkv, sin, cos, dout), saved):
+        assert torch.equal(t, s)
+
+
+@pytest.mark.parametrize("prefix", [0, PREFIX])
+@pytest.mark.parametrize("tied", [True, False])
+def test_triton_apply_rope(triton_cpu, prefix, tied):
+    B, H, Dh, hw = 2, 3, 48, 15
+    N = prefix + hw
+    sin, cos = _rope(hw, Dh, tied=tied)
+    # q and k as the strided views of a packed qkv that users of their own attention have.
+    q, k, _ = _qkv(B, N, H, Dh).view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+    dq, dk = torch.randn(2, B, H, N, Dh)
+
+    def run(fn, dtype):
+        a = q.to(dtype).detach().requires_grad_(True)
+        b = k.to(dtype).detach().requires_grad_(True)
+        ra, rb = fn(a, b, sin.to(dtype), cos.to(dtype))
+        ga, gb = torch.autograd.grad((ra, rb), (a, b), (dq.to(dtype), dk.to(dtype)))
+        return ra.detach(), rb.detach(), ga, gb
+
+    got = run(lambda a, b, s, c: apply_rope(a, b, s, c, prefix, backend="triton"), torch.float32)
+    want = run(lambda a, b, s, c: apply_rope_reference(a, b, s, c, prefix), torch.float64)
+    for g, w, what in zip(got, want, ("q", "k", "dq", "dk")):
+        assert g.dtype == torch.float32 and g.shape == (B, H, N, Dh)
+        torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-6, msg=what)
+    # Prefix tokens pass through bit for bit.
+    assert torch.equal(got[0][:, :, :prefix], q[:, :, :prefix])
+
+
+def test_triton_apply_rope_double_backward(triton_cpu):
+    q, k = torch.randn(2, 1, 2, PREFIX + 6, 16, dtype=torch.float32)
+    sin, cos = _rope(6, 16, tied=False)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    rq, rk = apply_rope(q, k, sin, cos, backend="triton")
+    gq, gk = torch.autograd.grad((rq.square().sum() + rk.sum()), (q, k), create_graph=True)
+    (hq,) = torch.autograd.grad(gq.sum(), q)
+    q64, k64 = q.detach().double().requires_grad_(True), k.detach().double().requires_grad_(True)
+    rq, rk = apply_rope_reference(q64, k64, sin.double(), cos.double())
+    gq64, _ = torch.autograd.grad((rq.square().sum() + rk.sum()), (q64, k64), create_graph=True)
+    (hq64,) = torch.autograd.grad(gq64.sum(), q64)
+    torch.testing.assert_close(hq.double(), hq64, rtol=1e-5, atol=1e-5)
+
+
+# ---- registration: opcheck and torch.compile -----------------------------------------------------------------
+def test_opcheck(triton_cpu):
+    B, H, Dh, hw = 1, 1, 16, 6
+    N = PREFIX + hw
+    qkv = _qkv(B, N, H, Dh).requires_grad_(True)
+    sin, cos = _rope(hw, Dh)
+    ops = torch.ops.dinov3_kernels
+    torch.library.opcheck(ops.rope_attention_fwd.default, (qkv, sin, cos, H, PREFIX, Dh ** -0.5, "triton"))
+    with torch.no_grad():
+        out, lse = ops.rope_attention_fwd(qkv, sin, cos, H, PREFIX, Dh ** -0.5, "triton")
+    dout = torch.randn_like(out)
+    torch.library.opcheck(ops.rope_attention_bwd.default,
+                          (qkv.detach(), sin, cos, out, lse, dout, H, PREFIX, Dh ** -0.5, "triton"))
+    q, k = torch.randn(2, B, H, N, Dh, requires_grad=True)
+    torch.library.opcheck(ops.apply_rope.default, (q, k, sin, cos, PREFIX, False, "triton"))
+
+
+def test_torch_compile_fullgraph(triton_cpu):
+    B, H, Dh, hw = 1, 2, 16, 15
+    N = PREFIX + hw
+    qkv = _qkv(B, N, H, Dh)
+    sin, cos = _rope(hw, Dh)
+    dout = torch.randn(B, N, H * Dh)
+
+    def f(x):
+        return rope_attention(x, sin, cos, num_heads=H, backend="triton") * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = _out_and_grad(compiled, qkv, dout)
+    want = _out_and_grad(lambda x: 2.0 * rope_attention_reference(x, sin.double(), cos.double(), num_heads=H),
+                         qkv.double(), dout.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=2e-5)
+
+
+# ---- backend choice ------------------------------------------------------------------------------------------
+def test_backend_choice(monkeypatch, triton_cpu):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    qkv = _qkv(1, PREFIX + 6, 1, 40)
+    sin, cos = _rope(6, 40)
+    # head_dim 40 is no multiple of 16: explicit triton raises, auto (CPU) is the reference.
+    with pytest.raises(BackendUnavailableError, match="multiples of 16"):
+        rope_attention(qkv, sin, cos, num_heads=1, backend="triton")
+    torch.testing.assert_close(rope_attention(qkv, sin, cos, num_heads=1),
+                               rope_attention_reference(qkv, sin, cos, num_heads=1))
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            rope_attention(qkv, sin, cos, num_heads=1, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="float32"):
+        rope_attention(qkv.double(), sin, cos, num_heads=1, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        rope_attention(qkv, sin, cos, num_heads=1, backend="magic")
+    q, k = torch.randn(2, 1, 1, PREFIX + 6, 40)
+    with pytest.raises(BackendUnavailableError, match="no CUDA kernel|cuda"):
+        apply_rope(q, k, sin, cos, backend="cuda")
+
+
+def test_sin_cos_requiring_grad(monkeypatch, triton_cpu):
+    # The kernels treat sin/cos as constants: an explicit kernel request refuses, auto keeps their gradient.
+    monkeypatch.setenv(_backend.ENV_VAR, "auto")
+    qkv = _qkv(1, PREFIX + 6, 1, 16)
+    sin, cos = _rope(6, 16)
+    sin.requires_grad_(True)
+    with pytest.raises(BackendUnavailableError, match="sin/cos"):
+        rope_attention(qkv, sin, cos, num_heads=1, backend="triton")
+    rope_attention(qkv, sin, cos, num_heads=1).sum().backward()
+    assert sin.grad is not None and sin.grad.abs().sum() > 0
+    with torch.no_grad():
+        out = rope_attention(qkv, sin, cos, num_heads=1, backend="triton")
+    torch.testing.assert_close(out, rope_attention_reference(qkv, sin.detach(), cos, num_heads=1), rtol=0, atol=1e-5)
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------
+def _good(B=1, N=PREFIX + 6, H=2, Dh=16, hw=6):
+    sin, cos = _rope(hw, Dh)
+    return dict(qkv=_qkv(B, N, H, Dh), sin=sin, cos=cos, num_heads=H)
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (dict(qkv=torch.randn(1, 11, 95)), ValueError, "packed width"),
+    (dict(qkv=torch.randn(11, 96)), ValueError, "packed"),
+    (dict(num_heads=0), ValueError, "num_heads"),
+    (dict(qkv=torch.randn(1, 11, 3 * 2 * 15)), ValueError, "even"),
+    (dict(num_prefix_tokens=12), ValueError, "num_prefix_tokens"),
+    (dict(num_prefix_tokens=4), ValueError, "num_prefix_tokens"),
+    (dict(num_prefix_tokens=-1), ValueError, "num_prefix_tokens"),
+    (dict(sin=torch.randn(12, 16), cos=torch.randn(12, 16)), ValueError, "positions"),
+    (dict(sin=torch.randn(6, 16), cos=torch.randn(6, 8)), ValueError, "shape"),
+    (dict(sin=torch.randn(6, 8), cos=torch.randn(6, 8)), ValueError, "head_dim"),
+    (dict(sin=torch.randn(1, 6, 16), cos=torch.randn(1, 6, 16)), ValueError, "H\\*W"),
+    (dict(sin=torch.randn(6, 16).double()), TypeError, "dtype"),
+    (dict(qkv=torch.ones(1, 11, 96, dtype=torch.int32)), TypeError, "floating"),
+    (dict(sin=torch.randn(6, 16, device="meta")), ValueError, "device"),
+    (dict(qkv=torch.randn(0, 11, 96)), ValueError, "empty"),
+    (dict(qkv=torch.randn(1, 0, 96), sin=torch.randn(0, 16), cos=torch.randn(0, 16)), ValueError, "empty"),
+    (dict(qkv=[[1.0]]), TypeError, "Tensor"),
+])
+def test_bad_input(change, err, match):
+    args = _good()
+    args.update(change)
+    with pytest.raises(err, match=match):
+        rope_attention(args.pop("qkv"), args.pop("sin"), args.pop("cos"), **args)
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (dict(k=torch.randn(1, 2, 11, 8)), ValueError, "q and k"),
+    (dict(q=torch.randn(2, 11, 16), k=torch.randn(2, 11, 16)), ValueError, "q and k"),
+    (dict(k=torch.randn(1, 2, 11, 16).double()), TypeError, "dtype"),
+    (dict(num_prefix_tokens=3), ValueError, "num_prefix_tokens"),
+    (dict(sin=torch.randn(6, 12), cos=torch.randn(6, 12)), ValueError, "head_dim"),
+    (dict(q=torch.randn(1, 2, 0, 16), k=torch.randn(1, 2, 0, 16)), ValueError, "empty|positions"),
+])
+def test_apply_rope_bad_input(change, err, match):
+    sin, cos = _rope(6, 16)
+    args = dict(q=torch.randn(1, 2, 11, 16), k=torch.randn(1, 2, 11, 16), sin=sin, cos=cos, num_prefix_tokens=None)
+    args.update(change)
+    with pytest.raises(err, match=match):
+        apply_rope(**args)
+
+
+# ---- GPU -----------------------------------------------------------------------------------------------------
+GPU_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _require_backend(backend):
+    if backend == "cuda" and _backend.CUDA_EXT is None:
+        pytest.fail("the CUDA extension is not built on this GPU machine")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32", "tf32"])
+@pytest.mark.parametrize("Dh,H", [(64, 6), (128, 2)])
+@pytest.mark.parametrize("N", [201, 261, 1029])
+def test_gpu_against_reference(backend, dtype, Dh, H, N):
+    _require_backend(backend)
+    qkv = _qkv(2, N, H, Dh, GPU_DTYPES[dtype], "cuda")
+    sin, cos = _rope(N - PREFIX, Dh, device="cuda")  # 14x14, 16x16, 32x32 patches
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        _check_attention(qkv, sin, cos, H, backend, "tf32" if dtype == "tf32" else None)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Dh", [16, 32, 48, 96, 256])
+def test_gpu_triton_other_head_dims(Dh):
+    qkv = _qkv(2, 261, 3, Dh, torch.bfloat16, "cuda")
+    sin, cos = _rope(256, Dh, device="cuda")
+    _check_attention(qkv, sin, cos, 3, "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_apply_rope(dtype):
+    q, k = _qkv(2, 261, 4, 64, dtype, "cuda").view(2, 261, 3, 4, 64).permute(2, 0, 3, 1, 4)[:2]
+    sin, cos = _rope(256, 64, device="cuda", tied=False)
+    got = apply_rope(q, k, sin, cos, backend="triton")
+    want = apply_rope_reference(q, k, sin, cos)
+    for g, w in zip(got, want):
+        # Both round one fp32 result to the input dtype; fp32 evaluation order may flip the last bit.
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_and_deterministic():
+    qkv = _qkv(4, 1029, 6, 64, torch.bfloat16, "cuda").requires_grad_(True)
+    sin, cos = _rope(1024, 64, device="cuda")
+    assert _backend.choose_backend("auto", (qkv,), None) in ("cuda", "triton")
+    dout = torch.randn(4, 1029, 384, device="cuda", dtype=torch.bfloat16)
+    for backend in ["triton"] + (["cuda"] if _backend.CUDA_EXT is not None else []):
+        runs = [_out_and_grad(lambda x: rope_attention(x, sin, cos, num_heads=6, backend=backend), qkv, dout)
+                for _ in range(3)]
+        for out, dqkv in runs[1:]:
+            assert torch.equal(out, runs[0][0]) and torch.equal(dqkv, runs[0][1]), backend
