@@ -58,7 +58,9 @@ def test_official_to_hf_matches_our_outputs(arch_kwargs):
     assert ours.blocks[0].attn.qkv.bias[32:64].abs().sum() > 0
     cfg = DINOv3ViTConfig(**hf_config_kwargs(ours))
     hf = DINOv3ViTModel(cfg).eval()
-    hf_sd = to_hf_state_dict(ours.state_dict())
+    # transformers >= 5 nests the layers under "model."; the hub files (and 4.x) use "layer." directly
+    prefix = "model.layer." if any(k.startswith("model.layer.") for k in hf.state_dict()) else "layer."
+    hf_sd = to_hf_state_dict(ours.state_dict(), layer_prefix=prefix)
     assert set(hf_sd) == set(hf.state_dict())
     hf.load_state_dict(hf_sd, strict=True)
     x = torch.randn(1, 3, 40, 16)
