@@ -4,6 +4,7 @@ from ._backend import BackendUnavailableError, available_backends
 from .attention import apply_rope, apply_rope_reference, rope_attention, rope_attention_reference
 from .gram import GramLoss, gram_loss, gram_loss_reference
 from .koleo import KoLeoLoss, KoLeoLossDistributed, koleo_loss, koleo_loss_reference
+from .rope import RopePositionEmbedding
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "KoLeoLossDistributed",
     "koleo_loss",
     "koleo_loss_reference",
+    "RopePositionEmbedding",
     "rope_attention",
     "rope_attention_reference",
     "apply_rope",

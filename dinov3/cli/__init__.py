@@ -1,0 +1,1 @@
+"""Console scripts: dinov3-features, dinov3-viz."""
