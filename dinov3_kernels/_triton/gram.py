@@ -204,8 +204,8 @@ def _gram_norm_bwd_kernel(
 
 def _block_sizes(P, D, on_cpu):
     if on_cpu:
-        # The interpreter pays per program and per op: small tiles that still satisfy tl.dot (>= 16).
-        return max(16, min(32, triton.next_power_of_2(P))), max(16, min(64, triton.next_power_of_2(D)))
+        # The interpreter pays per program and per op, not per element: few, large tiles (tl.dot needs >= 16).
+        return max(16, min(128, triton.next_power_of_2(P))), max(16, min(128, triton.next_power_of_2(D)))
     return max(16, min(64, triton.next_power_of_2(P))), 64 if D >= 64 else max(16, triton.next_power_of_2(D))
 
 

@@ -1,0 +1,375 @@
+"""Tests of dinov3_kernels/gram.py: the reference against the official formulation, every kernel backend against
+the float64 reference (forward and backward), the op registration, and the public boundary."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov3_kernels import BackendUnavailableError, GramLoss, gram_loss, gram_loss_reference
+from dinov3_kernels import _backend
+
+# Relative tolerances of loss and gradients against the float64 reference, per input precision.
+RTOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2, "tf32": 5e-3}
+OPTIONS = [
+    dict(),
+    dict(remove_neg=True),
+    dict(remove_only_teacher_neg=True),
+    dict(apply_norm=False),
+    dict(img_level=False),
+    dict(img_level=False, remove_neg=True),
+]
+
+
+class OfficialGramLoss(torch.nn.Module):
+    """The official DINOv3 GramLoss written out step by step (in-place masking, as upstream), as an oracle."""
+
+    def __init__(self, apply_norm=True, remove_neg=True, remove_only_teacher_neg=False):
+        super().__init__()
+        self.apply_norm, self.remove_neg, self.remove_only_teacher_neg = apply_norm, remove_neg, remove_only_teacher_neg
+
+    def forward(self, out, tgt, img_level=True):
+        dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+        out, tgt = out.to(dtype), tgt.to(dtype)
+        if self.apply_norm:
+            tgt = F.normalize(tgt, dim=-1)
+        if not img_level and tgt.dim() == 3:
+            tgt = tgt.flatten(0, 1)
+        tsim = torch.matmul(tgt, tgt.transpose(-1, -2))
+        if self.apply_norm:
+            out = F.normalize(out, dim=-1)
+        if not img_level and out.dim() == 3:
+            out = out.flatten(0, 1)
+        ssim = torch.matmul(out, out.transpose(-1, -2))
+        if self.remove_neg:
+            tsim[tsim < 0] = 0.0
+            ssim[ssim < 0] = 0.0
+        elif self.remove_only_teacher_neg:
+            tsim[tsim < 0] = 0.0
+            ssim[(ssim < 0) & (tsim < 0)] = 0.0
+        return torch.nn.MSELoss()(ssim, tsim)
+
+
+def _features(B, N, D, dtype=torch.float32, device="cpu", related=True):
+    """Student and teacher with realistic structure: correlated, mixed-sign similarities."""
+    base = torch.randn(B, N, D, dtype=torch.float64)
+    s = base + 0.5 * torch.randn(B, N, D, dtype=torch.float64) + 0.3
+    t = (base if related else torch.randn(B, N, D, dtype=torch.float64)) + 0.3
+    return s.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+
+
+def _run(fn, s, t, teacher_grad=True, **opts):
+    s = s.detach().clone().requires_grad_(True)
+    t = t.detach().clone().requires_grad_(teacher_grad)
+    loss = fn(s, t, **opts)
+    loss.backward()
+    return loss.detach(), s.grad, t.grad
+
+
+def _assert_close(got, want, rtol, what, atol=1e-9):
+    # Relative to the largest reference entry; atol covers references that are exactly 0 (e.g. N = 1).
+    got, want = got.double().cpu(), want.double().cpu()
+    scale = want.abs().max()
+    err = (got - want).abs().max()
+    assert err <= rtol * scale + atol, f"{what}: max error {err:.3e} > {rtol:.1e} * max |ref| {scale:.3e} + {atol:.0e}"
+
+
+def _check_against_reference(s, t, backend, rtol, teacher_grad=True, method="auto", **opts):
+    loss, gs, gt = _run(lambda a, b, **o: gram_loss(a, b, backend=backend, method=method, **o), s, t,
+                        teacher_grad, **opts)
+    ref, rs, rt = _run(gram_loss_reference, s.double(), t.double(), teacher_grad, **opts)
+    _assert_close(loss, ref, rtol, "loss")
+    _assert_close(gs, rs, rtol, "student grad")
+    if teacher_grad:
+        _assert_close(gt, rt, rtol, "teacher grad")
+    else:
+        assert gt is None
+
+
+# ---- the reference is the spec --------------------------------------------------------------------------------
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_reference_matches_official_formulation(opts):
+    s, t = _features(3, 9, 5, torch.float64)
+    official = OfficialGramLoss(apply_norm=opts.get("apply_norm", True), remove_neg=opts.get("remove_neg", False),
+                                remove_only_teacher_neg=opts.get("remove_only_teacher_neg", False))
+    img_level = opts.get("img_level", True)
+    got = _run(lambda a, b: gram_loss_reference(a, b, **opts), s, t)
+    want = _run(lambda a, b: official(a, b, img_level=img_level), s, t)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-15)
+
+
+def test_reference_by_hand():
+    # Two unit rows at 90 degrees vs identical rows: Gs = I, Gt = all ones -> two off-diagonal errors of 1 out of 4.
+    s = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)
+    t = torch.tensor([[[3.0, 0.0], [1.0, 0.0]]], dtype=torch.float64)
+    assert gram_loss_reference(s, t).item() == pytest.approx(0.5)
+    # Anti-parallel teacher rows give Gt = -1 off the diagonal; clamping it leaves Gs = Gt = I.
+    t2 = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]], dtype=torch.float64)
+    assert gram_loss_reference(s, t2, remove_neg=True).item() == pytest.approx(0.0)
+    assert gram_loss_reference(s, t2).item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_reference_gradcheck(opts):
+    s, t = _features(2, 5, 4, torch.float64)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: gram_loss_reference(a, b, **opts), (s, t))
+
+
+def test_reference_float64_and_float32_dtypes():
+    s, t = _features(1, 4, 3, torch.float64)
+    assert gram_loss_reference(s, t).dtype == torch.float64
+    assert gram_loss_reference(s.half(), t.bfloat16()).dtype == torch.float32
+
+
+# ---- Triton kernels under the interpreter (CPU) --------------------------------------------------------------
+@pytest.mark.parametrize("B,N,D", [(1, 1, 3), (3, 7, 3), (3, 7, 64), (1, 196, 64), (3, 196, 3), (1, 257, 384),
+                                   (3, 257, 64), (1, 7, 384)])
+def test_triton_tiled_shapes(triton_cpu, B, N, D):
+    s, t = _features(B, N, D)
+    _check_against_reference(s, t, "triton", RTOL[torch.float32], method="tiled", remove_neg=True)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("teacher_grad", [True, False])
+def test_triton_tiled_options(triton_cpu, opts, teacher_grad):
+    s, t = _features(3, 37, 20)
+    _check_against_reference(s, t, "triton", RTOL[torch.float32], teacher_grad=teacher_grad, method="tiled", **opts)
+
+
+def test_triton_tiled_unrelated_features(triton_cpu):
+    # Many negative similarities on both sides exercise both clamps.
+    s, t = _features(2, 150, 16, related=False)
+    for opts in OPTIONS[:3]:
+        _check_against_reference(s, t, "triton", RTOL[torch.float32], method="tiled", **opts)
+
+
+def test_triton_tiled_zero_rows(triton_cpu):
+    # A zero row takes F.normalize's eps branch: x / eps, gradient g / eps.
+    s, t = _features(1, 20, 8)
+    s[0, 3] = 0.0
+    t[0, 5] = 0.0
+    _check_against_reference(s, t, "triton", RTOL[torch.float32], method="tiled")
+
+
+def test_triton_non_contiguous_inputs(triton_cpu):
+    s, t = _features(3, 40, 24)
+    s_nc = s.transpose(0, 1).contiguous().transpose(0, 1)  # same values, group stride != P*D
+    t_nc = torch.stack([t, -t], dim=-1)[..., 0]  # feature stride 2
+    assert not s_nc.is_contiguous() and not t_nc.is_contiguous()
+    torch.testing.assert_close(t_nc, t)
+    _check_against_reference(s_nc, t_nc, "triton", RTOL[torch.float32], method="tiled")
+    _check_against_reference(s_nc, t_nc, "triton", RTOL[torch.float32], method="tiled", img_level=False)
+
+
+def test_triton_two_dimensional_input(triton_cpu):
+    s, t = _features(1, 50, 16)
+    _check_against_reference(s[0], t[0], "triton", RTOL[torch.float32], method="tiled", img_level=False)
+
+
+def test_triton_inputs_not_modified(triton_cpu):
+    s, t = _features(2, 30, 10)
+    s0, t0 = s.clone(), t.clone()
+    for method in ("tiled", "factored"):
+        _run(lambda a, b: gram_loss(a, b, backend="triton", method=method), s, t)
+    gram_loss(s, t, backend="triton", remove_neg=True)
+    assert torch.equal(s, s0) and torch.equal(t, t0)
+
+
+def test_triton_nan_propagates(triton_cpu):
+    s, t = _features(1, 20, 8)
+    s[0, 2, 1] = float("nan")
+    for opts in (dict(), dict(remove_neg=True)):
+        assert torch.isnan(gram_loss_reference(s, t, **opts))
+        assert torch.isnan(gram_loss(s, t, backend="triton", method="tiled", **opts))
+
+
+def test_triton_loss_scales_gradient(triton_cpu):
+    s, t = _features(2, 19, 8)
+    s1 = s.clone().requires_grad_(True)
+    (3.5 * gram_loss(s1, t, backend="triton", method="tiled")).backward()
+    s2 = s.clone().requires_grad_(True)
+    (3.5 * gram_loss_reference(s2, t)).backward()
+    _assert_close(s1.grad, s2.grad, RTOL[torch.float32], "scaled grad")
+
+
+# ---- the factored form |SᵀS|² - 2|SᵀT|² + |TᵀT|² --------------------------------------------------------------
+@pytest.mark.parametrize("opts", [dict(), dict(apply_norm=False), dict(img_level=False)], ids=str)
+def test_factored_matches_reference(triton_cpu, opts):
+    s, t = _features(2, 50, 7)
+    _check_against_reference(s, t, "triton", RTOL[torch.float32], method="factored", **opts)
+    _check_against_reference(s, t, "triton", RTOL[torch.float32], method="factored", teacher_grad=False, **opts)
+
+
+def test_factored_accuracy_when_student_is_close_to_teacher(triton_cpu):
+    # Near convergence the three terms nearly cancel; in fp32 the loss must still be accurate to ~1e-3 relative.
+    t = torch.randn(2, 512, 32, dtype=torch.float64)
+    s = t + 1e-2 * torch.randn_like(t)
+    loss = gram_loss(s.float(), t.float(), backend="triton", method="factored")
+    ref = gram_loss_reference(s, t)
+    assert abs(loss.double() - ref) / ref < 1e-3
+
+
+def test_factored_rejects_clamping(triton_cpu):
+    s, t = _features(1, 8, 4)
+    with pytest.raises(ValueError, match="factored"):
+        gram_loss(s, t, backend="triton", method="factored", remove_neg=True)
+
+
+def test_auto_method_choice():
+    from dinov3_kernels.gram import _choose_method
+
+    wide = torch.empty(1, 64, 256)
+    tall = torch.empty(1, 1024, 64)
+    assert _choose_method("auto", wide, clamp=False) == "tiled"
+    assert _choose_method("auto", tall, clamp=False) == "factored"
+    assert _choose_method("auto", tall, clamp=True) == "tiled"
+    assert _choose_method("auto", tall.bfloat16(), clamp=False) == "tiled"  # cancels badly in bf16
+
+
+# ---- registration: opcheck and torch.compile -----------------------------------------------------------------
+@pytest.mark.parametrize("flags", [(True, False, False, True, True), (False, True, True, True, False)])
+def test_opcheck(triton_cpu, flags):
+    apply_norm, clamp_s, clamp_t, grad_s, grad_t = flags
+    s, t = _features(2, 20, 8)
+    s.requires_grad_(grad_s)
+    t.requires_grad_(grad_t)
+    torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_fwd.default,
+                          (s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t, "triton", "tiled"))
+
+
+def test_torch_compile_fullgraph(triton_cpu):
+    s, t = _features(2, 20, 8)
+
+    def f(a, b):
+        return gram_loss(a, b, backend="triton", remove_neg=True) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = _run(lambda a, b: compiled(a, b), s, t)
+    want = _run(lambda a, b: 2.0 * gram_loss_reference(a, b, remove_neg=True), s.double(), t.double())
+    for g, w in zip(got, want):
+        _assert_close(g, w, RTOL[torch.float32], "compiled")
+
+
+# ---- module drop-in ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [dict(), dict(remove_neg=False), dict(remove_neg=False, remove_only_teacher_neg=True),
+                                    dict(apply_norm=False)], ids=str)
+@pytest.mark.parametrize("img_level", [True, False])
+def test_module_matches_official(kwargs, img_level):
+    s, t = _features(2, 11, 6, torch.float64)
+    ours = GramLoss(**kwargs)
+    official = OfficialGramLoss(**kwargs)
+    torch.testing.assert_close(ours(s, t, img_level=img_level), official(s, t, img_level=img_level))
+
+
+def test_module_rejects_both_clamps():
+    with pytest.raises(ValueError, match="exclusive"):
+        GramLoss(remove_neg=True, remove_only_teacher_neg=True)
+
+
+# ---- backend choice ------------------------------------------------------------------------------------------
+def test_auto_is_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    s, t = _features(1, 5, 3)
+    assert _backend.choose_backend("auto", (s, t)) == "reference"
+
+
+def test_env_override(monkeypatch, triton_cpu):
+    s, t = _features(1, 5, 3)
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    assert _backend.choose_backend("auto", (s, t)) == "triton"
+    monkeypatch.setenv(_backend.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="DINOV3_KERNELS_BACKEND"):
+        gram_loss(s, t)
+
+
+def test_explicit_backend_errors(monkeypatch):
+    s, t = _features(1, 5, 3)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            gram_loss(s, t, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+        gram_loss(s, t, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(BackendUnavailableError, match="float32"):
+        gram_loss(s.double(), t.double(), backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        gram_loss(s, t, backend="magic")
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make,err,match", [
+    (lambda: (torch.randn(2, 5, 3), torch.randn(2, 5, 4)), ValueError, "shape"),
+    (lambda: (torch.randn(5, 3), torch.randn(5, 3)), ValueError, "img_level"),
+    (lambda: (torch.randn(2, 2, 5, 3), torch.randn(2, 2, 5, 3)), ValueError, "img_level"),
+    (lambda: (torch.randn(2, 0, 3), torch.randn(2, 0, 3)), ValueError, "empty"),
+    (lambda: (torch.ones(2, 5, 3, dtype=torch.int64), torch.ones(2, 5, 3, dtype=torch.int64)), TypeError, "floating"),
+    (lambda: (torch.randn(2, 5, 3), torch.randn(2, 5, 3, device="meta")), ValueError, "meta"),
+    (lambda: ([[1.0]], torch.randn(1, 1, 1)), TypeError, "Tensor"),
+])
+def test_bad_input(make, err, match):
+    s, t = make()
+    with pytest.raises(err, match=match):
+        gram_loss(s, t)
+
+
+def test_bad_input_not_img_level_ndim():
+    with pytest.raises(ValueError, match="B, N, D"):
+        gram_loss(torch.randn(2, 2, 5, 3), torch.randn(2, 2, 5, 3), img_level=False)
+    with pytest.raises(ValueError, match="method"):
+        gram_loss(torch.randn(2, 5, 3), torch.randn(2, 5, 3), method="fast")
+
+
+def test_mixed_dtypes_promote(triton_cpu):
+    s, t = _features(1, 10, 4, torch.float64)
+    ref = gram_loss_reference(s, t)
+    got = gram_loss(s.float(), t, backend="reference")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref)
+
+
+# ---- GPU -----------------------------------------------------------------------------------------------------
+GPU_SHAPES = [(1, 1, 3), (3, 7, 64), (2, 196, 384), (3, 257, 64), (2, 1024, 1024)]
+
+
+def _gpu_backends():
+    out = ["triton"]
+    if _backend.CUDA_EXT is not None:
+        out.append("cuda")
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", ["fp32", "tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("B,N,D", GPU_SHAPES)
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_gpu_against_reference(backend, dtype, B, N, D, opts):
+    if backend not in _gpu_backends():
+        pytest.fail("the CUDA extension is not built on this GPU machine")
+    torch_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    s, t = _features(B, N, D, torch_dtype, "cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        _check_against_reference(s, t, backend, RTOL[dtype if dtype == "tf32" else torch_dtype], method="tiled",
+                                 **opts)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_kernel():
+    s, t = _features(2, 64, 32, torch.bfloat16, "cuda")
+    assert _backend.choose_backend("auto", (s, t), None) in ("cuda", "triton")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_loss():
+    s, t = _features(4, 1024, 256, torch.bfloat16, "cuda")
+    for backend in _gpu_backends():
+        vals = {gram_loss(s, t, backend=backend, method="tiled").item() for _ in range(5)}
+        assert len(vals) == 1, f"{backend}: loss changed between runs: {vals}"
+
