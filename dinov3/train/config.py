@@ -9,9 +9,29 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 # DinoVisionTransformer sizes (embed_dim, depth, num_heads, ffn_ratio) as in the official model factories.
 ARCHS: dict[str, dict[str, Any]] = {
@@ -223,7 +243,7 @@ def apply_override(cfg: dict, item: str) -> None:
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
             node[part] = {}
         node = node[part]
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = parse_value(raw) if raw.strip() else ""
     node[parts[-1]] = value
 
 
@@ -237,7 +257,7 @@ def load_config(config: str | dict | None = None, overrides: list[str] | tuple[s
             cfg = deep_merge(cfg, BUILTIN[config])
         elif os.path.isfile(config):
             with open(config) as f:
-                loaded = yaml.safe_load(f) or {}
+                loaded = yaml.load(f, Loader=_Loader) or {}
             if not isinstance(loaded, dict):
                 raise ValueError(f"config file {config} does not hold a mapping")
             base = loaded.pop("base", None)  # a YAML file may start from a built-in recipe

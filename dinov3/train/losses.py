@@ -12,6 +12,10 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if _dist_on():
         dist.all_reduce(t)
@@ -74,7 +78,8 @@ class DINOLoss(nn.Module):
         """student_logits (S, B, K), teacher_probs (T, B, K) -> scalar mean cross-entropy."""
         s, b, _ = student_logits.shape
         t = teacher_probs.shape[0]
-        log_p = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+        log_p = F.log_softmax(_at_least_fp32(student_logits) / self.student_temp, dim=-1)
+        teacher_probs = teacher_probs.to(log_p.dtype)
         if not ignore_diagonal:
             return -torch.einsum("sbk,tbk->", log_p, teacher_probs) / (b * s * t)
         pair = -torch.einsum("sbk,tbk->st", log_p, teacher_probs)
@@ -110,6 +115,6 @@ class iBOTPatchLoss(nn.Module):
     def forward_masked(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, *, masks: torch.Tensor,
                        masks_weight: torch.Tensor) -> torch.Tensor:
         """student_logits, teacher_probs: (M, K) for the M masked tokens; masks (n_images, P) bool."""
-        log_p = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
-        per_token = (teacher_probs * log_p).sum(-1)
-        return -(per_token * masks_weight).sum() / masks.shape[0]
+        log_p = F.log_softmax(_at_least_fp32(student_logits) / self.student_temp, dim=-1)
+        per_token = (teacher_probs.to(log_p.dtype) * log_p).sum(-1)
+        return -(per_token * masks_weight.to(log_p.dtype)).sum() / masks.shape[0]
