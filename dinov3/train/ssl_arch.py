@@ -18,6 +18,14 @@ from .losses import DINOLoss, iBOTPatchLoss
 from .schedules import Schedule
 
 
+def _reshard(*modules) -> None:
+    """FSDP2 keeps the root's parameters unsharded after a forward with no backward (the teachers): reshard so
+    ``parameters()`` yields the local shards again, aligned with the student's."""
+    for m in modules:
+        if m is not None and hasattr(m, "reshard"):
+            m.reshard()
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of an FSDP2 DTensor parameter (the tensor itself otherwise)."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -135,6 +143,7 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+        _reshard(self.student, self.teacher)
         t = [_local(p) for p in self.teacher.parameters()]
         s = [_local(p.detach()) for p in self.student.parameters()]
         torch._foreach_mul_(t, momentum)
@@ -143,6 +152,7 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def load_gram_from_teacher(self) -> None:
         """Gram teacher <- current EMA teacher backbone (its start, and every refresh)."""
+        _reshard(self.teacher, self.gram_teacher)
         dst = [_local(p) for p in self.gram_teacher.parameters()]
         src = [_local(p) for p in self.teacher.backbone.parameters()]
         torch._foreach_copy_(dst, src)

@@ -100,7 +100,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.student_forward = DDP(self.arch.student, device_ids=[self.device.index] if self.device.type == "cuda"
-                                       else None, broadcast_buffers=False)
+                                       else None)
             self.arch.teacher.load_state_dict(self.arch.student.state_dict())
         elif self.parallel == "fsdp":
             self._shard()
