@@ -2,6 +2,7 @@
 
 from ._backend import BackendUnavailableError, available_backends
 from .gram import GramLoss, gram_loss, gram_loss_reference
+from .koleo import KoLeoLoss, KoLeoLossDistributed, koleo_loss, koleo_loss_reference
 from .rope import RopePositionEmbedding
 
 __version__ = "0.1.0"
@@ -12,5 +13,9 @@ __all__ = [
     "GramLoss",
     "gram_loss",
     "gram_loss_reference",
+    "KoLeoLoss",
+    "KoLeoLossDistributed",
+    "koleo_loss",
+    "koleo_loss_reference",
     "RopePositionEmbedding",
 ]

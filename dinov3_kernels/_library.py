@@ -30,3 +30,19 @@ def _gram_loss_fwd_fake(student, teacher, apply_norm, clamp_student, clamp_teach
     gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher else teacher.new_empty(0)
     return loss, gs, gt
+
+
+# ---- koleo_loss ------------------------------------------------------------------------------------------------
+# search (M, D) raw features; the n query rows are search[offset : offset + n]. Returns (loss, indices (n, topk)
+# int64 into search, distances (n, topk) fp32, row norms (M,) fp32); the last three are saved for the backward.
+LIB.define("koleo_loss_fwd(Tensor search, int offset, int n, int topk, float eps, str backend) -> "
+           "(Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.register_fake("dinov3_kernels::koleo_loss_fwd")
+def _koleo_loss_fwd_fake(search, offset, n, topk, eps, backend):
+    loss = search.new_empty((), dtype=_loss_dtype(search.dtype))
+    idx = search.new_empty((n, topk), dtype=torch.int64)
+    dist = search.new_empty((n, topk), dtype=torch.float32)
+    norm = search.new_empty((search.shape[0],), dtype=torch.float32)
+    return loss, idx, dist, norm

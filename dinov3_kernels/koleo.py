@@ -1,0 +1,235 @@
+"""KoLeo loss (Sablayrolles et al. 2018; DINOv2/DINOv3): -mean log of each feature's distance to its nearest
+neighbours in the batch, which spreads the features over the sphere. Single-GPU and distributed (DKoLeo).
+
+reference (the spec) -> input checks -> kernels and autograd -> distributed search set -> public function -> modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import _backend, _library  # noqa: F401  (_library defines the op schemas)
+
+__all__ = ["koleo_loss", "koleo_loss_reference", "KoLeoLoss", "KoLeoLossDistributed"]
+
+PDIST_EPS = 1e-8  # torch.nn.PairwiseDistance(2, eps=1e-8) in the official loss, independent of forward's eps
+MAX_TOPK = 16  # the kernels keep each row's top-k in registers
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- 1. reference ------------------------------------------------------------------------------------------------
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _koleo_reference_on_set(search, offset, n, topk, eps):
+    """Loss of the query rows search[offset:offset+n] against the whole search set (M, D), plain PyTorch."""
+    s = F.normalize(search.to(_compute_dtype(search.dtype)), p=2, dim=-1, eps=eps)
+    u = s[offset:offset + n]
+    with torch.no_grad():
+        dots = u @ s.T  # (n, M)
+        rows = torch.arange(n, device=s.device)
+        dots[rows, offset + rows] = float("-inf")  # a row is not its own neighbour
+        if topk == 1:
+            idx = dots.argmax(dim=1, keepdim=True)  # documented: the first maximal index
+        else:  # a stable sort keeps equal similarities in index order: ties go to the lowest index
+            idx = torch.sort(dots, dim=1, descending=True, stable=True).indices[:, :topk]
+    d = F.pairwise_distance(u.unsqueeze(1).expand(-1, topk, -1), s[idx], p=2, eps=PDIST_EPS)  # (n, topk)
+    return -torch.log(d + eps).mean()
+
+
+def koleo_loss_reference(x, *, topk=1, eps=1e-8):
+    """-mean_{i,k} log(|x̂_i - x̂_nn_k(i) + 1e-8| + eps), x̂ = x / max(|x|, eps), nn_k(i) the k-th most similar other row.
+
+    x: (n, D). Computes in float32 (float64 for float64 input) with autocast off. Neighbour ties go to the lowest
+    index. The neighbour search carries no gradient; the distance's gradient reaches x_i and its neighbours.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return _koleo_reference_on_set(x, 0, x.shape[0], topk, eps)
+
+
+# ---- 2. input checks (public boundary) ---------------------------------------------------------------------------
+def _check_input(x, topk, loss_group_size, eps):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"koleo_loss: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"koleo_loss: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"koleo_loss: expected (n, d) features, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"koleo_loss: empty input of shape {tuple(x.shape)}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"koleo_loss: topk must be a positive int, got {topk!r}")
+    if loss_group_size is not None and (isinstance(loss_group_size, bool) or not isinstance(loss_group_size, int)
+                                        or loss_group_size < 1):
+        raise ValueError(f"koleo_loss: loss_group_size must be a positive int or None, got {loss_group_size!r}")
+    if not eps > 0:
+        raise ValueError(f"koleo_loss: eps must be positive, got {eps!r}")
+
+
+def _op_check(dtype, topk):
+    def check(backend):
+        if dtype not in KERNEL_DTYPES:
+            return f"dtype {dtype} is not supported by the {backend} kernels (float32, float16, bfloat16)"
+        if topk > MAX_TOPK:
+            return f"topk={topk} is above the kernels' limit of {MAX_TOPK}"
+        return None
+
+    return check
+
+
+# ---- 3. kernels and autograd -------------------------------------------------------------------------------------
+def _koleo_loss_fwd_impl(search, offset, n, topk, eps, backend):
+    if backend == "triton":
+        from ._triton.koleo import koleo_fwd_triton
+
+        return koleo_fwd_triton(search, offset, n, topk, eps, PDIST_EPS)
+    if backend == "cuda":
+        from ._cuda.koleo import koleo_fwd_cuda
+
+        return koleo_fwd_cuda(search, offset, n, topk, eps, PDIST_EPS)
+    raise ValueError(f"koleo_loss_fwd: unknown kernel backend {backend!r}")
+
+
+torch.library.register_kernel("dinov3_kernels::koleo_loss_fwd", ("cpu", "cuda"), _koleo_loss_fwd_impl)
+
+
+def _koleo_setup_context(ctx, inputs, output):
+    search, offset, n, topk, eps, _ = inputs
+    _, idx, d, norm = output
+    ctx.save_for_backward(search, idx, d, norm)
+    ctx.offset, ctx.n, ctx.eps = offset, n, eps
+
+
+def _koleo_backward(ctx, grad_loss, _g_idx, _g_dist, _g_norm):
+    """O(M·D + n·K·D): gather the neighbours, the distance gradient, scatter it back, then F.normalize's backward.
+
+    With diff = u_i - u_j + pdist_eps and d = |diff|:  ∂loss/∂u_i = c·diff, ∂loss/∂u_j = -c·diff,
+    c = -1 / (nK (d + eps) d).  u = s / max(|s|, eps):  ∂s = (∂u - u (u·∂u)) / |s| when |s| > eps, else ∂u / eps.
+    """
+    search, idx, d, norm = ctx.saved_tensors
+    offset, n, eps = ctx.offset, ctx.n, ctx.eps
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    dtype = _compute_dtype(search.dtype)
+    K = idx.shape[1]
+    norm = norm.to(dtype).unsqueeze(1)
+    u = search.to(dtype) / norm.clamp_min(eps)
+    diff = u[offset:offset + n].unsqueeze(1) - u[idx] + PDIST_EPS  # (n, K, D)
+    d = d.to(dtype)
+    coef = torch.where(d > 0, -grad_loss.to(dtype) / (n * K) / ((d + eps) * d), torch.zeros_like(d))
+    g = coef.unsqueeze(2) * diff
+    g_u = torch.zeros_like(u)
+    g_u[offset:offset + n] = g.sum(1)
+    g_u.index_add_(0, idx.reshape(-1), g.reshape(-1, u.shape[1]), alpha=-1)
+    proj = (u * g_u).sum(1, keepdim=True)
+    g_s = torch.where(norm > eps, (g_u - u * proj) / norm, g_u / eps)
+    return g_s.to(search.dtype), None, None, None, None, None
+
+
+torch.library.register_autograd("dinov3_kernels::koleo_loss_fwd", _koleo_backward, setup_context=_koleo_setup_context)
+
+
+# ---- 4. the distributed search set -------------------------------------------------------------------------------
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient of this rank's rows (works on any backend:
+    reduce-scatter on NCCL, all-reduce plus a slice elsewhere, e.g. gloo)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        world = dist.get_world_size()
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x)
+        ctx.rank, ctx.world, ctx.n = dist.get_rank(), world, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            out = grad.new_empty((ctx.n,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def _search_set(x, distributed, loss_group_size):
+    """(search set, offset of x's rows in it): the world's features, or the group of adjacent ranks x's rank is in."""
+    if distributed and dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+        all_x = _GatherRows.apply(x) if world > 1 else x
+    else:
+        world, rank, all_x = 1, 0, x
+    local_b, global_b = x.shape[0], x.shape[0] * world
+    group_size = global_b if loss_group_size is None else loss_group_size
+    if group_size % local_b != 0:
+        raise ValueError(f"koleo_loss: loss group size {group_size} must be a multiple of the local batch size "
+                         f"{local_b}")
+    if global_b % group_size != 0:
+        raise ValueError(f"koleo_loss: global batch size {global_b} must be divisible by the loss group size "
+                         f"{group_size}")
+    ranks_per_group = group_size // local_b
+    group, rank_in_group = rank // ranks_per_group, rank % ranks_per_group
+    return all_x[group * group_size:(group + 1) * group_size], rank_in_group * local_b
+
+
+# ---- 5. public function and modules ------------------------------------------------------------------------------
+def koleo_loss(x, *, topk=1, distributed=False, loss_group_size=None, eps=1e-8, backend="auto"):
+    """Fused KoLeo loss; same value and gradients as :func:`koleo_loss_reference` (float32 loss, float64 for float64).
+
+    x: (n, d) features (e.g. the class tokens of one global crop). With ``distributed=True`` and torch.distributed
+    initialised, each row's neighbours are searched among the features of all ranks (every rank must pass the same
+    n), or of the ``loss_group_size`` rows of the adjacent ranks the caller's rank belongs to; gradients reach the rank
+    that owns a neighbour. The loss is this rank's mean; its gradient summed over ranks is that of the sum of the
+    ranks' losses (so DDP's gradient averaging gives the gradient of their mean). backend: "auto" | "reference" |
+    "triton" | "cuda".
+    """
+    if not torch.compiler.is_compiling():
+        _check_input(x, topk, loss_group_size, eps)
+    with torch.autocast(x.device.type, enabled=False):
+        search, offset = _search_set(x, distributed, loss_group_size)
+        n = x.shape[0]
+        if search.shape[0] <= topk:
+            raise ValueError(f"koleo_loss: topk={topk} needs at least {topk + 1} rows in the search set, got "
+                             f"{search.shape[0]} (each row needs {topk} neighbours other than itself)")
+        chosen = _backend.choose_backend(backend, (x,), _op_check(x.dtype, topk), "koleo_loss")
+        if chosen == "reference":
+            return _koleo_reference_on_set(search, offset, n, topk, eps)
+        loss, _, _, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(search, offset, n, topk, float(eps), chosen)
+        return loss
+
+
+class KoLeoLoss(torch.nn.Module):
+    """Drop-in for the official ``dinov3.loss.KoLeoLoss`` (nearest neighbour within the local batch)."""
+
+    def __init__(self, backend="auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, student_output, eps=1e-8):
+        return koleo_loss(student_output, topk=1, eps=eps, backend=self.backend)
+
+    def extra_repr(self):
+        return f"backend={self.backend!r}"
+
+
+class KoLeoLossDistributed(torch.nn.Module):
+    """Drop-in for the official ``dinov3.loss.KoLeoLossDistributed``: top-k neighbours among the features of all
+    ranks, or of groups of ``loss_group_size`` rows over adjacent ranks."""
+
+    def __init__(self, topk=1, loss_group_size=None, backend="auto"):
+        super().__init__()
+        self.topk = topk
+        self.loss_group_size = loss_group_size
+        self.backend = backend
+
+    def forward(self, student_output, eps=1e-8):
+        return koleo_loss(student_output, topk=self.topk, distributed=True, loss_group_size=self.loss_group_size,
+                          eps=eps, backend=self.backend)
+
+    def extra_repr(self):
+        return f"topk={self.topk}, loss_group_size={self.loss_group_size}, backend={self.backend!r}"

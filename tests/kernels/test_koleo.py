@@ -1,0 +1,405 @@
+"""Tests of dinov3_kernels/koleo.py: the reference against the official formulation and float64, the Triton kernels
+(interpreter) and the CUDA kernels (GPU) against the float64 reference, distributed search over two gloo processes,
+the op registration, and the public boundary."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov3_kernels import BackendUnavailableError, KoLeoLoss, KoLeoLossDistributed, koleo_loss, koleo_loss_reference
+from dinov3_kernels import _backend
+
+# Relative tolerances (against the largest reference entry) of loss and gradients vs the float64 reference.
+RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, "tf32": 5e-3}
+GRAD_RTOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, "tf32": 2e-2}
+
+
+class OfficialKoLeo(torch.nn.Module):
+    """The official DINOv3 KoLeoLossDistributed (world size 1) written out step by step, as an oracle."""
+
+    def __init__(self, topk=1):
+        super().__init__()
+        self.topk = topk
+        self.pdist = torch.nn.PairwiseDistance(2, eps=1e-8)
+
+    def forward(self, x, eps=1e-8):
+        x = F.normalize(x, eps=eps, p=2, dim=-1)
+        with torch.no_grad():
+            dots = torch.mm(x, x.t())
+            dots.view(-1)[:: x.shape[0] + 1].fill_(-1)
+            idx = torch.topk(dots, dim=1, k=self.topk).indices
+        xe = x.unsqueeze(1).repeat(1, self.topk, 1).flatten(0, 1)
+        return -torch.log(self.pdist(xe, x[idx].flatten(0, 1)) + eps).mean()
+
+
+def _assert_close(got, want, rtol, what, atol=1e-9):
+    got, want = got.double().cpu(), want.double().cpu()
+    scale = want.abs().max()
+    err = (got - want).abs().max()
+    assert err <= rtol * scale + atol, f"{what}: max error {err:.3e} > {rtol:.1e} * max |ref| {scale:.3e} + {atol:.0e}"
+
+
+def _run(fn, x):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def _check(x, backend, topk=1, rtol=RTOL[torch.float32], grad_rtol=GRAD_RTOL[torch.float32], grads=True):
+    loss, g = _run(lambda a: koleo_loss(a, topk=topk, backend=backend), x)
+    ref, rg = _run(lambda a: koleo_loss_reference(a, topk=topk), x.double())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    _assert_close(loss, ref, rtol, f"loss ({backend}, n={x.shape[0]}, d={x.shape[1]}, topk={topk})")
+    if grads:
+        _assert_close(g, rg, grad_rtol, f"grad ({backend}, n={x.shape[0]}, d={x.shape[1]}, topk={topk})")
+    return loss, g
+
+
+def _clustered(n, d, per, dtype=torch.float32, device="cpu", spread=0.05):
+    """Clusters of `per` tight points on well separated centres: each row's per-1 nearest neighbours are its
+    cluster-mates with a wide margin, so low-precision search cannot pick a different set."""
+    g = torch.Generator().manual_seed(n * 131 + d)
+    centres = F.normalize(torch.randn((n + per - 1) // per, d, generator=g, dtype=torch.float64), dim=-1)
+    x = centres.repeat_interleave(per, 0)[:n] + spread * torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5
+    x = x * (1 + torch.rand(n, 1, generator=g, dtype=torch.float64))  # norms differ from 1
+    return x.to(device=device, dtype=dtype)
+
+
+# ---- the reference is the spec --------------------------------------------------------------------------------
+@pytest.mark.parametrize("topk", [1, 2, 3])
+def test_reference_matches_official(topk):
+    x = torch.randn(23, 7, dtype=torch.float64)
+    got = _run(lambda a: koleo_loss_reference(a, topk=topk), x)
+    want = _run(OfficialKoLeo(topk), x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(KoLeoLoss()(x), OfficialKoLeo(1)(x), rtol=1e-12, atol=0)
+    torch.testing.assert_close(KoLeoLossDistributed(topk=topk)(x), OfficialKoLeo(topk)(x), rtol=1e-12, atol=0)
+
+
+def test_reference_by_hand():
+    # Unit vectors at 0, 90 and 100 degrees (norms 2, 1, 3): nearest neighbours 0->1, 1->2, 2->1.
+    import math
+
+    a = math.radians(100)
+    x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3 * math.cos(a), 3 * math.sin(a)]], dtype=torch.float64)
+    d01 = math.sqrt(2.0)
+    d12 = 2 * math.sin(math.radians(10) / 2)
+    want = -(math.log(d01 + 1e-8) + 2 * math.log(d12 + 1e-8)) / 3
+    assert koleo_loss_reference(x).item() == pytest.approx(want, rel=1e-7)
+
+
+def test_reference_gradcheck():
+    for topk in (1, 3):
+        x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a: koleo_loss_reference(a, topk=topk), (x,))
+
+
+@pytest.mark.parametrize("n", [2, 3, 17, 300])
+@pytest.mark.parametrize("d", [1, 5, 64, 384])
+def test_reference_float32_against_float64(n, d):
+    x = torch.randn(n, d)
+    for topk in range(1, min(4, n - 1) + 1):
+        _check(x, "reference", topk, grads=d > 1)
+
+
+def test_autocast_is_off():
+    x = torch.randn(40, 16)
+    want = koleo_loss(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = koleo_loss(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ---- Triton kernels under the interpreter (CPU) --------------------------------------------------------------
+@pytest.mark.parametrize("n,d,topk", [(2, 5, 1), (3, 1, 2), (17, 64, 3), (17, 384, 4), (300, 64, 1), (300, 5, 2),
+                                      (70, 33, 4), (40, 8, 16)])
+def test_triton_against_reference(triton_cpu, n, d, topk):
+    _check(torch.randn(n, d), "triton", topk, grads=d > 1)
+
+
+def test_triton_indices_and_distances(triton_cpu):
+    # The op's neighbours, in order, and distances against the reference's dense search.
+    x = torch.randn(70, 12)
+    loss, idx, dist, norm = torch.ops.dinov3_kernels.koleo_loss_fwd(x, 0, 70, 3, 1e-8, "triton")
+    u = F.normalize(x.double(), dim=-1, eps=1e-8)
+    dots = u @ u.T
+    dots.fill_diagonal_(float("-inf"))
+    want = torch.sort(dots, dim=1, descending=True, stable=True).indices[:, :3]
+    assert torch.equal(idx, want)
+    want_d = F.pairwise_distance(u.unsqueeze(1).expand(-1, 3, -1), u[want], eps=1e-8)
+    torch.testing.assert_close(dist.double(), want_d, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(norm.double(), x.double().norm(dim=1), rtol=1e-6, atol=0)
+
+
+def test_triton_ties_go_to_the_lowest_index(triton_cpu):
+    # All rows identical: row 0's neighbours are 1, 2, 3; every other row's are the lowest indices but itself.
+    n, k = 37, 3
+    x = torch.randn(1, 6).repeat(n, 1)
+    _, idx, dist, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(x, 0, n, k, 1e-8, "triton")
+    want = torch.stack([torch.tensor([j for j in range(n) if j != i][:k]) for i in range(n)])
+    assert torch.equal(idx, want)
+    assert torch.isfinite(dist).all()
+    _check(x, "triton", k, grads=False)
+    _check(x, "reference", k, grads=False)
+
+
+def test_duplicate_rows_finite(triton_cpu):
+    # Exact duplicates: distance |0 + 1e-8·1| is tiny but the loss stays finite. The gradients of a mutually nearest
+    # duplicate pair cancel (ill-conditioned), so only values are compared.
+    x = torch.randn(30, 16)
+    x[7] = x[3]
+    x[20] = x[3]
+    for backend in ("reference", "triton"):
+        loss, g = _run(lambda a: koleo_loss(a, topk=2, backend=backend), x)
+        assert torch.isfinite(loss) and torch.isfinite(g).all()
+    # u_i - u_j is exactly 0 in every precision, so even the values agree.
+    _check(x, "triton", 2, grads=False)
+    # Same direction, other norm: equal only up to rounding after normalisation, so log(distance) depends on the
+    # last bits; finite is all that can be asked.
+    x[11] = 2.5 * x[4]
+    for backend in ("reference", "triton"):
+        loss, g = _run(lambda a: koleo_loss(a, topk=2, backend=backend), x)
+        assert torch.isfinite(loss) and torch.isfinite(g).all()
+
+
+def test_triton_zero_row(triton_cpu):
+    # A zero row takes F.normalize's eps branch: u = 0, gradient g / eps.
+    x = torch.randn(20, 8)
+    x[5] = 0.0
+    _check(x, "triton", 2)
+
+
+def test_triton_non_contiguous(triton_cpu):
+    x = torch.randn(45, 24)
+    x_t = x.T.contiguous().T  # column-major storage
+    x_s = torch.stack([x, -x], dim=-1)[..., 0]  # feature stride 2
+    x_r = torch.randn(90, 24)[::2]  # row stride 48
+    for xi in (x_t, x_s, x_r):
+        assert not xi.is_contiguous()
+        _check(xi, "triton", 2)
+
+
+def test_triton_inputs_not_modified(triton_cpu):
+    x = torch.randn(33, 10)
+    x0 = x.clone()
+    _run(lambda a: koleo_loss(a, topk=2, backend="triton"), x)
+    koleo_loss(x, backend="triton")
+    assert torch.equal(x, x0)
+
+
+def test_triton_loss_scales_gradient(triton_cpu):
+    x = torch.randn(19, 8)
+    _, g = _run(lambda a: 3.5 * koleo_loss(a, topk=2, backend="triton"), x)
+    _, rg = _run(lambda a: 3.5 * koleo_loss_reference(a, topk=2), x.double())
+    _assert_close(g, rg, GRAD_RTOL[torch.float32], "scaled grad")
+
+
+def test_triton_nan_propagates(triton_cpu):
+    x = torch.randn(20, 8)
+    x[4, 2] = float("nan")
+    assert torch.isnan(koleo_loss_reference(x))
+    assert torch.isnan(koleo_loss(x, backend="triton"))
+
+
+# ---- registration: opcheck and torch.compile -----------------------------------------------------------------
+@pytest.mark.parametrize("offset,n,topk", [(0, 24, 1), (8, 8, 3)])
+def test_opcheck(triton_cpu, offset, n, topk):
+    s = torch.randn(24, 12, requires_grad=True)
+    torch.library.opcheck(torch.ops.dinov3_kernels.koleo_loss_fwd.default, (s, offset, n, topk, 1e-8, "triton"))
+
+
+def test_torch_compile_fullgraph(triton_cpu):
+    x = torch.randn(21, 16)
+
+    def f(a):
+        return koleo_loss(a, topk=2, backend="triton") * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss, g = _run(compiled, x)
+    ref, rg = _run(lambda a: 2.0 * koleo_loss_reference(a, topk=2), x.double())
+    _assert_close(loss, ref, RTOL[torch.float32], "compiled loss")
+    _assert_close(g, rg, GRAD_RTOL[torch.float32], "compiled grad")
+
+
+# ---- backend choice ------------------------------------------------------------------------------------------
+def test_auto_is_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    x = torch.randn(6, 3)
+    assert _backend.choose_backend("auto", (x,)) == "reference"
+    torch.testing.assert_close(koleo_loss(x), koleo_loss_reference(x))
+
+
+def test_explicit_backend_errors(monkeypatch, triton_cpu):
+    x = torch.randn(20, 3)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            koleo_loss(x, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="topk=17"):
+        koleo_loss(x, topk=17, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="float32"):
+        koleo_loss(x.double(), backend="triton")
+    assert torch.isfinite(koleo_loss(x, topk=17, backend="reference"))
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make,kwargs,err,match", [
+    (lambda: torch.randn(1, 4), {}, ValueError, "neighbour"),
+    (lambda: torch.randn(3, 4), dict(topk=3), ValueError, "neighbour"),
+    (lambda: torch.randn(5), {}, ValueError, r"\(n, d\)"),
+    (lambda: torch.randn(2, 5, 3), {}, ValueError, r"\(n, d\)"),
+    (lambda: torch.randn(0, 3), {}, ValueError, "empty"),
+    (lambda: torch.ones(5, 3, dtype=torch.int64), {}, TypeError, "floating"),
+    (lambda: [[1.0, 2.0]], {}, TypeError, "Tensor"),
+    (lambda: torch.randn(5, 3), dict(topk=0), ValueError, "topk"),
+    (lambda: torch.randn(5, 3), dict(topk=1.5), ValueError, "topk"),
+    (lambda: torch.randn(4, 3), dict(loss_group_size=3), ValueError, "multiple of the local batch"),
+    (lambda: torch.randn(4, 3), dict(loss_group_size=8), ValueError, "divisible by the loss group"),
+    (lambda: torch.randn(5, 3), dict(eps=0.0), ValueError, "eps"),
+    (lambda: torch.randn(5, 3), dict(backend="magic"), ValueError, "unknown backend"),
+])
+def test_bad_input(make, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        koleo_loss(make(), **kwargs)
+
+
+# ---- two processes on gloo -----------------------------------------------------------------------------------
+WORLD, LOCAL_N, DIM = 2, 6, 8
+# (backend, loss_group_size, topk); the interpreter is slow to start, so Triton gets a representative subset.
+CONFIGS = [(b, g, k) for b in ("reference", "triton") for g in (None, LOCAL_N, WORLD * LOCAL_N) for k in (1, 3)
+           if b == "reference" or (g, k) in ((None, 3), (LOCAL_N, 1))]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank, port, out_dir, backends):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        x_all = torch.randn(WORLD * LOCAL_N, DIM, generator=torch.Generator().manual_seed(1))
+        x = x_all[rank * LOCAL_N:(rank + 1) * LOCAL_N]
+        torch.set_num_threads(1)
+        results = {}
+        for backend, group, topk in CONFIGS:
+            if backend in backends:
+                xr = x.clone().requires_grad_(True)
+                loss = KoLeoLossDistributed(topk=topk, loss_group_size=group, backend=backend)(xr)
+                loss.backward()
+                results[(backend, group, topk)] = (loss.detach(), xr.grad)
+        try:
+            koleo_loss(x, distributed=True, loss_group_size=4)
+        except ValueError as exc:
+            results["bad_group"] = str(exc)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_two_processes_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
+    backends = ["reference"]
+    if _backend.why_not("triton", (torch.empty(1),)) is None:
+        backends.append("triton")
+    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path), backends), nprocs=WORLD, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    x_all = torch.randn(WORLD * LOCAL_N, DIM, generator=torch.Generator().manual_seed(1)).double()
+    checked = 0
+    for backend, group, topk in CONFIGS:
+        if backend not in backends:
+            continue
+        checked += 1
+        what = f"{backend}, loss_group_size={group}, topk={topk}"
+        if group != LOCAL_N:
+            # Whole world: the mean of the ranks' losses is the loss of the concatenated batch; each rank's gradient
+            # is that of the sum of the ranks' losses (DDP's averaging then gives the gradient of their mean).
+            want_loss, want_g = _run(lambda a: koleo_loss_reference(a, topk=topk), x_all)
+            losses = torch.stack([res[r][(backend, group, topk)][0] for r in range(WORLD)])
+            _assert_close(losses.mean(), want_loss, RTOL[torch.float32], f"world loss ({what})")
+            g = torch.cat([res[r][(backend, group, topk)][1] for r in range(WORLD)])
+            _assert_close(g, WORLD * want_g, GRAD_RTOL[torch.float32], f"world grad ({what})")
+        else:
+            # loss_group_size = one rank's batch: each rank is its own group, exactly the single-process loss.
+            for r in range(WORLD):
+                rows = x_all[r * LOCAL_N:(r + 1) * LOCAL_N]
+                want_loss, want_g = _run(lambda a: koleo_loss_reference(a, topk=topk), rows)
+                loss, g = res[r][(backend, group, topk)]
+                _assert_close(loss, want_loss, RTOL[torch.float32], f"group loss ({what})")
+                _assert_close(g, want_g, GRAD_RTOL[torch.float32], f"group grad ({what})")
+    assert checked == len([c for c in CONFIGS if c[0] in backends])
+    for r in range(WORLD):
+        assert "multiple of the local batch size" in res[r]["bad_group"]
+
+
+# ---- GPU -----------------------------------------------------------------------------------------------------
+def _gpu_backends():
+    return ["triton"] + (["cuda"] if _backend.CUDA_EXT is not None else [])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", ["fp32", "tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("n,d,topk", [(2, 5, 1), (17, 64, 3), (257, 384, 1), (300, 1024, 4), (4099, 384, 2),
+                                      (1000, 33, 16)])
+def test_gpu_against_reference(backend, dtype, n, d, topk):
+    if backend not in _gpu_backends():
+        pytest.fail("the CUDA extension is not built on this GPU machine")
+    torch_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    key = dtype if dtype == "tf32" else (torch.bfloat16 if torch_dtype != torch.float32 else torch.float32)
+    x = _clustered(n, d, topk + 1, torch_dtype, "cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        _check(x, backend, topk, RTOL[key], GRAD_RTOL[key])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+def test_gpu_random_fp32_indices_match():
+    # Random data has no near ties at this size: the kernels' fp32 (IEEE) search finds the float64 neighbours.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.randn(2000, 128, device="cuda")
+    u = F.normalize(x.double(), dim=-1, eps=1e-8)
+    dots = u @ u.T
+    dots.fill_diagonal_(float("-inf"))
+    want = torch.sort(dots, dim=1, descending=True, stable=True).indices[:, :4]
+    for backend in _gpu_backends():
+        _, idx, _, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(x, 0, 2000, 4, 1e-8, backend)
+        assert (idx == want).float().mean() > 0.999, backend
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_auto():
+    x = _clustered(8192, 384, 2, torch.bfloat16, "cuda")
+    assert _backend.choose_backend("auto", (x,), None) in ("cuda", "triton")
+    for backend in _gpu_backends():
+        vals = {koleo_loss(x, backend=backend).item() for _ in range(5)}
+        assert len(vals) == 1, f"{backend}: loss changed between runs: {vals}"
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_linear_in_n():
+    # No n×n matrix: the peak extra memory of forward + backward stays a small multiple of n·d.
+    n, d = 32768, 256
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for backend in _gpu_backends():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        koleo_loss(x, backend=backend).backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        assert extra < 40 * n * d, f"{backend}: {extra / 2**20:.1f} MiB extra (an n×n fp32 matrix is 4 GiB)"
+        x.grad = None
