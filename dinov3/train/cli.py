@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import BUILTIN, load_config
@@ -31,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"  # other torchrun ranks only report problems
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
     except ValueError as e:
