@@ -194,16 +194,16 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 class MultiCropCollate:
     """Stacks crops crop-major ((n_crops * B, 3, S, S), as official) and draws the iBOT masks for the global crops."""
 
-    def __init__(self, *, n_tokens: int, grid: tuple[int, int], ratio_min_max, probability: float, seed: int,
-                 rank: int = 0):
+    def __init__(self, *, n_tokens: int, grid: tuple[int, int], ratio_min_max, probability: float, seed: int):
         self.n_tokens, self.ratio, self.probability = n_tokens, tuple(ratio_min_max), float(probability)
         # At most half the grid per rectangle, as the official trainer configures its generator.
         self.generator = BlockMaskGenerator(grid, max_num_patches=0.5 * grid[0] * grid[1])
-        self.seed, self.rank = seed, rank
+        self.seed = seed
 
     def __call__(self, samples: list[dict]) -> dict:
-        # The mask RNG is keyed on the first sample's seed, which the sampler derives from the batch position.
-        key = samples[0]["_seed"] if "_seed" in samples[0] else 0
+        # The mask RNG is keyed on the first sample's seed, which the sampler derives from the (iteration, rank)
+        # position of the batch.
+        key = samples[0].get("_seed", 0)
         n_global = len(samples[0]["crops"]["global"])
         batch = {
             "global_crops": torch.stack([s["crops"]["global"][i] for i in range(n_global) for s in samples]),
@@ -244,7 +244,7 @@ def build_loader(cfg: dict, *, root: str, rank: int, world_size: int, start_iter
                                     world_size=world_size, start_iter=start_iter, end_iter=end_iter)
     grid = spec.global_size // int(cfg["student"]["patch_size"])
     collate = MultiCropCollate(n_tokens=grid * grid, grid=(grid, grid), ratio_min_max=cfg["ibot"]["mask_ratio_min_max"],
-                               probability=cfg["ibot"]["mask_sample_probability"], seed=seed, rank=rank)
+                               probability=cfg["ibot"]["mask_sample_probability"], seed=seed)
     workers = int(cfg["train"]["num_workers"])
     loader = torch.utils.data.DataLoader(_SeedTaggingDataset(dataset), batch_sampler=sampler, collate_fn=collate,
                                          num_workers=workers, pin_memory=pin_memory,

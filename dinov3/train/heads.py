@@ -10,10 +10,14 @@ from torch import nn
 class DINOHead(nn.Module):
     """``nlayers`` linear layers with GELU between them map (N, in_dim) to a ``bottleneck_dim`` code, which is
     L2-normalised and scored against ``out_dim`` prototypes (``last_layer``). With ``weight_norm=True`` the prototypes
-    are weight-normalised as in DINOv2; DINOv3 uses a plain linear layer (the default)."""
+    are weight-normalised as in DINOv2; DINOv3 uses a plain linear layer (the default).
+
+    Linear weights start trunc-normal with ``init_std`` (official: 0.02). That keeps the signal only for wide layers
+    (0.02**2 * 2048 ~ 0.8); narrow heads need a larger value or the code vanishes and Adam-driven biases take over."""
 
     def __init__(self, in_dim: int, out_dim: int, *, nlayers: int = 3, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, weight_norm: bool = False, mlp_bias: bool = True):
+                 bottleneck_dim: int = 256, weight_norm: bool = False, mlp_bias: bool = True,
+                 init_std: float = 0.02):
         super().__init__()
         nlayers = max(int(nlayers), 1)
         if nlayers == 1:
@@ -26,6 +30,7 @@ class DINOHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
         self.weight_norm = weight_norm
+        self.init_std = init_std
         self.init_weights()
         if weight_norm:
             self.last_layer = nn.utils.parametrizations.weight_norm(self.last_layer)
@@ -35,7 +40,7 @@ class DINOHead(nn.Module):
     def init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.trunc_normal_(m.weight, std=self.init_std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 

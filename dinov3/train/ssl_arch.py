@@ -90,10 +90,10 @@ class SSLMetaArch(nn.Module):
         def heads():
             dino = DINOHead(kw["embed_dim"], int(d["head_n_prototypes"]), nlayers=int(d["head_nlayers"]),
                             hidden_dim=int(d["head_hidden_dim"]), bottleneck_dim=int(d["head_bottleneck_dim"]),
-                            weight_norm=bool(d["head_weight_norm"]))
+                            weight_norm=bool(d["head_weight_norm"]), init_std=float(d["head_init_std"]))
             ibot = DINOHead(kw["embed_dim"], int(ib["head_n_prototypes"]), nlayers=int(ib["head_nlayers"]),
                             hidden_dim=int(ib["head_hidden_dim"]), bottleneck_dim=int(ib["head_bottleneck_dim"]),
-                            weight_norm=bool(ib["head_weight_norm"]))
+                            weight_norm=bool(ib["head_weight_norm"]), init_std=float(ib["head_init_std"]))
             return dino, ibot
 
         student_backbone = DinoVisionTransformer(**{**kw, "drop_path_rate": float(s["drop_path_rate"])},
