@@ -1,0 +1,375 @@
+"""Data: a recursive image folder, a resumable sharded sampler, multi-crop geometry (PIL, in the loader workers),
+per-batch iBOT masks (collate) and batched photometric augmentation on the training device.
+
+Every random draw comes from a generator seeded by (seed, global sample position) or (seed, iteration, rank), so the
+data stream depends only on the iteration: it is identical for any number of loader workers and an exact resume
+needs nothing but the iteration counter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .masking import BlockMaskGenerator, mask_batch_fields, sample_masks
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 finaliser), so nearby positions get unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def find_images(root: str) -> list[str]:
+    """Sorted paths of every file under ``root`` (recursively, following links) with an image extension."""
+    if not os.path.isdir(root):
+        raise ValueError(f"data directory {root!r} does not exist or is not a directory")
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                paths.append(os.path.join(dirpath, name))
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
+    return paths
+
+
+def load_rgb(path: str) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EXIF / palette warnings are noise here
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random,
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a RandomResizedCrop: area fraction in ``scale``, log-uniform aspect ratio, 10 tries,
+    then a centre crop with the aspect clamped to ``ratio``."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class CropSpec:
+    global_size: int
+    local_size: int
+    n_local: int
+    global_scale: tuple[float, float]
+    local_scale: tuple[float, float]
+    gram_size: int | None = None
+    horizontal_flips: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "CropSpec":
+        c = cfg["crops"]
+        return cls(int(c["global_crops_size"]), int(c["local_crops_size"]), int(c["local_crops_number"]),
+                   tuple(c["global_crops_scale"]), tuple(c["local_crops_scale"]),
+                   None if c["gram_teacher_crops_size"] is None else int(c["gram_teacher_crops_size"]),
+                   bool(c["horizontal_flips"]))
+
+
+def multi_crop(img: Image.Image, spec: CropSpec, rng: random.Random) -> dict[str, list[torch.Tensor]]:
+    """The geometric half of DINO multi-crop: random resized crops (bicubic) and flips, as uint8 (3, S, S)."""
+    W, H = img.size
+    out = {"global": [], "local": [], "gram": []}
+    for _ in range(2):
+        left, top, w, h = random_resized_crop_box(W, H, spec.global_scale, rng)
+        flip = spec.horizontal_flips and rng.random() < 0.5
+        box = (left, top, left + w, top + h)
+        # Global and Gram-teacher crops share one box: the Gram teacher sees the same view at a higher resolution.
+        sizes = [("global", spec.global_size)] + ([("gram", spec.gram_size)] if spec.gram_size else [])
+        for key, size in sizes:
+            crop = img.resize((size, size), Image.BICUBIC, box=box)
+            if flip:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            out[key].append(_to_uint8_tensor(crop))
+    for _ in range(spec.n_local):
+        left, top, w, h = random_resized_crop_box(W, H, spec.local_scale, rng)
+        crop = img.resize((spec.local_size, spec.local_size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        if spec.horizontal_flips and rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        out["local"].append(_to_uint8_tensor(crop))
+    return out
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Every image under a folder, no labels. Items are addressed by ``(index, seed)``; a file that cannot be decoded
+    is replaced by the next readable one and its path is returned in ``skipped`` (so batches keep their size)."""
+
+    def __init__(self, root: str, spec: CropSpec):
+        self.root = root
+        self.paths = find_images(root)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, seed = item
+        skipped = []
+        for attempt in range(len(self.paths)):
+            path = self.paths[(index + attempt) % len(self.paths)]
+            try:
+                img = load_rgb(path)
+            except Exception:  # noqa: BLE001 - any decoder failure means "unreadable file"
+                skipped.append(path)
+                continue
+            crops = multi_crop(img, self.spec, random.Random(seed))
+            return {"crops": crops, "skipped": skipped}
+        raise RuntimeError(f"none of the {len(self.paths)} image files under {self.root!r} could be decoded")
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Infinite stream of per-rank batches of ``(index, seed)``. Global sample position
+    ``p = (iteration * world + rank) * batch + slot`` walks through one seeded permutation per epoch, so starting at
+    any iteration reproduces the uninterrupted stream exactly."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 start_iter: int = 0, end_iter: int | None = None):
+        if n < 1 or batch_size < 1:
+            raise ValueError("sampler needs a non-empty dataset and batch_size >= 1")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.start_iter, self.end_iter = start_iter, end_iter
+        self._epoch, self._perm = -1, None
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, 0xE90C, epoch))
+            self._perm, self._epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+        return self._perm[offset]
+
+    def batch(self, it: int) -> list[tuple[int, int]]:
+        base = (it * self.world_size + self.rank) * self.batch_size
+        return [(self._index(base + k), _mix(self.seed, 0x5A11, base + k)) for k in range(self.batch_size)]
+
+    def __iter__(self):
+        it = self.start_iter
+        while self.end_iter is None or it < self.end_iter:
+            yield self.batch(it)
+            it += 1
+
+    def __len__(self) -> int:
+        if self.end_iter is None:
+            raise TypeError("infinite sampler has no length")
+        return max(0, self.end_iter - self.start_iter)
+
+
+class MultiCropCollate:
+    """Stacks crops crop-major ((n_crops * B, 3, S, S), as official) and draws the iBOT masks for the global crops."""
+
+    def __init__(self, *, n_tokens: int, grid: tuple[int, int], ratio_min_max, probability: float, seed: int):
+        self.n_tokens, self.ratio, self.probability = n_tokens, tuple(ratio_min_max), float(probability)
+        # At most half the grid per rectangle, as the official trainer configures its generator.
+        self.generator = BlockMaskGenerator(grid, max_num_patches=0.5 * grid[0] * grid[1])
+        self.seed = seed
+
+    def __call__(self, samples: list[dict]) -> dict:
+        # The mask RNG is keyed on the first sample's seed, which the sampler derives from the (iteration, rank)
+        # position of the batch.
+        key = samples[0].get("_seed", 0)
+        n_global = len(samples[0]["crops"]["global"])
+        batch = {
+            "global_crops": torch.stack([s["crops"]["global"][i] for i in range(n_global) for s in samples]),
+            "local_crops": torch.stack([s["crops"]["local"][i] for i in range(len(samples[0]["crops"]["local"]))
+                                        for s in samples]),
+            "skipped": [p for s in samples for p in s["skipped"]],
+        }
+        if samples[0]["crops"]["gram"]:
+            batch["gram_crops"] = torch.stack([s["crops"]["gram"][i] for i in range(n_global) for s in samples])
+        rng = random.Random(_mix(self.seed, 0x3A5C, key))
+        masks = sample_masks(len(batch["global_crops"]), self.n_tokens, self.generator, ratio_min_max=self.ratio,
+                             probability=self.probability, rng=rng)
+        batch.update(mask_batch_fields(masks))
+        return batch
+
+
+class _SeedTaggingDataset(torch.utils.data.Dataset):
+    """Forwards to the folder dataset and keeps the sample seed (the collate keys its mask RNG on it)."""
+
+    def __init__(self, dataset: ImageFolderDataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        out = self.dataset[item]
+        out["_seed"] = item[1]
+        return out
+
+
+def build_loader(cfg: dict, *, root: str, rank: int, world_size: int, start_iter: int, end_iter: int,
+                 pin_memory: bool = False):
+    spec = CropSpec.from_config(cfg)
+    dataset = ImageFolderDataset(root, spec)
+    seed = int(cfg["train"]["seed"])
+    sampler = ResumableBatchSampler(len(dataset), int(cfg["train"]["batch_size_per_gpu"]), seed=seed, rank=rank,
+                                    world_size=world_size, start_iter=start_iter, end_iter=end_iter)
+    grid = spec.global_size // int(cfg["student"]["patch_size"])
+    collate = MultiCropCollate(n_tokens=grid * grid, grid=(grid, grid), ratio_min_max=cfg["ibot"]["mask_ratio_min_max"],
+                               probability=cfg["ibot"]["mask_sample_probability"], seed=seed)
+    workers = int(cfg["train"]["num_workers"])
+    loader = torch.utils.data.DataLoader(_SeedTaggingDataset(dataset), batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=workers, pin_memory=pin_memory,
+                                         # Own generator: creating the iterator must not draw from the global RNG.
+                                         generator=torch.Generator().manual_seed(seed),
+                                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+    return dataset, loader
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Photometric augmentation, batched on the training device.
+# Same distributions as DINOv3 (torchvision ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 in a random order per image,
+# RandomGrayscale p=0.2, GaussianBlur kernel 9 with sigma ~ U(0.1, 2): p=1 on global crop 1, 0.1 on global crop 2,
+# 0.5 on local crops; RandomSolarize(128) p=0.2 on global crop 2), then ImageNet normalisation.
+# ----------------------------------------------------------------------------------------------------------------
+
+_GRAY = (0.299, 0.587, 0.114)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (x[:, 0:1] * _GRAY[0] + x[:, 1:2] * _GRAY[1] + x[:, 2:3] * _GRAY[2])
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (f.view(-1, 1, 1, 1) * a + (1 - f.view(-1, 1, 1, 1)) * b).clamp_(0, 1)
+
+
+def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    from kornia.color import hsv_to_rgb, rgb_to_hsv
+
+    hsv = rgb_to_hsv(x)  # hue in [0, 2*pi)
+    h = torch.remainder(hsv[:, 0:1] + shift.view(-1, 1, 1, 1) * 2 * math.pi, 2 * math.pi)
+    return hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1)).clamp_(0, 1)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 9) -> torch.Tensor:
+    k = min(kernel_size, (min(x.shape[-2:]) - 1) // 2 * 2 + 1)  # reflect padding needs k // 2 < side
+    if k < 3:
+        return x
+    r = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    w = torch.exp(-(r.view(1, -1) ** 2) / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
+    w = w / w.sum(-1, keepdim=True)  # (N, k) separable kernel, one per image
+    n, c, hh, ww = x.shape
+    y = F.pad(x.reshape(1, n * c, hh, ww), (k // 2, k // 2, k // 2, k // 2), mode="reflect")
+    wk = w.repeat_interleave(c, 0)
+    y = F.conv2d(y, wk.view(n * c, 1, 1, k), groups=n * c)
+    y = F.conv2d(y, wk.view(n * c, 1, k, 1), groups=n * c)
+    return y.view(n, c, hh, ww)
+
+
+def sample_photometric_params(n: int, *, blur_p: float, solarize_p: float, generator: torch.Generator,
+                              device) -> dict[str, torch.Tensor]:
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=generator, device=device)
+
+    return {
+        "jitter": torch.rand(n, generator=generator, device=device) < 0.8,
+        "order": torch.argsort(torch.rand(n, 4, generator=generator, device=device), dim=1),
+        "brightness": u(0.6, 1.4), "contrast": u(0.6, 1.4), "saturation": u(0.8, 1.2), "hue": u(-0.1, 0.1),
+        "gray": torch.rand(n, generator=generator, device=device) < 0.2,
+        "blur": torch.rand(n, generator=generator, device=device) < blur_p, "sigma": u(0.1, 2.0),
+        "solarize": torch.rand(n, generator=generator, device=device) < solarize_p,
+    }
+
+
+def apply_photometric(x: torch.Tensor, p: dict[str, torch.Tensor], *, sigma_scale: float = 1.0) -> torch.Tensor:
+    """(N, 3, H, W) floats in [0, 1] -> distorted floats in [0, 1]; ``p`` from ``sample_photometric_params``."""
+    x = x.clone()
+    ops = [
+        lambda t, i: t * p["brightness"][i].view(-1, 1, 1, 1),
+        lambda t, i: _blend(t, _gray(t).mean((1, 2, 3), keepdim=True), p["contrast"][i]),
+        lambda t, i: _blend(t, _gray(t), p["saturation"][i]),
+        lambda t, i: _adjust_hue(t, p["hue"][i]),
+    ]
+    for stage in range(4):
+        for op_id, op in enumerate(ops):
+            idx = (p["jitter"] & (p["order"][:, stage] == op_id)).nonzero().flatten()
+            if idx.numel():
+                x[idx] = op(x[idx], idx).clamp(0, 1)
+    idx = p["gray"].nonzero().flatten()
+    if idx.numel():
+        x[idx] = _gray(x[idx]).expand(-1, 3, -1, -1)
+    idx = p["blur"].nonzero().flatten()
+    if idx.numel():
+        x[idx] = _gaussian_blur(x[idx], p["sigma"][idx] * sigma_scale)
+    idx = p["solarize"].nonzero().flatten()
+    if idx.numel():
+        t = x[idx]
+        x[idx] = torch.where(t >= 128 / 255, 1 - t, t)
+    return x
+
+
+class BatchAugment:
+    """Turns a collated uint8 batch into normalised float crops on ``device`` (photometric part of DINO multi-crop)."""
+
+    def __init__(self, cfg: dict, device: torch.device):
+        c = cfg["crops"]
+        self.device = torch.device(device)
+        self.mean = torch.tensor(c["rgb_mean"], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(c["rgb_std"], device=self.device).view(1, 3, 1, 1)
+        self.gram_no_distortions = bool(c["gram_teacher_no_distortions"])
+        self.seed = int(cfg["train"]["seed"])
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def __call__(self, batch: dict, *, iteration: int, rank: int) -> dict:
+        g = torch.Generator(device=self.device).manual_seed(_mix(self.seed, 0xA06, iteration, rank))
+        out = dict(batch)
+        gl = batch["global_crops"].to(self.device, non_blocking=True).float().div_(255)
+        lo = batch["local_crops"].to(self.device, non_blocking=True).float().div_(255)
+        B = gl.shape[0] // 2
+        # Global crop 1: blur always; global crop 2: blur 0.1 and solarize 0.2; local crops: blur 0.5.
+        p1 = sample_photometric_params(B, blur_p=1.0, solarize_p=0.0, generator=g, device=self.device)
+        p2 = sample_photometric_params(B, blur_p=0.1, solarize_p=0.2, generator=g, device=self.device)
+        pl = sample_photometric_params(lo.shape[0], blur_p=0.5, solarize_p=0.0, generator=g, device=self.device)
+        out["global_crops"] = self._norm(torch.cat([apply_photometric(gl[:B], p1), apply_photometric(gl[B:], p2)]))
+        out["local_crops"] = self._norm(apply_photometric(lo, pl))
+        if "gram_crops" in batch:
+            gr = batch["gram_crops"].to(self.device, non_blocking=True).float().div_(255)
+            if not self.gram_no_distortions:
+                # Same distortion as the matching global crop; blur radius scaled to the higher resolution.
+                s = gr.shape[-1] / gl.shape[-1]
+                gr = torch.cat([apply_photometric(gr[:B], p1, sigma_scale=s), apply_photometric(gr[B:], p2, sigma_scale=s)])
+            out["gram_crops"] = self._norm(gr)
+        for key in ("masks", "mask_indices", "masks_weight", "n_masked_patches"):
+            out[key] = batch[key].to(self.device, non_blocking=True)
+        return out

@@ -1,0 +1,243 @@
+"""The DINOv3 self-supervised architecture: student, EMA teacher, Gram teacher, heads and the loss terms."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinov3.models import DinoVisionTransformer
+
+from .config import backbone_kwargs
+from .heads import DINOHead
+from .losses import DINOLoss, iBOTPatchLoss
+from .schedules import Schedule
+
+
+def _reshard(*modules) -> None:
+    """FSDP2 keeps the root's parameters unsharded after a forward with no backward (the teachers): reshard so
+    ``parameters()`` yields the local shards again, aligned with the student's."""
+    for m in modules:
+        if m is not None and hasattr(m, "reshard"):
+            m.reshard()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor parameter (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class StudentNet(nn.Module):
+    """Backbone + DINO head + iBOT head; one ``forward`` does the whole student pass so DDP/FSDP can wrap it."""
+
+    def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module):
+        super().__init__()
+        self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
+
+    def forward(self, global_crops, local_crops, masks, mask_indices):
+        g, lo = self.backbone.forward_features([global_crops, local_crops], masks=[masks, None])
+        g_cls, l_cls, g_patch = g["x_norm_clstoken"], lo["x_norm_clstoken"], g["x_norm_patchtokens"]
+        masked_patches = torch.index_select(g_patch.flatten(0, 1), 0, mask_indices)  # (M, D)
+        logits = self.dino_head(torch.cat([g_cls, l_cls]))  # one head pass for all CLS tokens
+        g_logits, l_logits = logits.split([g_cls.shape[0], l_cls.shape[0]])
+        return {"g_cls": g_cls, "g_patch": g_patch, "g_logits": g_logits, "l_logits": l_logits,
+                "ibot_logits": self.ibot_head(masked_patches)}
+
+
+class TeacherNet(nn.Module):
+    """Same modules as :class:`StudentNet` (so their parameters zip one to one for the EMA); sees global crops only."""
+
+    def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module):
+        super().__init__()
+        self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
+
+    def forward(self, global_crops, mask_indices):
+        out = self.backbone.forward_features(global_crops)
+        cls, patch = out["x_norm_clstoken"], out["x_norm_patchtokens"]
+        masked_patches = torch.index_select(patch.flatten(0, 1), 0, mask_indices)
+        return {"cls": cls, "patch": patch, "cls_logits": self.dino_head(cls),
+                "ibot_logits": self.ibot_head(masked_patches)}
+
+
+def _make_koleo(cfg: dict, distributed: bool, backend: str) -> nn.Module:
+    from dinov3_kernels import KoLeoLoss, KoLeoLossDistributed
+
+    d = cfg["dino"]
+    if d["koleo_loss_distributed"] and distributed:
+        cls, kwargs = KoLeoLossDistributed, {"topk": int(d["koleo_topk"]),
+                                             "loss_group_size": d["koleo_distributed_loss_group_size"]}
+    else:
+        cls, kwargs = KoLeoLoss, {}
+    if "backend" in inspect.signature(cls.__init__).parameters:
+        kwargs["backend"] = backend
+    return cls(**kwargs)
+
+
+class SSLMetaArch(nn.Module):
+    def __init__(self, cfg: dict, *, distributed: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        s, d, ib, g = cfg["student"], cfg["dino"], cfg["ibot"], cfg["gram"]
+        backend = cfg["train"]["kernel_backend"]
+        kw = backbone_kwargs(cfg)
+        self.backbone_kwargs = kw
+        attn = s["attn_backend"]
+
+        def heads():
+            dino = DINOHead(kw["embed_dim"], int(d["head_n_prototypes"]), nlayers=int(d["head_nlayers"]),
+                            hidden_dim=int(d["head_hidden_dim"]), bottleneck_dim=int(d["head_bottleneck_dim"]),
+                            weight_norm=bool(d["head_weight_norm"]), init_std=float(d["head_init_std"]))
+            ibot = DINOHead(kw["embed_dim"], int(ib["head_n_prototypes"]), nlayers=int(ib["head_nlayers"]),
+                            hidden_dim=int(ib["head_hidden_dim"]), bottleneck_dim=int(ib["head_bottleneck_dim"]),
+                            weight_norm=bool(ib["head_weight_norm"]), init_std=float(ib["head_init_std"]))
+            return dino, ibot
+
+        student_backbone = DinoVisionTransformer(**{**kw, "drop_path_rate": float(s["drop_path_rate"])},
+                                                 attn_backend=attn)
+        self.student = StudentNet(student_backbone, *heads())
+        self.teacher = TeacherNet(DinoVisionTransformer(**kw, attn_backend=attn), *heads())
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+
+        self.gram_use_loss = bool(g["use_loss"])
+        self.gram_teacher = None
+        if self.gram_use_loss:
+            self.gram_teacher = DinoVisionTransformer(**kw, attn_backend=attn)
+            self.gram_teacher.requires_grad_(False)
+            from dinov3_kernels import GramLoss
+
+            self.gram_loss = GramLoss(apply_norm=bool(g["normalized"]), img_level=bool(g["img_level"]),
+                                      remove_neg=bool(g["remove_neg"]),
+                                      remove_only_teacher_neg=bool(g["remove_only_teacher_neg"]), backend=backend)
+        # Gram teacher bookkeeping (saved in checkpoints).
+        self.gram_initialized = False
+        self.gram_num_updates = 0
+
+        self.dino_loss = DINOLoss(int(d["head_n_prototypes"]), student_temp=float(d["student_temp"]))
+        self.ibot_loss = iBOTPatchLoss(int(ib["head_n_prototypes"]), student_temp=float(ib["student_temp"]))
+        self.koleo_loss = _make_koleo(cfg, distributed, backend)
+
+        total = int(cfg["train"]["iterations"])
+        self.gram_weight_schedule = (
+            Schedule.from_config(g["loss_weight_schedule"], total - int(g["start_iter"]), offset=int(g["start_iter"]))
+            if g.get("loss_weight_schedule") else None)
+        self.local_weight_schedule = (Schedule.from_config(d["local_loss_weight_schedule"], total)
+                                      if d.get("local_loss_weight_schedule") else None)
+
+    # ------------------------------------------------------------------------------------------------ modes
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
+        return self
+
+    def gram_active(self, iteration: int) -> bool:
+        return self.gram_use_loss and iteration >= int(self.cfg["gram"]["start_iter"])
+
+    # ------------------------------------------------------------------------------------------- teachers
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+        _reshard(self.student, self.teacher)
+        t = [_local(p) for p in self.teacher.parameters()]
+        s = [_local(p.detach()) for p in self.student.parameters()]
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+    @torch.no_grad()
+    def load_gram_from_teacher(self) -> None:
+        """Gram teacher <- current EMA teacher backbone (its start, and every refresh)."""
+        _reshard(self.teacher, self.gram_teacher)
+        dst = [_local(p) for p in self.gram_teacher.parameters()]
+        src = [_local(p) for p in self.teacher.backbone.parameters()]
+        torch._foreach_copy_(dst, src)
+        self.gram_initialized = True
+
+    # ------------------------------------------------------------------------------------------- the step
+    def forward_backward(self, batch: dict, *, teacher_temp: float, iteration: int, student_forward=None,
+                         autocast=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher and student passes, every loss term, and ``backward()`` of their weighted sum."""
+        student_forward = student_forward or self.student
+        autocast = autocast or contextlib.nullcontext  # a factory of fresh context managers
+        cfg = self.cfg
+        gl, lo = batch["global_crops"], batch["local_crops"]
+        masks, mask_indices = batch["masks"], batch["mask_indices"]
+        n_g = 2
+        B = gl.shape[0] // n_g
+        n_l = lo.shape[0] // B
+        centering = cfg["train"]["centering"]
+
+        with torch.no_grad(), autocast():
+            t = self.teacher(gl, mask_indices)
+        if centering == "sinkhorn_knopp":
+            cls_probs = self.dino_loss.sinkhorn_knopp_teacher(t["cls_logits"], teacher_temp)
+            patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(t["ibot_logits"], teacher_temp,
+                                                                batch["n_masked_patches"])
+        else:
+            cls_probs = self.dino_loss.softmax_center_teacher(t["cls_logits"], teacher_temp)
+            patch_probs = self.ibot_loss.softmax_center_teacher(t["ibot_logits"], teacher_temp)
+        cls_probs = cls_probs.unflatten(0, (n_g, B))  # (2, B, K)
+
+        with autocast():
+            st = student_forward(gl, lo, masks, mask_indices)
+
+        losses: dict[str, torch.Tensor] = {}
+        # DINOv2/v3 scales: global and local pair counts share the DINO weight.
+        ignore_diag = bool(cfg["dino"]["global_ignore_diagonal"])
+        g_terms = n_g * (n_g - 1) if ignore_diag else n_g * n_g
+        l_terms = n_g * n_l
+        dino_w = float(cfg["dino"]["loss_weight"])
+        local_w = self.local_weight_schedule(iteration) if self.local_weight_schedule else 1.0
+        losses["dino_local_crops_loss"] = self.dino_loss(st["l_logits"].unflatten(0, (n_l, B)), cls_probs)
+        losses["dino_global_crops_loss"] = self.dino_loss(st["g_logits"].unflatten(0, (n_g, B)), cls_probs,
+                                                          ignore_diagonal=ignore_diag)
+        total = (dino_w * l_terms / (g_terms + l_terms) * local_w * losses["dino_local_crops_loss"]
+                 + dino_w * g_terms / (g_terms + l_terms) * losses["dino_global_crops_loss"])
+
+        g_cls = st["g_cls"].float().unflatten(0, (n_g, B))
+        losses["koleo_loss"] = sum(self.koleo_loss(x) for x in g_cls) / n_g
+        total = total + float(cfg["dino"]["koleo_loss_weight"]) * n_g * losses["koleo_loss"]
+
+        losses["ibot_loss"] = self.ibot_loss.forward_masked(st["ibot_logits"], patch_probs, masks=masks,
+                                                            masks_weight=batch["masks_weight"])
+        total = total + float(cfg["ibot"]["loss_weight"]) * losses["ibot_loss"]
+
+        if self.gram_active(iteration):
+            gram_w = (self.gram_weight_schedule(iteration) if self.gram_weight_schedule
+                      else float(cfg["gram"]["loss_weight"]))
+            student_patches, teacher_patches = self._gram_features(batch, st["g_patch"], autocast)
+            losses["gram_loss"] = self.gram_loss(student_patches, teacher_patches,
+                                                 img_level=bool(cfg["gram"]["img_level"]))
+            losses["gram_loss_weight"] = torch.tensor(gram_w)
+            total = total + gram_w * losses["gram_loss"]
+
+        total.backward()
+        return total.detach(), {k: v.detach() for k, v in losses.items()}
+
+    def _gram_features(self, batch, student_patches, autocast):
+        if not self.gram_initialized:
+            raise RuntimeError("Gram teacher used before it was loaded (checkpoint or EMA copy)")
+        crops = batch.get("gram_crops", batch["global_crops"])
+        with torch.no_grad(), autocast():
+            # Through __call__ (not forward_features) so FSDP's unshard hooks run.
+            teacher_patches = self.gram_teacher(crops, is_training=True)["x_norm_patchtokens"]
+        g = self.cfg["gram"]
+        if teacher_patches.shape[1] != student_patches.shape[1]:
+            # Resize the high-resolution teacher feature map to the student's patch grid.
+            nt = int(math.isqrt(teacher_patches.shape[1]))
+            ns = int(math.isqrt(student_patches.shape[1]))
+            hw = teacher_patches.float().transpose(1, 2).unflatten(-1, (nt, nt))  # (2B, D, nt, nt)
+            hw = F.interpolate(hw, size=(ns, ns), mode=g["global_teacher_resize_method"], align_corners=False,
+                               antialias=bool(g["global_teacher_resize_antialias"]))
+            teacher_patches = hw.flatten(-2).transpose(1, 2)  # (2B, ns*ns, D)
+        teacher_patches = teacher_patches.to(student_patches.dtype)
+        if g["tokens_used"] == "masked":
+            student_patches, teacher_patches = student_patches[batch["masks"]], teacher_patches[batch["masks"]]
+        elif g["tokens_used"] == "unmasked":
+            student_patches, teacher_patches = student_patches[~batch["masks"]], teacher_patches[~batch["masks"]]
+        return student_patches, teacher_patches

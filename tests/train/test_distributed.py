@@ -1,0 +1,74 @@
+"""Two processes on CPU through torchrun (gloo): DDP and FSDP2 give the same training, and FSDP2 resumes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OVERRIDES = ["train.batch_size_per_gpu=3", "crops.local_crops_number=2", "train.iterations=6",
+             "train.progress_bar=false", "gram.start_iter=1", "gram.update_frequency=1", "checkpointing.period=2",
+             "dino.koleo_loss_distributed=true"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(data, out, *args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "dinov3.train", "--config", "tiny", "--data", data,
+           "--output", out, *args, *OVERRIDES]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(image_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp"))
+    _torchrun(image_dir, out, "--max-iters", "3")
+    return out
+
+
+def test_ddp_two_processes(ddp_run):
+    rows = _rows(ddp_run)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert all(r["gram_active"] == (r["iteration"] >= 1) for r in rows)
+    for r in rows:
+        for k in ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "total_loss"):
+            assert torch.isfinite(torch.tensor(r[k])), (k, r)
+    state = torch.load(os.path.join(ddp_run, "checkpoints", "checkpoint_00000003.pth"), weights_only=True)
+    assert len(state["rng"]) == 2  # one RNG state per rank
+    assert state["data"]["world_size"] == 2
+    assert os.path.exists(os.path.join(ddp_run, "backbone.pth"))
+
+
+def test_fsdp_matches_ddp_and_resumes(ddp_run, image_dir, tmp_path):
+    out = str(tmp_path)
+    _torchrun(image_dir, out, "--max-iters", "2", "train.parallel=fsdp")
+    _torchrun(image_dir, out, "--max-iters", "3", "--resume", "train.parallel=fsdp")
+    ref, got = _rows(ddp_run), _rows(out)
+    assert [r["iteration"] for r in got] == [0, 1, 2]
+    for a, b in zip(ref, got):
+        for k in ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "gram_loss"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["iteration"], k)
+    a = torch.load(os.path.join(ddp_run, "checkpoints", "checkpoint_00000003.pth"), weights_only=True)["model"]
+    b = torch.load(os.path.join(out, "checkpoints", "checkpoint_00000003.pth"), weights_only=True)["model"]
+    assert a.keys() == b.keys()  # full (unsharded) state dicts with the same names
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)

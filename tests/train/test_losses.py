@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov3.train.heads import DINOHead
+from dinov3.train.losses import DINOLoss, iBOTPatchLoss, sinkhorn_knopp
+
+
+def test_sinkhorn_rows_sum_to_one_and_balance_prototypes():
+    torch.manual_seed(0)
+    logits = torch.randn(24, 7, dtype=torch.float64) + torch.linspace(0, 2, 7, dtype=torch.float64)
+    q = sinkhorn_knopp(logits, temp=1.0, n_iterations=3)
+    assert q.shape == logits.shape and (q >= 0).all()
+    torch.testing.assert_close(q.sum(-1), torch.ones(24, dtype=q.dtype), rtol=0, atol=1e-5)
+    assert q.dtype == torch.float32  # computed in fp32 whatever the logits' dtype, as official
+    # Columns are pushed to equal mass N/K: far more balanced than the plain softmax.
+    target = torch.full((7,), 24 / 7, dtype=torch.float64)
+    softmax_imbalance = (F.softmax(logits, -1).sum(0) - target).abs().max()
+    sk_imbalance = (q.sum(0) - target).abs().max()
+    assert sk_imbalance < 0.2 * softmax_imbalance
+    # Many iterations converge to a doubly-stochastic (scaled) matrix.
+    q50 = sinkhorn_knopp(logits, temp=1.0, n_iterations=50)
+    torch.testing.assert_close(q50.sum(0).double(), target, rtol=0, atol=1e-4)
+
+
+def test_sinkhorn_matches_textbook_alternating_normalisation():
+    torch.manual_seed(1)
+    logits = torch.randn(10, 5, dtype=torch.float64)
+    p = torch.exp(logits / 0.1)
+    p = p / p.sum()
+    for _ in range(3):
+        p = p / p.sum(0, keepdim=True) / 5  # prototypes: mass 1/K each
+        p = p / p.sum(1, keepdim=True) / 10  # samples: mass 1/N each
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.1).double(), p * 10, rtol=1e-5, atol=1e-6)
+
+
+def _dino_loss_loops(student, teacher_probs, temp, ignore_diagonal):
+    total, pairs = 0.0, 0
+    for s in range(student.shape[0]):
+        for t in range(teacher_probs.shape[0]):
+            if ignore_diagonal and s == t:
+                continue
+            logp = torch.log_softmax(student[s] / temp, -1)
+            total = total - (teacher_probs[t] * logp).sum(-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize("ignore_diagonal", [False, True])
+@pytest.mark.parametrize("n_student", [2, 3])
+def test_dino_loss_against_loops(ignore_diagonal, n_student):
+    torch.manual_seed(0)
+    student = torch.randn(n_student, 5, 11, dtype=torch.float64, requires_grad=True)
+    teacher = torch.softmax(torch.randn(2, 5, 11, dtype=torch.float64), -1)
+    loss = DINOLoss(11, student_temp=0.1)(student, teacher, ignore_diagonal=ignore_diagonal)
+    ref = _dino_loss_loops(student, teacher, 0.1, ignore_diagonal)
+    torch.testing.assert_close(loss.double(), ref)
+
+
+def test_ibot_loss_is_mean_per_image_over_masked_tokens():
+    torch.manual_seed(0)
+    masks = torch.zeros(4, 6, dtype=torch.bool)
+    masks[0, [1, 2, 5]] = True
+    masks[2, [0]] = True
+    m = int(masks.sum())
+    s = torch.randn(m, 9, dtype=torch.float64)
+    t = torch.softmax(torch.randn(m, 9, dtype=torch.float64), -1)
+    weights = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks].double()
+    loss = iBOTPatchLoss(9, student_temp=0.1).forward_masked(s, t, masks=masks, masks_weight=weights)
+    ce = -(t * torch.log_softmax(s / 0.1, -1)).sum(-1)
+    expected = (ce[:3].mean() + ce[3:].mean()) / 4  # two masked images, divided by all 4 images
+    torch.testing.assert_close(loss.double(), expected)
+
+
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_head_shapes_and_normalised_bottleneck(weight_norm):
+    head = DINOHead(16, 40, nlayers=3, hidden_dim=24, bottleneck_dim=8, weight_norm=weight_norm)
+    x = torch.randn(5, 16)
+    out = head(x)
+    assert out.shape == (5, 40)
+    # The prototype layer sees unit-norm codes: scaling the input of the last layer's input changes nothing.
+    code = F.normalize(head.mlp(x), dim=-1)
+    torch.testing.assert_close(out, head.last_layer(code))
+    assert math.isclose(float(code.detach().norm(dim=-1).mean()), 1.0, rel_tol=1e-5)
+    if weight_norm:
+        g = head.last_layer.parametrizations.weight.original0
+        w = head.last_layer.weight
+        torch.testing.assert_close(w.norm(dim=1), g.flatten().expand(40), rtol=1e-5, atol=1e-6)
