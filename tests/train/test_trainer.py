@@ -146,3 +146,44 @@ def test_resume_matches_uninterrupted_run(full_run, image_dir, tmp_path):
         for name, v in st.items():
             torch.testing.assert_close(got["optimizer"]["state"][sid][name], v, rtol=0, atol=1e-6)
     assert got["gram"] == ref["gram"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(full_run, image_dir, tmp_path):
+    """A real kill: `dinov3-train` in a subprocess gets SIGKILL as soon as its first checkpoint is on disk (possibly
+    mid-write of the next one); `--resume` must then finish with the uninterrupted run's losses and weights."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import TINY_OVERRIDES
+
+    cfg, full_out = full_run
+    out = str(tmp_path / "run")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "dinov3.train", "--config", "tiny", "--data", image_dir, "--output", out,
+           *TINY_OVERRIDES]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = os.path.join(out, "checkpoints", "checkpoint_00000002.pth")
+    deadline = time.monotonic() + 240
+    while not os.path.exists(first) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-3000:]  # killed, not finished
+    done = [it for it, _ in list_checkpoints(os.path.join(out, "checkpoints"))]
+    assert done and max(done) < 6, done
+
+    res = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref_rows, rows = _rows(full_out), _rows(out)
+    assert [r["iteration"] for r in rows] == list(range(6))
+    for a, b in zip(ref_rows, rows):
+        for k in LOSS_KEYS + ("gram_loss", "total_loss", "lr"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["iteration"], k)
+    ref = load_checkpoint(os.path.join(full_out, "checkpoints", "checkpoint_00000006.pth"))
+    got = load_checkpoint(os.path.join(out, "checkpoints", "checkpoint_00000006.pth"))
+    for k in ref["model"]:
+        torch.testing.assert_close(got["model"][k], ref["model"][k], rtol=0, atol=1e-5, msg=k)
