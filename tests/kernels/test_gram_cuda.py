@@ -385,10 +385,15 @@ def test_emulated_cuda_strided(emulated_glue, kind, dtype):
     _emulated_case(emulated_glue, s, t, True, True, True, True, dtype)
 
 
-def test_emulated_cuda_tf32(emulated_glue, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    s, t = torch.randn(1, 70, 40), torch.randn(1, 70, 40)
-    _emulated_case(emulated_glue, s, t, True, True, True, True, "tf32")
+def test_emulated_cuda_tf32(emulated_glue):
+    # Not monkeypatch.setattr: the flag is a property of torch's cuBLAS module, which monkeypatch cannot restore.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        s, t = torch.randn(1, 70, 40), torch.randn(1, 70, 40)
+        _emulated_case(emulated_glue, s, t, True, True, True, True, "tf32")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def test_emulated_cuda_zero_rows_and_nan(emulated_glue):
