@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
@@ -109,7 +108,7 @@ def _rope_attention_fwd_kernel(
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (tiles, H, B): each axis within CUDA's limits
     b = (bh // H).to(tl.int64)
     h = bh % H
     base = QKV + b * stride_b + h * HEAD_DIM
@@ -160,7 +159,7 @@ def _rope_attention_bwd_delta_kernel(
 ):
     # Delta_i = Σ_d dO_id·O_id = Σ_j P_ij dP_ij, the row term of the softmax backward.
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (tiles, H, B): each axis within CUDA's limits
     b = (bh // H).to(tl.int64)
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -186,7 +185,7 @@ def _rope_attention_bwd_dkdv_kernel(
     # dV = Pᵀ dO,  dSᵀ = Pᵀ∘(V dOᵀ - Delta),  dK_rot = scale·dSᵀ Q_rot.
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (tiles, H, B): each axis within CUDA's limits
     b = (bh // H).to(tl.int64)
     h = bh % H
     base = QKV + b * stride_b + h * HEAD_DIM
@@ -244,7 +243,7 @@ def _rope_attention_bwd_dq_kernel(
     # One program owns BLOCK_M queries and sweeps all keys: dQ_rot = scale·(P∘(dO Vᵀ - Delta)) K_rot.
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (tiles, H, B): each axis within CUDA's limits
     b = (bh // H).to(tl.int64)
     h = bh % H
     base = QKV + b * stride_b + h * HEAD_DIM
@@ -297,7 +296,7 @@ def _apply_rope_kernel(
     # INVERSE applies the transposed rotation (the backward of the forward one).
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (tiles, H, B): each axis within CUDA's limits
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -382,12 +381,12 @@ def _dims(head_dim):
 
 
 def _launch(tuned, raw, tile, N, B, H, on_cpu, *args, **meta):
-    """Grid: one program per `tile`-sized block of the N tokens, per (batch, head)."""
+    """Grid (tiles, heads, batch): one program per `tile`-sized block of the N tokens, per head and batch entry."""
     if on_cpu:
         blocks = _cpu_blocks(N)
-        raw[(triton.cdiv(N, blocks[tile]), B * H)](*args, **meta, **blocks)
+        raw[(triton.cdiv(N, blocks[tile]), H, B)](*args, **meta, **blocks)
     else:
-        tuned[lambda m: (triton.cdiv(N, m[tile]), B * H)](*args, **meta)
+        tuned[lambda m: (triton.cdiv(N, m[tile]), H, B)](*args, **meta)
 
 
 def rope_attention_fwd_triton(qkv, sin, cos, num_heads, num_prefix_tokens, scale):
@@ -420,7 +419,7 @@ def rope_attention_bwd_triton(qkv, sin, cos, out, lse, dout, num_heads, num_pref
     is_fp32, precision = _precision(qkv)
     block_h, block_d = _dims(Dh)
     block_delta = 16 if qkv.device.type == "cpu" else 64
-    _rope_attention_bwd_delta_kernel[(triton.cdiv(N, block_delta), B * num_heads)](
+    _rope_attention_bwd_delta_kernel[(triton.cdiv(N, block_delta), num_heads, B)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), N, num_heads,
         HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_delta,
     )
@@ -442,7 +441,7 @@ def apply_rope_triton(q, k, sin, cos, num_prefix_tokens, inverse=False):
     qo = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     ko = torch.empty((B, H, N, Dh), device=k.device, dtype=k.dtype)
     block_n = 16 if q.device.type == "cpu" else 64
-    _apply_rope_kernel[(triton.cdiv(N, block_n), B * H)](
+    _apply_rope_kernel[(triton.cdiv(N, block_n), H, B)](
         q, k, qo, ko, sin, cos, *q.stride(), *k.stride(), N, H, num_prefix_tokens,
         INVERSE=inverse, HEAD_DIM=Dh, TIED=_tied(sin, Dh), BLOCK_H=max(16, triton.next_power_of_2(Dh // 2)),
         BLOCK_N=block_n, num_warps=4,

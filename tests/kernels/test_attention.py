@@ -313,7 +313,7 @@ def test_backend_choice(monkeypatch, triton_cpu):
     with pytest.raises(ValueError, match="unknown backend"):
         rope_attention(qkv, sin, cos, num_heads=1, backend="magic")
     q, k = torch.randn(2, 1, 1, PREFIX + 6, 40)
-    with pytest.raises(BackendUnavailableError, match="no CUDA kernel|cuda"):
+    with pytest.raises(BackendUnavailableError, match="no CUDA kernel|not built|CUDA tensors"):
         apply_rope(q, k, sin, cos, backend="cuda")
 
 
@@ -393,7 +393,7 @@ def _require_backend(backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32", "tf32"])
 @pytest.mark.parametrize("Dh,H", [(64, 6), (128, 2)])
-@pytest.mark.parametrize("N", [201, 261, 1029])
+@pytest.mark.parametrize("N", [201, 261, 1029, 4101])
 def test_gpu_against_reference(backend, dtype, Dh, H, N):
     _require_backend(backend)
     qkv = _qkv(2, N, H, Dh, GPU_DTYPES[dtype], "cuda")
@@ -435,5 +435,12 @@ def test_gpu_auto_and_deterministic():
     for backend in ["triton"] + (["cuda"] if _backend.CUDA_EXT is not None else []):
         runs = [_out_and_grad(lambda x: rope_attention(x, sin, cos, num_heads=6, backend=backend), qkv, dout)
                 for _ in range(3)]
+        C = 384
         for out, dqkv in runs[1:]:
-            assert torch.equal(out, runs[0][0]) and torch.equal(dqkv, runs[0][1]), backend
+            assert torch.equal(out, runs[0][0]), backend
+            if backend == "cuda":
+                # dQ is summed over key tiles with fp32 atomics (order not fixed); dK and dV have one owner each.
+                assert torch.equal(dqkv[..., C:], runs[0][1][..., C:]), backend
+                torch.testing.assert_close(dqkv[..., :C], runs[0][1][..., :C], rtol=1e-2, atol=1e-2)
+            else:
+                assert torch.equal(dqkv, runs[0][1]), backend

@@ -151,6 +151,25 @@ def test_training_scale_factors_log_uniform_within_bounds(kind):
         assert not torch.allclose(ly, lx)
 
 
+def test_training_shift_then_jitter_then_rescale():
+    """All three together, in the official order: coords' = (coords + shift) · jitter (per axis) · rescale (common),
+    with the three drawn in that order (redrawn here from the same seed)."""
+    s, j, r = 0.2, 1.5, 1.4
+    rope = RopePositionEmbedding(32, num_heads=2, shift_coords=s, jitter_coords=j, rescale_coords=r,
+                                 dtype=torch.float64, **LONG_PERIODS)
+    base_y, base_x = _recover_coords(rope.eval(), 3, 2)
+    rope.train()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        y, x = _recover_coords(rope, 3, 2)
+        torch.manual_seed(seed)
+        shift = torch.empty(2, dtype=torch.float64).uniform_(-s, s)
+        jitter = torch.empty(2, dtype=torch.float64).uniform_(-math.log(j), math.log(j)).exp()
+        rescale = torch.empty(1, dtype=torch.float64).uniform_(-math.log(r), math.log(r)).exp()
+        torch.testing.assert_close(y, (base_y + shift[0]) * jitter[0] * rescale[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(x, (base_x + shift[1]) * jitter[1] * rescale[0], rtol=1e-9, atol=1e-9)
+
+
 def test_training_without_augmentation_equals_eval():
     rope = RopePositionEmbedding(32, num_heads=2)
     s_train, c_train = rope.train()(H=2, W=5)

@@ -325,10 +325,8 @@ def test_attn_backend_auto_uses_reference_on_cpu(monkeypatch):
         fused(torch.randn(1, 3, 16, 16))
 
 
-HAS_ROPE_ATTENTION = hasattr(dinov3_kernels, "rope_attention")
 
 
-@pytest.mark.skipif(not HAS_ROPE_ATTENTION, reason="dinov3_kernels.rope_attention (branch `attention`) not merged")
 @pytest.mark.parametrize("n_storage", [0, 4])
 def test_fused_reference_backend_agree(n_storage):
     torch.manual_seed(0)
@@ -345,7 +343,6 @@ def test_fused_reference_backend_agree(n_storage):
     torch.testing.assert_close(b["x_prenorm"], a["x_prenorm"], rtol=0, atol=ATTN_FP32_ATOL)
 
 
-@pytest.mark.skipif(not HAS_ROPE_ATTENTION, reason="dinov3_kernels.rope_attention (branch `attention`) not merged")
 def test_fused_triton_kernel_agrees_with_reference(triton_cpu, monkeypatch):
     """The model's fused path on the Triton kernels (interpreter on CPU), forward and backward, fp32."""
     calls = []
@@ -422,7 +419,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.skipif(not HAS_ROPE_ATTENTION, reason="dinov3_kernels.rope_attention (branch `attention`) not merged")
 def test_cuda_auto_picks_fused_and_matches_reference_bf16():
     torch.manual_seed(0)
     ref = vit_small(embed_dim=128, depth=2, num_heads=2, attn_backend="reference").cuda().eval()
