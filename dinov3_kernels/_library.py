@@ -47,6 +47,7 @@ def _koleo_loss_fwd_fake(search, offset, n, topk, eps, backend):
     norm = search.new_empty((search.shape[0],), dtype=torch.float32)
     return loss, idx, dist, norm
 
+
 # Gradient of loss · grad w.r.t. search (M, D), from the saved outputs of koleo_loss_fwd; in search.dtype.
 LIB.define("koleo_loss_bwd(Tensor grad, Tensor search, Tensor indices, Tensor dist, Tensor norm, int offset, int n, "
            "float eps, str backend) -> Tensor")

@@ -136,6 +136,8 @@ def _koleo_loss_bwd_impl(grad, search, idx, d, norm, offset, n, eps, backend):
         from ._triton.koleo import koleo_bwd_triton
 
         return koleo_bwd_triton(grad.to(torch.float32), search, idx, d, norm, offset, n, eps, PDIST_EPS)
+    # reference and cuda: torch ops (an (n, topk, D) fp32 intermediate and one index_add_), O(n·topk·D); the cuda
+    # backend's fused kernels are the forward's norm pass and neighbour search, where the O(n²·D) work is.
     return _koleo_bwd_torch(grad, search, idx, d, norm, offset, n, eps)
 
 
@@ -170,7 +172,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # all_reduce works in place: never on a tensor autograd may share
         if dist.get_backend() == dist.Backend.NCCL:
             out = grad.new_empty((ctx.n,) + tuple(grad.shape[1:]))
             dist.reduce_scatter_tensor(out, grad)

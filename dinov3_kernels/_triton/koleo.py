@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_TOPK = 16
-
 
 @triton.jit
 def _koleo_norm_kernel(S, NORM, COUNTER, M, D, stride_m, stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):

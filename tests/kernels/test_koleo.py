@@ -118,7 +118,8 @@ def test_autocast_is_off():
 
 # ---- Triton kernels under the interpreter (CPU) --------------------------------------------------------------
 @pytest.mark.parametrize("n,d,topk", [(2, 5, 1), (3, 1, 2), (17, 64, 3), (17, 384, 4), (300, 64, 1), (300, 5, 2),
-                                      (70, 33, 4), (40, 8, 16)])
+                                      (70, 33, 4), (40, 8, 16), (2, 1, 1), (2, 384, 1), (3, 64, 2),
+                                      (300, 384, 1)])
 def test_triton_against_reference(triton_cpu, n, d, topk):
     _check(torch.randn(n, d), "triton", topk, grads=d > 1)
 
