@@ -25,18 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, mma
+
 LOG2E = 1.4426950408889634
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
-@triton.jit
-def _mma(a, b, acc, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    if IS_FP32:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    else:
-        return tl.dot(a, b, acc)
-
-
 @triton.jit
 def _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
                  TIED: tl.constexpr):
@@ -132,15 +126,15 @@ def _rope_attention_fwd_kernel(
         krow = keys.to(tl.int64)[:, None] * stride_n
         k1, k2 = _load_rotated(base + C + krow, mkey, cols_h, SIN, COS, keys, N, num_prefix, HALF, HEAD_DIM,
                                TIED)
-        s = _mma(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
-        s = _mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
+        s = mma(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
+        s = mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
         s = tl.where(mkey[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(base + 2 * C + krow + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IS_FP32, PRECISION)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], IS_FP32, PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -215,15 +209,15 @@ def _rope_attention_bwd_dkdv_kernel(
         do = tl.load(do_base + r64 * stride_dn + cols_d[None, :], mask=mrow[:, None] & mcol_d[None, :], other=0.0)
         lse = tl.load(lse_base + rows, mask=mrow, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=mrow, other=0.0)
-        st = _mma(k1, tl.trans(q1), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), IS_FP32, PRECISION)
-        st = _mma(k2, tl.trans(q2), st, IS_FP32, PRECISION)
+        st = mma(k1, tl.trans(q1), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), IS_FP32, PRECISION)
+        st = mma(k2, tl.trans(q2), st, IS_FP32, PRECISION)
         # Padding queries would read lse = 0 and contribute 2^s: zero them.
         pt = tl.where(mrow[None, :], tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
-        dv = _mma(pt.to(do.dtype), do, dv, IS_FP32, PRECISION)
-        dpt = _mma(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), IS_FP32, PRECISION)
+        dv = mma(pt.to(do.dtype), do, dv, IS_FP32, PRECISION)
+        dpt = mma(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), IS_FP32, PRECISION)
         dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
-        dk1 = _mma(dst, q1, dk1, IS_FP32, PRECISION)
-        dk2 = _mma(dst, q2, dk2, IS_FP32, PRECISION)
+        dk1 = mma(dst, q1, dk1, IS_FP32, PRECISION)
+        dk2 = mma(dst, q2, dk2, IS_FP32, PRECISION)
 
     g_base = DQKV + b * stride_gb + krow * stride_gn + h * HEAD_DIM
     _store_unrotated(g_base + C, dk1 * sm_scale, dk2 * sm_scale, mkey, cols_h, SIN, COS, keys, N, num_prefix,
@@ -270,13 +264,13 @@ def _rope_attention_bwd_dq_kernel(
         k1, k2 = _load_rotated(base + C + krow, mkey, cols_h, SIN, COS, keys, N, num_prefix, HALF, HEAD_DIM,
                                TIED)
         v = tl.load(base + 2 * C + krow + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
-        s = _mma(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
-        s = _mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
+        s = mma(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
+        s = mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
         p = tl.where(mkey[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-        dp = _mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
+        dp = mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
         ds = (p * (dp - delta[:, None])).to(k1.dtype)
-        dq1 = _mma(ds, k1, dq1, IS_FP32, PRECISION)
-        dq2 = _mma(ds, k2, dq2, IS_FP32, PRECISION)
+        dq1 = mma(ds, k1, dq1, IS_FP32, PRECISION)
+        dq2 = mma(ds, k2, dq2, IS_FP32, PRECISION)
 
     g_base = DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM
     _store_unrotated(g_base, dq1 * sm_scale, dq2 * sm_scale, mrow, cols_h, SIN, COS, rows, N, num_prefix,
@@ -366,11 +360,6 @@ def _cpu_blocks(N):
     return {"BLOCK_M": block, "BLOCK_N": block}
 
 
-def _precision(x):
-    fp32 = x.dtype == torch.float32
-    return fp32, ("tf32" if (fp32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee")
-
-
 def _tied(sin, head_dim):
     return sin.shape[1] * 2 == head_dim
 
@@ -398,7 +387,7 @@ def rope_attention_fwd_triton(qkv, sin, cos, num_heads, num_prefix_tokens, scale
     Dh = C // num_heads
     out = torch.empty((B, N, C), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32)
-    is_fp32, precision = _precision(qkv)
+    is_fp32, precision = dot_precision(qkv)
     block_h, block_d = _dims(Dh)
     _launch(_fwd_tuned, _rope_attention_fwd_kernel, "BLOCK_M", N, B, num_heads, not qkv.is_cuda,
             qkv, sin, cos, out, lse,
@@ -416,7 +405,7 @@ def rope_attention_bwd_triton(qkv, sin, cos, out, lse, dout, num_heads, num_pref
     Dh = C // num_heads
     dqkv = torch.empty((B, N, C3), device=qkv.device, dtype=qkv.dtype)
     delta = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32)
-    is_fp32, precision = _precision(qkv)
+    is_fp32, precision = dot_precision(qkv)
     block_h, block_d = _dims(Dh)
     block_delta = 16 if qkv.device.type == "cpu" else 64
     _rope_attention_bwd_delta_kernel[(triton.cdiv(N, block_delta), num_heads, B)](

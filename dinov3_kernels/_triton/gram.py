@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, mma
+
 
 @triton.jit
 def _tile_pair(pid):
@@ -27,14 +29,6 @@ def _tile_pair(pid):
     j = tl.where(j * (j + 1) // 2 > pid, j - 1, j)
     j = tl.where((j + 1) * (j + 2) // 2 <= pid, j + 1, j)
     return pid - j * (j + 1) // 2, j
-
-
-@triton.jit
-def _mma(a, b, acc, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    if IS_FP32:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -77,8 +71,8 @@ def _gram_fwd_kernel(
         b_s = tl.load(s_j + k[None, :] * stride_sd, mask=mj[:, None] & mk[None, :], other=0.0)
         a_t = tl.load(t_i + k[None, :] * stride_td, mask=mi[:, None] & mk[None, :], other=0.0)
         b_t = tl.load(t_j + k[None, :] * stride_td, mask=mj[:, None] & mk[None, :], other=0.0)
-        acc_s = _mma(a_s, tl.trans(b_s), acc_s, IS_FP32, PRECISION)
-        acc_t = _mma(a_t, tl.trans(b_t), acc_t, IS_FP32, PRECISION)
+        acc_s = mma(a_s, tl.trans(b_s), acc_s, IS_FP32, PRECISION)
+        acc_t = mma(a_t, tl.trans(b_t), acc_t, IS_FP32, PRECISION)
         if APPLY_NORM:
             a_s32 = a_s.to(tl.float32)
             b_s32 = b_s.to(tl.float32)
@@ -154,11 +148,11 @@ def _scatter_grad(X, GX, g, rows_i, rows_j, mi, mj, i, j, P, D, stride_g, stride
         k = k0 + cols
         mk = k < D
         xj = tl.load(x_j + k[None, :] * stride_d, mask=mj[:, None] & mk[None, :], other=0.0)
-        upd = _mma(w_ij, xj, tl.zeros((BLOCK, BLOCK_K), dtype=tl.float32), IS_FP32, PRECISION) * scale
+        upd = mma(w_ij, xj, tl.zeros((BLOCK, BLOCK_K), dtype=tl.float32), IS_FP32, PRECISION) * scale
         tl.atomic_add(gx_i + k[None, :], upd, mask=mi[:, None] & mk[None, :])
         if i != j:
             xi = tl.load(x_i + k[None, :] * stride_d, mask=mi[:, None] & mk[None, :], other=0.0)
-            upd = _mma(w_ji, xi, tl.zeros((BLOCK, BLOCK_K), dtype=tl.float32), IS_FP32, PRECISION) * scale
+            upd = mma(w_ji, xi, tl.zeros((BLOCK, BLOCK_K), dtype=tl.float32), IS_FP32, PRECISION) * scale
             tl.atomic_add(gx_j + k[None, :], upd, mask=mj[:, None] & mk[None, :])
 
 
@@ -236,8 +230,7 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
     acc_s = torch.zeros((G, P, D), device=s.device, dtype=torch.float32) if grad_s else partial
     acc_t = torch.zeros((G, P, D), device=s.device, dtype=torch.float32) if grad_t else partial
     M = G * P * P
-    is_fp32 = s.dtype == torch.float32
-    precision = "tf32" if (is_fp32 and s.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    is_fp32, precision = dot_precision(s)
     _gram_fwd_kernel[(num_pairs, G)](
         s, t, acc_s, acc_t, partial,
         P, D,

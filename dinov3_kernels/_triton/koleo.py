@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, mma
+
 
 @triton.jit
 def _koleo_norm_kernel(S, NORM, COUNTER, M, D, stride_m, stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -33,14 +35,6 @@ def _koleo_norm_kernel(S, NORM, COUNTER, M, D, stride_m, stride_d, BLOCK_R: tl.c
     tl.store(NORM + rows, tl.sqrt(sq), mask=mr)
     if pid == 0:
         tl.store(COUNTER, 0)
-
-
-@triton.jit
-def _mma(a, b, acc, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    if IS_FP32:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -79,7 +73,7 @@ def _koleo_search_kernel(
             mk = k < D
             a = tl.load(q_ptr + k[None, :] * stride_d, mask=mr[:, None] & mk[None, :], other=0.0)
             b = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & mk[None, :], other=0.0)
-            acc = _mma(a, tl.trans(b), acc, IS_FP32, PRECISION)
+            acc = mma(a, tl.trans(b), acc, IS_FP32, PRECISION)
         r_j = 1.0 / tl.maximum(tl.load(NORM + cols, mask=mc, other=1.0), eps)
         sim = acc * r_i[:, None] * r_j[None, :]
         sim = tl.where(mc[None, :] & (cols[None, :] != grows[:, None]), sim, float("-inf"))
@@ -155,7 +149,7 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps):
     M, D = search.shape
     dev = search.device
     on_cpu = dev.type == "cpu"
-    is_fp32 = search.dtype == torch.float32
+    is_fp32, precision = dot_precision(search)
     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P = _block_sizes(n, D, on_cpu, is_fp32)
     norm = torch.empty(M, device=dev, dtype=torch.float32)
     counter = torch.empty(1, device=dev, dtype=torch.int32)
@@ -168,7 +162,6 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps):
     dist = torch.empty((n, topk), device=dev, dtype=torch.float32)
     partial = torch.empty(grid, device=dev, dtype=torch.float32)
     loss = torch.empty((), device=dev, dtype=torch.float32)
-    precision = "tf32" if (is_fp32 and search.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     _koleo_search_kernel[(grid,)](
         search, norm, idx, dist, partial, counter, loss,
         n, M, D, offset,
