@@ -23,6 +23,16 @@
 #include <cmath>
 #include <cstring>
 
+// DINOV3_LAUNCH(grid, block, smem, stream, kernel)(args...) is kernel<<<grid, block, smem, stream>>>(args...); the
+// host emulation (tests/kernels/cuda_emu.h) runs the blocks on CPU threads instead and throws on misuse itself.
+#if defined(DINOV3_HOST_EMULATION)
+#define DINOV3_LAUNCH(grid, block, smem, stream, ...) ::emu::launch(__VA_ARGS__, grid, block, smem)
+#undef DINOV3_CHECK_LAUNCH
+#define DINOV3_CHECK_LAUNCH() static_cast<void>(0)
+#else
+#define DINOV3_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace dinov3 {
 namespace {
 
@@ -62,6 +72,10 @@ __device__ __forceinline__ float2 unpack2(uint32_t u) {
   return Pair<T>::to_float2(v);
 }
 
+#if defined(DINOV3_HOST_EMULATION)
+// tests/kernels/attention_cuda_emu.cpp runs these kernels on the CPU and supplies ldmatrix_x4, ldmatrix_x4_trans
+// and mma_16816, emulated from the PTX ISA fragment layouts.
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -103,6 +117,7 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // DINOV3_HOST_EMULATION
 
 // Per-lane offsets of the ldmatrix row address inside a 16x16 block (row, col) for the three operand shapes used:
 //   A operand, row-major [m][k]:                 matrices (m0-7,k0-7) (m8-15,k0-7) (m0-7,k8-15) (m8-15,k8-15)
@@ -398,7 +413,11 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_kernel(const Bwd
   constexpr int WM = BM / 16;   // warps along the queries of the dQ product
   constexpr int WD = 4 / WM;    // warps along the head dim of the dQ product
   constexpr int DW = D / WD;    // head-dim columns per warp in the dQ product (64 in both configurations)
+#if defined(DINOV3_HOST_EMULATION)
+  unsigned char* smem_raw = emu::dynamic_smem();
+#else
   extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
   T* k_s = reinterpret_cast<T*>(smem_raw);
   T* v_s = k_s + BN * LD;
   T* q_s = v_s + BN * LD;
@@ -682,7 +701,11 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_fwd_f32_kernel(const
 template <int D>
 __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_dkdv_f32_kernel(const BwdParams p) {
   constexpr int LD = D + 1, DL = D / 32, HL = DL / 2;
+#if defined(DINOV3_HOST_EMULATION)
+  unsigned char* smem_raw = emu::dynamic_smem();
+#else
   extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
   float* k_s = reinterpret_cast<float*>(smem_raw);   // [kSimtBlock][D]
   float* v_s = k_s + kSimtBlock * D;                  // [kSimtBlock][D]
   float* q_s = v_s + kSimtBlock * D;                  // [kSimtTile][LD]
@@ -766,7 +789,11 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_dkdv_f32_kernel(
 template <int D>
 __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_dq_f32_kernel(const BwdParams p) {
   constexpr int LD = D + 1, DL = D / 32, HL = DL / 2;
+#if defined(DINOV3_HOST_EMULATION)
+  unsigned char* smem_raw = emu::dynamic_smem();
+#else
   extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
   float* q_s = reinterpret_cast<float*>(smem_raw);  // [kSimtBlock][D]
   float* do_s = q_s + kSimtBlock * D;               // [kSimtBlock][D]
   float* k_s = do_s + kSimtBlock * D;               // [kSimtTile][LD]
@@ -838,8 +865,13 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_dq_f32_kernel(co
 
 template <typename Kernel>
 void set_smem(Kernel kernel, size_t bytes) {
+#if defined(DINOV3_HOST_EMULATION)
+  (void)kernel;
+  (void)bytes;
+#else
   if (bytes > 48 * 1024)
     DINOV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+#endif
 }
 
 void check_args(const char* fn, int64_t B, int64_t N, int64_t H, int64_t Dh, int64_t num_prefix, int dtype) {
@@ -859,47 +891,47 @@ void check_args(const char* fn, int64_t B, int64_t N, int64_t H, int64_t Dh, int
 template <typename T, int D>
 void launch_fwd(const FwdParams& p, int B, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.N, 64), p.H, B);
-  _rope_attention_fwd_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+  DINOV3_LAUNCH(grid, kThreads, 0, stream, _rope_attention_fwd_kernel<T, D>)(p);
   DINOV3_CHECK_LAUNCH();
 }
 
 template <int D>
 void launch_fwd_f32(const FwdParams& p, int B, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.N, kSimtBlock), p.H, B);
-  _rope_attention_fwd_f32_kernel<D><<<grid, kThreads, 0, stream>>>(p);
+  DINOV3_LAUNCH(grid, kThreads, 0, stream, _rope_attention_fwd_f32_kernel<D>)(p);
   DINOV3_CHECK_LAUNCH();
 }
 
 template <typename T, int D>
 void launch_bwd(const BwdParams& p, int B, cudaStream_t stream) {
   const int64_t rows = int64_t(B) * p.N * p.H;
-  _rope_attention_bwd_delta_kernel<T, D><<<static_cast<unsigned>(ceil_div<int64_t>(rows, kThreads / 32)),
-                                             kThreads, 0, stream>>>(p, rows);
+  DINOV3_LAUNCH(static_cast<unsigned>(ceil_div<int64_t>(rows, kThreads / 32)), kThreads, 0, stream,
+                _rope_attention_bwd_delta_kernel<T, D>)(p, rows);
   DINOV3_CHECK_LAUNCH();
   const dim3 grid(ceil_div(p.N, 64), p.H, B);
   const size_t smem = BwdTile<D>::template smem_bytes<T>();
   set_smem(_rope_attention_bwd_kernel<T, D>, smem);
-  _rope_attention_bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
+  DINOV3_LAUNCH(grid, kThreads, smem, stream, _rope_attention_bwd_kernel<T, D>)(p);
   DINOV3_CHECK_LAUNCH();
   const int64_t pairs = rows * (D / 2);
   const int64_t blocks = std::min<int64_t>(ceil_div<int64_t>(pairs, 256), int64_t(1) << 20);
-  _rope_attention_bwd_dq_kernel<T, D><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, pairs);
+  DINOV3_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream, _rope_attention_bwd_dq_kernel<T, D>)(p, pairs);
   DINOV3_CHECK_LAUNCH();
 }
 
 template <int D>
 void launch_bwd_f32(const BwdParams& p, int B, cudaStream_t stream) {
   const int64_t rows = int64_t(B) * p.N * p.H;
-  _rope_attention_bwd_delta_kernel<float, D><<<static_cast<unsigned>(ceil_div<int64_t>(rows, kThreads / 32)),
-                                                 kThreads, 0, stream>>>(p, rows);
+  DINOV3_LAUNCH(static_cast<unsigned>(ceil_div<int64_t>(rows, kThreads / 32)), kThreads, 0, stream,
+                _rope_attention_bwd_delta_kernel<float, D>)(p, rows);
   DINOV3_CHECK_LAUNCH();
   const dim3 grid(ceil_div(p.N, kSimtBlock), p.H, B);
   const size_t smem = (size_t(2) * kSimtBlock * D + size_t(2) * kSimtTile * (D + 1) + 2 * kSimtTile) * sizeof(float);
   set_smem(_rope_attention_bwd_dkdv_f32_kernel<D>, smem);
-  _rope_attention_bwd_dkdv_f32_kernel<D><<<grid, kThreads, smem, stream>>>(p);
+  DINOV3_LAUNCH(grid, kThreads, smem, stream, _rope_attention_bwd_dkdv_f32_kernel<D>)(p);
   DINOV3_CHECK_LAUNCH();
   set_smem(_rope_attention_bwd_dq_f32_kernel<D>, smem);
-  _rope_attention_bwd_dq_f32_kernel<D><<<grid, kThreads, smem, stream>>>(p);
+  DINOV3_LAUNCH(grid, kThreads, smem, stream, _rope_attention_bwd_dq_f32_kernel<D>)(p);
   DINOV3_CHECK_LAUNCH();
 }
 
@@ -960,7 +992,11 @@ void rope_attention_bwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintpt
     return;
   }
   // dQ is accumulated with atomics across key blocks.
+#if defined(DINOV3_HOST_EMULATION)
+  std::memset(p.dq_accum, 0, sizeof(float) * B * N * H * Dh);
+#else
   DINOV3_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, sizeof(float) * B * N * H * Dh, s));
+#endif
   if (dtype == kBFloat16) {
     if (Dh == 64) launch_bwd<__nv_bfloat16, 64>(p, b, s); else launch_bwd<__nv_bfloat16, 128>(p, b, s);
   } else {

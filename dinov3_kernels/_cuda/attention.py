@@ -50,11 +50,16 @@ def _check(qkv, sin, cos, num_heads, num_prefix_tokens):
                 f"rope_attention (cuda): {name} must be (N - num_prefix_tokens, head_dim) = "
                 f"{(N - num_prefix_tokens, head_dim)}, got {tuple(t.shape)}"
             )
+    _check_device(qkv, sin, cos)
+    return B, N, num_heads, head_dim
+
+
+def _check_device(qkv, sin, cos):
+    # Separate so that the CPU emulation test (tests/kernels/test_attention_cuda.py) can run this glue on CPU tensors.
     if any(t.device.type != "cuda" for t in (qkv, sin, cos)) or len({qkv.device, sin.device, cos.device}) != 1:
         raise ValueError(
             f"rope_attention (cuda): qkv, sin, cos must be on one CUDA device, got {qkv.device}, {sin.device}, {cos.device}"
         )
-    return B, N, num_heads, head_dim
 
 
 def _aligned(t: torch.Tensor) -> bool:

@@ -3,10 +3,20 @@
 CPU tests: the glue and the launchers reject unsupported head dims / dtypes before touching a GPU, and a lane-level
 emulator of the tensor-core kernels (ldmatrix + mma.sync m16n8k16 fragments as the PTX ISA defines them, the same
 per-lane address formulas and the same loop structure as the .cu file) reproduces the float64 reference, forward and
-backward. GPU tests (`gpu` marker): the compiled kernels against the float64 reference, every dtype and head dim.
+backward. The real kernels also run on the CPU: csrc/rope_attention.cu compiled for the host with
+DINOV3_HOST_EMULATION (tests/kernels/attention_cuda_emu.cpp on tests/kernels/cuda_emu.h), driven through the real
+glue, every dtype, both head dims, forward and backward. GPU tests (`gpu` marker): the compiled kernels against the
+float64 reference, every dtype and head dim.
 """
 
 from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -385,6 +395,146 @@ def test_emulator_detects_a_wrong_fragment_mapping():
     bad = ldmatrix_x4(b_tile, BNK_ROW, A_COL)  # k halves taken from the wrong lanes
     wrong = mma(np.zeros((32, 4)), a, bad[:, 0], bad[:, 1])
     assert not np.allclose(wrong, good)
+
+
+# ---- CPU: the real kernels, run by a CPU emulation of CUDA -------------------------------------------------------
+# csrc/rope_attention.cu compiled for the host with DINOV3_HOST_EMULATION by tests/kernels/attention_cuda_emu.cpp
+# (on tests/kernels/cuda_emu.h: each CUDA thread an OS thread, __syncthreads a barrier, shuffles, ldmatrix and
+# mma.sync through per-warp exchange buffers, fragment layouts from the PTX ISA tables) and driven through the real
+# glue, dinov3_kernels/_cuda/attention.py, on CPU tensors. Every launcher, kernel and rounding point runs as on the
+# GPU: fp16/bf16 conversions are the cuda_fp16.h / cuda_bf16.h round-to-nearest-even ones, P and dS are rounded to
+# the input dtype before their products, the outputs are rounded once. Only the order of the fp32 sums differs:
+# within one mma.sync the emulation sums the 16 exact products in double, and the dQ atomics land in thread order.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CSRC = os.path.join(_HERE, "..", "..", "csrc")
+
+
+def _cuda_include_dir():
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    homes.append("/usr/local/cuda")
+    for home in homes:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_fp16.h")):
+            return os.path.join(home, "include")
+    return None
+
+
+class _EmulatedAttentionExtension:
+    """rope_attention_fwd_cuda / rope_attention_bwd_cuda with the signatures of dinov3_kernels._C, on CPU memory."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        P, L, I, D, S = ctypes.c_size_t, ctypes.c_longlong, ctypes.c_int, ctypes.c_double, ctypes.c_char_p
+        lib.emu_rope_attention_fwd.argtypes = [P] * 5 + [L] * 7 + [I, D, S, I]
+        lib.emu_rope_attention_bwd.argtypes = [P] * 9 + [L] * 7 + [I, D, S, I]
+
+    @staticmethod
+    def _call(fn, args):
+        *rest, _stream = args
+        err = ctypes.create_string_buffer(1024)
+        rc = fn(*rest, err, 1024)
+        if rc == 1:
+            raise ValueError(err.value.decode())
+        if rc != 0:
+            raise RuntimeError(err.value.decode())
+
+    def rope_attention_fwd_cuda(self, *args):
+        self._call(self.lib.emu_rope_attention_fwd, args)
+
+    def rope_attention_bwd_cuda(self, *args):
+        self._call(self.lib.emu_rope_attention_bwd, args)
+
+
+@pytest.fixture(scope="module")
+def emulated_attention_ext(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    inc = _cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("needs a host C++20 compiler and the CUDA headers (cuda_fp16.h) to emulate the kernels")
+    lib = tmp_path_factory.mktemp("attention_emu") / "libattention_emu.so"
+    src = os.path.join(_HERE, "attention_cuda_emu.cpp")
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+                        f"-I{_CSRC}", f"-I{inc}", src, "-o", str(lib)], capture_output=True, text=True)
+    if r.returncode != 0 and any(w in r.stderr for w in ("<barrier>", "std::barrier", "atomic_ref", "c++20")):
+        pytest.skip(f"{cxx} lacks the C++20 library the emulation uses: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return _EmulatedAttentionExtension(ctypes.CDLL(str(lib)))
+
+
+@pytest.fixture
+def emulated_glue(emulated_attention_ext, monkeypatch):
+    """dinov3_kernels._cuda.attention on CPU tensors, its launches running the emulated kernels."""
+    monkeypatch.setattr(_backend, "cuda_ext", lambda: emulated_attention_ext)
+    monkeypatch.setattr(glue, "_check_device", lambda *tensors: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    return glue
+
+
+# Pass criterion (the GPU tests' one): error vs the float64 spec at most twice that of the official eager path run in
+# the input dtype, plus ATOL (relative to the gradient's magnitude for dqkv). fp32 is exact fp32 arithmetic, so its
+# own bound is tight: EMU_F32_RTOL of the largest magnitude.
+EMU_F32_RTOL = 2e-6
+
+
+def _emulated_case(glue_mod, dtype, D, N, num_prefix, H=1, token_pad=0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    C = H * D
+    base = torch.randn(1, N, 3 * C + token_pad, generator=gen, dtype=torch.float64).to(dtype)
+    qkv = base[:, :, :3 * C]  # token_pad > 0: a strided view, read in place
+    sin, cos = _rope_tables(N - num_prefix, D, seed=seed + 1)
+    dout = torch.randn(1, N, C, generator=gen, dtype=torch.float64).to(dtype)
+    before = qkv.clone()
+    scale = D**-0.5
+    out, lse = glue_mod.rope_attention_fwd_cuda(qkv, sin, cos, H, num_prefix, scale)
+    dqkv = glue_mod.rope_attention_bwd_cuda(qkv, sin, cos, out, lse, dout, H, num_prefix, scale)
+    assert torch.equal(qkv, before)
+    assert out.shape == (1, N, C) and out.dtype == dtype and lse.shape == (1, H, N) and lse.dtype == torch.float32
+    assert dqkv.shape == qkv.shape and dqkv.dtype == dtype
+    for t in (out, lse, dqkv):
+        assert torch.isfinite(t).all()
+
+    ref_out, ref_lse, ref_grad = _reference64(qkv, sin, cos, H, num_prefix)
+    ref_d = ref_grad(dout)
+    if dtype == torch.float32:
+        assert _err(out, ref_out) <= EMU_F32_RTOL * ref_out.abs().max().item()
+        assert _err(lse, ref_lse) <= EMU_F32_RTOL * ref_lse.abs().max().item()
+        for w, name in enumerate("qkv"):
+            got, want = dqkv[..., w * C:(w + 1) * C], ref_d[..., w * C:(w + 1) * C]
+            assert _err(got, want) <= EMU_F32_RTOL * want.abs().max().item(), name
+        return
+    lp_out, lp_d = _low_precision_reference(qkv, sin, cos, H, num_prefix, dout)
+    assert _err(out, ref_out) <= 2 * _err(lp_out, ref_out) + ATOL[dtype]
+    assert _err(lse, ref_lse) <= LSE_ATOL[dtype]
+    for w, name in enumerate("qkv"):
+        sl = slice(w * C, (w + 1) * C)
+        got, want, lp = dqkv[..., sl], ref_d[..., sl], lp_d[..., sl]
+        assert _err(got, want) <= 2 * _err(lp, want) + ATOL[dtype] * want.abs().max().item(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D, N, H", [(64, 20, 2), (64, 70, 1), (128, 37, 1)])
+def test_emulated_cuda_kernels_match_float64(emulated_glue, dtype, D, N, H):
+    """N = 5 + 15 (one ragged tile, two heads), 5 + 65 (a second, 6-row key and query tile), Dh 128 (the BM = 32
+    backward configuration)."""
+    _emulated_case(emulated_glue, dtype, D, N, num_prefix=5, H=H)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_emulated_cuda_strided_and_prefix_edges(emulated_glue, dtype):
+    """qkv as a strided view (padded token stride), no prefix tokens, and only prefix tokens (no rotation)."""
+    _emulated_case(emulated_glue, dtype, 64, 20, num_prefix=5, token_pad=64, seed=3)
+    _emulated_case(emulated_glue, dtype, 64, 9, num_prefix=0, seed=4)
+    _emulated_case(emulated_glue, dtype, 64, 9, num_prefix=9, seed=5)
+
+
+def test_emulated_launcher_rejects_bad_arguments(emulated_attention_ext):
+    with pytest.raises(ValueError, match="head_dim 96"):
+        emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 5), 1, 8, 1, 96, 0, 0, 0, 2, 1.0, 0)
+    with pytest.raises(ValueError, match="dtype code 7"):
+        emulated_attention_ext.rope_attention_bwd_cuda(*([0] * 9), 1, 8, 1, 64, 0, 0, 0, 7, 1.0, 0)
 
 
 # ---- GPU: the compiled kernels -----------------------------------------------------------------------------------
