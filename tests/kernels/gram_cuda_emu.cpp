@@ -2,94 +2,7 @@
 // warp shuffles and mma.sync go through per-warp exchange buffers. The mma.sync fragment layouts here are written
 // from the PTX ISA tables (independently of the kernel), so the kernel's fragment indexing is checked against them.
 // Built by tests/kernels/test_gram_cuda.py with the host C++ compiler; entry points are extern "C" for ctypes.
-#include <cuda_runtime.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-#include <atomic>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <stdexcept>
-#include <type_traits>
-#include <exception>
-#include <memory>
-#include <thread>
-#include <vector>
-
-#undef __global__
-#undef __device__
-#undef __host__
-#undef __forceinline__
-#undef __launch_bounds__
-#undef __shared__
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__ static  // one block runs at a time: a function-local static is the block's shared memory
-
-namespace emu {
-struct Warp {
-  explicit Warp() : bar(32) {}
-  std::barrier<> bar;
-  float f[32];
-  uint32_t a[32][4];
-  uint32_t b[32][2];
-};
-thread_local uint3 t_thread;
-thread_local uint3 t_block;
-dim3 g_grid;
-std::barrier<>* g_block_bar = nullptr;
-std::vector<std::unique_ptr<Warp>> g_warps;
-
-inline int lane() { return static_cast<int>(t_thread.x & 31u); }
-inline Warp& warp() { return *g_warps[t_thread.x >> 5]; }
-}  // namespace emu
-
-#define threadIdx (::emu::t_thread)
-#define blockIdx (::emu::t_block)
-#define gridDim (::emu::g_grid)
-
-inline void __syncthreads() { emu::g_block_bar->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int off) {
-  emu::Warp& w = emu::warp();
-  const int l = emu::lane();
-  w.f[l] = v;
-  w.bar.arrive_and_wait();
-  const float r = w.f[l ^ off];
-  w.bar.arrive_and_wait();
-  return r;
-}
-template <typename T>
-inline T __ldg(const T* p) { return *p; }
-inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
-
-template <typename K, typename... Args>
-void emu_launch(K* kernel, dim3 grid, dim3 block, Args... args) {
-  const unsigned n = block.x;
-  emu::g_grid = grid;
-  for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      std::barrier<> bar(n);
-      emu::g_block_bar = &bar;
-      emu::g_warps.clear();
-      for (unsigned w = 0; w < n / 32; ++w) emu::g_warps.push_back(std::make_unique<emu::Warp>());
-      std::vector<std::thread> threads;
-      for (unsigned t = 0; t < n; ++t)
-        threads.emplace_back([=] {
-          emu::t_thread = make_uint3(t, 0, 0);
-          emu::t_block = make_uint3(bx, by, 0);
-          kernel(args...);
-        });
-      for (auto& th : threads) th.join();
-    }
-}
+#include "cuda_emu.h"
 
 namespace dinov3 {
 namespace {
@@ -162,26 +75,10 @@ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]
 #include "gram_loss.cu"
 #undef DINOV3_CHECK_LAUNCH
 
-namespace {
-template <typename F>
-int guarded(char* err, int errlen, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::invalid_argument& e) {
-    std::snprintf(err, errlen, "%s", e.what());
-    return 1;
-  } catch (const std::exception& e) {
-    std::snprintf(err, errlen, "%s", e.what());
-    return 2;
-  }
-}
-}  // namespace
-
 extern "C" {
 long long emu_gram_num_partials(long long G, long long P, char* err, int errlen) {
   long long out = -1;
-  if (guarded(err, errlen, [&] { out = dinov3::gram_num_partials(G, P); })) return -1;
+  if (emu_guarded(err, errlen, [&] { out = dinov3::gram_num_partials(G, P); })) return -1;
   return out;
 }
 
@@ -189,7 +86,7 @@ int emu_gram_fwd(uintptr_t s, uintptr_t t, uintptr_t acc_s, uintptr_t acc_t, uin
                  long long P, long long D, long long sg, long long sp, long long sd, long long tg, long long tp,
                  long long td, int dtype, double scale, double eps, int apply_norm, int clamp_s, int clamp_t,
                  int grad_s, int grad_t, int allow_tf32, char* err, int errlen) {
-  return guarded(err, errlen, [&] {
+  return emu_guarded(err, errlen, [&] {
     dinov3::gram_fwd(s, t, acc_s, acc_t, partial, G, P, D, sg, sp, sd, tg, tp, td, dtype, scale, eps, apply_norm,
                      clamp_s, clamp_t, grad_s, grad_t, allow_tf32, 0);
   });
@@ -197,6 +94,6 @@ int emu_gram_fwd(uintptr_t s, uintptr_t t, uintptr_t acc_s, uintptr_t acc_t, uin
 
 int emu_gram_norm_bwd(uintptr_t x, uintptr_t gxh, uintptr_t out, long long R, long long D, long long sr, long long sd,
                       int dtype, double eps, int apply_norm, char* err, int errlen) {
-  return guarded(err, errlen, [&] { dinov3::gram_norm_bwd(x, gxh, out, R, D, sr, sd, dtype, eps, apply_norm, 0); });
+  return emu_guarded(err, errlen, [&] { dinov3::gram_norm_bwd(x, gxh, out, R, D, sr, sd, dtype, eps, apply_norm, 0); });
 }
 }
