@@ -13,7 +13,7 @@
 // for close pairs), and the last block to arrive sums the per-block partials in a fixed order (deterministic loss).
 #include "common.cuh"
 
-#include <mma.h>
+#include <mma.h>  // host emulation (tests/kernels/koleo_cuda_emu.cpp): wmma comes from the harness
 
 #include <cmath>
 #include <climits>
@@ -321,10 +321,16 @@ void launch_search(const void* s, const float* norm, int64_t M, int64_t D, int64
                    int64_t n, int topk, float eps, float pdist_eps, bool vec, int64_t* out_idx, float* out_dist,
                    float* partial, int* counter, float* loss, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(ceil_div<int64_t>(n, kBlockM));
+#if defined(DINOV3_HOST_EMULATION)
+  emu_launch(koleo_search_kernel<T, KMAX>, dim3(grid), dim3(kThreads), static_cast<const T*>(s), norm, M, D, sm, sd,
+             offset, n, topk, eps, pdist_eps, static_cast<float>(1.0 / (static_cast<double>(n) * topk)), vec, out_idx,
+             out_dist, partial, counter, loss);
+#else
   koleo_search_kernel<T, KMAX><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(s), norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps,
       static_cast<float>(1.0 / (static_cast<double>(n) * topk)), vec, out_idx, out_dist, partial, counter, loss);
   DINOV3_CHECK_LAUNCH();
+#endif
 }
 
 template <typename T>
@@ -332,9 +338,14 @@ void launch_all(const void* s, int64_t M, int64_t D, int64_t sm, int64_t sd, int
                 float eps, float pdist_eps, float* norm, int* counter, int64_t* out_idx, float* out_dist,
                 float* partial, float* loss, cudaStream_t stream) {
   constexpr int kRowsPerBlock = 8;
+#if defined(DINOV3_HOST_EMULATION)
+  emu_launch(koleo_norm_kernel<T>, dim3(static_cast<unsigned>(ceil_div<int64_t>(M, kRowsPerBlock))),
+             dim3(32 * kRowsPerBlock), static_cast<const T*>(s), M, D, sm, sd, norm, counter);
+#else
   koleo_norm_kernel<T><<<static_cast<unsigned>(ceil_div<int64_t>(M, kRowsPerBlock)), 32 * kRowsPerBlock, 0, stream>>>(
       static_cast<const T*>(s), M, D, sm, sd, norm, counter);
   DINOV3_CHECK_LAUNCH();
+#endif
   constexpr int64_t V = 16 / sizeof(T);
   const bool vec = sd == 1 && D % V == 0 && sm % V == 0 && reinterpret_cast<std::uintptr_t>(s) % 16 == 0;
   if (topk <= 1)

@@ -3,7 +3,8 @@
 // shuffles, ldmatrix and mma.sync go through per-warp exchange buffers. The ldmatrix and mma.sync fragment layouts
 // are written from the PTX ISA tables, independently of the kernels, so a kernel's fragment indexing is checked
 // against them. One block runs at a time, so a function-local static serves as the block's shared memory.
-// Included by the per-kernel harnesses (gram_cuda_emu.cpp, attention_cuda_emu.cpp) before the .cu file.
+// Included by the per-kernel harnesses (gram_cuda_emu.cpp, attention_cuda_emu.cpp, koleo_cuda_emu.cpp) before the
+// .cu file.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -43,7 +44,7 @@ struct Warp {
   explicit Warp() : bar(32) {}
   std::barrier<> bar;
   std::atomic<int> live{32};  // lanes that have not returned yet
-  float f[32];
+  uint32_t u[32];  // shuffles (any 32-bit type)
   uint32_t a[32][4];
   uint32_t b[32][2];
   const unsigned char* addr[32];
@@ -83,28 +84,38 @@ inline unsigned char* dynamic_smem() {
 
 inline void __syncthreads() { emu::g_block_bar->arrive_and_wait(); }
 
-template <typename F>
-inline float emu_shuffle(F src_lane) {
+// Value of v in lane src_lane(lane) of this warp; every lane of the warp must take part (full-warp shuffles only).
+template <typename V, typename F>
+inline V emu_shuffle(unsigned mask, V v, int width, F src_lane) {
+  static_assert(sizeof(V) == 4 && std::is_trivially_copyable_v<V>, "32-bit shuffles only");
+  if (mask != 0xffffffffu) emu::fail("only full-warp shuffles are emulated");
+  if (width != 32) emu::fail("only width-32 shuffles are emulated");
   emu::Warp& w = emu::warp();
-  w.bar.arrive_and_wait();  // everyone has written f[]
+  std::memcpy(&w.u[emu::lane()], &v, 4);
+  w.bar.arrive_and_wait();  // everyone has written u[]
   emu::check_converged(w, "warp shuffle");
-  const float r = w.f[src_lane(emu::lane()) & 31];
-  w.bar.arrive_and_wait();  // everyone has read before f[] is reused
+  V r;
+  std::memcpy(&r, &w.u[src_lane(emu::lane()) & 31], 4);
+  w.bar.arrive_and_wait();  // everyone has read before u[] is reused
   return r;
 }
-inline float __shfl_xor_sync(unsigned, float v, int off) {
-  emu::warp().f[emu::lane()] = v;
-  return emu_shuffle([off](int l) { return l ^ off; });
+template <typename V>
+inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
+  return emu_shuffle(mask, v, width, [lane_mask](int l) { return l ^ lane_mask; });
 }
-inline float __shfl_sync(unsigned, float v, int src) {
-  emu::warp().f[emu::lane()] = v;
-  return emu_shuffle([src](int) { return src; });
+template <typename V>
+inline V __shfl_sync(unsigned mask, V v, int src, int width = 32) {
+  return emu_shuffle(mask, v, width, [src](int) { return src; });
 }
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }  // blocks run in order: earlier blocks' writes are visible
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 // kernel<<<grid, block, smem_bytes>>>(args...): blocks in order, each with block.x threads (1-D blocks only).
 template <typename K, typename... Args>

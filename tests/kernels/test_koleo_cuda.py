@@ -1,0 +1,232 @@
+"""The CUDA backend of the KoLeo loss (csrc/koleo_loss.cu), run on the CPU.
+
+The real kernels (row norms, fused top-k search, distances, last-block loss reduction) are compiled for the host
+with tests/kernels/koleo_cuda_emu.cpp (one OS thread per CUDA thread, barriers, warp shuffles, WMMA as whole-tile
+operations; see tests/kernels/cuda_emu.h) and driven through the real Python glue (dinov3_kernels/_cuda/koleo.py) and
+the registered op (so the backward runs on the emulated forward's indices, distances and norms). Oracle: float64.
+The same kernels on a GPU are checked by the `gpu` tests of tests/kernels/test_koleo.py.
+
+Tolerances: the kernels compute in fp32 from exactly representable inputs (fp16/bf16 values are exact in fp32; the
+emulated tensor cores multiply them exactly and accumulate in fp32), so the loss, distances and norms are within
+fp32 rounding of float64: LOSS_RTOL / DIST_RTOL. The gradient (torch ops in fp32) is rounded to the input dtype at the
+end: GRAD_RTOL is a few units of that dtype's rounding, against the largest reference entry. Neighbour indices must
+be exactly the float64 ones (ties to the lowest index); random cases assert first that no two of a row's top-(k+1)
+float64 similarities are closer than MARGIN (far above the fp32 error of a cosine), so that the order is defined.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov3_kernels import _backend
+from dinov3_kernels.koleo import PDIST_EPS, _koleo_reference_on_set
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+EPS = 1e-8
+MARGIN = 1e-5
+LOSS_RTOL = 1e-5
+DIST_RTOL = 1e-5
+GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cuda_include_dir():
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    homes.append("/usr/local/cuda")
+    for home in homes:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_fp16.h")):
+            return os.path.join(home, "include")
+    return None
+
+
+class _EmulatedExtension:
+    """koleo_num_partials / koleo_fwd with the signatures of dinov3_kernels._C, on CPU tensors."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        lib.emu_koleo_num_partials.restype = ctypes.c_longlong
+        lib.emu_koleo_num_partials.argtypes = [ctypes.c_longlong]
+        lib.emu_koleo_fwd.argtypes = ([ctypes.c_size_t, ctypes.c_int] + [ctypes.c_longlong] * 6 +
+                                      [ctypes.c_int, ctypes.c_float, ctypes.c_float] + [ctypes.c_size_t] * 6 +
+                                      [ctypes.c_char_p, ctypes.c_int])
+        self.calls = 0
+
+    def koleo_num_partials(self, n):
+        return self.lib.emu_koleo_num_partials(n)
+
+    def koleo_fwd(self, *args):
+        *rest, _stream = args
+        err = ctypes.create_string_buffer(512)
+        rc = self.lib.emu_koleo_fwd(*[int(a) if isinstance(a, bool) else a for a in rest], err, 512)
+        self.calls += 1
+        if rc == 1:
+            raise ValueError(err.value.decode())
+        if rc != 0:
+            raise RuntimeError(err.value.decode())
+
+
+@pytest.fixture(scope="module")
+def emulated_ext(tmp_path_factory):
+    """csrc/koleo_loss.cu compiled for the host with tests/kernels/koleo_cuda_emu.cpp."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    inc = _cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("needs a host C++20 compiler and the CUDA headers (cuda_fp16.h) to emulate the kernels")
+    lib = tmp_path_factory.mktemp("koleo_emu") / "libkoleo_emu.so"
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "koleo_cuda_emu.cpp")
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas", f"-I{CSRC}",
+                        f"-I{inc}", src, "-o", str(lib)], capture_output=True, text=True)
+    if r.returncode != 0 and any(w in r.stderr for w in ("<barrier>", "std::barrier", "atomic_ref", "c++20")):
+        pytest.skip(f"{cxx} lacks the C++20 library the emulation uses: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return _EmulatedExtension(ctypes.CDLL(str(lib)))
+
+
+@pytest.fixture
+def emulated_op(emulated_ext, monkeypatch):
+    """torch.ops.dinov3_kernels.koleo_loss_fwd with backend "cuda" on CPU tensors, through the real glue
+    (dinov3_kernels/_cuda/koleo.py) and the emulated kernels."""
+    monkeypatch.setattr(_backend, "cuda_ext", lambda: emulated_ext)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    before = emulated_ext.calls
+
+    def op(search, offset, n, topk):
+        out = torch.ops.dinov3_kernels.koleo_loss_fwd(search, offset, n, topk, EPS, "cuda")
+        assert emulated_ext.calls > before, "the op did not reach the emulated kernels"
+        return out
+
+    return op
+
+
+def _rel_err(got, want):
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def _float64_search(search, offset, n):
+    """Float64 unit rows and the (n, M) similarities with each row's own entry at -inf."""
+    u = F.normalize(search.double(), dim=-1, eps=EPS)
+    dots = u[offset:offset + n] @ u.T
+    rows = torch.arange(n)
+    dots[rows, offset + rows] = float("-inf")
+    return u, dots
+
+
+def _check(op, search, offset, n, topk, need_margin=True, grads=True):
+    """Emulated forward (loss, indices, distances, norms) and backward against float64."""
+    dtype = search.dtype
+    s_in = search.detach().clone().requires_grad_(True)
+    loss, idx, dist, norm = op(s_in, offset, n, topk)
+    loss.backward()
+    assert torch.equal(s_in.detach(), search), "the kernels wrote into the input"
+
+    u, dots = _float64_search(search, offset, n)
+    order = torch.sort(dots, dim=1, descending=True, stable=True)
+    if need_margin:
+        top = order.values[:, :topk + 1]
+        gap = (top[:, :-1] - top[:, 1:]).min().item()
+        assert gap > MARGIN, f"test data: float64 similarities {gap:.1e} apart, too close to define the order"
+    want_idx = order.indices[:, :topk]
+    assert idx.dtype == torch.int64 and idx.shape == (n, topk)
+    mism = (idx != want_idx).nonzero()
+    assert mism.numel() == 0, f"{len(mism)} neighbour indices differ, first (row, k) {mism[0].tolist()}: " \
+                              f"{idx[tuple(mism[0])].item()} vs float64 {want_idx[tuple(mism[0])].item()}"
+
+    torch.testing.assert_close(norm.double(), search.double().norm(dim=1), rtol=1e-6, atol=1e-30)
+    want_dist = (u[offset:offset + n].unsqueeze(1) - u[want_idx] + PDIST_EPS).norm(dim=-1)
+    assert dist.dtype == torch.float32 and dist.shape == (n, topk)
+    torch.testing.assert_close(dist.double(), want_dist, rtol=DIST_RTOL, atol=1e-7)
+
+    s_ref = search.double().requires_grad_(True)
+    ref = _koleo_reference_on_set(s_ref, offset, n, topk, EPS)
+    ref.backward()
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert abs(loss.item() - ref.item()) <= LOSS_RTOL * abs(ref.item()) + 1e-7, (loss.item(), ref.item())
+    assert s_in.grad.dtype == dtype and s_in.grad.shape == search.shape
+    if not grads:
+        return idx, dist
+    err = _rel_err(s_in.grad, s_ref.grad)
+    assert err <= GRAD_RTOL[dtype], f"grad: relative error {err:.2e} > {GRAD_RTOL[dtype]:.1e}"
+    return idx, dist
+
+
+def _randn(shape, dtype, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# (M, D, offset, n, topk): the smallest search set (one query row, the last row); one ragged tile; three blocks of query rows (the last-block reduction sums three partials)
+# over three column tiles with D over two feature chunks; query rows at an offset spanning two blocks; the deepest
+# register list (KMAX = 16). KMAX = 1, 4, 8, 16 here, 2 in the other tests. Last: the data seed (one whose float64
+# top-(k+1) similarities are MARGIN apart in every dtype).
+CASES = [(2, 3, 1, 1, 1, 2003), (7, 5, 0, 7, 1, 7005), (130, 40, 0, 130, 3, 130040), (150, 24, 70, 65, 6, 150025), (40, 9, 3, 20, 11, 40009)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-D{}-off{}-n{}-k{}".format(*c[:5]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_forward_backward(emulated_op, case, dtype):
+    M, D, offset, n, topk, seed = case
+    _check(emulated_op, _randn((M, D), dtype, seed), offset, n, topk)
+
+
+@pytest.mark.parametrize("kind", ["transposed", "unaligned", "odd_d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_element_loads(emulated_op, kind, dtype):
+    """stride_d != 1, rows off the 16-byte grid, and D not a multiple of the vector take the element-wise loads."""
+    M, D = 70, 16
+    if kind == "transposed":
+        s = _randn((D, M), dtype, 1).T
+    elif kind == "unaligned":
+        s = _randn((M * (D + 1) + 1,), dtype, 2)[1:].view(M, D + 1)[:, :D]
+    else:
+        s = _randn((M, 13), dtype, 3)
+    _check(emulated_op, s, 0, M, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_ties_go_to_the_lowest_index(emulated_op, dtype):
+    """Duplicate rows give bit-identical similarities; they sit in different column tiles, both merge halves (even
+    and odd columns) and both query blocks, so every tie-break path of the kernel is taken."""
+    M, D = 140, 12
+    s = _randn((M, D), dtype, 4)
+    # Row 5's copies: the nearest neighbours of row 5 and of each copy are the other copies, all equally close.
+    for c in (6, 64, 67, 131):
+        s[c] = s[5]
+    s[20] = 0.0  # a zero row: every similarity with it is exactly 0
+    # No gradient check: a duplicate pair is pdist_eps·√D apart, so its gradient terms are ~1e4, cancel between the
+    # two rows only up to fp32 rounding, and overflow fp16 (the reference's float64 gradient is finite).
+    idx, dist = _check(emulated_op, s, 0, M, 4, need_margin=False, grads=False)
+    copies = [5, 6, 64, 67, 131]
+    for r in copies:
+        assert idx[r].tolist() == [c for c in copies if c != r], (r, idx[r].tolist())
+        assert torch.all(dist[r] <= 1e-6)
+    # The zero row ties with everything: its neighbours are the lowest indices (itself excluded).
+    assert idx[20].tolist() == [0, 1, 2, 3]
+
+
+def test_emulated_nan_propagates(emulated_op):
+    s = _randn((20, 8), torch.float32, 5)
+    s[4, 2] = float("nan")
+    loss, idx, dist, _ = emulated_op(s, 0, 20, 2)
+    assert torch.isnan(loss) and torch.isnan(dist[4]).all()
+    assert ((idx >= 0) & (idx < 20)).all()  # never an out-of-range index, even with no valid neighbour
+
+
+def test_emulated_bad_arguments(emulated_ext):
+    s = torch.zeros(4, 4)
+    args = lambda dtype, M, n, topk: (s.data_ptr(), dtype, M, 4, 4, 1, 0, n, topk, EPS, PDIST_EPS, 0, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="dtype code 9"):
+        emulated_ext.koleo_fwd(*args(9, 4, 4, 1))
+    with pytest.raises(ValueError, match="topk < M"):
+        emulated_ext.koleo_fwd(*args(0, 4, 4, 4))
+    with pytest.raises(ValueError, match="offset"):
+        emulated_ext.koleo_fwd(*args(0, 4, 5, 1))
+    assert emulated_ext.koleo_num_partials(65) == 2
