@@ -163,11 +163,17 @@ def _randn(shape, dtype, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-# (M, D, offset, n, topk): the smallest search set (one query row, the last row); one ragged tile; three blocks of query rows (the last-block reduction sums three partials)
-# over three column tiles with D over two feature chunks; query rows at an offset spanning two blocks; the deepest
-# register list (KMAX = 16). KMAX = 1, 4, 8, 16 here, 2 in the other tests. Last: the data seed (one whose float64
-# top-(k+1) similarities are MARGIN apart in every dtype).
-CASES = [(2, 3, 1, 1, 1, 2003), (7, 5, 0, 7, 1, 7005), (130, 40, 0, 130, 3, 130040), (150, 24, 70, 65, 6, 150025), (40, 9, 3, 20, 11, 40009)]
+# (M, D, offset, n, topk): the smallest search set (one query row, the last row); one ragged tile; three blocks of
+# query rows (the last-block reduction sums three partials) over three column tiles with D over two feature chunks;
+# query rows at an offset spanning two blocks; the deepest register list (KMAX = 16). KMAX = 1, 4, 8, 16 here, 2 in
+# the other tests. Last: the data seed (one whose float64 top-(k+1) similarities are MARGIN apart in every dtype).
+CASES = [
+    (2, 3, 1, 1, 1, 2003),
+    (7, 5, 0, 7, 1, 7005),
+    (130, 40, 0, 130, 3, 130040),
+    (150, 24, 70, 65, 6, 150025),
+    (40, 9, 3, 20, 11, 40009),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-D{}-off{}-n{}-k{}".format(*c[:5]))
