@@ -184,6 +184,15 @@ float dec16(uint32_t reg, int half) {
   else return __bfloat162float(__ushort_as_bfloat16(bits));
 }
 
+// Publishes this lane's mma.sync operand registers to the warp and waits until every lane has done so.
+inline void stage_mma_operands(Warp& w, int l, const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  std::memcpy(w.a[l], a, sizeof(a));
+  w.b[l][0] = b0;
+  w.b[l][1] = b1;
+  w.bar.arrive_and_wait();
+  check_converged(w, "mma.sync");
+}
+
 // mma.sync.m16n8k16.row.col.f32.{f16,bf16}: A element (m, k) lives in lane (m%8)*4 + (k%8)/2, register
 // (m/8) + 2*(k/8), half k%2; B element (k, n) in lane n*4 + (k%8)/2, register k/8, half k%2; C/D element (m, n) in
 // lane (m%8)*4 + n/2, register 2*(m/8) + n%2. The products of 16-bit inputs are exact; the 16-term sum is taken in
@@ -192,11 +201,7 @@ template <typename T>
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   Warp& w = warp();
   const int l = lane();
-  std::memcpy(w.a[l], a, sizeof(a));
-  w.b[l][0] = b0;
-  w.b[l][1] = b1;
-  w.bar.arrive_and_wait();
-  check_converged(w, "mma.sync");
+  stage_mma_operands(w, l, a, b0, b1);
   for (int r = 0; r < 4; ++r) {
     // Which (m, n) this lane's register r holds, found by searching the table rather than inverting it.
     int m = -1, n = -1;
@@ -226,11 +231,7 @@ inline uint32_t to_tf32(float x) {
 inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   Warp& w = warp();
   const int l = lane();
-  std::memcpy(w.a[l], a, sizeof(a));
-  w.b[l][0] = b0;
-  w.b[l][1] = b1;
-  w.bar.arrive_and_wait();
-  check_converged(w, "mma.sync");
+  stage_mma_operands(w, l, a, b0, b1);
   for (int r = 0; r < 4; ++r) {
     const int m = l / 4 + 8 * (r / 2), n = 2 * (l % 4) + r % 2;
     double s = 0.0;

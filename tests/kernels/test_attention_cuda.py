@@ -12,9 +12,6 @@ float64 reference, every dtype and head dim.
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -22,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import _cuda_emu
 from dinov3_kernels import _backend
 from dinov3_kernels._cuda import attention as glue
 
@@ -405,22 +403,6 @@ def test_emulator_detects_a_wrong_fragment_mapping():
 # GPU: fp16/bf16 conversions are the cuda_fp16.h / cuda_bf16.h round-to-nearest-even ones, P and dS are rounded to
 # the input dtype before their products, the outputs are rounded once. Only the order of the fp32 sums differs:
 # within one mma.sync the emulation sums the 16 exact products in double, and the dQ atomics land in thread order.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_CSRC = os.path.join(_HERE, "..", "..", "csrc")
-
-
-def _cuda_include_dir():
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    homes.append("/usr/local/cuda")
-    for home in homes:
-        if home and os.path.exists(os.path.join(home, "include", "cuda_fp16.h")):
-            return os.path.join(home, "include")
-    return None
-
-
 class _EmulatedAttentionExtension:
     """rope_attention_fwd_cuda / rope_attention_bwd_cuda with the signatures of dinov3_kernels._C, on CPU memory."""
 
@@ -430,37 +412,16 @@ class _EmulatedAttentionExtension:
         lib.emu_rope_attention_fwd.argtypes = [P] * 5 + [L] * 7 + [I, D, S, I]
         lib.emu_rope_attention_bwd.argtypes = [P] * 9 + [L] * 7 + [I, D, S, I]
 
-    @staticmethod
-    def _call(fn, args):
-        *rest, _stream = args
-        err = ctypes.create_string_buffer(1024)
-        rc = fn(*rest, err, 1024)
-        if rc == 1:
-            raise ValueError(err.value.decode())
-        if rc != 0:
-            raise RuntimeError(err.value.decode())
-
     def rope_attention_fwd_cuda(self, *args):
-        self._call(self.lib.emu_rope_attention_fwd, args)
+        _cuda_emu.call(self.lib.emu_rope_attention_fwd, *args[:-1])  # the last argument is the stream
 
     def rope_attention_bwd_cuda(self, *args):
-        self._call(self.lib.emu_rope_attention_bwd, args)
+        _cuda_emu.call(self.lib.emu_rope_attention_bwd, *args[:-1])
 
 
 @pytest.fixture(scope="module")
 def emulated_attention_ext(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    inc = _cuda_include_dir()
-    if cxx is None or inc is None:
-        pytest.skip("needs a host C++20 compiler and the CUDA headers (cuda_fp16.h) to emulate the kernels")
-    lib = tmp_path_factory.mktemp("attention_emu") / "libattention_emu.so"
-    src = os.path.join(_HERE, "attention_cuda_emu.cpp")
-    r = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-                        f"-I{_CSRC}", f"-I{inc}", src, "-o", str(lib)], capture_output=True, text=True)
-    if r.returncode != 0 and any(w in r.stderr for w in ("<barrier>", "std::barrier", "atomic_ref", "c++20")):
-        pytest.skip(f"{cxx} lacks the C++20 library the emulation uses: {r.stderr[-300:]}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return _EmulatedAttentionExtension(ctypes.CDLL(str(lib)))
+    return _EmulatedAttentionExtension(_cuda_emu.build(tmp_path_factory, "attention_cuda_emu.cpp"))
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import _cuda_emu
 from dinov3_kernels import _backend
 from dinov3_kernels.gram import NORM_EPS, gram_loss, gram_loss_reference
 
@@ -250,18 +251,6 @@ def test_emulated_kernel_zero_row_and_no_teacher_grad(tiling):
 
 
 # ---- CPU: the real kernels, run by a CPU emulation of CUDA ------------------------------------------------------
-def _cuda_include_dir():
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    homes.append("/usr/local/cuda")
-    for home in homes:
-        if home and os.path.exists(os.path.join(home, "include", "cuda_fp16.h")):
-            return os.path.join(home, "include")
-    return None
-
-
 class _EmulatedExtension:
     """gram_num_partials / gram_fwd / gram_norm_bwd with the signatures of dinov3_kernels._C, on CPU tensors."""
 
@@ -275,45 +264,24 @@ class _EmulatedExtension:
         lib.emu_gram_norm_bwd.argtypes = ([ctypes.c_size_t] * 3 + [ctypes.c_longlong] * 4 +
                                           [ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_char_p, ctypes.c_int])
 
-    @staticmethod
-    def _raise(rc, err):
-        if rc == 1:
-            raise ValueError(err.value.decode())
-        if rc != 0:
-            raise RuntimeError(err.value.decode())
-
     def gram_num_partials(self, G, P):
-        err = ctypes.create_string_buffer(512)
-        n = self.lib.emu_gram_num_partials(G, P, err, 512)
-        self._raise(1 if n < 0 else 0, err)
+        err = ctypes.create_string_buffer(1024)
+        n = self.lib.emu_gram_num_partials(G, P, err, 1024)
+        if n < 0:
+            raise ValueError(err.value.decode())
         return n
 
     def gram_fwd(self, *args):
-        err = ctypes.create_string_buffer(512)
-        *rest, _stream = args
-        self._raise(self.lib.emu_gram_fwd(*[int(a) if isinstance(a, bool) else a for a in rest], err, 512), err)
+        _cuda_emu.call(self.lib.emu_gram_fwd, *args[:-1])  # the last argument is the stream
 
     def gram_norm_bwd(self, *args):
-        err = ctypes.create_string_buffer(512)
-        *rest, _stream = args
-        self._raise(self.lib.emu_gram_norm_bwd(*[int(a) if isinstance(a, bool) else a for a in rest], err, 512), err)
+        _cuda_emu.call(self.lib.emu_gram_norm_bwd, *args[:-1])
 
 
 @pytest.fixture(scope="module")
 def emulated_ext(tmp_path_factory):
     """csrc/gram_loss.cu compiled for the host with tests/kernels/gram_cuda_emu.cpp (threads, barriers, mma.sync)."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    inc = _cuda_include_dir()
-    if cxx is None or inc is None:
-        pytest.skip("needs a host C++20 compiler and the CUDA headers (cuda_fp16.h) to emulate the kernels")
-    lib = tmp_path_factory.mktemp("gram_emu") / "libgram_emu.so"
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gram_cuda_emu.cpp")
-    r = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas", f"-I{CSRC}",
-                        f"-I{inc}", src, "-o", str(lib)], capture_output=True, text=True)
-    if r.returncode != 0 and any(w in r.stderr for w in ("<barrier>", "std::barrier", "atomic_ref", "c++20")):
-        pytest.skip(f"{cxx} lacks the C++20 library the emulation uses: {r.stderr[-300:]}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return _EmulatedExtension(ctypes.CDLL(str(lib)))
+    return _EmulatedExtension(_cuda_emu.build(tmp_path_factory, "gram_cuda_emu.cpp"))
 
 
 @pytest.fixture

@@ -15,37 +15,22 @@ float64 similarities are closer than MARGIN (far above the fp32 error of a cosin
 """
 
 import ctypes
-import os
-import shutil
-import subprocess
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import _cuda_emu
 from dinov3_kernels import _backend
 from dinov3_kernels.koleo import PDIST_EPS, _koleo_reference_on_set
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 EPS = 1e-8
 MARGIN = 1e-5
 LOSS_RTOL = 1e-5
 DIST_RTOL = 1e-5
 GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _cuda_include_dir():
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    homes.append("/usr/local/cuda")
-    for home in homes:
-        if home and os.path.exists(os.path.join(home, "include", "cuda_fp16.h")):
-            return os.path.join(home, "include")
-    return None
 
 
 class _EmulatedExtension:
@@ -64,31 +49,14 @@ class _EmulatedExtension:
         return self.lib.emu_koleo_num_partials(n)
 
     def koleo_fwd(self, *args):
-        *rest, _stream = args
-        err = ctypes.create_string_buffer(512)
-        rc = self.lib.emu_koleo_fwd(*[int(a) if isinstance(a, bool) else a for a in rest], err, 512)
         self.calls += 1
-        if rc == 1:
-            raise ValueError(err.value.decode())
-        if rc != 0:
-            raise RuntimeError(err.value.decode())
+        _cuda_emu.call(self.lib.emu_koleo_fwd, *args[:-1])  # the last argument is the stream
 
 
 @pytest.fixture(scope="module")
 def emulated_ext(tmp_path_factory):
     """csrc/koleo_loss.cu compiled for the host with tests/kernels/koleo_cuda_emu.cpp."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    inc = _cuda_include_dir()
-    if cxx is None or inc is None:
-        pytest.skip("needs a host C++20 compiler and the CUDA headers (cuda_fp16.h) to emulate the kernels")
-    lib = tmp_path_factory.mktemp("koleo_emu") / "libkoleo_emu.so"
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "koleo_cuda_emu.cpp")
-    r = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas", f"-I{CSRC}",
-                        f"-I{inc}", src, "-o", str(lib)], capture_output=True, text=True)
-    if r.returncode != 0 and any(w in r.stderr for w in ("<barrier>", "std::barrier", "atomic_ref", "c++20")):
-        pytest.skip(f"{cxx} lacks the C++20 library the emulation uses: {r.stderr[-300:]}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return _EmulatedExtension(ctypes.CDLL(str(lib)))
+    return _EmulatedExtension(_cuda_emu.build(tmp_path_factory, "koleo_cuda_emu.cpp"))
 
 
 @pytest.fixture
