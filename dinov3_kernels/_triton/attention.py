@@ -329,28 +329,49 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
 
 
-def _prune(configs, named_args, **kwargs):
-    # Large head dims would spill registers with 128-row tiles on both sides.
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
-    if head_dim <= 128:
-        return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs[:1]
+def _row_bytes(kwargs):
+    return kwargs["BLOCK_D"] * (4 if kwargs["IS_FP32"] else 2)
 
 
-# Hopper/Ampere-friendly candidates; the key includes N because vision sequence lengths are few and fixed.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
-                         (64, 64, 4, 2)])
-_BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
-                         (32, 32, 4, 2)])
+# Candidates per width of one q/k/v row in bytes (BLOCK_D x element size), so that every candidate fits in an H100's
+# 227 KB of shared memory per block and spills little or nothing: widths above 128 bytes take 8 warps (half the
+# registers per thread) and smaller tiles or fewer stages. Each (BLOCK_M, BLOCK_N, num_warps, num_stages) set was
+# chosen from a compile for sm_90 with Triton 3.9 (tests/kernels/triton_compile.py reports shared memory, registers
+# and spill stack per config); the autotuner times what is left on the device.
+_FWD = {
+    128: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 2)],
+    256: [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
+    512: [(64, 32, 8, 2), (32, 32, 8, 2), (64, 64, 8, 1), (32, 32, 8, 1)],
+    1024: [(32, 32, 8, 1), (16, 32, 8, 1)],
+}
+_BWD = {
+    128: [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)],
+    256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2)],
+    512: [(16, 32, 8, 1), (32, 32, 8, 1), (32, 32, 8, 2)],
+    1024: [(16, 32, 8, 1), (32, 32, 8, 1), (16, 16, 4, 1)],
+}
+
+
+def _by_width(table):
+    """(all configs, prune function keeping those of the launch's row width)."""
+    groups = {width: _configs(pairs) for width, pairs in table.items()}
+
+    def prune(configs, named_args, **kwargs):
+        width = _row_bytes({**named_args, **kwargs})
+        return groups[min(w for w in groups if w >= width)]
+
+    return [c for group in groups.values() for c in group], prune
+
+
 _KEY = ["N", "HEAD_DIM", "IS_FP32", "PRECISION"]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+_FWD_CONFIGS, _fwd_prune = _by_width(_FWD)
+_BWD_CONFIGS, _bwd_prune = _by_width(_BWD)
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fwd_prune})(
     _rope_attention_fwd_kernel)
-_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _bwd_prune})(
     _rope_attention_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+_dq_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _bwd_prune})(
     _rope_attention_bwd_dq_kernel)
-
 
 
 def _cpu_blocks(N):
@@ -358,6 +379,12 @@ def _cpu_blocks(N):
     # ragged edges) in the small test shapes, 32 rows cut the per-tile overhead at N ~ 200.
     block = 16 if N <= 64 else 32
     return {"BLOCK_M": block, "BLOCK_N": block}
+
+
+def _row_block(t):
+    # Rows per program of the row-wise kernels (Delta, apply_rope): 16 keeps several programs (and ragged edges) in the
+    # interpreter's small test shapes.
+    return 16 if t.device.type == "cpu" else 64
 
 
 def _tied(sin, head_dim):
@@ -407,7 +434,7 @@ def rope_attention_bwd_triton(qkv, sin, cos, out, lse, dout, num_heads, num_pref
     delta = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32)
     is_fp32, precision = dot_precision(qkv)
     block_h, block_d = _dims(Dh)
-    block_delta = 16 if qkv.device.type == "cpu" else 64
+    block_delta = _row_block(qkv)
     _rope_attention_bwd_delta_kernel[(triton.cdiv(N, block_delta), num_heads, B)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), N, num_heads,
         HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_delta,
@@ -429,7 +456,7 @@ def apply_rope_triton(q, k, sin, cos, num_prefix_tokens, inverse=False):
     B, H, N, Dh = q.shape
     qo = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     ko = torch.empty((B, H, N, Dh), device=k.device, dtype=k.dtype)
-    block_n = 16 if q.device.type == "cpu" else 64
+    block_n = _row_block(q)
     _apply_rope_kernel[(triton.cdiv(N, block_n), H, B)](
         q, k, qo, ko, sin, cos, *q.stride(), *k.stride(), N, H, num_prefix_tokens,
         INVERSE=inverse, HEAD_DIM=Dh, TIED=_tied(sin, Dh), BLOCK_H=max(16, triton.next_power_of_2(Dh // 2)),

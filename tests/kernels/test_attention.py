@@ -444,3 +444,25 @@ def test_gpu_auto_and_deterministic():
                 torch.testing.assert_close(dqkv[..., :C], runs[0][1][..., :C], rtol=1e-2, atol=1e-2)
             else:
                 assert torch.equal(dqkv, runs[0][1]), backend
+
+
+def test_triton_autotune_candidates_by_row_width():
+    # Every head dim the triton backend takes, in every dtype, gets a non-empty candidate list, and wider rows get
+    # candidates no larger (in tile area x stages) than narrower rows: the shared memory a block needs grows with the
+    # row width, so the lists must shrink (tests/kernels/triton_compile.py checks the actual bytes on a compile).
+    pytest.importorskip("triton")
+    from dinov3_kernels._triton import attention as tri
+
+    def biggest(prune, configs, block_d, is_fp32):
+        kept = prune(configs, {}, BLOCK_D=block_d, IS_FP32=is_fp32, HEAD_DIM=block_d)
+        assert kept and all(c in configs for c in kept)
+        return max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages for c in kept)
+
+    for prune, configs in ((tri._fwd_prune, tri._FWD_CONFIGS), (tri._bwd_prune, tri._BWD_CONFIGS)):
+        sizes = []
+        for head_dim in range(16, 257, 16):
+            block_d = max(16, 1 << (head_dim - 1).bit_length())
+            for is_fp32 in (False, True):
+                sizes.append((block_d * (4 if is_fp32 else 2), biggest(prune, configs, block_d, is_fp32)))
+        sizes.sort()
+        assert all(a[1] >= b[1] for a, b in zip(sizes, sizes[1:]) if a[0] < b[0])

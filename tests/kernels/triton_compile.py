@@ -1,0 +1,205 @@
+"""Compiles every Triton kernel for a GPU target on a machine without one, at the configurations the GPU path uses.
+
+The interpreter (TRITON_INTERPRET=1, how the CPU tests run the kernels) checks what a kernel computes, not that it
+compiles: tl.dot shape and dtype rules, layouts, shared memory and the PTX/ptxas stages only run in a real compile.
+This runs the real launchers (dinov3_kernels/_triton/*.py) on CPU tensors with the GPU branch of every host-side
+choice (block sizes, every autotune config, TF32), but with a stand-in Triton driver that reports a GPU target and a
+JIT that compiles down to a cubin (Triton's own ptxas) without launching anything. It prints one line per compiled
+kernel (name, target, dtype, config, shared memory, registers and spill stores when cuobjdump is there) and exits
+non-zero on any compile error. Used by tests/kernels/test_triton_compile.py; run it by hand as
+
+    python tests/kernels/triton_compile.py [--arch 90] [--quick | --full] [--ops ...] [--dtypes ...]
+
+`--full` compiles the whole matrix (every dtype x head dim x autotune config), the default bf16/fp32/tf32 at head dims
+64 and 128 with every autotune config, `--quick` the subset CI compiles (a few minutes without Triton's cache).
+Works on Triton 3.6 and 3.9. Must run in a fresh process: TRITON_INTERPRET must be unset before triton is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("triton_compile.py: unset TRITON_INTERPRET (this compiles for a GPU target instead of interpreting)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+class _CompileOnlyDriver:
+    """What JITFunction.run asks of the active driver before it compiles; nothing here touches a device."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+COMPILED: list[dict] = []
+_CONTEXT: dict = {}
+
+
+def _resources(kernel) -> str:
+    """Registers, spill stores and stack of the compiled cubin, from the cuobjdump Triton ships (or on PATH)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    cubin = kernel.asm.get("cubin") if hasattr(kernel, "asm") else None
+    if tool is None or not cubin:
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        r = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", r.stdout, re.S)
+    return f"regs {m.group(1)} stack {m.group(2)}" if m else ""
+
+
+def _jit_run(self, *args, grid, warmup, **kwargs):
+    t0 = time.perf_counter()
+    kernel = _JIT_RUN(self, *args, grid=grid, warmup=True, **kwargs)  # compile, never launch
+    seconds = time.perf_counter() - t0
+    meta = {k: kwargs[k] for k in sorted(kwargs) if k.isupper() and k.startswith("BLOCK")}
+    COMPILED.append(dict(name=self.fn.__name__, **_CONTEXT, blocks=meta, warps=kernel.metadata.num_warps,
+                         stages=kernel.metadata.num_stages, shared=kernel.metadata.shared, res=_resources(kernel), seconds=seconds))
+    return kernel
+
+
+def _autotuner_run(self, *args, **kwargs):
+    """Every config the autotuner would time, compiled (pruned as the autotuner prunes them); with --quick the first."""
+    self.nargs = dict(zip(self.arg_names, args))
+    configs = self.prune_configs(kwargs)
+    for config in configs[:1] if _QUICK else configs:
+        self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+
+
+_QUICK = False
+
+
+_JIT_RUN = JITFunction.run
+
+
+def _install(arch: int, tf32: list[bool]):
+    from dinov3_kernels._triton import attention, gram, koleo
+
+    driver.set_active(_CompileOnlyDriver(arch))
+    JITFunction.run = _jit_run
+    Autotuner.run = _autotuner_run
+
+    # The GPU branch of every host-side choice the launchers make from the tensors' device.
+    def gpu_precision(x):
+        fp32 = x.dtype == torch.float32
+        return fp32, ("tf32" if fp32 and tf32[0] else "ieee")
+
+    for mod in (attention, gram, koleo):
+        mod.dot_precision = gpu_precision
+    gram_blocks, koleo_blocks, attn_launch = gram._block_sizes, koleo._block_sizes, attention._launch
+    gram._block_sizes = lambda P, D, on_cpu: gram_blocks(P, D, False)
+    koleo._block_sizes = lambda n, D, on_cpu, is_fp32: koleo_blocks(n, D, False, is_fp32)
+    attention._launch = lambda tuned, raw, tile, N, B, H, on_cpu, *a, **m: attn_launch(tuned, raw, tile, N, B, H,
+                                                                                         False, *a, **m)
+    attention._row_block = lambda t: 64
+
+
+# label -> (dtype, tf32)
+DTYPES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
+          "tf32": (torch.float32, True)}
+OPS = ("gram", "koleo", "attention")
+
+
+def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> None:
+    tf32 = [False]
+    _install(arch, tf32)
+    from dinov3_kernels._triton import attention, gram, koleo
+
+    dtypes = dtypes or (list(DTYPES) if full else ["bf16", "fp32", "tf32"])
+    for label in dtypes:
+        dtype, tf32[0] = DTYPES[label]
+        _CONTEXT.update(op="gram", dtype=label, head_dim=None)
+        for P, D in (((200, 384), (261, 1024)) if full else ((200, 384),)) if "gram" in ops else ():
+            s = torch.randn(2, P, D).to(dtype)
+            t = torch.randn(2, P, D).to(dtype)
+            gram.gram_fwd_triton(s, t, apply_norm=True, clamp_s=False, clamp_t=False, grad_s=True, grad_t=False)
+            gram.gram_fwd_triton(s, t, apply_norm=False, clamp_s=True, clamp_t=True, grad_s=True, grad_t=True)
+
+        _CONTEXT.update(op="koleo", head_dim=None)
+        koleo_shapes = ((64, 384, 1), (9000, 1024, 4)) if full else ((64, 384, 1), (9000, 384, 4))
+        for n, D, topk in koleo_shapes if "koleo" in ops else ():
+            x = torch.randn(n, D).to(dtype)
+            loss, idx, dist, norm = koleo.koleo_fwd_triton(x, 0, n, topk, 1e-8, 1e-8)
+            idx.zero_()
+            dist.fill_(1.0)
+            koleo.koleo_bwd_triton(torch.ones(()), x, idx, dist, norm, 0, n, 1e-8, 1e-8)
+
+        _CONTEXT.update(op="attention")
+        for Dh in (head_dims or ((64, 128, 80, 256) if full else (64, 128))) if "attention" in ops else ():
+            _CONTEXT["head_dim"] = Dh
+            H, prefix, hw = 2, 5, 196
+            N = prefix + hw
+            qkv = torch.randn(1, N, 3 * H * Dh).to(dtype)
+            sin = torch.randn(hw, Dh)
+            cos = torch.randn(hw, Dh)
+            out, lse = attention.rope_attention_fwd_triton(qkv, sin, cos, H, prefix, Dh ** -0.5)
+            attention.rope_attention_bwd_triton(qkv, sin, cos, out, lse, torch.randn_like(out), H, prefix, Dh ** -0.5)
+            if Dh == 64:  # apply_rope, with tied sin/cos halves
+                q = torch.randn(1, H, N, Dh).to(dtype)
+                attention.apply_rope_triton(q, q.clone(), sin[:, : Dh // 2].contiguous(),
+                                            cos[:, : Dh // 2].contiguous(), prefix)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (80: A100, 90: H100/H200)")
+    ap.add_argument("--smem-limit", type=int, default=None,
+                    help="bytes of shared memory a block may use (default: 232448 for sm_90, 166912 for sm_80)")
+    ap.add_argument("--full", action="store_true", help="every dtype, head dim and autotune config")
+    ap.add_argument("--quick", action="store_true",
+                    help="what CI compiles: bf16 and fp32, head dim 64, the first autotune config of each kernel")
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="only these input dtypes")
+    ap.add_argument("--ops", nargs="+", choices=OPS, default=OPS, help="only these ops")
+    ap.add_argument("--head-dims", nargs="+", type=int, help="attention head dims")
+    args = ap.parse_args(argv)
+    if args.quick:
+        global _QUICK
+        _QUICK = True
+        args.dtypes, args.head_dims = args.dtypes or ["bf16", "fp32"], args.head_dims or [64]
+    compile_all(args.arch, args.full, args.dtypes, args.ops, args.head_dims)
+    limit = args.smem_limit or (232448 if args.arch >= 90 else 166912)
+    fits: dict[tuple, bool] = {}
+    for c in COMPILED:
+        ok = c["shared"] <= limit
+        key = (c["name"], c["dtype"], c["head_dim"])
+        fits[key] = fits.get(key, False) or ok
+        print(f"ok sm_{args.arch} {c['op']:9s} {c['dtype']:4s} {c['name']:34s} Dh {c['head_dim']} {c['blocks']} "
+              f"warps {c['warps']} stages {c['stages']} smem {c['shared']}{'' if ok else ' (over the limit)'} "
+              f"{c['res']} ({c['seconds']:.1f} s)", flush=True)
+    print(f"triton {triton.__version__}: {len(COMPILED)} kernels compiled for sm_{args.arch}")
+    # A launch whose every candidate needs more shared memory than a block may have fails on the device.
+    none_fit = [key for key, ok in fits.items() if not ok]
+    for name, dtype, head_dim in none_fit:
+        print(f"FAIL: no config of {name} ({dtype}, head_dim {head_dim}) fits in {limit} bytes of shared memory")
+    return 1 if none_fit else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
