@@ -196,11 +196,22 @@ def _gram_norm_bwd_kernel(
         tl.store(o_ptr + k[None, :], gx.to(OUT.dtype.element_ty), mask=m)
 
 
-def _block_sizes(P, D, on_cpu):
+def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee"):
+    """(BLOCK, BLOCK_K, num_warps, num_stages) of the forward kernel."""
     if on_cpu:
         # The interpreter pays per program and per op, not per element: few, large tiles (tl.dot needs >= 16).
-        return max(16, min(128, triton.next_power_of_2(P))), max(16, min(128, triton.next_power_of_2(D)))
-    return max(16, min(64, triton.next_power_of_2(P))), 64 if D >= 64 else max(16, triton.next_power_of_2(D))
+        return max(16, min(128, triton.next_power_of_2(P))), max(16, min(128, triton.next_power_of_2(D))), 4, 1
+    # From compiles for sm_90 (tests/kernels/triton_compile.py reports registers and spill stack): IEEE fp32 products
+    # run on FMA units with their operands in registers, so 64-wide K slices at 4 warps spilled about 7 KB per thread;
+    # 16-wide slices at 8 warps do not spill. TF32 at 8 warps does not spill either; 16-bit inputs fit at 4 warps.
+    # Every choice fits in an A100's 163 KB of shared memory per block.
+    if is_fp32 and precision == "ieee":
+        k_cap, warps, stages = 16, 8, 2
+    elif is_fp32:
+        k_cap, warps, stages = 64, 8, 2  # 3 stages need 192 KB with both gradients: more than an A100 block has
+    else:
+        k_cap, warps, stages = 64, 4, 3
+    return max(16, min(64, triton.next_power_of_2(P))), max(16, min(k_cap, triton.next_power_of_2(D))), warps, stages
 
 
 def _norm_backward(x, g_hat, apply_norm, eps):
@@ -223,14 +234,14 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
     Returns (loss fp32 scalar, grad_s or empty, grad_t or empty); gradients are for a loss weight of 1.
     """
     G, P, D = s.shape
-    BLOCK, BLOCK_K = _block_sizes(P, D, s.device.type == "cpu")
+    is_fp32, precision = dot_precision(s)
+    BLOCK, BLOCK_K, num_warps, num_stages = _block_sizes(P, D, s.device.type == "cpu", is_fp32, precision)
     nb = triton.cdiv(P, BLOCK)
     num_pairs = nb * (nb + 1) // 2
     partial = torch.empty((G, num_pairs), device=s.device, dtype=torch.float32)
     acc_s = torch.zeros((G, P, D), device=s.device, dtype=torch.float32) if grad_s else partial
     acc_t = torch.zeros((G, P, D), device=s.device, dtype=torch.float32) if grad_t else partial
     M = G * P * P
-    is_fp32, precision = dot_precision(s)
     _gram_fwd_kernel[(num_pairs, G)](
         s, t, acc_s, acc_t, partial,
         P, D,
@@ -239,6 +250,7 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
         4.0 / M, eps,
         APPLY_NORM=apply_norm, CLAMP_S=clamp_s, CLAMP_T=clamp_t, GRAD_S=grad_s, GRAD_T=grad_t,
         IS_FP32=is_fp32, PRECISION=precision, BLOCK=BLOCK, BLOCK_K=BLOCK_K,
+        num_warps=num_warps, num_stages=num_stages,
     )
     # Summing the partials in float64 keeps the loss accurate when M reaches billions of entries.
     loss = (partial.sum(dtype=torch.float64) / M).to(torch.float32)
