@@ -170,7 +170,9 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps):
         TOPK=topk, KP=max(2, triton.next_power_of_2(topk)),
         IS_FP32=is_fp32, PRECISION=precision,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P,
-        num_warps=4,
+        # 64 query rows keep 64 running top-k lists: at 4 warps fp32 spilled ~370 bytes/thread on sm_90, 8 warps do
+        # not (tests/kernels/triton_compile.py).
+        num_warps=8 if BLOCK_M >= 64 else 4,
     )
     return loss, idx, dist, norm
 
