@@ -196,21 +196,31 @@ def _gram_norm_bwd_kernel(
         tl.store(o_ptr + k[None, :], gx.to(OUT.dtype.element_ty), mask=m)
 
 
-def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee"):
+def _sm(t):
+    """Compute capability x10 of a CUDA tensor's device (0 on CPU)."""
+    if not t.is_cuda:
+        return 0
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee", sm=90):
     """(BLOCK, BLOCK_K, num_warps, num_stages) of the forward kernel."""
     if on_cpu:
         # The interpreter pays per program and per op, not per element: few, large tiles (tl.dot needs >= 16).
         return max(16, min(128, triton.next_power_of_2(P))), max(16, min(128, triton.next_power_of_2(D))), 4, 1
-    # From compiles for sm_90 (tests/kernels/triton_compile.py reports registers and spill stack): IEEE fp32 products
+    # From compiles for sm_90 and sm_80 (tests/kernels/triton_compile.py reports registers and spills): IEEE fp32 products
     # run on FMA units with their operands in registers, so 64-wide K slices at 4 warps spilled about 7 KB per thread;
     # 16-wide slices at 8 warps do not spill. TF32 at 8 warps does not spill either; 16-bit inputs fit at 4 warps.
     # Every choice fits in an A100's 163 KB of shared memory per block.
     if is_fp32 and precision == "ieee":
         k_cap, warps, stages = 16, 8, 2
-    elif is_fp32:
-        k_cap, warps, stages = 64, 8, 2  # 3 stages need 192 KB with both gradients: more than an A100 block has
-    else:
+    elif is_fp32:  # 3 stages need 192 KB with both gradients: more than an A100 block has
+        k_cap, warps, stages = (64 if sm >= 90 else 32), 8, 2
+    elif sm >= 90:
         k_cap, warps, stages = 64, 4, 3
+    else:  # mma.sync layouts (sm_80/86/89): 64-wide slices spilled up to 1.8 KB/thread at 4 warps, 32 at 8 do not
+        k_cap, warps, stages = 32, 8, 3
     return max(16, min(64, triton.next_power_of_2(P))), max(16, min(k_cap, triton.next_power_of_2(D))), warps, stages
 
 
@@ -235,7 +245,7 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
     """
     G, P, D = s.shape
     is_fp32, precision = dot_precision(s)
-    BLOCK, BLOCK_K, num_warps, num_stages = _block_sizes(P, D, s.device.type == "cpu", is_fp32, precision)
+    BLOCK, BLOCK_K, num_warps, num_stages = _block_sizes(P, D, s.device.type == "cpu", is_fp32, precision, _sm(s))
     nb = triton.cdiv(P, BLOCK)
     num_pairs = nb * (nb + 1) // 2
     partial = torch.empty((G, num_pairs), device=s.device, dtype=torch.float32)

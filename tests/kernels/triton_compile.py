@@ -115,6 +115,7 @@ def _install(arch: int, tf32: list[bool]):
         mod.dot_precision = gpu_precision
     gram_blocks, koleo_blocks, attn_launch = gram._block_sizes, koleo._block_sizes, attention._launch
     gram._block_sizes = lambda P, D, on_cpu, *a: gram_blocks(P, D, False, *a)
+    gram._sm = lambda t: arch
     koleo._block_sizes = lambda n, D, on_cpu, is_fp32: koleo_blocks(n, D, False, is_fp32)
     attention._launch = lambda tuned, raw, tile, N, B, H, on_cpu, *a, **m: attn_launch(tuned, raw, tile, N, B, H,
                                                                                          False, *a, **m)
