@@ -209,10 +209,10 @@ def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee", sm=90):
     if on_cpu:
         # The interpreter pays per program and per op, not per element: few, large tiles (tl.dot needs >= 16).
         return max(16, min(128, triton.next_power_of_2(P))), max(16, min(128, triton.next_power_of_2(D))), 4, 1
-    # From compiles for sm_90 and sm_80 (tests/kernels/triton_compile.py reports registers and spills): IEEE fp32 products
-    # run on FMA units with their operands in registers, so 64-wide K slices at 4 warps spilled about 7 KB per thread;
-    # 16-wide slices at 8 warps do not spill. TF32 at 8 warps does not spill either; 16-bit inputs fit at 4 warps.
-    # Every choice fits in an A100's 163 KB of shared memory per block.
+    # From compiles for sm_90 and sm_80 (tests/kernels/triton_compile.py reports registers and spills): IEEE fp32
+    # products run on FMA units with their operands in registers, so 64-wide K slices at 4 warps spilled about 7 KB
+    # per thread; 16-wide slices at 8 warps do not. TF32 at 8 warps does not spill either; 16-bit inputs on sm_90 fit
+    # at 4 warps. Every choice fits in an A100's 163 KB of shared memory per block.
     if is_fp32 and precision == "ieee":
         k_cap, warps, stages = 16, 8, 2
     elif is_fp32:  # 3 stages need 192 KB with both gradients: more than an A100 block has

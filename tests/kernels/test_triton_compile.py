@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles to a cubin for sm_90 at the GPU path's tile sizes, without a GPU (see triton_compile.py).
+"""Every Triton kernel compiles to a cubin for sm_90 at the GPU path's tile sizes, without a GPU
+(see triton_compile.py).
 
 The interpreter tests check what the kernels compute; this checks what only a real compile checks (tl.dot shape and
 dtype rules, layouts, the PTX and ptxas stages). It runs in a subprocess because the test session has set

@@ -80,8 +80,9 @@ def _jit_run(self, *args, grid, warmup, **kwargs):
     kernel = _JIT_RUN(self, *args, grid=grid, warmup=True, **kwargs)  # compile, never launch
     seconds = time.perf_counter() - t0
     meta = {k: kwargs[k] for k in sorted(kwargs) if k.isupper() and k.startswith("BLOCK")}
-    COMPILED.append(dict(name=self.fn.__name__, **_CONTEXT, blocks=meta, warps=kernel.metadata.num_warps,
-                         stages=kernel.metadata.num_stages, shared=kernel.metadata.shared, res=_resources(kernel), seconds=seconds))
+    md = kernel.metadata
+    COMPILED.append(dict(name=self.fn.__name__, **_CONTEXT, blocks=meta, warps=md.num_warps, stages=md.num_stages,
+                         shared=md.shared, res=_resources(kernel), seconds=seconds))
     return kernel
 
 
