@@ -37,3 +37,18 @@ def test_every_triton_kernel_compiles_for_sm90():
     assert {name for _, _, name in compiled} == KERNELS, r.stdout
     for dtype in ("bf16", "fp32"):  # each dtype reached every op
         assert {op for op, dt, _ in compiled if dt == dtype} == {"gram", "koleo", "attention"}, r.stdout
+
+
+@pytest.mark.parametrize("args, interpret, message", [
+    (["--head-dims", "72"], False, "multiples of 16"),
+    (["--head-dims", "272"], False, "multiples of 16"),
+    (["--quick"], True, "unset TRITON_INTERPRET"),
+])
+def test_compile_script_rejects_bad_arguments(args, interpret, message):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile.py"), *args], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert "kernels compiled" not in r.stdout

@@ -56,12 +56,15 @@ class _CompileOnlyDriver:
         return torch.device("cpu")
 
 
-COMPILED: list[dict] = []
-_CONTEXT: dict = {}
+COMPILED: list[dict] = []  # one entry per compiled kernel variant
+_CONTEXT: dict = {}  # op, dtype and head dim of the launches being compiled
+_QUICK = False  # --quick: only the first autotune candidate of each launch
+_JIT_RUN = JITFunction.run  # the real compile-and-launch, called with warmup=True
 
 
 def _resources(kernel) -> str:
-    """Registers, spill stores and stack of the compiled cubin, from the cuobjdump Triton ships (or on PATH)."""
+    """Registers per thread and local-memory stack (spills) of the compiled cubin, from the cuobjdump Triton ships (or
+    one on PATH); empty if neither exists."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
     cubin = kernel.asm.get("cubin") if hasattr(kernel, "asm") else None
@@ -71,7 +74,7 @@ def _resources(kernel) -> str:
         f.write(cubin)
         f.flush()
         r = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
-    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", r.stdout, re.S)
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", r.stdout, re.S)
     return f"regs {m.group(1)} stack {m.group(2)}" if m else ""
 
 
@@ -93,11 +96,6 @@ def _autotuner_run(self, *args, **kwargs):
     for config in configs[:1] if _QUICK else configs:
         self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
 
-
-_QUICK = False
-
-
-_JIT_RUN = JITFunction.run
 
 
 def _install(arch: int, tf32: list[bool]):
@@ -181,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="+", choices=OPS, default=OPS, help="only these ops")
     ap.add_argument("--head-dims", nargs="+", type=int, help="attention head dims")
     args = ap.parse_args(argv)
+    if any(d % 16 or not 16 <= d <= 256 for d in args.head_dims or ()):
+        ap.error(f"--head-dims: the triton attention takes multiples of 16 from 16 to 256, got {args.head_dims}")
     if args.quick:
         global _QUICK
         _QUICK = True
