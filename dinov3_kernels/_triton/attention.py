@@ -329,10 +329,6 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
 
 
-def _row_bytes(kwargs):
-    return kwargs["BLOCK_D"] * (4 if kwargs["IS_FP32"] else 2)
-
-
 # Candidates per width of one q/k/v row in bytes (BLOCK_D x element size), so that every candidate fits in an H100's
 # 227 KB of shared memory per block and spills little or nothing: widths above 128 bytes take 8 warps (half the
 # registers per thread) and smaller tiles or fewer stages. Each (BLOCK_M, BLOCK_N, num_warps, num_stages) set was
@@ -357,12 +353,14 @@ def _by_width(table):
     groups = {width: _configs(pairs) for width, pairs in table.items()}
 
     def prune(configs, named_args, **kwargs):
-        width = _row_bytes({**named_args, **kwargs})
+        meta = {**named_args, **kwargs}
+        width = meta["BLOCK_D"] * (4 if meta["IS_FP32"] else 2)
         return groups[min(w for w in groups if w >= width)]
 
     return [c for group in groups.values() for c in group], prune
 
 
+# The key includes N because vision sequence lengths are few and fixed.
 _KEY = ["N", "HEAD_DIM", "IS_FP32", "PRECISION"]
 _FWD_CONFIGS, _fwd_prune = _by_width(_FWD)
 _BWD_CONFIGS, _bwd_prune = _by_width(_BWD)
