@@ -8,6 +8,7 @@ a folder of images has no official epoch length.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 from typing import Any
@@ -50,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
             "in_chans": 3,
             "pos_embed_rope_base": 100.0,
             "pos_embed_rope_normalize_coords": "separate",
-            "pos_embed_rope_rescale_coords": 2,
+            "pos_embed_rope_rescale_coords": 2.0,
             "pos_embed_rope_dtype": "fp32",
             "qkv_bias": True,
             "layerscale_init": 1.0e-5,
@@ -145,7 +146,6 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
         "progress_bar": True,
     },
-    "teacher": {},
     "optim": {
         "adamw_beta1": 0.9,
         "adamw_beta2": 0.99,
@@ -221,6 +221,10 @@ BUILTIN: dict[str, dict[str, Any]] = {
 }
 
 
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the key path and what was expected."""
+
+
 def deep_merge(base: dict, update: dict) -> dict:
     """Return a copy of ``base`` with ``update`` merged in recursively (dicts merge, everything else replaces)."""
     out = copy.deepcopy(base)
@@ -233,22 +237,38 @@ def deep_merge(base: dict, update: dict) -> dict:
 
 
 def apply_override(cfg: dict, item: str) -> None:
-    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``1e-3``, ``[1, 2]``, ``null``)."""
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``1e-3``, ``[1, 2]``, ``null``).
+    A new key is accepted here and rejected (with a did-you-mean) by :func:`validate_config`."""
     if "=" not in item:
-        raise ValueError(f"override {item!r} is not of the form dotted.key=value")
+        raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ValueError(f"override {item!r} has an empty key component")
+        raise ConfigError(f"override {item!r} has an empty key component")
     node = cfg
-    for part in parts[:-1]:
-        if part not in node or not isinstance(node[part], dict):
-            if part in node and node[part] is not None:
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
+    for i, part in enumerate(parts[:-1]):
+        if part not in node or node[part] is None:
             node[part] = {}
+        elif not isinstance(node[part], dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
         node = node[part]
-    value = parse_value(raw) if raw.strip() else ""
+    try:
+        value = parse_value(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
     node[parts[-1]] = value
+
+
+def read_yaml(path: str) -> Any:
+    """A YAML file's content; a syntax error names the file, line and column."""
+    with open(path) as f:
+        try:
+            return yaml.load(f, Loader=_Loader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"config file {path}: invalid YAML{where}: {problem}") from None
 
 
 def load_config(config: str | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
@@ -259,60 +279,263 @@ def load_config(config: str | dict | None = None, overrides: list[str] | tuple[s
     elif config is not None:
         if config in BUILTIN:
             cfg = deep_merge(cfg, BUILTIN[config])
+        elif os.path.isdir(config):
+            raise ConfigError(f"config {config!r} is a folder, not a YAML file or a built-in recipe "
+                              f"({', '.join(sorted(BUILTIN))})")
         elif os.path.isfile(config):
-            with open(config) as f:
-                loaded = yaml.load(f, Loader=_Loader) or {}
+            loaded = read_yaml(config)
+            if loaded is None:
+                loaded = {}
             if not isinstance(loaded, dict):
-                raise ValueError(f"config file {config} does not hold a mapping")
+                raise ConfigError(f"config file {config} does not hold a mapping of sections")
             base = loaded.pop("base", None)  # a YAML file may start from a built-in recipe
             if base is not None:
                 if base not in BUILTIN:
-                    raise ValueError(f"unknown base recipe {base!r}; choose from {sorted(BUILTIN)}")
+                    raise ConfigError(f"{config}: unknown base recipe {base!r}; choose from {sorted(BUILTIN)}")
                 cfg = deep_merge(cfg, BUILTIN[base])
             cfg = deep_merge(cfg, loaded)
         else:
-            raise ValueError(f"config {config!r} is neither a built-in ({', '.join(sorted(BUILTIN))}) nor a file")
+            raise ConfigError(f"config {config!r} is neither a built-in ({', '.join(sorted(BUILTIN))}) nor a file")
     for item in overrides:
         apply_override(cfg, item)
     validate_config(cfg)
     return cfg
 
 
+# ------------------------------------------------------------------------------------------------ the schema
+# Every key's type is that of its default (an int default takes ints, a float default ints or floats, a list
+# default a list of the same length and element kinds). Keys whose default is null say here what else they take.
+_SCHEDULE = "schedule"
+NULLABLE: dict[str, Any] = {
+    "dino.koleo_distributed_loss_group_size": int,
+    "dino.local_loss_weight_schedule": _SCHEDULE,
+    "gram.loss_weight_schedule": _SCHEDULE,
+    "gram.ckpt": str,
+    "gram.max_updates": int,
+    "crops.gram_teacher_crops_size": int,
+}
+# A schedule: {kind, start, peak, end, warmup_iters, cosine_iters}; peak is required, the others optional.
+SCHEDULE_KEYS: dict[str, Any] = {"kind": str, "start": float, "peak": float, "end": float, "warmup_iters": int,
+                                 "cosine_iters": int}
+SCHEDULE_SECTIONS = ("schedules.lr", "schedules.weight_decay", "schedules.momentum", "schedules.teacher_temp")
+# Free-form: checked against what the model accepts (DinoVisionTransformer's keyword arguments).
+MODEL_KWARGS = "student.model_kwargs"
+# Keys that only name a choice among strings.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "student.arch": tuple(ARCHS),
+    "student.attn_backend": ("auto", "reference", "fused"),
+    "gram.tokens_used": ("all", "masked", "unmasked"),
+    "gram.global_teacher_resize_method": ("bicubic", "bilinear", "nearest", "area"),
+    "train.centering": ("sinkhorn_knopp", "softmax"),
+    "train.parallel": ("ddp", "fsdp"),
+    "train.autocast_dtype": ("bf16", "fp32", "fp16"),
+    "train.augment_device": ("auto", "cpu", "cuda"),
+    "train.kernel_backend": ("auto", "reference", "triton", "cuda"),
+    "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
+}
+
+
+def _type_name(t) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+            dict: "a section (mapping)", _SCHEDULE: "a schedule mapping {kind, start, peak, end, warmup_iters}"}[t]
+
+
+def _describe(value) -> str:
+    return f"{value!r} ({'null' if value is None else type(value).__name__})"
+
+
+def _check_scalar(path: str, value, expected, nullable: bool) -> None:
+    if value is None:
+        if nullable:
+            return
+        raise ConfigError(f"{path}: expected {_type_name(expected)}, got null")
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[expected](value)
+    if not ok:
+        null = " or null" if nullable else ""
+        raise ConfigError(f"{path}: expected {_type_name(expected)}{null}, got {_describe(value)}")
+
+
+def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else key
+        out += _leaf_paths(value, path) if isinstance(value, dict) and value else [path]
+    return out
+
+
+def _unknown(path: str, key: str, known) -> ConfigError:
+    full = f"{path}.{key}" if path else key
+    guess = [f"{path}.{g}" if path else g for g in difflib.get_close_matches(key, list(known), n=1, cutoff=0.7)]
+    if not guess:  # a key put in the wrong section: look for it by its last name anywhere
+        leaves = {p.rsplit(".", 1)[-1]: p for p in _leaf_paths(DEFAULTS)}
+        guess = [leaves[g] for g in difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.7)]
+    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    where = f"section {path!r}" if path else "the config"
+    return ConfigError(f"unknown key {full!r} in {where}{hint} (known: {', '.join(sorted(known))})")
+
+
+def _check_schedule(path: str, sch) -> None:
+    if not isinstance(sch, dict):
+        raise ConfigError(f"{path}: expected {_type_name(_SCHEDULE)}, got {_describe(sch)}")
+    for key, value in sch.items():
+        if key not in SCHEDULE_KEYS:
+            raise _unknown(path, key, SCHEDULE_KEYS)
+        _check_scalar(f"{path}.{key}", value, SCHEDULE_KEYS[key], nullable=key == "cosine_iters")
+    if "peak" not in sch:
+        raise ConfigError(f"{path}: a schedule needs 'peak'")
+    if sch.get("kind", "constant") not in ("constant", "cosine"):
+        raise ConfigError(f"{path}.kind: expected 'constant' or 'cosine', got {sch['kind']!r}")
+    if int(sch.get("warmup_iters", 0)) < 0:
+        raise ConfigError(f"{path}.warmup_iters must be >= 0")
+    if sch.get("cosine_iters") is not None and int(sch["cosine_iters"]) < 1:
+        raise ConfigError(f"{path}.cosine_iters must be >= 1 or null")
+
+
+def _check_model_kwargs(path: str, kwargs) -> None:
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{path}: expected {_type_name(dict)}, got {_describe(kwargs)}")
+    import inspect
+
+    from dinov3.models.vision_transformer import DinoVisionTransformer
+
+    params = inspect.signature(DinoVisionTransformer.__init__).parameters.values()
+    accepted = [p.name for p in params if p.name not in ("self", "device")
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    defaults = DEFAULTS["student"]["model_kwargs"]
+    for key, value in kwargs.items():
+        if key not in accepted:
+            raise _unknown(path, key, accepted)
+        if key in defaults and defaults[key] is not None:
+            _check_scalar(f"{path}.{key}", value, type(defaults[key]), nullable=False)
+
+
+def _check_tree(path: str, value, default) -> None:
+    if path == MODEL_KWARGS:
+        return _check_model_kwargs(path, value)
+    if path in SCHEDULE_SECTIONS:
+        return _check_schedule(path, value)
+    if path in NULLABLE:
+        kind = NULLABLE[path]
+        if value is None:
+            return
+        return _check_schedule(path, value) if kind == _SCHEDULE else _check_scalar(path, value, kind, nullable=True)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected {_type_name(dict)}, got {_describe(value)}")
+        for key, sub in value.items():
+            if key not in default:
+                raise _unknown(path, key, default)
+            _check_tree(f"{path}.{key}" if path else key, sub, default[key])
+        return None
+    if isinstance(default, list):
+        if not isinstance(value, list) or len(value) != len(default):
+            raise ConfigError(f"{path}: expected a list of {len(default)} numbers, got {_describe(value)}")
+        for i, (v, d) in enumerate(zip(value, default)):
+            _check_scalar(f"{path}[{i}]", v, type(d), nullable=False)
+        return None
+    _check_scalar(path, value, type(default), nullable=False)
+    if path in CHOICES and value not in CHOICES[path]:
+        raise ConfigError(f"{path}: expected one of {', '.join(map(repr, CHOICES[path]))}, got {value!r}")
+    return None
+
+
+def _get(cfg: dict, path: str):
+    node = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
 def validate_config(cfg: dict) -> None:
-    s, c, ib, g, t = cfg["student"], cfg["crops"], cfg["ibot"], cfg["gram"], cfg["train"]
-    if s["arch"] not in ARCHS:
-        raise ValueError(f"student.arch {s['arch']!r} unknown; choose from {sorted(ARCHS)}")
-    p = int(s["patch_size"])
-    for name in ("global_crops_size", "local_crops_size"):
-        if int(c[name]) % p:
-            raise ValueError(f"crops.{name}={c[name]} must be a multiple of student.patch_size={p}")
-    if c["gram_teacher_crops_size"] is not None and int(c["gram_teacher_crops_size"]) % p:
-        raise ValueError("crops.gram_teacher_crops_size must be a multiple of student.patch_size")
-    if int(c["local_crops_number"]) < 1:
-        raise ValueError("crops.local_crops_number must be >= 1 (DINOv3 always uses local crops)")
+    """Every key known, every value of its default's type, and the values that would fail later refused now."""
+    _check_tree("", cfg, DEFAULTS)
+    if set(cfg) != set(DEFAULTS):  # a section left out entirely (a dict config not built by load_config)
+        missing = sorted(set(DEFAULTS) - set(cfg))
+        raise ConfigError(f"config lacks section(s) {missing}: build it with load_config()")
+
+    def need(path: str, ok: bool, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{path}={_get(cfg, path)!r}: {what}")
+
+    s, c, d, ib, g, t, o = (cfg[k] for k in ("student", "crops", "dino", "ibot", "gram", "train", "optim"))
+    p = s["patch_size"]
+    need("student.patch_size", p >= 1, "must be >= 1")
+    need("student.drop_path_rate", 0 <= s["drop_path_rate"] < 1, "must be in [0, 1)")
+    for name in ("global_crops_size", "local_crops_size", "gram_teacher_crops_size"):
+        if c[name] is not None:
+            need(f"crops.{name}", c[name] >= p and c[name] % p == 0,
+                 f"must be a positive multiple of student.patch_size={p}")
+    if c["gram_teacher_crops_size"] is not None:
+        need("crops.gram_teacher_crops_size", c["gram_teacher_crops_size"] >= c["global_crops_size"],
+             f"must be at least crops.global_crops_size={c['global_crops_size']}")
+    need("crops.local_crops_number", c["local_crops_number"] >= 1, "must be >= 1 (DINOv3 always uses local crops)")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        lo, hi = c[name]
+        need(f"crops.{name}", 0 < lo <= hi <= 1, "must be [min, max] with 0 < min <= max <= 1")
+    in_chans = s["model_kwargs"].get("in_chans", 3)
+    for name in ("rgb_mean", "rgb_std"):
+        need(f"crops.{name}", len(c[name]) == in_chans, f"needs {in_chans} values (student.model_kwargs.in_chans)")
+    need("crops.rgb_std", all(v > 0 for v in c["rgb_std"]), "every value must be > 0")
     lo, hi = ib["mask_ratio_min_max"]
-    if not 0 <= lo < hi <= 1:
-        raise ValueError(f"ibot.mask_ratio_min_max must satisfy 0 <= min < max <= 1, got {ib['mask_ratio_min_max']}")
-    if not 0 <= ib["mask_sample_probability"] <= 1:
-        raise ValueError("ibot.mask_sample_probability must be in [0, 1]")
-    if t["centering"] not in ("sinkhorn_knopp", "softmax"):
-        raise ValueError("train.centering must be 'sinkhorn_knopp' or 'softmax'")
-    if t["parallel"] not in ("ddp", "fsdp"):
-        raise ValueError("train.parallel must be 'ddp' or 'fsdp'")
-    if int(t["batch_size_per_gpu"]) < 1 or int(t["iterations"]) < 1:
-        raise ValueError("train.batch_size_per_gpu and train.iterations must be >= 1")
+    need("ibot.mask_ratio_min_max", 0 <= lo < hi <= 1, "must satisfy 0 <= min < max <= 1")
+    need("ibot.mask_sample_probability", 0 <= ib["mask_sample_probability"] <= 1, "must be in [0, 1]")
+    for head in ("dino", "ibot"):
+        h = cfg[head]
+        for name in ("head_n_prototypes", "head_bottleneck_dim", "head_nlayers", "head_hidden_dim"):
+            need(f"{head}.{name}", h[name] >= 1, "must be >= 1")
+        need(f"{head}.student_temp", h["student_temp"] > 0, "must be > 0")
+        need(f"{head}.head_init_std", h["head_init_std"] > 0, "must be > 0")
+        need(f"{head}.loss_weight", h["loss_weight"] >= 0, "must be >= 0")
+    need("dino.koleo_loss_weight", d["koleo_loss_weight"] >= 0, "must be >= 0")
+    need("dino.koleo_topk", 1 <= d["koleo_topk"] <= 16, "must be in [1, 16] (the KoLeo kernels' limit)")
+    if not d["koleo_loss_distributed"]:
+        need("dino.koleo_topk", d["koleo_topk"] == 1, "> 1 needs dino.koleo_loss_distributed=true (as DINOv3)")
+        if d["koleo_loss_weight"] > 0:
+            need("train.batch_size_per_gpu", t["batch_size_per_gpu"] > d["koleo_topk"],
+                 f"KoLeo (dino.koleo_loss_weight > 0) needs more than dino.koleo_topk={d['koleo_topk']} images per "
+                 "batch: each CLS token's nearest neighbour is searched among the others of its crop "
+                 "(or set dino.koleo_loss_weight=0, or dino.koleo_loss_distributed=true to search all ranks)")
+    if d["koleo_distributed_loss_group_size"] is not None:
+        need("dino.koleo_distributed_loss_group_size", d["koleo_distributed_loss_group_size"] >= 1, "must be >= 1")
+    need("train.batch_size_per_gpu", t["batch_size_per_gpu"] >= 1, "must be >= 1")
+    need("train.iterations", t["iterations"] >= 1, "must be >= 1")
+    need("train.num_workers", t["num_workers"] >= 0, "must be >= 0")
+    need("train.log_every", t["log_every"] >= 1, "must be >= 1")
+    need("train.seed", t["seed"] >= 0, "must be >= 0")
+    need("train.autocast_dtype", t["autocast_dtype"] != "fp16",
+         "fp16 autocast needs loss scaling, which this trainer does not do (DINOv3 trains in bf16): "
+         "use train.autocast_dtype=bf16 (or fp32)")
+    need("optim.clip_grad", o["clip_grad"] >= 0, "must be >= 0 (0 turns clipping off)")
+    need("optim.layerwise_decay", 0 < o["layerwise_decay"] <= 1, "must be in (0, 1]")
+    for name in ("adamw_beta1", "adamw_beta2"):
+        need(f"optim.{name}", 0 <= o[name] < 1, "must be in [0, 1)")
+    for name in ("patch_embed_lr_mult", "dino_head_wd_multiplier"):
+        need(f"optim.{name}", o[name] >= 0, "must be >= 0")
+    need("optim.freeze_last_layer_iters", o["freeze_last_layer_iters"] >= 0, "must be >= 0")
+    sch = cfg["schedules"]
+    for name, lo_ok, what in (("lr", lambda v: v >= 0, ">= 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
+                              ("momentum", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                              ("teacher_temp", lambda v: v > 0, "> 0")):
+        for field in ("start", "peak", "end"):
+            if field in sch[name]:
+                need(f"schedules.{name}.{field}", lo_ok(sch[name][field]), f"must be {what}")
     if g["use_loss"]:
-        if g["tokens_used"] not in ("all", "masked", "unmasked"):
-            raise ValueError("gram.tokens_used must be 'all', 'masked' or 'unmasked'")
-        if g["tokens_used"] != "all" and g["img_level"]:
-            raise ValueError("gram.tokens_used 'masked'/'unmasked' needs gram.img_level=false (as official DINOv3)")
-        if int(g["update_frequency"]) < 1:
-            raise ValueError("gram.update_frequency must be >= 1")
-    if not cfg["dino"]["koleo_loss_distributed"] and int(cfg["dino"]["koleo_topk"]) != 1:
-        raise ValueError("dino.koleo_topk > 1 needs dino.koleo_loss_distributed=true (as official DINOv3)")
-    for name, sch in cfg["schedules"].items():
-        if sch.get("kind", "constant") not in ("constant", "cosine"):
-            raise ValueError(f"schedules.{name}.kind must be 'constant' or 'cosine'")
+        need("gram.start_iter", g["start_iter"] >= 0, "must be >= 0")
+        need("gram.loss_weight", g["loss_weight"] >= 0, "must be >= 0")
+        need("gram.update_frequency", g["update_frequency"] >= 1, "must be >= 1")
+        if g["max_updates"] is not None:
+            need("gram.max_updates", g["max_updates"] >= 0, "must be >= 0 or null")
+        if g["tokens_used"] != "all":
+            need("gram.img_level", not g["img_level"],
+                 "gram.tokens_used 'masked'/'unmasked' needs gram.img_level=false (as official DINOv3)")
+    cp = cfg["checkpointing"]
+    need("checkpointing.period", cp["period"] >= 1, "must be >= 1")
+    need("checkpointing.max_to_keep", cp["max_to_keep"] >= 0, "must be >= 0 (0 keeps every checkpoint)")
 
 
 def backbone_kwargs(cfg: dict) -> dict:
@@ -326,3 +549,57 @@ def backbone_kwargs(cfg: dict) -> dict:
 
 def dump_config(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+# Keys that --resume may change without touching the computation (the data stream does not depend on the number of
+# loader workers). A longer train.iterations is also allowed; anything else breaks an exact continuation.
+RESUME_HARMLESS = ("train.log_every", "train.num_workers", "train.progress_bar", "checkpointing.period",
+                   "checkpointing.max_to_keep")
+
+
+def config_from_text(text: str) -> dict:
+    """The config stored in a checkpoint (YAML text), completed with today's defaults for keys added since."""
+    loaded = yaml.load(text, Loader=_Loader) or {}
+    if isinstance(loaded.get("teacher"), dict) and not loaded["teacher"]:
+        loaded.pop("teacher")  # an empty section that early checkpoints carried
+    return deep_merge(DEFAULTS, loaded)
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{dotted.key: (old, new)}`` for every leaf that differs (a dict replaced by null counts as one leaf)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}.{key}" if prefix else key
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_differences(a, b, path))
+        elif a != b:
+            out[path] = (a, b)
+    return out
+
+
+def resume_config(saved: dict, overrides: list[str] | tuple[str, ...], *, iteration: int,
+                  allow_change: bool = False) -> tuple[dict, dict[str, tuple[Any, Any]]]:
+    """The config of a resumed run: the checkpoint's config with the command line's ``key=value`` overrides.
+
+    Returns (config, changes). Changes that break an exact continuation (anything but :data:`RESUME_HARMLESS` and a
+    longer ``train.iterations``) raise :class:`ConfigError` listing them, unless ``allow_change``."""
+    cfg = copy.deepcopy(saved)
+    for item in overrides:
+        apply_override(cfg, item)
+    validate_config(cfg)
+    changes = config_differences(saved, cfg)
+    it_change = changes.get("train.iterations")
+    if it_change is not None and it_change[1] < iteration:
+        raise ConfigError(f"train.iterations={it_change[1]} is below the checkpoint's iteration {iteration}")
+    breaking = {k: v for k, v in changes.items()
+                if k not in RESUME_HARMLESS and not (k == "train.iterations" and v[1] > v[0])}
+    if breaking and not allow_change:
+        lines = "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in breaking.items())
+        raise ConfigError(
+            "--resume continues the checkpoint's run with its own config; these overrides would change it, so the "
+            f"run would no longer be one exact run:\n{lines}\n"
+            "Drop them (the checkpoint's values are used without repeating them), start a new run in another "
+            "--output folder, or pass --allow-config-change to apply them anyway.")
+    return cfg, changes

@@ -235,6 +235,14 @@ class _SeedTaggingDataset(torch.utils.data.Dataset):
         return out
 
 
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the trainer finishes its step and checkpoints, so the loader workers
+    # must not die under it (they end with the trainer).
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loader(cfg: dict, *, root: str, rank: int, world_size: int, start_iter: int, end_iter: int,
                  pin_memory: bool = False):
     spec = CropSpec.from_config(cfg)
@@ -250,7 +258,8 @@ def build_loader(cfg: dict, *, root: str, rank: int, world_size: int, start_iter
                                          num_workers=workers, pin_memory=pin_memory,
                                          # Own generator: creating the iterator must not draw from the global RNG.
                                          generator=torch.Generator().manual_seed(seed),
-                                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+                                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+                                         worker_init_fn=_ignore_sigint if workers > 0 else None)
     return dataset, loader
 
 

@@ -8,6 +8,9 @@ import logging
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -15,10 +18,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import atomic_save, get_rng_state, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from .config import dump_config, validate_config
+from .checkpoint import atomic_save, get_rng_state, list_checkpoints, save_checkpoint, set_rng_state
+from .config import ConfigError, dump_config, validate_config
 from .data import BatchAugment, build_loader
 from .param_groups import apply_optim_schedule, build_param_groups
+from .rundir import (RunFolderError, RunLock, check_output_dir, latest_readable_checkpoint, refuse_existing_run,
+                     remove_run, run_artifacts)
 from .schedules import Schedule
 from .ssl_arch import SSLMetaArch
 
@@ -40,13 +45,34 @@ class DistInfo:
         return self.rank == 0
 
 
+def parse_device(device: str | None) -> torch.device | None:
+    """``None``/"auto" (None: CUDA when available), "cpu", "cuda" or "cuda:N"; anything else is a ConfigError."""
+    if device in (None, "auto"):
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: this machine has no usable CUDA GPU (torch "
+                              f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def setup_distributed(device: str | None = None) -> DistInfo:
     """Reads torchrun's environment; NCCL on GPU, gloo on CPU. A single process needs no process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
-    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    wanted = parse_device(device)
+    use_cuda = torch.cuda.is_available() if wanted is None else wanted.type == "cuda"
+    index = wanted.index if wanted is not None and wanted.index is not None and world == 1 else local_rank
+    dev = torch.device(f"cuda:{index}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     info = DistInfo(rank, world, local_rank, dev)
@@ -66,17 +92,54 @@ def _lr_scale(cfg: dict, world: int) -> float:
 
 
 class Trainer:
+    """One training run writing into ``output_dir``.
+
+    ``resume``: continue from the newest readable checkpoint there (or from ``resume_state``, a checkpoint already
+    loaded by the caller). ``overwrite``: replace a run already in ``output_dir``; without it (and without
+    ``resume``) such a folder is refused before anything is written. Rank 0 holds the folder's lock until
+    :meth:`close`."""
+
     def __init__(self, cfg: dict, *, data_dir: str, output_dir: str, max_iters: int | None = None,
-                 resume: bool = False, device: str | None = None):
+                 resume: bool = False, device: str | None = None, overwrite: bool = False,
+                 resume_state: tuple[str, dict] | None = None):
         validate_config(cfg)
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: choose one")
         self.cfg, self.data_dir, self.output_dir = cfg, data_dir, output_dir
         self.dist = setup_distributed(device)
         self.device = self.dist.device
         self.total_iters = int(cfg["train"]["iterations"])
         self.end_iter = self.total_iters if max_iters is None else min(int(max_iters), self.total_iters)
         self.ckpt_dir = os.path.join(output_dir, "checkpoints")
-        if self.dist.is_main:
-            os.makedirs(self.ckpt_dir, exist_ok=True)
+        self.lock: RunLock | None = None
+        self.stopped_by_signal: int | None = None
+        self._claim_output(resume=resume or resume_state is not None, overwrite=overwrite)
+        try:
+            self._build(resume, resume_state)
+        except BaseException:
+            self.close()  # the lock and the process group go with the failed run
+            raise
+
+    def _build(self, resume: bool, resume_state: tuple[str, dict] | None) -> None:
+        cfg, output_dir = self.cfg, self.output_dir
+        d = cfg["dino"]
+        if (d["koleo_loss_weight"] > 0 and d["koleo_loss_distributed"]
+                and cfg["train"]["batch_size_per_gpu"] * self.dist.world_size <= d["koleo_topk"]):
+            raise ConfigError(f"dino.koleo_topk={d['koleo_topk']} needs more rows than train.batch_size_per_gpu x "
+                              f"world size = {cfg['train']['batch_size_per_gpu'] * self.dist.world_size}")
+        if resume and resume_state is None:
+            resume_state = latest_readable_checkpoint(self.ckpt_dir)
+            if resume_state is None:
+                # A run killed before its first checkpoint left only logs: it starts again from iteration 0 (the
+                # same command can serve for the first start and every restart). Unreadable checkpoints or a
+                # finished run's backbone are not thrown away silently.
+                unsafe = [n for n in run_artifacts(output_dir) if n == "backbone.pth"]
+                unsafe += ["checkpoints/"] if list_checkpoints(self.ckpt_dir) else []
+                if unsafe:
+                    raise RunFolderError(
+                        f"--resume: no readable checkpoint in {self.ckpt_dir}, but {output_dir} holds "
+                        f"{', '.join(unsafe)} of a run: add --overwrite to replace it, or choose a new --output folder")
+                logger.warning("--resume: no checkpoint in %s yet: starting the run from iteration 0", self.ckpt_dir)
 
         seed = int(cfg["train"]["seed"])
         # Same seed on every rank: identical initial weights (DDP also broadcasts; FSDP2 shards what it finds).
@@ -118,14 +181,10 @@ class Trainer:
         self.start_iter = 0
         self.skipped_files: set[str] = set()
         self._resume_state = None
-        if resume:
-            path = latest_checkpoint(self.ckpt_dir)
-            if path is None:
-                logger.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
-            else:
-                self._resume_state = load_checkpoint(path)
-                self._load_state(self._resume_state)
-                logger.info("resumed from %s at iteration %d", path, self.start_iter)
+        if resume_state is not None:
+            path, self._resume_state = resume_state
+            self._load_state(self._resume_state)
+            logger.info("resumed from %s at iteration %d", path, self.start_iter)
 
         ac = cfg["train"]["autocast_dtype"]
         if self.device.type == "cuda" and ac in ("bf16", "fp16"):
@@ -137,6 +196,34 @@ class Trainer:
         self.augment = BatchAugment(cfg, self.device if aug_dev == "auto" else torch.device(aug_dev))
 
     # ------------------------------------------------------------------------------------------------ setup
+    def _claim_output(self, *, resume: bool, overwrite: bool) -> None:
+        """Rank 0 checks the output folder (before writing anything), takes its lock and, with ``overwrite``,
+        removes the earlier run; every rank then learns the outcome, so all of them stop with the same message."""
+        error = None
+        if self.dist.is_main:
+            try:
+                check_output_dir(self.output_dir)
+                refuse_existing_run(self.output_dir, resume, overwrite)
+                os.makedirs(self.output_dir, exist_ok=True)
+                self.lock = RunLock(self.output_dir)
+                self.lock.acquire()
+                refuse_existing_run(self.output_dir, resume, overwrite)  # a run that started while we looked
+                if overwrite:
+                    remove_run(self.output_dir)
+                os.makedirs(self.ckpt_dir, exist_ok=True)
+                for name in os.listdir(self.ckpt_dir):  # torn writes of a killed run (we hold the lock)
+                    if name.startswith(".tmp_"):
+                        os.unlink(os.path.join(self.ckpt_dir, name))
+            except (RunFolderError, OSError) as exc:
+                error = exc if isinstance(exc, RunFolderError) else RunFolderError(f"{self.output_dir}: {exc}")
+        if self.dist.world_size > 1:
+            box = [None if error is None else str(error)]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and error is None:
+                error = RunFolderError(box[0])
+        if error is not None:
+            raise error
+
     def _shard(self) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -168,6 +255,8 @@ class Trainer:
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return (get_model_state_dict(self.arch, options=opts),
                     get_optimizer_state_dict(self.arch.student, self.optimizer, options=opts))
+        if not self.dist.is_main:  # DDP replicas hold the same weights and optimizer state: rank 0 writes them
+            return None, None
         return ({k: v.detach().cpu().clone() for k, v in self.arch.state_dict().items()}, self.optimizer.state_dict())
 
     def _load_state(self, state: dict) -> None:
@@ -181,8 +270,13 @@ class Trainer:
             set_model_state_dict(self.arch, state["model"], options=opts)
             set_optimizer_state_dict(self.arch.student, self.optimizer, state["optimizer"], options=opts)
         else:
-            self.arch.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.arch.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise ConfigError(
+                    "the checkpoint's weights do not fit the model this config builds (was the architecture or a "
+                    f"head changed?): {str(exc).strip().splitlines()[0]} ...") from None
         self.start_iter = int(state["iteration"])
         self.arch.gram_initialized = bool(state["gram"]["initialized"])
         self.arch.gram_num_updates = int(state["gram"]["num_updates"])
@@ -215,6 +309,7 @@ class Trainer:
                 "config": dump_config(self.cfg),
             }
             path = save_checkpoint(state, self.ckpt_dir, iteration, int(self.cfg["checkpointing"]["max_to_keep"]))
+            logger.info("checkpoint %s written (%.1f MB)", path, os.path.getsize(path) / 1e6)
         if self.dist.world_size > 1:
             dist.barrier()
         return path
@@ -240,16 +335,19 @@ class Trainer:
         if not self.dist.is_main:
             self.tb = None
             return
-        # Rows past the resume point belong to the interrupted run: drop them so the file reads as one run.
+        # Rows past the resume point belong to the interrupted run: drop them so the file reads as one run (a row
+        # torn by a kill does not parse and goes too).
         if os.path.exists(self.metrics_path):
+            rows = []
             with open(self.metrics_path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line).get("iteration", -1) < self.start_iter]
-            tmp = self.metrics_path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(rows)
-            os.replace(tmp, self.metrics_path)
-        with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
-            f.write(dump_config(self.cfg))
+                for line in f:
+                    try:
+                        if json.loads(line).get("iteration", -1) < self.start_iter:
+                            rows.append(line if line.endswith("\n") else line + "\n")
+                    except (json.JSONDecodeError, AttributeError):
+                        continue
+            _write_text_atomic(self.metrics_path, "".join(rows))
+        _write_text_atomic(os.path.join(self.output_dir, "config.yaml"), dump_config(self.cfg))
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -266,8 +364,24 @@ class Trainer:
             t = t / self.dist.world_size
         return dict(zip(keys, t.tolist()))
 
+    def _console_line(self, row: dict, elapsed: float, done: int) -> str:
+        """One plain progress line: iteration/total, each loss term, lr, images/s, ETA."""
+        it = row["iteration"] + 1
+        per_iter = elapsed / max(done, 1)
+        eta = int(per_iter * (self.end_iter - it))
+        losses = "  ".join(f"{k.removesuffix('_loss')} {row[k]:.4f}" for k in sorted(row)
+                           if k.endswith("_loss") and k != "total_loss")
+        return (f"iteration {it}/{self.end_iter}  total {row['total_loss']:.4f}  {losses}  lr {row['lr']:.3e}  "
+                f"{row['images_per_s']:.1f} img/s  ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
+        """Runs to ``end_iter`` or until SIGINT/SIGTERM. On a signal the current step finishes, every rank stops at
+        the same iteration, a checkpoint is written and :attr:`stopped_by_signal` is set."""
+        with _StopSignals(repeat_window=1.0 if "TORCHELASTIC_RUN_ID" in os.environ else 0.0) as stop:
+            return self._loop(stop)
+
+    def _loop(self, stop: "_StopSignals") -> dict:
         cfg, arch = self.cfg, self.arch
         g = cfg["gram"]
         _, loader = build_loader(cfg, root=self.data_dir, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -284,7 +398,8 @@ class Trainer:
         self._open_logs()
         arch.train()
         progress = None
-        if self.dist.is_main and cfg["train"]["progress_bar"]:
+        # The bar only on a terminal; otherwise (redirected output, or the bar turned off) plain lines.
+        if self.dist.is_main and cfg["train"]["progress_bar"] and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             progress = tqdm(total=self.end_iter, initial=self.start_iter, desc="dinov3-train", dynamic_ncols=True)
@@ -295,89 +410,173 @@ class Trainer:
         clip = float(cfg["optim"]["clip_grad"] or 0.0)
         last_row: dict = {}
         nan_streak = 0
-        tick = time.perf_counter()
-        for it in range(self.start_iter, self.end_iter):
-            batch = next(data_iter)
-            for path in batch.pop("skipped"):
-                if path not in self.skipped_files:
-                    self.skipped_files.add(path)
-                    logger.warning("skipping unreadable image file %s", path)
-            if arch.gram_active(it) and not arch.gram_initialized:
-                logger.info("iteration %d: Gram phase starts, Gram teacher <- EMA teacher", it)
-                arch.load_gram_from_teacher()
+        start_time = tick = time.perf_counter()
+        saved_at = None
+        with _logging_through(progress):
+            for it in range(self.start_iter, self.end_iter):
+                batch = next(data_iter)
+                for path in batch.pop("skipped"):
+                    if path not in self.skipped_files:
+                        self.skipped_files.add(path)
+                        logger.warning("skipping unreadable image file %s", path)
+                if arch.gram_active(it) and not arch.gram_initialized:
+                    logger.info("iteration %d: Gram phase starts, Gram teacher <- EMA teacher", it)
+                    arch.load_gram_from_teacher()
 
-            lr, wd = self.lr_schedule(it), self.wd_schedule(it)
-            mom, temp = self.momentum_schedule(it), self.teacher_temp_schedule(it)
-            apply_optim_schedule(self.optimizer, lr=lr, wd=wd, last_layer_lr=0.0 if it < freeze else lr)
-            batch = self.augment(batch, iteration=it, rank=self.dist.rank)
-            if batch["global_crops"].device != self.device:
-                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                lr, wd = self.lr_schedule(it), self.wd_schedule(it)
+                mom, temp = self.momentum_schedule(it), self.teacher_temp_schedule(it)
+                apply_optim_schedule(self.optimizer, lr=lr, wd=wd, last_layer_lr=0.0 if it < freeze else lr)
+                batch = self.augment(batch, iteration=it, rank=self.dist.rank)
+                if batch["global_crops"].device != self.device:
+                    batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-            self.optimizer.zero_grad(set_to_none=True)
-            total, losses = arch.forward_backward(batch, teacher_temp=temp, iteration=it,
-                                                  student_forward=self.student_forward, autocast=self.autocast)
-            metrics = dict(losses)
-            if clip > 0:
-                for name in ("backbone", "dino_head", "ibot_head"):
-                    norm = torch.nn.utils.clip_grad_norm_(getattr(arch.student, name).parameters(), max_norm=clip)
-                    metrics[f"{name}_grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            self.optimizer.step()
-            arch.update_teacher(mom)
+                self.optimizer.zero_grad(set_to_none=True)
+                total, losses = arch.forward_backward(batch, teacher_temp=temp, iteration=it,
+                                                      student_forward=self.student_forward, autocast=self.autocast)
+                metrics = dict(losses)
+                if clip > 0:
+                    for name in ("backbone", "dino_head", "ibot_head"):
+                        norm = torch.nn.utils.clip_grad_norm_(getattr(arch.student, name).parameters(), max_norm=clip)
+                        metrics[f"{name}_grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                self.optimizer.step()
+                arch.update_teacher(mom)
 
-            if (g["use_loss"] and g["rep_update"] and arch.gram_active(it)
-                    and (it + 1 - int(g["start_iter"])) % int(g["update_frequency"]) == 0
-                    and (g["max_updates"] is None or arch.gram_num_updates < int(g["max_updates"]))):
-                logger.info("after iteration %d: Gram teacher refreshed from EMA teacher", it)
-                arch.load_gram_from_teacher()
-                arch.gram_num_updates += 1
+                if (g["use_loss"] and g["rep_update"] and arch.gram_active(it)
+                        and (it + 1 - int(g["start_iter"])) % int(g["update_frequency"]) == 0
+                        and (g["max_updates"] is None or arch.gram_num_updates < int(g["max_updates"]))):
+                    logger.info("after iteration %d: Gram teacher refreshed from EMA teacher", it)
+                    arch.load_gram_from_teacher()
+                    arch.gram_num_updates += 1
 
-            metrics["total_loss"] = total
-            reduced = self._reduce(metrics)
-            if not math.isfinite(reduced["total_loss"]):
-                nan_streak += 1
-                logger.warning("non-finite loss at iteration %d: %s", it, reduced)
-                if nan_streak > 2:
-                    raise FloatingPointError("loss was not finite for 3 consecutive iterations, aborting")
-            else:
-                nan_streak = 0
-            now = time.perf_counter()
-            row = {"iteration": it, **reduced, "lr": lr, "wd": wd, "momentum": mom, "teacher_temp": temp,
-                   "last_layer_lr": 0.0 if it < freeze else lr, "gram_active": arch.gram_active(it),
-                   "gram_updates": arch.gram_num_updates, "skipped_files": len(self.skipped_files),
-                   "images_per_s": imgs_per_step / max(now - tick, 1e-9)}
-            tick = now
-            last_row = row
-            if self.dist.is_main and ((it + 1) % log_every == 0 or it + 1 == self.end_iter):
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if self.tb is not None:
-                    for k, v in row.items():
-                        if isinstance(v, (int, float)) and k != "iteration":
-                            self.tb.add_scalar(k, v, it)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{reduced['total_loss']:.3f}", lr=f"{lr:.2e}",
-                                     img_s=f"{row['images_per_s']:.1f}")
-            if (it + 1) % period == 0 or it + 1 == self.end_iter:
-                self.save(it + 1)
+                metrics["total_loss"] = total
+                # A signal seen by any rank stops every rank after this same iteration (the flag rides along with
+                # the metrics' all-reduce).
+                for s in _StopSignals.SIGNALS:
+                    metrics[f"_stop_{int(s)}"] = torch.tensor(float(stop.signum == s))
+                reduced = self._reduce(metrics)
+                seen = [s for s in _StopSignals.SIGNALS if reduced.pop(f"_stop_{int(s)}") > 0]
+                stop_signum = stop.signum or (max(seen) if seen else 0)
+                if not math.isfinite(reduced["total_loss"]):
+                    nan_streak += 1
+                    logger.warning("non-finite loss at iteration %d: %s", it, reduced)
+                    if nan_streak > 2:
+                        raise FloatingPointError("loss was not finite for 3 consecutive iterations, aborting")
+                else:
+                    nan_streak = 0
+                now = time.perf_counter()
+                row = {"iteration": it, **reduced, "lr": lr, "wd": wd, "momentum": mom, "teacher_temp": temp,
+                       "last_layer_lr": 0.0 if it < freeze else lr, "gram_active": arch.gram_active(it),
+                       "gram_updates": arch.gram_num_updates, "skipped_files": len(self.skipped_files),
+                       "images_per_s": imgs_per_step / max(now - tick, 1e-9)}
+                tick = now
+                last_row = row
+                log_now = (it + 1) % log_every == 0 or it + 1 == self.end_iter
+                if self.dist.is_main and log_now:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if self.tb is not None:
+                        for k, v in row.items():
+                            if isinstance(v, (int, float)) and k != "iteration":
+                                self.tb.add_scalar(k, v, it)
+                    if progress is None:
+                        logger.info("%s", self._console_line(row, now - start_time, it + 1 - self.start_iter))
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{reduced['total_loss']:.3f}", lr=f"{lr:.2e}",
+                                         img_s=f"{row['images_per_s']:.1f}")
+                if (it + 1) % period == 0 or it + 1 == self.end_iter or stop_signum:
+                    self.save(it + 1)
+                    saved_at = it + 1
+                if stop_signum:
+                    self.stopped_by_signal = int(stop_signum)
+                    logger.warning("stopped by %s after iteration %d; checkpoint %s written",
+                                   signal.Signals(self.stopped_by_signal).name, it + 1, saved_at)
+                    break
         if progress is not None:
             progress.close()
         if self.tb is not None:
             self.tb.close()
-        self.export_backbone()
+        if self.stopped_by_signal is None:
+            self.export_backbone()
         if self.skipped_files and self.dist.is_main:
             logger.warning("%d unreadable image file(s) were skipped", len(self.skipped_files))
         return last_row
 
     def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         if self.dist.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
+            self.dist.initialized_here = False
 
 
 def train(cfg: dict, *, data_dir: str, output_dir: str, max_iters: int | None = None, resume: bool = False,
-          device: str | None = None) -> dict:
-    trainer = Trainer(cfg, data_dir=data_dir, output_dir=output_dir, max_iters=max_iters, resume=resume, device=device)
+          device: str | None = None, overwrite: bool = False) -> dict:
+    """Runs :class:`Trainer` to the end (or ``max_iters``) and returns the last iteration's metrics."""
+    trainer = Trainer(cfg, data_dir=data_dir, output_dir=output_dir, max_iters=max_iters, resume=resume, device=device,
+                      overwrite=overwrite)
     try:
         return trainer.train()
     finally:
         trainer.close()
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _logging_through(progress):
+    """While a tqdm bar is on screen, log records are written through it so lines and the bar do not mix."""
+    if progress is None:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger("dinov3"), logging.getLogger()]):
+        yield
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM while training: the first asks for a clean stop (finish the step, checkpoint, exit 130/143);
+    a second exits at once. Under torchrun the agent forwards a Ctrl-C the workers already got from the terminal:
+    a repeat within ``repeat_window`` seconds is taken as that echo. Only the main thread can own signal handlers;
+    elsewhere (a library user's worker thread) nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, repeat_window: float = 0.0):
+        self.signum: int | None = None
+        self.repeat_window = repeat_window
+        self._first_at = 0.0
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first_at = signum, now
+            logger.warning("received %s: finishing this iteration and writing a checkpoint "
+                           "(send it again to stop at once, without a checkpoint)", signal.Signals(signum).name)
+            return
+        if now - self._first_at < self.repeat_window:
+            return
+        sys.stderr.write(f"dinov3-train: second {signal.Signals(signum).name}: exiting now, without a checkpoint\n")
+        sys.stderr.flush()
+        os._exit(128 + int(self.signum))
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()

@@ -15,11 +15,10 @@ def test_builtin_recipes_load_and_build_kwargs(name):
 
 def test_overrides_are_dotted_and_yaml_parsed(tmp_path):
     cfg = load_config("tiny", ["schedules.lr.peak=2e-3", "ibot.mask_ratio_min_max=[0.2, 0.4]", "gram.ckpt=null",
-                               "train.parallel=fsdp", "new_section.value=3"])
+                               "train.parallel=fsdp"])
     assert cfg["schedules"]["lr"]["peak"] == 2e-3
     assert cfg["ibot"]["mask_ratio_min_max"] == [0.2, 0.4]
     assert cfg["gram"]["ckpt"] is None
-    assert cfg["new_section"]["value"] == 3
     path = tmp_path / "c.yaml"
     path.write_text("base: tiny\ntrain:\n  batch_size_per_gpu: 3\n")
     cfg = load_config(str(path), ["train.seed=7"])
