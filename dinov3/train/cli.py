@@ -102,7 +102,7 @@ def resume_command(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after options
     main_rank = os.environ.get("RANK", "0") == "0"  # other torchrun ranks only report problems
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")

@@ -52,3 +52,15 @@ TINY_OVERRIDES = [
 @pytest.fixture
 def tiny_overrides():
     return list(TINY_OVERRIDES)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def cli_env(**extra):
+    """Environment for a `python -m dinov3.train` subprocess that imports this checkout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    return env

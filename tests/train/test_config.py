@@ -1,6 +1,7 @@
 import pytest
 
-from dinov3.train.config import BUILTIN, backbone_kwargs, load_config
+from dinov3.train.config import (BUILTIN, ConfigError, backbone_kwargs, config_from_text, dump_config, load_config,
+                                 resume_config, validate_config)
 from dinov3.train.schedules import Schedule
 
 
@@ -48,3 +49,75 @@ def test_schedules():
     assert cos(12) == pytest.approx(0.1) and cos(100) == pytest.approx(0.1)
     vals = [cos(i) for i in range(2, 13)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+# ---------------------------------------------------------------------------------------------- strictness
+@pytest.mark.parametrize("bad,message", [
+    ("train.foo=1", "unknown key 'train.foo' in section 'train'"),
+    ("train.batch_size=abc", "did you mean 'train.batch_size_per_gpu'?"),
+    ("iterations=10", "did you mean 'train.iterations'?"),
+    ("train.batch_size_per_gpu=abc", "train.batch_size_per_gpu: expected an integer, got 'abc'"),
+    ("train.batch_size_per_gpu=2.5", "train.batch_size_per_gpu: expected an integer, got 2.5"),
+    ("train.compile=3", "train.compile: expected true or false, got 3"),
+    ("schedules.lr.peak=fast", "schedules.lr.peak: expected a number, got 'fast'"),
+    ("schedules.lr.peek=1e-3", "did you mean 'schedules.lr.peak'?"),
+    ("crops.global_crops_scale=[0.4]", "crops.global_crops_scale: expected a list of 2 numbers"),
+    ("gram.max_updates=many", "gram.max_updates: expected an integer or null"),
+    ("student.model_kwargs.foo=1", "unknown key 'student.model_kwargs.foo'"),
+    ("student.model_kwargs.qkv_bias=maybe", "student.model_kwargs.qkv_bias: expected true or false"),
+    ("train.seed.deep=1", "train.seed is a value, not a section"),
+    ("train.batch_size_per_gpu=1", "KoLeo"),
+    ("train.autocast_dtype=fp16", "fp16 autocast needs loss scaling"),
+    ("train.kernel_backend=fast", "expected one of 'auto', 'reference', 'triton', 'cuda'"),
+    ("crops.local_crops_scale=[0.5, 0.1]", "0 < min <= max <= 1"),
+    ("schedules.momentum.peak=1.5", "schedules.momentum.peak=1.5: must be in [0, 1]"),
+    ("checkpointing.max_to_keep=-1", "0 keeps every checkpoint"),
+    ("dino.koleo_topk=17", "[1, 16]"),
+])
+def test_strict_config_names_the_key_and_the_expected_type(bad, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config("tiny", [bad])
+    assert message in str(exc.value)
+
+
+def test_strict_config_accepts_what_is_valid():
+    cfg = load_config("tiny", ["train.batch_size_per_gpu=1", "dino.koleo_loss_weight=0",  # no KoLeo: one row is fine
+                               "schedules.lr.peak=1", "gram.max_updates=null", "student.model_kwargs.in_chans=3",
+                               "student.model_kwargs.pos_embed_rope_jitter_coords=1.2"])
+    assert cfg["schedules"]["lr"]["peak"] == 1 and cfg["gram"]["max_updates"] is None
+
+
+def test_yaml_typo_and_syntax_error_are_located(tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("base: tiny\ntrain:\n  iteratoins: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.iteratoins'.*did you mean 'train.iterations'"):
+        load_config(str(typo))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  seed: 1\n   iterations: 5\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line 3"):
+        load_config(str(broken))
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_resume_config_is_the_checkpoints_and_classifies_changes():
+    saved = config_from_text(dump_config(load_config("tiny", ["schedules.lr.peak=3e-3", "train.seed=3"])))
+    cfg, changes = resume_config(saved, [], iteration=10)
+    assert cfg == saved and changes == {}  # nothing repeated: the checkpoint's values stay
+    cfg, changes = resume_config(saved, ["train.log_every=5", "train.iterations=400", "train.num_workers=2"],
+                                 iteration=10)
+    assert changes == {"train.log_every": (1, 5), "train.iterations": (200, 400), "train.num_workers": (0, 2)}
+    with pytest.raises(ConfigError) as exc:
+        resume_config(saved, ["train.batch_size_per_gpu=8", "schedules.lr.peak=1e-3", "train.iterations=100"],
+                      iteration=10)
+    text = str(exc.value)
+    for key in ("train.batch_size_per_gpu", "schedules.lr.peak", "train.iterations"):  # shorter: not harmless
+        assert key in text
+    cfg, changes = resume_config(saved, ["train.batch_size_per_gpu=8"], iteration=10, allow_change=True)
+    assert cfg["train"]["batch_size_per_gpu"] == 8
+    with pytest.raises(ConfigError, match="below the checkpoint's iteration 10"):
+        resume_config(saved, ["train.iterations=5"], iteration=10, allow_change=True)
+
+
+def test_config_of_an_early_checkpoint_still_loads():
+    text = dump_config(load_config("tiny")) + "teacher: {}\n"  # a section early versions wrote
+    validate_config(config_from_text(text))

@@ -72,3 +72,57 @@ def test_fsdp_matches_ddp_and_resumes(ddp_run, image_dir, tmp_path):
     assert a.keys() == b.keys()  # full (unsharded) state dicts with the same names
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _children(pid):
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+def _rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    return int(env[b"RANK"]) if b"RANK" in env else None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the worker processes through /proc")
+def test_signal_to_one_rank_stops_every_rank_at_the_same_iteration(image_dir, tmp_path):
+    """SIGTERM reaches rank 1 only; rank 0 must stop after the same iteration and write the checkpoint."""
+    import signal
+    import time
+
+    out = str(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "dinov3.train", "--config", "tiny", "--data", image_dir,
+           "--output", out, *OVERRIDES, "train.iterations=400", "train.log_every=1", "checkpointing.period=1000"]
+    agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = os.path.join(out, "metrics.jsonl")
+        while not (os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2):
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[1][-4000:]
+            time.sleep(0.05)
+        workers = {_rank_of(p): p for p in _children(agent.pid)}
+        assert set(workers) >= {0, 1}, workers
+        os.kill(workers[1], signal.SIGTERM)
+        _, err = agent.communicate(timeout=180)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode != 0  # the workers exit 143: torchrun reports the run as stopped
+    rows = _rows(out)
+    done = [int(n[len("checkpoint_"):-len(".pth")]) for n in os.listdir(os.path.join(out, "checkpoints"))
+            if n.startswith("checkpoint_")]
+    assert done == [rows[-1]["iteration"] + 1], (done, rows[-1]["iteration"], err[-3000:])
+    assert "stopped by SIGTERM" in err
+    cmd[cmd.index("--master_port") + 1] = str(_free_port())
+    res = subprocess.run(cmd + ["--resume", "--max-iters", str(done[0] + 1)], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert [r["iteration"] for r in _rows(out)] == list(range(done[0] + 1))
