@@ -71,6 +71,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=32, help="image side after upsampling (= tiny's global crop size)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace the run left in WORKDIR/run by an earlier demo")
     p.add_argument("overrides", nargs="*", help="extra config overrides (key=value)")
     args = p.parse_args(argv)
     if args.threads:
@@ -89,7 +90,7 @@ def main(argv=None):
 
     out = os.path.join(args.workdir, "run")
     t0 = time.time()
-    train(cfg, data_dir=os.path.join(data, "train"), output_dir=out)
+    train(cfg, data_dir=os.path.join(data, "train"), output_dir=out, overwrite=args.overwrite)
     minutes = (time.time() - t0) / 60
     with open(os.path.join(out, "backbone.json")) as f:
         model = DinoVisionTransformer(**json.load(f))
