@@ -539,7 +539,7 @@ def _logging_through(progress):
         return
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm(loggers=[logging.getLogger("dinov3"), logging.getLogger()]):
+    with logging_redirect_tqdm():  # the root logger's console handler (dinov3 loggers propagate to it)
         yield
 
 

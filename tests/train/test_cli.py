@@ -319,3 +319,35 @@ def test_trainer_api_rejects_cuda_without_a_gpu(image_dir, tmp_path, tiny_overri
 
     with pytest.raises(ConfigError, match="no usable CUDA GPU"):
         Trainer(load_config("tiny", tiny_overrides), data_dir=image_dir, output_dir=str(tmp_path), device="cuda")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses a pseudo-terminal")
+def test_on_a_terminal_the_bar_and_log_lines_do_not_mix(image_dir, tmp_path):
+    import pty
+
+    out = str(tmp_path / "run")
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("train.progress_bar")]
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal of 160 columns
+    proc = subprocess.Popen(_cmd(image_dir, out, *overrides), env=cli_env(), stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=240) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "dinov3-train: 100%" in text and "6/6" in text  # the tqdm bar
+    written = [ln for ln in text.splitlines() if "checkpoint_00000006.pth written" in ln]
+    assert len(written) == 1, written  # logged once, on a line of its own (not through two handlers)
+    assert written[0].strip().startswith("20") and "\r" not in written[0].strip()
+    assert "iteration 6/6  total" not in text  # the plain lines are for non-terminals only
