@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, data_dir=args.data, output_dir=args.output, max_iters=args.max_iters,
                           resume=args.resume, resume_state=resume_state, overwrite=args.overwrite,
-                          device=args.device)
+                          device=args.device, allow_config_change=args.allow_config_change)
     except (ConfigError, RunFolderError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

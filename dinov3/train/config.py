@@ -589,6 +589,13 @@ def resume_config(saved: dict, overrides: list[str] | tuple[str, ...], *, iterat
     for item in overrides:
         apply_override(cfg, item)
     validate_config(cfg)
+    return cfg, check_resume_changes(saved, cfg, iteration=iteration, allow_change=allow_change)
+
+
+def check_resume_changes(saved: dict, cfg: dict, *, iteration: int,
+                         allow_change: bool = False) -> dict[str, tuple[Any, Any]]:
+    """The differences between a checkpoint's config and the config that resumes it; those that break an exact
+    continuation raise :class:`ConfigError` (listing them) unless ``allow_change``."""
     changes = config_differences(saved, cfg)
     it_change = changes.get("train.iterations")
     if it_change is not None and it_change[1] < iteration:
@@ -602,4 +609,4 @@ def resume_config(saved: dict, overrides: list[str] | tuple[str, ...], *, iterat
             f"run would no longer be one exact run:\n{lines}\n"
             "Drop them (the checkpoint's values are used without repeating them), start a new run in another "
             "--output folder, or pass --allow-config-change to apply them anyway.")
-    return cfg, changes
+    return changes

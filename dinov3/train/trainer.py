@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import atomic_save, get_rng_state, list_checkpoints, save_checkpoint, set_rng_state
-from .config import ConfigError, dump_config, validate_config
+from .config import ConfigError, check_resume_changes, config_from_text, dump_config, validate_config
 from .data import BatchAugment, build_loader
 from .param_groups import apply_optim_schedule, build_param_groups
 from .rundir import (RunFolderError, RunLock, check_output_dir, latest_readable_checkpoint, refuse_existing_run,
@@ -101,7 +101,7 @@ class Trainer:
 
     def __init__(self, cfg: dict, *, data_dir: str, output_dir: str, max_iters: int | None = None,
                  resume: bool = False, device: str | None = None, overwrite: bool = False,
-                 resume_state: tuple[str, dict] | None = None):
+                 resume_state: tuple[str, dict] | None = None, allow_config_change: bool = False):
         validate_config(cfg)
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: choose one")
@@ -113,8 +113,9 @@ class Trainer:
         self.ckpt_dir = os.path.join(output_dir, "checkpoints")
         self.lock: RunLock | None = None
         self.stopped_by_signal: int | None = None
-        self._claim_output(resume=resume or resume_state is not None, overwrite=overwrite)
+        self.allow_config_change = allow_config_change
         try:
+            self._claim_output(resume=resume or resume_state is not None, overwrite=overwrite)
             self._build(resume, resume_state)
         except BaseException:
             self.close()  # the lock and the process group go with the failed run
@@ -183,6 +184,9 @@ class Trainer:
         self._resume_state = None
         if resume_state is not None:
             path, self._resume_state = resume_state
+            # The checkpoint's config is the run's config: a resume that would compute something else is refused.
+            check_resume_changes(config_from_text(self._resume_state["config"]), cfg,
+                                 iteration=int(self._resume_state["iteration"]), allow_change=self.allow_config_change)
             self._load_state(self._resume_state)
             logger.info("resumed from %s at iteration %d", path, self.start_iter)
 
@@ -512,10 +516,10 @@ class Trainer:
 
 
 def train(cfg: dict, *, data_dir: str, output_dir: str, max_iters: int | None = None, resume: bool = False,
-          device: str | None = None, overwrite: bool = False) -> dict:
+          device: str | None = None, overwrite: bool = False, allow_config_change: bool = False) -> dict:
     """Runs :class:`Trainer` to the end (or ``max_iters``) and returns the last iteration's metrics."""
     trainer = Trainer(cfg, data_dir=data_dir, output_dir=output_dir, max_iters=max_iters, resume=resume, device=device,
-                      overwrite=overwrite)
+                      overwrite=overwrite, allow_config_change=allow_config_change)
     try:
         return trainer.train()
     finally:

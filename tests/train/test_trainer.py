@@ -187,3 +187,18 @@ def test_sigkill_then_resume_matches_uninterrupted_run(full_run, image_dir, tmp_
     got = load_checkpoint(os.path.join(out, "checkpoints", "checkpoint_00000006.pth"))
     for k in ref["model"]:
         torch.testing.assert_close(got["model"][k], ref["model"][k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_resume_through_the_api_refuses_another_config(full_run, image_dir, tmp_path):
+    from dinov3.train.config import ConfigError
+
+    cfg, _ = full_run
+    out = str(tmp_path)
+    train(cfg, data_dir=image_dir, output_dir=out, max_iters=2)
+    from conftest import TINY_OVERRIDES
+
+    other = load_config("tiny", [*TINY_OVERRIDES, "train.seed=9"])
+    with pytest.raises(ConfigError, match="train.seed: 0 in the checkpoint, 9 now"):
+        train(other, data_dir=image_dir, output_dir=out, max_iters=3, resume=True)
+    train(other, data_dir=image_dir, output_dir=out, max_iters=3, resume=True, allow_config_change=True)
+    assert [r["iteration"] for r in _rows(out)] == [0, 1, 2]
