@@ -100,8 +100,8 @@ def test_features_bad_inputs(setup, tmp_path, capsys):
     args = ["--checkpoint", str(ckpt), "--arch", "vit_small", "--device", "cpu"]
     rc = features_cli.main(args + [str(imgs), "-o", str(tmp_path / "x.safetensors")])
     assert rc == 2 and "mis-shaped" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        features_cli.main(model_args(ckpt) + [str(imgs), "-o", str(tmp_path / "x.csv")])
+    rc = features_cli.main(model_args(ckpt) + [str(imgs), "-o", str(tmp_path / "x.csv")])
+    assert rc == 2 and "dinov3-features: error: --output must end with" in capsys.readouterr().err
 
 
 def test_viz_writes_pca_and_similarity_pngs(setup, tmp_path):
