@@ -90,7 +90,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()  # decode now: a truncated file fails here, inside the try
-                return to_rgb8(ImageOps.exif_transpose(img))
+                upright = ImageOps.exif_transpose(img)  # a new image, valid after the file is closed
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(path, f"too many pixels ({exc})") from None
     except UnidentifiedImageError:
@@ -101,3 +101,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise UnreadableImage(path, f"truncated or corrupt ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - decoders raise ValueError, SyntaxError, struct.error, EOFError, ...
         raise UnreadableImage(path, f"cannot decode ({type(exc).__name__}: {exc})") from None
+    try:
+        return to_rgb8(upright)
+    except ValueError as exc:  # values of unknown range
+        raise UnreadableImage(path, str(exc)) from None
