@@ -57,6 +57,7 @@ class Report:
         self.prog = prog
         self.skipped: list[tuple[str, str]] = []
         self.downscaled = 0
+        self.max_side = 0
 
     def say(self, kind: str, message: str) -> None:
         from tqdm import tqdm
@@ -70,15 +71,16 @@ class Report:
     def note_downscaled(self, path, before: tuple[int, int], after: tuple[int, int], max_side: int) -> None:
         """Said in full for the first image, counted for the others (see ``summary``)."""
         self.downscaled += 1
+        self.max_side = max_side
         if self.downscaled == 1:
             self.say("note", f"{path} is {before[0]}x{before[1]} pixels: downscaled to {after[0]}x{after[1]} "
                              f"(longer side {max_side}; --max-side sets the limit, 0 removes it)")
 
     def summary(self, n_inputs: int) -> None:
         if self.downscaled > 1:
-            self.say("note", f"{self.downscaled} images were downscaled to a longer side of at most --max-side pixels")
+            self.say("note", f"{self.downscaled} images were downscaled to a longer side of {self.max_side} pixels")
         if self.skipped:
-            self.say("warning", f"{len(self.skipped)} of {n_inputs} input files skipped as unreadable")
+            self.say("warning", f"{len(self.skipped)} of {n_inputs} input files skipped (reasons above)")
 
 
 # ------------------------------------------------------------------------------------------------ argument types
@@ -124,14 +126,14 @@ def resolve_device(name: str, option: str = "--device") -> torch.device:
         if not torch.cuda.is_available():
             why = ("this PyTorch build has no CUDA support" if torch.version.cuda is None
                    else "no CUDA GPU is visible to PyTorch")
-            raise CLIError(f"{option} {name}: {why}; use --device cpu")
+            raise CLIError(f"{option} {name}: {why}; use {option} cpu")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise CLIError(f"{option} {name}: there are {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
         return dev
     if dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise CLIError(f"{option} {name}: MPS (Apple GPU) is not available here; use --device cpu")
+            raise CLIError(f"{option} {name}: MPS (Apple GPU) is not available here; use {option} cpu")
         return dev
     raise CLIError(f"{option} {name}: device type {dev.type!r} is not supported; use {_DEVICE_CHOICES}")
 
@@ -203,6 +205,14 @@ def find_images(inputs: list[str], report: Report) -> list[Path]:
     for item in empty:
         report.say("warning", f"no image files in {item}")
     return found
+
+
+def check_size_args(size: int | None, max_side: int, patch: int) -> None:
+    """--size and --max-side against the model's patch size (known once the model is loaded, before any image)."""
+    if size is not None and size < patch:
+        raise CLIError(f"--size {size} is smaller than the patch size {patch}")
+    if 0 < max_side < patch:
+        raise CLIError(f"--max-side {max_side} is smaller than the patch size {patch}")
 
 
 def downscale_to(img, max_side: int):

@@ -28,6 +28,7 @@ from ._common import (
     add_model_args,
     autocast_context,
     check_output_file,
+    check_size_args,
     find_images,
     load_model,
     nonnegative_int,
@@ -165,8 +166,7 @@ def _main(argv: list[str] | None) -> int:
     model = load_model(args, device)
     patch_size = model.patch_size
     size = args.size or None
-    if size is not None and size < patch_size:
-        raise CLIError(f"--size {size} is smaller than the patch size {patch_size}")
+    check_size_args(size, args.max_side, patch_size)
 
     def preprocess(path):
         img = prepare_image(path, report, patch=patch_size, size=size, square=not args.keep_aspect,

@@ -28,6 +28,7 @@ from ._common import (
     add_model_args,
     autocast_context,
     check_output_dir,
+    check_size_args,
     find_images,
     load_model,
     positive_int,
@@ -114,8 +115,8 @@ def output_dirs(paths: list[Path], output_dir: str | None) -> list[Path]:
     for d, path in zip(dirs, paths):
         first = owner.setdefault((d, path.stem), path)
         if first != path:
-            raise CLIError(f"{first} and {path} would both write {d / path.stem}_*.png; rename one, or leave out "
-                           "--output-dir to write next to each image")
+            elsewhere = " or leave out --output-dir" if output_dir and first.parent != path.parent else ""
+            raise CLIError(f"{first} and {path} would both write {d / path.stem}_*.png; rename one{elsewhere}")
     return dirs
 
 
@@ -137,8 +138,7 @@ def _main(argv: list[str] | None) -> int:
         raise CLIError("only dinov3-viz outputs found among the inputs")
     out_dirs = output_dirs(paths, args.output_dir)
     model = load_model(args, device)
-    if args.size is not None and args.size < model.patch_size:
-        raise CLIError(f"--size {args.size} is smaller than the patch size {model.patch_size}")
+    check_size_args(args.size, args.max_side, model.patch_size)
     done = 0
     with tqdm(total=len(paths), unit="img", desc=PROG, disable=args.no_progress or len(paths) < 2) as bar:
         for path, out_dir in zip(paths, out_dirs):

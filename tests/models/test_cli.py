@@ -291,7 +291,7 @@ def test_features_skip_unreadable_files_and_record_them(setup, mixed_folder, tmp
     assert rc == 0 and "2 images (4 skipped) -> " in captured.out
     for name, reason in reasons.items():
         assert f"dinov3-features: warning: skipping {folder / name}: {reason}" in captured.err
-    assert "dinov3-features: warning: 4 of 6 input files skipped as unreadable" in captured.err
+    assert "dinov3-features: warning: 4 of 6 input files skipped (reasons above)" in captured.err
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
         assert [Path(p).name for p in json.loads(meta["paths"])] == ["good1.png", "good2.png"]
@@ -414,3 +414,26 @@ def test_features_of_the_trainers_backbone_and_checkpoint(trained_run, tmp_path,
     rc = features_cli.main(["--checkpoint", str(alone), "--arch", "vit_tiny", str(data), "-o", str(tmp_path / "d.npz")])
     err = capsys.readouterr().err
     assert rc == 2 and "the checkpoint has patch_size 8 but the model 16" in err and "backbone.json" in err
+
+
+def test_safetensors_weights_with_arch_or_a_json_beside_them(setup, tmp_path):
+    from safetensors.torch import save_file
+
+    from dinov3.models.vision_transformer import released_kwargs, size_kwargs
+
+    root, ckpt, model, imgs = setup
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    image = str(imgs / "a.png")
+    assert features_cli.main(model_args(ckpt) + [image, "-o", str(tmp_path / "ref.npz"), "--no-progress"]) == 0
+    args = model_args(weights)
+    assert features_cli.main(args + [image, "-o", str(tmp_path / "arch.npz"), "--no-progress"]) == 0
+    # the same model described by a JSON file beside the weights, as dinov3-train writes backbone.json
+    described = {**released_kwargs(), **size_kwargs("vit_small"), **TINY}
+    (tmp_path / "w.json").write_text(json.dumps(described))
+    rc = features_cli.main(["--checkpoint", str(weights), "--device", "cpu", image, "-o", str(tmp_path / "json.npz"),
+                            "--no-progress"])
+    assert rc == 0
+    ref = np.load(tmp_path / "ref.npz")["cls"]
+    for name in ("arch.npz", "json.npz"):
+        np.testing.assert_allclose(np.load(tmp_path / name)["cls"], ref, rtol=0, atol=1e-6)
