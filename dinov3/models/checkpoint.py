@@ -109,6 +109,12 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, Tensor]) -> None:
             f"  the checkpoint has embed_dim {sd['cls_token'].shape[-1]} but the model {expected['cls_token'].shape[-1]}:"
             " is it for another size (--arch)?"
         )
+    # Constructor arguments read off the shapes: patch_embed.proj.weight (C, 3, p, p), storage_tokens (1, R, C).
+    for key, dim, flag in (("patch_embed.proj.weight", -1, "patch_size"), ("storage_tokens", 1, "n_storage_tokens")):
+        if key in sd and key in expected and sd[key].dim() == expected[key].dim() > 0:
+            ours, theirs = expected[key].shape[dim], sd[key].shape[dim]
+            if ours != theirs:
+                lines.append(f"  the checkpoint has {flag} {theirs} but the model {ours}")
     for key, flag in (("local_cls_norm.weight", "untie_global_and_local_cls_norm"),
                       ("cls_norm.weight", "untie_cls_and_patch_norms")):
         if key in sd and key not in expected:

@@ -27,6 +27,8 @@ __all__ = [
     "vit_7b",
     "ARCHS",
     "build_model",
+    "released_kwargs",
+    "size_kwargs",
 ]
 
 
@@ -345,17 +347,23 @@ ALIASES = {
 }
 
 
-def _size_kwargs(name: str) -> dict:
-    return {**_RELEASED, **_SIZES[name]}
+def released_kwargs() -> dict:
+    """The keyword arguments every released backbone shares (patch 16, 4 storage tokens, RoPE settings, ...)."""
+    return dict(_RELEASED)
 
 
-def build_model(arch: str, **kwargs) -> DinoVisionTransformer:
-    """Build a released size by name (``vit_small`` ... or ``vits16`` ...); kwargs override."""
+def size_kwargs(arch: str) -> dict:
+    """What sets one released size apart (embed_dim, depth, num_heads, ffn_ratio, ...), by name or hub alias."""
     key = arch.lower().replace("-", "_").replace("dinov3_", "")
     key = ALIASES.get(key, key)
     if key not in _SIZES:
         raise ValueError(f"unknown arch {arch!r}; choose from {sorted(_SIZES) + sorted(ALIASES)}")
-    return DinoVisionTransformer(**{**_size_kwargs(key), **kwargs})
+    return dict(_SIZES[key])
+
+
+def build_model(arch: str, **kwargs) -> DinoVisionTransformer:
+    """Build a released size by name (``vit_small`` ... or ``vits16`` ...); kwargs override."""
+    return DinoVisionTransformer(**{**_RELEASED, **size_kwargs(arch), **kwargs})
 
 
 def vit_small(**kwargs) -> DinoVisionTransformer:

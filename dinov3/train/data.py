@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import os
 import random
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from dinov3.images import load_rgb  # 8-bit RGB of any image; UnreadableImage otherwise
 
 from .masking import BlockMaskGenerator, mask_batch_fields, sample_masks
 
@@ -47,14 +48,6 @@ def find_images(root: str) -> list[str]:
     if not paths:
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
     return paths
-
-
-def load_rgb(path: str) -> Image.Image:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # EXIF / palette warnings are noise here
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random,
