@@ -49,20 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_data_dir(path: str) -> int:
     """The image folder must exist and hold at least one decodable image (checked before any compute)."""
-    from .data import find_images, load_rgb
+    from .data import UnreadableImage, find_images, load_rgb
 
     if not os.path.exists(path):
         raise ConfigError(f"--data {path}: no such folder")
     if not os.path.isdir(path):
         raise ConfigError(f"--data {path} is a file; give the folder that holds the images")
     paths = find_images(path)  # ValueError naming the extensions when there is none
+    reasons = []
     for p in paths:
         try:
             load_rgb(p)
             return len(paths)
-        except Exception:  # noqa: BLE001 - any decoder failure: try the next file
-            continue
-    raise ConfigError(f"--data {path}: none of the {len(paths)} image files could be decoded")
+        except UnreadableImage as exc:
+            reasons.append(f"{p}: {exc.reason}")
+    raise ConfigError(f"--data {path}: none of the {len(paths)} image files could be decoded ({'; '.join(reasons[:3])}"
+                      + (" ..." if len(reasons) > 3 else "") + ")")
 
 
 def resolve_config(args):

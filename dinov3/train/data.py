@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinov3.images import load_rgb  # 8-bit RGB of any image; UnreadableImage otherwise
+from dinov3.images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb  # 8-bit RGB of any image
 
 from .masking import BlockMaskGenerator, mask_batch_fields, sample_masks
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
 def _mix(*values: int) -> int:
@@ -122,7 +121,8 @@ def multi_crop(img: Image.Image, spec: CropSpec, rng: random.Random) -> dict[str
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Every image under a folder, no labels. Items are addressed by ``(index, seed)``; a file that cannot be decoded
-    is replaced by the next readable one and its path is returned in ``skipped`` (so batches keep their size)."""
+    is replaced by the next readable one and ``(path, reason)`` is returned in ``skipped`` (so batches keep their
+    size)."""
 
     def __init__(self, root: str, spec: CropSpec):
         self.root = root
@@ -139,8 +139,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
                 img = load_rgb(path)
-            except Exception:  # noqa: BLE001 - any decoder failure means "unreadable file"
-                skipped.append(path)
+            except UnreadableImage as exc:
+                skipped.append((path, exc.reason))
                 continue
             crops = multi_crop(img, self.spec, random.Random(seed))
             return {"crops": crops, "skipped": skipped}

@@ -42,19 +42,15 @@ def run_artifacts(output_dir: str) -> list[str]:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """The output path must be a folder we can create and write (checked before any compute)."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise RunFolderError(f"--output {output_dir} is a file, not a folder")
-    probe = output_dir
-    while not os.path.exists(probe):  # the nearest existing ancestor must let us create the folder
-        parent = os.path.dirname(os.path.abspath(probe))
-        if parent == probe:
-            break
-        probe = parent
-    if os.path.exists(probe) and not os.path.isdir(probe):
-        raise RunFolderError(f"--output {output_dir}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise RunFolderError(f"--output {output_dir}: {probe} is not writable")
+    """The output path must be a folder we can create and write in (checked before any compute; creates nothing)."""
+    from pathlib import Path
+
+    from dinov3.cli._common import CLIError, check_output_dir as check_writable_dir
+
+    try:
+        check_writable_dir(Path(output_dir), "--output")
+    except CLIError as exc:
+        raise RunFolderError(str(exc)) from None
 
 
 def refuse_existing_run(output_dir: str, resume: bool, overwrite: bool) -> None:

@@ -49,18 +49,14 @@ def parse_device(device: str | None) -> torch.device | None:
     """``None``/"auto" (None: CUDA when available), "cpu", "cuda" or "cuda:N"; anything else is a ConfigError."""
     if device in (None, "auto"):
         return None
+    from dinov3.cli._common import CLIError, resolve_device
+
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: this machine has no usable CUDA GPU (torch "
-                              f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        dev = resolve_device(device)
+    except CLIError as exc:
+        raise ConfigError(str(exc)) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: the trainer runs on cpu or cuda")
     return dev
 
 
@@ -419,10 +415,10 @@ class Trainer:
         with _logging_through(progress):
             for it in range(self.start_iter, self.end_iter):
                 batch = next(data_iter)
-                for path in batch.pop("skipped"):
+                for path, reason in batch.pop("skipped"):
                     if path not in self.skipped_files:
                         self.skipped_files.add(path)
-                        logger.warning("skipping unreadable image file %s", path)
+                        logger.warning("skipping unreadable image file %s: %s", path, reason)
                 if arch.gram_active(it) and not arch.gram_initialized:
                     logger.info("iteration %d: Gram phase starts, Gram teacher <- EMA teacher", it)
                     arch.load_gram_from_teacher()
