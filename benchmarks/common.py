@@ -116,6 +116,11 @@ def environment() -> dict:
                    l2_mb=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
                    cudnn=torch.backends.cudnn.version())
         env.update(_nvidia_smi())
+        if "smi_clocks_max_sm" not in env:
+            try:  # through NVML, when nvidia-smi is missing
+                env["sm_clock_mhz"] = torch.cuda.clock_rate(0)
+            except Exception:  # noqa: BLE001 - a missing clock is recorded as missing
+                env["sm_clock_mhz"] = None
     else:
         env.update(device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", cuda=None)
     try:

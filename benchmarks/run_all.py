@@ -7,7 +7,8 @@ Phases, each with a time budget (printed first) and each in its own try/except, 
   environment  GPU name, SMs, clocks, driver, CUDA, torch, triton, numpy, commit, and the build time (gpu_check.sh)
   ceilings     a 2 GiB device-to-device copy; 8192³ matmuls in bf16, TF32 and IEEE fp32 (random data)
   tests        `pytest -m gpu tests` in a subprocess (the installed package, not the source tree), representative
-               cases first, under a time budget, failures not stopping the run; JUnit XML kept
+               cases first, in 8 xdist processes when pytest-xdist is installed, under a time budget, failures not
+               stopping the run; JUnit XML kept
   gram, koleo, attention, data, train
                the benchmark scripts' run() functions at the shapes their issues name (bench_*.py)
 Every measurement warms up first (compilation and autotuning are timed apart, as compile_ms), and gets the roofline
@@ -86,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--skip", default="", help="comma-separated phases to leave out")
     p.add_argument("--tests", default=None, help="pytest paths of the GPU test phase (default: tests)")
     p.add_argument("--tests-budget-s", type=float, default=None, help="seconds for the GPU test phase")
+    p.add_argument("--test-workers", type=int, default=None,
+                   help="pytest-xdist processes for the GPU tests, when xdist is installed (default 8 on a GPU, 0 dry)")
     return p.parse_args(argv)
 
 
@@ -113,9 +116,26 @@ def parse_junit(path: str) -> dict:
     return summary
 
 
-def run_tests(paths, out_dir: str, budget_s: float) -> dict:
-    """`pytest -m gpu` on the installed package: `python -P` keeps the source tree (which has no compiled extension)
-    off sys.path, as README's plain `pytest` command does."""
+def pytest_command(paths, xml: str, workers: int) -> list:
+    """`pytest -m gpu` on the installed package: `python -P` (Python >= 3.11; before, the pytest script) keeps the
+    source tree, which has no compiled extension, off sys.path, as README's plain `pytest` command does."""
+    import importlib.util
+
+    if sys.version_info >= (3, 11):
+        cmd = [sys.executable, "-P", "-m", "pytest"]
+    else:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "pytest")]
+    cmd += ["-m", "gpu", *paths, "-p", "_pytest_budget", "-p", "no:cacheprovider", "-q", "-rfE",
+            "--continue-on-collection-errors", f"--junitxml={xml}", "-o", "junit_family=xunit2"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd.append("--timeout=120")  # one hung test must not take the phase with it
+    if workers > 1 and importlib.util.find_spec("xdist") is not None:
+        # Several processes share the GPU: the suite is bound by Triton's compiles, which then run side by side.
+        cmd += ["-n", str(workers)]
+    return cmd
+
+
+def run_tests(paths, out_dir: str, budget_s: float, workers: int = 0) -> dict:
     import importlib.util
 
     if importlib.util.find_spec("pytest") is None:
@@ -123,10 +143,7 @@ def run_tests(paths, out_dir: str, budget_s: float) -> dict:
     xml, log = os.path.join(out_dir, "tests.xml"), os.path.join(out_dir, "tests.log")
     env = dict(os.environ, DINOV3_TEST_BUDGET_S=str(max(1.0, budget_s)),
                PYTHONPATH=os.pathsep.join([common.HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    cmd = [sys.executable, "-P", "-m", "pytest", "-m", "gpu", *paths, "-p", "_pytest_budget", "-p", "no:cacheprovider",
-           "-q", "-rfE", f"--junitxml={xml}", "-o", "junit_family=xunit2"]
-    if importlib.util.find_spec("pytest_timeout") is not None:
-        cmd.append("--timeout=120")  # one hung test must not take the phase with it
+    cmd = pytest_command(paths, xml, workers)
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.monotonic()
     try:
@@ -194,7 +211,8 @@ class Run:
 
     def phase_tests(self, st):
         paths = self.args.tests.split(",") if self.args.tests else (DRY_TESTS if self.dry else ["tests"])
-        self.tests = run_tests(paths, self.out, st.deadline.remaining())
+        workers = self.args.test_workers if self.args.test_workers is not None else (0 if self.dry else 8)
+        self.tests = run_tests(paths, self.out, st.deadline.remaining(), workers)
         return []
 
     def phase_gram(self, st):
