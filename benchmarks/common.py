@@ -297,9 +297,9 @@ def pass_result(forward: Callable[[], torch.Tensor], leaf: torch.Tensor, mode: s
 
 
 def rel_error(x, ref) -> float:
-    """|x - ref| / |ref| in float64 (Frobenius norms); inf when x is not finite."""
-    x = torch.as_tensor(x).detach().to("cpu", torch.float64)
-    ref = torch.as_tensor(ref).detach().to("cpu", torch.float64)
+    """|x - ref| / |ref| in float64 (Frobenius norms, on ref's device); inf when x is not finite."""
+    ref = torch.as_tensor(ref).detach().to(torch.float64)
+    x = torch.as_tensor(x).detach().to(ref.device, torch.float64)
     if not torch.isfinite(x).all():
         return float("inf")
     denom = ref.norm().item()
