@@ -25,20 +25,20 @@ def _slow_first_calls(n_slow, seconds, compiles=False):
 
 
 def test_a_slow_first_call_is_reported_as_compile_time_not_timed():
-    fn, calls = _slow_first_calls(1, 0.3)
+    fn, calls = _slow_first_calls(1, 0.5)
     t = common.time_fn(fn, rep_ms=5, min_reps=5)
-    assert t.median_ms < 30 and t.max_ms < 30, t  # 300 ms in any timed call would show
-    assert t.compile_ms >= 250, t
+    assert t.median_ms < 200 and t.max_ms < 200, t  # the 500 ms call in any timed call would show
+    assert t.compile_ms >= 450, t
     assert calls["n"] == t.warmup_calls + t.reps
 
 
 def test_recompiles_on_later_calls_stay_in_the_warm_up():
     # Three calls that each compile something (new shapes, a lazily compiled backward) before the steady state.
-    fn, _ = _slow_first_calls(3, 0.15, compiles=True)
+    fn, _ = _slow_first_calls(3, 0.4, compiles=True)
     t = common.time_fn(fn, rep_ms=5, min_reps=5)
     assert t.warmup_calls >= 4, t
-    assert t.max_ms < 30, t
-    assert t.compile_ms >= 400, t
+    assert t.max_ms < 200, t
+    assert t.compile_ms >= 1100, t
 
 
 def test_measure_fills_the_record_and_derives_rates():
