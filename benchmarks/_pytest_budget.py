@@ -3,7 +3,9 @@
 Order: the cases of each test function are spread over its parameter grid (first, last, middle, quarters, ...) and
 the functions take turns, so a budget that runs out part-way has still run every test function on cases from across
 its grid. Budget: once DINOV3_TEST_BUDGET_S seconds have passed since the session started, every test not yet started
-is skipped with BUDGET_REASON (run_all.py counts those apart from ordinary skips).
+is skipped with BUDGET_REASON (run_all.py counts those apart from ordinary skips). With pytest-timeout installed, a
+test still running DINOV3_TEST_GRACE_S seconds after the budget ended fails with pytest-timeout's "Timeout" (reported
+apart too), so that the session ends by itself and writes its report.
 """
 
 from __future__ import annotations
@@ -59,7 +61,21 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = representative_order(items)
 
 
+def _budget() -> float:
+    return float(os.environ.get("DINOV3_TEST_BUDGET_S", "inf"))
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    # Before pytest-timeout's own wrapper reads the item's timeout marker.
+    if item.config.pluginmanager.hasplugin("timeout") and _budget() != float("inf"):
+        left = _budget() + float(os.environ.get("DINOV3_TEST_GRACE_S", "30")) - (time.monotonic() - _start)
+        marker = item.get_closest_marker("timeout")
+        own = marker.args[0] if marker is not None and marker.args else None
+        item.add_marker(pytest.mark.timeout(max(1.0, left if own is None else min(own, left))))
+    yield
+
+
 def pytest_runtest_setup(item):
-    budget = float(os.environ.get("DINOV3_TEST_BUDGET_S", "inf"))
-    if time.monotonic() - _start > budget:
+    if time.monotonic() - _start > _budget():
         pytest.skip(BUDGET_REASON)

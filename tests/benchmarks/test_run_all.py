@@ -156,3 +156,22 @@ def test_representative_order_gives_every_test_function_a_turn():
     order = [i.nodeid for i in _pytest_budget.representative_order(items)]
     assert sorted(order) == sorted(i.nodeid for i in items)
     assert set(order[:3]) == {"t.py::test_big[0]", "t.py::test_one", "t.py::test_two[x]"}
+
+
+def test_junit_parsing_keeps_budget_skips_and_timeouts_apart(tmp_path):
+    import run_all
+
+    xml = tmp_path / "t.xml"
+    xml.write_text(f"""<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+        <testcase classname="t" name="test_pass" time="0.5"/>
+        <testcase classname="t" name="test_fail" time="0.1"><failure message="assert 1 == 2">trace</failure></testcase>
+        <testcase classname="t" name="test_err" time="0.1"><error message="fixture broke">trace</error></testcase>
+        <testcase classname="t" name="test_hung" time="40"><failure message="Failed: Timeout (&gt;31.0s) from
+            pytest-timeout.">trace</failure></testcase>
+        <testcase classname="t" name="test_cpu" time="0"><skipped message="needs a CUDA GPU"/></testcase>
+        <testcase classname="t" name="test_late" time="0"><skipped message="{_pytest_budget.BUDGET_REASON}"/></testcase>
+        </testsuite></testsuites>""")
+    s = run_all.parse_junit(str(xml))
+    assert (s["total"], s["passed"], s["failed"], s["errors"], s["timed_out"], s["skipped"], s["not_run_budget"]) == \
+        (6, 1, 1, 1, 1, 1, 1), s
+    assert [f["kind"] for f in s["failures"]] == ["failed", "errors", "timed_out"]
