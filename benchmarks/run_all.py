@@ -32,6 +32,7 @@ import datetime as _dt
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -328,6 +329,18 @@ class Run:
         else:
             lines.append("not run")
         lines += ["", "## Ceilings (measured)", "", f"{self.ceilings}", ""]
+        lines += ["## The roofline model against the measurements", "",
+                  "measured/predicted per op and backend (roofline.py at the measured ceilings; 1 = at the model's "
+                  "floor; the spread says how well the model explains the backend)", "",
+                  "| op | backend | records | median | min | max |", "|---|---|---|---|---|---|"]
+        ratios: dict = {}
+        for r in self.records:
+            if r.measured_over_predicted:
+                ratios.setdefault((r.op, r.backend), []).append(r.measured_over_predicted)
+        for (op, backend), v in ratios.items():
+            lines.append(f"| {op} | {backend} | {len(v)} | {common.fmt(statistics.median(v))} | "
+                         f"{common.fmt(min(v))} | {common.fmt(max(v))} |")
+        lines.append("")
         for op in dict.fromkeys(r.op for r in self.records):
             recs = [r for r in self.records if r.op == op]
             base = BASELINES.get(op)
