@@ -211,6 +211,30 @@ def test_factored_accuracy_when_student_is_close_to_teacher(triton_cpu):
     assert abs(loss.double() - ref) / ref < 1e-3
 
 
+def test_factored_matmuls_never_run_in_tf32(triton_cpu, monkeypatch):
+    # The official trainer turns TF32 on; the factored form must not inherit it (its cancellation would eat the loss).
+    # The TF32 switch is recorded where the factored matmuls run; the caller's setting must come back afterwards.
+    import dinov3_kernels.gram as gram_mod
+
+    seen = []
+    real = gram_mod._gram_fwd_factored_ieee
+
+    def spy(*args):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real(*args)
+
+    monkeypatch.setattr(gram_mod, "_gram_fwd_factored_ieee", spy)
+    s, t = _features(2, 64, 8)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        loss = gram_loss(s, t, backend="triton", method="factored")
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen == [False] and torch.isfinite(loss)
+
+
 def test_factored_rejects_clamping(triton_cpu):
     s, t = _features(1, 8, 4)
     with pytest.raises(ValueError, match="factored"):
