@@ -198,7 +198,8 @@ def gram_loss(student, teacher, *, apply_norm=True, img_level=True, remove_neg=F
     if student.dtype != teacher.dtype:
         dtype = torch.promote_types(student.dtype, teacher.dtype)
         student, teacher = student.to(dtype), teacher.to(dtype)
-    chosen = _backend.choose_backend(backend, (student, teacher), _op_check(student.dtype), "gram_loss")
+    chosen = _backend.choose_backend(backend, (student, teacher), _op_check(student.dtype), "gram_loss",
+                                    atomics=("triton", "cuda"))
     if chosen == "reference":
         return gram_loss_reference(student, teacher, apply_norm=apply_norm, img_level=img_level,
                                    remove_neg=remove_neg, remove_only_teacher_neg=remove_only_teacher_neg)

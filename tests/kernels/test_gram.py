@@ -397,3 +397,32 @@ def test_gpu_deterministic_loss():
         vals = {gram_loss(s, t, backend=backend, method="tiled").item() for _ in range(5)}
         assert len(vals) == 1, f"{backend}: loss changed between runs: {vals}"
 
+
+
+def test_deterministic_mode_refuses_the_atomic_backends(triton_cpu):
+    # The Triton and CUDA Gram kernels scatter the gradient with float atomics (order-dependent rounding).
+    s, t = _features(1, 16, 8)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(BackendUnavailableError, match="use_deterministic_algorithms"):
+            gram_loss(s, t, backend="triton")
+        ref = gram_loss(s, t, backend="reference")  # the deterministic path still runs
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.isfinite(ref)
+    gram_loss(s, t, backend="triton")  # and the kernel is back once the mode is off
+
+
+def test_auto_skips_atomic_backends_in_deterministic_mode(monkeypatch):
+    from dinov3_kernels import _backend
+
+    monkeypatch.setattr(_backend, "why_not", lambda backend, tensors, op_check=None: None)  # as if on a GPU
+    x = torch.empty(2, 2, device="meta")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+    assert _backend.choose_backend("auto", (x,), atomics=("cuda",)) == "cuda"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _backend.choose_backend("auto", (x,), atomics=("cuda",)) == "triton"
+        assert _backend.choose_backend("auto", (x,), atomics=("cuda", "triton")) == "reference"
+    finally:
+        torch.use_deterministic_algorithms(False)
