@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -61,6 +62,21 @@ def _traceable(model: nn.Module):
         model.train(training)
 
 
+# Says, once per process, that torchvision's operators have no ONNX translation: irrelevant here.
+_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _half_copy(model: nn.Module) -> nn.Module:
     """An fp16 copy whose RoPE periods stay in their own dtype (``.half()`` would round them; the RoPE tables are
     computed in the model's RoPE dtype, fp32 for the released models, and cast to fp16 after the rotation)."""
@@ -86,7 +102,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp16: bool = False
     patches_h = torch.export.Dim("patches_h", min=1)
     patches_w = torch.export.Dim("patches_w", min=1)
     names = output_names(model)
-    with _traceable(model), torch.no_grad(), warnings.catch_warnings():
+    with _traceable(model), torch.no_grad(), warnings.catch_warnings(), _quiet(_REGISTRATION_LOGGER):
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # inside torch.export
         program = torch.onnx.export(
             OnnxBackbone(model).eval(),
