@@ -48,17 +48,23 @@ class OnnxBackbone(nn.Module):
 
 @contextlib.contextmanager
 def _traceable(model: nn.Module):
-    """Eval mode (no RoPE augmentation, no stochastic depth) and attention as MatMul + Softmax; restored on exit."""
+    """Eval mode (no RoPE augmentation, no stochastic depth), attention as MatMul + Softmax, and RoPE tables in fp32
+    when the model computes them in bf16 (ONNX Sin/Cos have no bf16 version); restored on exit."""
     training = model.training
     backends = [blk.attn.attn_backend for blk in model.blocks]
+    rope = model.rope_embed
+    rope_dtype, periods = rope.dtype, rope.periods
     model.eval()
     for blk in model.blocks:
         blk.attn.attn_backend = "math"
+    if rope_dtype == torch.bfloat16:
+        rope.dtype, rope.periods = torch.float32, periods.float()
     try:
         yield model
     finally:
         for blk, backend in zip(model.blocks, backends):
             blk.attn.attn_backend = backend
+        rope.dtype, rope.periods = rope_dtype, periods
         model.train(training)
 
 

@@ -104,8 +104,12 @@ def test_onnx_matches_pytorch_at_three_resolutions_and_two_batches(onnx_file, tr
 
 def test_onnx_fp16_variant_is_finite_and_close(tmp_path):
     from dinov3.export import check_onnx, export_onnx
+    from dinov3.models import DinoVisionTransformer
 
-    model = randomized(vit_small(**TINY, n_storage_tokens=0, attn_backend="reference"), std=0.1)
+    # The constructor's defaults: RoPE computed in bf16 (the graph computes it in fp32: ONNX Sin has no bf16), no
+    # layer scale, no registers, LayerNorm eps 1e-6.
+    model = randomized(DinoVisionTransformer(**TINY, attn_backend="reference"), std=0.1)
+    assert model.rope_embed.dtype == torch.bfloat16 and model.n_storage_tokens == 0
     before = {k: v.clone() for k, v in model.state_dict().items()}
     path = tmp_path / "fp16.onnx"
     assert export_onnx(model, path, fp16=True) == ["cls_token", "patch_tokens"]  # no registers: no register output
