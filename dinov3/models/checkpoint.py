@@ -228,6 +228,9 @@ def read_backbone(path: str | os.PathLike) -> BackboneWeights:
         raise WeightsFileError(f"{path} is a folder; give a weights file{hint}")
     if not path.is_file():
         raise WeightsFileError(f"{path}: no such file")
+    if path.suffix == ".onnx":
+        raise WeightsFileError(f"{path}: an ONNX graph runs in an ONNX runtime; give the weights it was exported from "
+                               "(.pth, .safetensors or a Hugging Face folder)")
     metadata: dict[str, str] = {}
     try:
         if path.suffix == ".safetensors":

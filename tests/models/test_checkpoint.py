@@ -141,6 +141,9 @@ def test_read_backbone_folders_and_metadata(tmp_path, source):
 
     with pytest.raises(WeightsFileError, match="is a folder; give a weights file"):
         read_backbone(tmp_path)
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    with pytest.raises(WeightsFileError, match="an ONNX graph runs in an ONNX runtime"):
+        read_backbone(tmp_path / "m.onnx")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
     with pytest.raises(WeightsFileError, match="describes a 'vit' model, not a DINOv3 ViT"):
         read_backbone(tmp_path)
