@@ -225,7 +225,8 @@ def read_backbone(path: str | os.PathLike) -> BackboneWeights:
             return _read_hf_folder(path)
         found = [p for p in (path / "backbone.pth",) if p.is_file()] + sorted(path.glob("checkpoints/checkpoint_*.pth"))
         hint = f", e.g. {found[0]}" if found else ""
-        raise WeightsFileError(f"{path} is a folder; give a weights file{hint}")
+        raise WeightsFileError(f"{path} is a folder; give a weights file{hint} (folders are read when they hold a "
+                               "Hugging Face config.json)")
     if not path.is_file():
         raise WeightsFileError(f"{path}: no such file")
     if path.suffix == ".onnx":
