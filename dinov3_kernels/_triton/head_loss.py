@@ -115,13 +115,13 @@ def _teacher_target_tile(ZT, WT, TB, TLSE, PW, rows, mr, cols, mc, T, B_img, D,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Σ_t w_it P_jk over the teacher rows j = t·B + i mod B of student rows i, (BLOCK_N, BLOCK_K) fp32; 0 where
     masked. P_jk = exp(scale_t · z_t,j·W_t,k + bias_k - lse_j): the teacher softmax with its per-prototype bias."""
-    tb = tl.load(TB + cols, mask=mc, other=0.0)
+    tb = tl.load(TB + cols, mask=mc, other=float("-inf"))  # masked columns: P = 0
     q = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     img = rows % B_img
     for t in range(T):
         w = tl.load(PW + rows * T + t, mask=mr, other=0.0)
         j = t * B_img + img
-        lse = tl.load(TLSE + j, mask=mr, other=0.0)
+        lse = tl.load(TLSE + j, mask=mr, other=float("inf"))  # masked rows: P = 0, no overflow
         x = _logits_tile(ZT, WT, j, mr, cols, mc, D, stn, std, stk, stdw, IS_FP32, PRECISION,
                          BLOCK_N, BLOCK_K, BLOCK_D) * scale_t
         q += w[:, None] * tl.exp(x + tb[None, :] - lse[:, None])
@@ -172,7 +172,7 @@ def _grad_logits_tile(ZS, WS, ZT, WT, TB, TLSE, PW, SLSE, GW, rows, mr, cols, mc
     (g_i · scale_s, g_i · scale_s · wsum_i) per row; 0 where masked."""
     x = _logits_tile(ZS, WS, rows, mr, cols, mc, D, ssn, ssd, ssk, ssdw, IS_FP32, PRECISION,
                      BLOCK_N, BLOCK_K, BLOCK_D) * scale_s
-    lse = tl.load(SLSE + rows, mask=mr, other=0.0)
+    lse = tl.load(SLSE + rows, mask=mr, other=float("inf"))
     g = tl.load(GW + rows * 2, mask=mr, other=0.0)
     gw = tl.load(GW + rows * 2 + 1, mask=mr, other=0.0)
     q = _teacher_target_tile(ZT, WT, TB, TLSE, PW, rows, mr, cols, mc, T, B_img, D, stn, std, stk, stdw,
@@ -242,16 +242,22 @@ def _head_ce_bwd_dw_kernel(
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------------
-def _config(z, D):
+def _config(z, D, precision, backward=False):
     """(BLOCK_N, BLOCK_K, BLOCK_D, BLOCK_DO, num_warps, target number of programs)."""
     if z.device.type == "cpu":
         # The interpreter pays per program and per op: the smallest tiles tl.dot takes, and few programs (but more
         # than one, so the split-combining paths run in the tests).
         return 16, 16, 16, 16, 4, 4
-    bd = 32 if z.dtype == torch.float32 else 64
-    # 64x64 logit tiles; gradient slices of up to 256 features keep the fp32 accumulators at 64 registers/thread
-    # with 8 warps (d = 384 and 512 take two slices). ~2 waves of 132 SMs.
-    return 64, 64, bd, min(256, max(16, triton.next_power_of_2(D))), 8, 264
+    # 64x64 logit tiles, ~2 waves of 132 SMs. The gradient passes hold a (64, BLOCK_DO) fp32 accumulator beside the
+    # logit tiles: 256 features fit with 16-bit inputs at 8 warps (wgmma), TF32 takes 128. IEEE fp32 has no tensor
+    # cores (FMA dots): 16-wide D steps, and 64x32 tiles with 64 features per slice in the gradient passes. Each
+    # choice is the largest without spills on sm_90 (tests/kernels/triton_compile.py).
+    p2 = max(16, triton.next_power_of_2(D))
+    if z.dtype == torch.float32 and precision != "tf32":
+        return (64, 32, 16, min(64, p2), 8, 264) if backward else (64, 64, 16, min(64, p2), 8, 264)
+    if z.dtype == torch.float32:
+        return 64, 64, 32, min(128, p2), 8, 264
+    return 64, 64, 64, min(256, p2), 8, 264
 
 
 def _splits(n_tiles, total, target):
@@ -282,8 +288,8 @@ def head_col_lse_triton(z, W, col_bias, row_bias, scale):
     """Per prototype k: (max_n x_nk, Σ_n exp(x_nk - max)), x = scale · z Wᵀ + col_bias_k + row_bias_n; (K,) fp32."""
     N, D = z.shape
     K = W.shape[0]
-    BN, BK, BD, _, warps, target = _config(z, D)
     is_fp32, precision = dot_precision(z)
+    BN, BK, BD, _, warps, target = _config(z, D, precision)
     k_tiles = triton.cdiv(K, BK)
     splits, per = _splits(k_tiles, triton.cdiv(N, BN), target)
     m = torch.empty((splits, K), device=z.device, dtype=torch.float32)
@@ -302,8 +308,8 @@ def head_row_lse_triton(z, W, col_bias, scale):
     """Per row n: logsumexp_k(scale · z_n·W_k + col_bias_k), (N,) fp32."""
     N, D = z.shape
     K = W.shape[0]
-    BN, BK, BD, _, warps, target = _config(z, D)
     is_fp32, precision = dot_precision(z)
+    BN, BK, BD, _, warps, target = _config(z, D, precision)
     if N == 0:
         return torch.empty(0, device=z.device, dtype=torch.float32)
     n_tiles = triton.cdiv(N, BN)
@@ -325,8 +331,8 @@ def head_ce_fwd_triton(zs, Ws, zt, Wt, teacher_bias, teacher_lse, pair_weight, s
     K = Ws.shape[0]
     T = pair_weight.shape[1]
     B_img = zt.shape[0] // T
-    BN, BK, BD, _, warps, target = _config(zs, D)
     is_fp32, precision = dot_precision(zs)
+    BN, BK, BD, _, warps, target = _config(zs, D, precision)
     if N == 0:
         e = torch.empty(0, device=zs.device, dtype=torch.float32)
         return e, e.clone()
@@ -351,8 +357,8 @@ def head_ce_bwd_triton(grad_rows, zs, Ws, zt, Wt, teacher_bias, teacher_lse, pai
     K = Ws.shape[0]
     T = pair_weight.shape[1]
     B_img = zt.shape[0] // T
-    BN, BK, BD, BDO, warps, target = _config(zs, D)
     is_fp32, precision = dot_precision(zs)
+    BN, BK, BD, BDO, warps, target = _config(zs, D, precision, backward=True)
     g = grad_rows.to(torch.float32) * scale_s
     gw = torch.stack([g, g * pair_weight.sum(1)], dim=1).contiguous()  # (N, 2)
     args = (zs, Ws, zt, Wt, teacher_bias, teacher_lse, pair_weight, student_lse, gw)
