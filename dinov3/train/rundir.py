@@ -22,7 +22,8 @@ logger = logging.getLogger("dinov3.train")
 LOCK_NAME = ".dinov3-train.lock"
 # What a run writes into its output folder (checkpoints/ holds checkpoint_XXXXXXXX.pth files).
 RUN_FILES = ("metrics.jsonl", "config.yaml", "backbone.pth", "backbone.json")
-RUN_DIRS = ("checkpoints", "tensorboard")
+# probes/ holds the probe maps (dinov3/train/probes.py); plots/ what `dinov3-plot RUN_DIR` draws from the run.
+RUN_DIRS = ("checkpoints", "tensorboard", "probes", "plots")
 
 
 class RunFolderError(RuntimeError):
