@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._common import CLIError, check_output_dir, positive_int, run_cli
@@ -54,20 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------ the run's files
-def read_rows(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl in file order; a line that does not parse (one being written) is skipped."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "iteration" in row:
-                rows.append(row)
-    return rows
-
-
 def read_config(run_dir: Path) -> dict:
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -136,60 +123,62 @@ def _mark_gram(ax, start):
         ax.axvline(start, color="crimson", linestyle=":", linewidth=1.2, label="Gram phase starts")
 
 
-def _finish(fig, path: Path, title: str) -> None:
+@dataclass
+class Panel:
+    title: str
+    keys: tuple[str, ...]
+    labels: tuple[str, ...]
+    lines: tuple[tuple[float, str], ...] = ()  # horizontal reference lines (value, legend label)
+
+
+def draw_panels(plt, rows, panels: list[Panel], *, shape: tuple[int, int], figsize, start, smooth: int,
+                legend: bool, path: Path, title: str) -> None:
+    """One figure of panels over iterations sharing the x axis, the Gram phase start marked on each."""
+    fig, axes = plt.subplots(*shape, figsize=figsize, sharex=True, squeeze=False)
+    for ax, p in zip(axes.flat, panels):
+        _panel(ax, rows, p.keys, smooth=smooth, labels=p.labels)
+        for y, label in p.lines:
+            ax.axhline(y, color="0.4", linestyle="--", linewidth=1, label=label)
+        _mark_gram(ax, start)
+        ax.set_title(p.title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if legend:
+            ax.legend(fontsize=7, loc="best")
+    for ax in axes[-1]:
+        ax.set_xlabel("iteration")
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _last(rows, key):
+    return next((r[key] for r in reversed(rows) if isinstance(r.get(key), (int, float))), None)
 
 
 def plot_losses(plt, rows, cfg, start, smooth, path: Path, title: str) -> None:
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
-    log_k = next((r["dino_log_k"] for r in reversed(rows) if "dino_log_k" in r), None)
-    for ax, (key, name) in zip(axes.flat, LOSS_PANELS):
-        _panel(ax, rows, [key], smooth=smooth, labels=[name])
-        if key.startswith("dino_") and log_k is not None:
-            ax.axhline(log_k, color="0.4", linestyle="--", linewidth=1, label=f"log K = {log_k:.3f}")
-        _mark_gram(ax, start)
-        ax.set_title(name, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    for ax in axes[-1]:
-        ax.set_xlabel("iteration")
-    _finish(fig, path, f"{title}: loss terms")
-    plt.close(fig)
+    log_k = _last(rows, "dino_log_k")
+    panels = [Panel(name, (key,), (name,), ((log_k, f"log K = {log_k:.3f}"),)
+                    if key.startswith("dino_") and log_k is not None else ()) for key, name in LOSS_PANELS]
+    draw_panels(plt, rows, panels, shape=(2, 3), figsize=(13, 6.5), start=start, smooth=smooth, legend=True,
+                path=path, title=f"{title}: loss terms")
 
 
 def plot_health(plt, rows, cfg, start, smooth, path: Path, title: str) -> None:
-    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
-    log_k = next((r["dino_log_k"] for r in reversed(rows) if "dino_log_k" in r), None)
+    log_k = _last(rows, "dino_log_k")
     threshold = (cfg.get("health") or {}).get("cls_cos_threshold")
-    for ax, (name, keys, extra) in zip(axes.flat, HEALTH_PANELS):
-        labels = [k.replace("_", " ") for k in keys]
-        _panel(ax, rows, keys, smooth=smooth, labels=labels)
-        if extra == "log_k" and log_k is not None:
-            ax.axhline(log_k, color="0.4", linestyle="--", linewidth=1, label=f"log K = {log_k:.3f} (uniform)")
-        if extra == "cos_threshold" and threshold is not None:
-            ax.axhline(threshold, color="0.4", linestyle="--", linewidth=1, label=f"alarm above {threshold:g}")
-        _mark_gram(ax, start)
-        ax.set_title(name, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    for ax in axes[-1]:
-        ax.set_xlabel("iteration")
-    _finish(fig, path, f"{title}: health")
-    plt.close(fig)
+    lines = {"log_k": ((log_k, f"log K = {log_k:.3f} (uniform)"),) if log_k is not None else (),
+             "cos_threshold": ((threshold, f"alarm above {threshold:g}"),) if threshold is not None else (), None: ()}
+    panels = [Panel(name, keys, tuple(k.replace("_", " ") for k in keys), lines[extra])
+              for name, keys, extra in HEALTH_PANELS]
+    draw_panels(plt, rows, panels, shape=(2, 2), figsize=(11, 6.5), start=start, smooth=smooth, legend=True,
+                path=path, title=f"{title}: health")
 
 
 def plot_schedules(plt, rows, cfg, start, path: Path, title: str) -> None:
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), sharex=True)
-    for ax, (key, name) in zip(axes.flat, SCHEDULE_PANELS):
-        _panel(ax, rows, [key], smooth=1, labels=[name])
-        _mark_gram(ax, start)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-    _finish(fig, path, f"{title}: schedules")
-    plt.close(fig)
+    panels = [Panel(name, (key,), (name,)) for key, name in SCHEDULE_PANELS]
+    draw_panels(plt, rows, panels, shape=(1, 4), figsize=(14, 3.2), start=start, smooth=1, legend=False, path=path,
+                title=f"{title}: schedules")
 
 
 # ------------------------------------------------------------------------------------------------ HTML
@@ -326,7 +315,9 @@ def make_plots(run_dir: Path, out_dir: Path, *, smooth: int | None = None,
         raise CLIError(f"{run_dir}: no such folder")
     if not metrics.is_file():
         raise CLIError(f"{run_dir} has no metrics.jsonl: give the --output folder of a dinov3-train run")
-    rows = read_rows(metrics)
+    from dinov3.train.rundir import read_metrics
+
+    rows = read_metrics(str(metrics))
     if not rows:
         raise CLIError(f"{metrics} holds no metrics row yet")
     try:

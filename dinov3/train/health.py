@@ -20,7 +20,6 @@ teacher is the model a run exports.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
@@ -28,6 +27,10 @@ import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger("dinov3.train")
+
+# The CLS-cosine alarm is armed once the cosine has come this far below its threshold (hysteresis: early in training
+# it wanders around the threshold on its way down from ~1).
+CLS_COS_HYSTERESIS = 0.1
 
 HEALTH_KEYS = ("dino_target_entropy", "dino_student_entropy", "ibot_target_entropy", "ibot_student_entropy",
                "dino_log_k", "cls_pairwise_cos", "cls_patch_cos", "feature_rank")
@@ -107,8 +110,8 @@ class HealthMonitor:
       teacher-temperature warm-up: the DINO head outputs a uniform distribution and its loss no longer trains anything;
     - ``cls_pairwise_cos`` passes ``cls_cos_threshold`` from below: different images, whose CLS tokens had spread
       apart, get nearly the same CLS feature again. At initialisation every image's CLS token is about the learned
-      CLS token itself (cosine ~0.99 in the ``tiny`` runs), so a value above the threshold before it has once been
-      below is the starting point, not an alarm.
+      CLS token itself (cosine ~0.99 in the ``tiny`` runs), so a value above the threshold is the starting point, not
+      an alarm, until the cosine has once come ``CLS_COS_HYSTERESIS`` below the threshold.
     """
 
     def __init__(self, *, warmup_iters: int, dino_margin: float, cls_cos_threshold: float, warn_every: int,
@@ -132,18 +135,14 @@ class HealthMonitor:
     def prime(self, metrics_path: str) -> None:
         """Read the rows an interrupted run already logged (a resume), so that a streak or a CLS cosine that had
         come down carries over; each alarm may then fire once more in this process."""
+        from .rundir import read_metrics
+
         try:
-            with open(metrics_path) as f:
-                lines = f.readlines()
+            rows = read_metrics(metrics_path)
         except FileNotFoundError:
             return
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "iteration" in row:
-                self.check(row)
+        for row in rows:
+            self.check(row)
         self._last_warned.clear()
 
     def _due(self, alarm: str, iteration: int) -> bool:
@@ -159,12 +158,13 @@ class HealthMonitor:
         out = []
         cos = row.get("cls_pairwise_cos")
         if cos is not None and math.isfinite(cos):
-            if cos <= self.cls_cos_threshold:
+            if cos <= self.cls_cos_threshold - CLS_COS_HYSTERESIS:
                 self._cls_was_below = True
-            elif self._cls_was_below and self._due("cls_cos", it):
+            elif cos > self.cls_cos_threshold and self._cls_was_below and self._due("cls_cos", it):
                 out.append(
                     f"iteration {it}: CLS tokens of different images have mean cosine {cos:.3f}, above "
-                    f"{self.cls_cos_threshold:g} after having been below it (feature rank "
+                    f"{self.cls_cos_threshold:g} after having spread below "
+                    f"{self.cls_cos_threshold - CLS_COS_HYSTERESIS:g} (feature rank "
                     f"{row.get('feature_rank', math.nan):.1f}): the backbone now gives nearly every image the same "
                     "global feature, a representation collapse. Try a higher dino.koleo_loss_weight (it spreads the "
                     "CLS tokens apart), a lower schedules.lr.peak or a higher teacher momentum (schedules.momentum), "
