@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --output folder of a dinov3-train run")
     p.add_argument("--output", default=None, help="where to write the figures and index.html (default RUN_DIR/plots)")
+    p.add_argument("--title", default=None, help="figure titles start with this (default: RUN_DIR's name)")
     p.add_argument("--smooth", type=int, default=None,
                    help="moving-average window in logged rows drawn over the raw curves (default: about 1/50 of the "
                         "rows; 1 = none)")
@@ -307,8 +308,8 @@ cosine to the reference patch (red), from -1 (dark blue) to 1 (yellow).</p>
 
 
 # ------------------------------------------------------------------------------------------------ command
-def make_plots(run_dir: Path, out_dir: Path, *, smooth: int | None = None,
-               strip_columns: int = MAX_STRIP_COLUMNS) -> list[Path]:
+def make_plots(run_dir: Path, out_dir: Path, *, smooth: int | None = None, strip_columns: int = MAX_STRIP_COLUMNS,
+               title: str | None = None) -> list[Path]:
     """Write the figures and index.html of the run in ``run_dir`` into ``out_dir``; returns the written paths."""
     metrics = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
@@ -332,7 +333,7 @@ def make_plots(run_dir: Path, out_dir: Path, *, smooth: int | None = None,
     if smooth is None:
         smooth = max(1, len(rows) // 50)
     out_dir.mkdir(parents=True, exist_ok=True)
-    title = run_dir.resolve().name
+    title = title or run_dir.resolve().name
     plot_losses(plt, rows, cfg, start, smooth, out_dir / "losses.png", title)
     plot_health(plt, rows, cfg, start, smooth, out_dir / "health.png", title)
     plot_schedules(plt, rows, cfg, start, out_dir / "schedules.png", title)
@@ -353,7 +354,7 @@ def _main(argv: list[str] | None) -> int:
     run_dir = Path(args.run_dir)
     out_dir = Path(args.output) if args.output else run_dir / "plots"
     check_output_dir(out_dir, "--output")
-    for path in make_plots(run_dir, out_dir, smooth=args.smooth, strip_columns=args.strip_columns):
+    for path in make_plots(run_dir, out_dir, smooth=args.smooth, strip_columns=args.strip_columns, title=args.title):
         print(path)
     return 0
 

@@ -185,9 +185,10 @@ class HealthMonitor:
                 f"{row.get('dino_local_crops_loss', math.nan):.4f}; student entropy "
                 f"{row.get('dino_student_entropy', math.nan):.4f}, teacher target entropy "
                 f"{row.get('dino_target_entropy', math.nan):.4f} nats). The DINO head's output has collapsed to the "
-                "uniform distribution: the CLS (image-level) objective gives no signal, only iBOT, KoLeo and Gram "
-                "train the backbone. It happens when a crop's CLS token cannot predict another crop's of the same "
-                "image (hard views at small scale, little data). Try easier views (larger crops.global_crops_scale "
-                "and crops.local_crops_scale minimums), fewer prototypes (dino.head_n_prototypes), a lower "
-                "schedules.teacher_temp.peak, or a longer teacher-temperature warm-up.")
+                "uniform distribution: the image-level (CLS) objective gives no signal, only iBOT, KoLeo and Gram "
+                "train the backbone (the kNN and seg probes of dinov3-eval tell whether it still learns). It happens "
+                "when a crop's CLS token cannot predict another crop's of the same image (hard views, small images, "
+                "little data). Try easier views (larger crops.global_crops_scale and crops.local_crops_scale "
+                "minimums), fewer prototypes (dino.head_n_prototypes), a lower schedules.teacher_temp.peak, or a "
+                "longer teacher-temperature warm-up.")
         return out
