@@ -150,8 +150,10 @@ def scene_dir(tmp_path_factory):
 
 
 def _run(cfg_overrides, data, out, caplog):
+    from conftest import one_torch_thread
+
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="dinov3.train"):
+    with caplog.at_level(logging.WARNING, logger="dinov3.train"), one_torch_thread():
         train(load_config("tiny", cfg_overrides), data_dir=data, output_dir=str(out))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     return read_metrics(os.path.join(out, "metrics.jsonl")), warnings

@@ -21,11 +21,12 @@ PATCH = 8
 
 @pytest.fixture(scope="module")
 def probe_run(image_dir, tmp_path_factory):
-    from conftest import TINY_OVERRIDES
+    from conftest import TINY_OVERRIDES, one_torch_thread
 
     out = str(tmp_path_factory.mktemp("probes"))
     cfg = load_config("tiny", TINY_OVERRIDES + ["train.probe_every=2", f"train.probe_images={N_IMAGES}"])
-    train(cfg, data_dir=image_dir, output_dir=out)
+    with one_torch_thread():
+        train(cfg, data_dir=image_dir, output_dir=out)
     return cfg, out
 
 
@@ -69,10 +70,12 @@ def test_probe_files_and_content(probe_run):
 
 
 def test_probes_leave_training_unchanged(probe_run, image_dir, tmp_path):
-    from conftest import TINY_OVERRIDES
+    from conftest import TINY_OVERRIDES, one_torch_thread
 
     _, out = probe_run
-    train(load_config("tiny", TINY_OVERRIDES + ["train.probe_every=0"]), data_dir=image_dir, output_dir=str(tmp_path))
+    with one_torch_thread():
+        train(load_config("tiny", TINY_OVERRIDES + ["train.probe_every=0"]), data_dir=image_dir,
+              output_dir=str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "probes"))
     keys = ("total_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss", "gram_loss", "feature_rank")
     rows = [read_metrics(os.path.join(d, "metrics.jsonl")) for d in (out, tmp_path)]
