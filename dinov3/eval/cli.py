@@ -35,7 +35,7 @@ from dinov3.cli._common import (
     resolve_device,
     run_cli,
 )
-from dinov3.images import UnreadableImage, load_rgb
+from dinov3.images import UnreadableImage, center_square, load_rgb
 
 PROG = "dinov3-eval"
 
@@ -99,11 +99,8 @@ def _folder(path: str, option: str) -> Path:
 
 
 def _square_rgb(path: Path, size: int, report: Report) -> np.ndarray | None:
-    from dinov3.eval.seg import square
-    from PIL import Image
-
     try:
-        return np.asarray(square(load_rgb(path), size, Image.BICUBIC))
+        return np.asarray(center_square(load_rgb(path), size))
     except UnreadableImage as exc:
         report.skip(exc.path, exc.reason)
         return None

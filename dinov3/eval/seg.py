@@ -49,25 +49,18 @@ def read_mask(path: str | Path) -> np.ndarray:
         return np.asarray(img).astype(np.int64)
 
 
-def square(img, size: int, resample):
-    """Centre-crop to a square and resize to size x size."""
-    from PIL import ImageOps
-
-    return ImageOps.fit(img, (size, size), resample)
-
-
 def load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(RGB uint8 (size, size, 3), class indices int64 (size, size)). Raises UnreadableImage / ValueError."""
     from PIL import Image
 
-    from dinov3.images import load_rgb
+    from dinov3.images import center_square, load_rgb
 
     img = load_rgb(image_path)
     mask = read_mask(mask_path)
     if mask.shape != (img.size[1], img.size[0]):
         raise ValueError(f"mask {mask.shape[1]}x{mask.shape[0]} does not match the image's {img.size[0]}x{img.size[1]}")
-    m = square(Image.fromarray(mask.astype(np.int32), mode="I"), size, Image.NEAREST)
-    return np.asarray(square(img, size, Image.BICUBIC)), np.asarray(m).astype(np.int64)
+    m = center_square(Image.fromarray(mask.astype(np.int32), mode="I"), size, Image.NEAREST)
+    return np.asarray(center_square(img, size)), np.asarray(m).astype(np.int64)
 
 
 def normalize(rgb: np.ndarray, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:

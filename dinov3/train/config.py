@@ -158,7 +158,8 @@ DEFAULTS: dict[str, Any] = {
         # warm-up: the DINO head's output is uniform.
         "dino_log_k_margin": 0.02,
         "patience": 3,
-        # Mean cosine between different images' CLS tokens above this after the warm-up: representation collapse.
+        # Mean cosine between different images' CLS tokens passing this from below (once it had come 0.1 under it):
+        # a representation collapse.
         "cls_cos_threshold": 0.95,
         # A firing alarm is repeated at most once per this many iterations.
         "warn_every": 1000,

@@ -26,7 +26,7 @@ import shutil
 import numpy as np
 import torch
 
-from dinov3.images import UnreadableImage, load_rgb
+from dinov3.images import UnreadableImage, center_square, load_rgb
 from dinov3.viz import colorize, patch_similarity, pca_rgb, upscale_nearest
 
 logger = logging.getLogger("dinov3.train")
@@ -43,12 +43,6 @@ def reference_patches(grid: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys([(q, q), (c, c), (grid - 1 - q, grid - 1 - q)]))
 
 
-def _square(img, size: int):
-    from PIL import Image, ImageOps
-
-    return ImageOps.fit(img, (size, size), Image.BICUBIC)
-
-
 def choose_images(paths: list[str], n: int, seed: int, size: int) -> list[tuple[str, np.ndarray]]:
     """Up to ``n`` (source path, (size, size, 3) uint8) from ``paths``, drawn in a seeded order, unreadable files
     passed over. Uses its own RNG: the training streams are untouched."""
@@ -60,7 +54,7 @@ def choose_images(paths: list[str], n: int, seed: int, size: int) -> list[tuple[
             img = load_rgb(paths[i])
         except UnreadableImage:
             continue
-        chosen.append((paths[i], np.asarray(_square(img, size))))
+        chosen.append((paths[i], np.asarray(center_square(img, size))))
         if len(chosen) == n:
             break
     return chosen
@@ -95,10 +89,11 @@ class Probes:
 
     # ------------------------------------------------------------------------------------------------ the set
     @classmethod
-    def prepare(cls, cfg: dict, *, data_dir: str, output_dir: str, start_iter: int, write: bool) -> "Probes | None":
-        """The run's probe set: the saved one when it matches the config, else a new draw (saved when ``write``).
-        Events past ``start_iter`` (left by an interrupted run) are removed when ``write``. None when probes are off
-        or no image can be read."""
+    def prepare(cls, cfg: dict, *, image_paths: list[str], output_dir: str, start_iter: int,
+                write: bool) -> "Probes | None":
+        """The run's probe set: the saved one when it matches the config, else a new draw from ``image_paths`` (the
+        data folder's images; saved when ``write``). Events past ``start_iter`` (left by an interrupted run) are
+        removed when ``write``. None when probes are off or no image can be read."""
         t = cfg["train"]
         if int(t["probe_every"]) <= 0:
             return None
@@ -112,11 +107,10 @@ class Probes:
         if saved is not None:
             probes = cls(saved[1], saved[0], **kw)
         else:
-            from .data import find_images
-
-            chosen = choose_images(find_images(data_dir), n, int(t["seed"]), size)
+            chosen = choose_images(image_paths, n, int(t["seed"]), size)
             if not chosen:
-                logger.warning("probes: no readable image in %s; no probe maps will be drawn", data_dir)
+                logger.warning("probes: no readable image among the %d of the data folder; no probe maps will be "
+                               "drawn", len(image_paths))
                 return None
             probes = cls([a for _, a in chosen], [p for p, _ in chosen], **kw)
             if write:

@@ -394,9 +394,9 @@ class Trainer:
     def _loop(self, stop: "_StopSignals") -> dict:
         cfg, arch = self.cfg, self.arch
         g = cfg["gram"]
-        _, loader = build_loader(cfg, root=self.data_dir, rank=self.dist.rank, world_size=self.dist.world_size,
-                                 start_iter=self.start_iter, end_iter=self.end_iter,
-                                 pin_memory=self.device.type == "cuda")
+        dataset, loader = build_loader(cfg, root=self.data_dir, rank=self.dist.rank, world_size=self.dist.world_size,
+                                       start_iter=self.start_iter, end_iter=self.end_iter,
+                                       pin_memory=self.device.type == "cuda")
         data_iter = iter(loader)
         if self._resume_state is not None:
             rngs = self._resume_state["rng"]
@@ -409,7 +409,7 @@ class Trainer:
         health = HealthMonitor.from_config(cfg)
         if self.dist.is_main and self.start_iter > 0:
             health.prime(self.metrics_path)
-        probes = Probes.prepare(cfg, data_dir=self.data_dir, output_dir=self.output_dir, start_iter=self.start_iter,
+        probes = Probes.prepare(cfg, image_paths=dataset.paths, output_dir=self.output_dir, start_iter=self.start_iter,
                                 write=self.dist.is_main)
         probe_every = int(cfg["train"]["probe_every"])
         arch.train()

@@ -88,7 +88,7 @@ def test_probe_set_kept_on_resume_and_later_events_dropped(probe_run, image_dir,
     shutil.copytree(out, run)
     before = json.loads((run / "probes" / "probe_set.json").read_text())
     # A resume from iteration 4 of a run that had written events 0..6: the set is reused, 6 goes.
-    probes = Probes.prepare(cfg, data_dir=str(tmp_path / "elsewhere"), output_dir=str(run), start_iter=4, write=True)
+    probes = Probes.prepare(cfg, image_paths=[], output_dir=str(run), start_iter=4, write=True)
     assert list_events(str(run / "probes")) == [0, 2, 4]
     assert probes.sources == [e["source"] for e in before["images"]]
     assert json.loads((run / "probes" / "probe_set.json").read_text()) == before
