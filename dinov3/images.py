@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "UnreadableImage", "load_rgb", "to_rgb8"]
+__all__ = ["IMAGE_EXTENSIONS", "UnreadableImage", "center_square", "load_rgb", "to_rgb8"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -105,3 +105,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return to_rgb8(upright)
     except ValueError as exc:  # values of unknown range
         raise UnreadableImage(path, str(exc)) from None
+
+
+def center_square(img: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
+    """The largest centred square of ``img``, resized to size x size (``Image.NEAREST`` for label masks)."""
+    return ImageOps.fit(img, (size, size), resample)

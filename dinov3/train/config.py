@@ -148,6 +148,24 @@ DEFAULTS: dict[str, Any] = {
         "head_loss_backend": "fused",
         "log_every": 10,
         "progress_bar": True,
+        # Every probe_every iterations (and at the start and the end; 0: never) the EMA teacher's patch features of
+        # probe_images images from the data folder (chosen at the start, kept in OUTPUT/probes/) are drawn as PCA
+        # and patch-similarity maps; probe_size: their side in pixels (0: twice crops.global_crops_size).
+        "probe_every": 1000,
+        "probe_images": 4,
+        "probe_size": 0,
+    },
+    # Alarms read off the health metrics written with each logged row (dinov3/train/health.py).
+    "health": {
+        # The DINO loss within this many nats of log K for `patience` logged rows after the teacher-temperature
+        # warm-up: the DINO head's output is uniform.
+        "dino_log_k_margin": 0.02,
+        "patience": 3,
+        # Mean cosine between different images' CLS tokens passing this from below (once it had come 0.1 under it):
+        # a representation collapse.
+        "cls_cos_threshold": 0.95,
+        # A firing alarm is repeated at most once per this many iterations.
+        "warn_every": 1000,
     },
     "optim": {
         "adamw_beta1": 0.9,
@@ -207,7 +225,8 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "ibot": {"head_n_prototypes": 256, "head_bottleneck_dim": 32, "head_hidden_dim": 128, "head_init_std": 0.1},
         "crops": {"global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 4,
                   "gram_teacher_crops_size": 48, "global_crops_scale": [0.4, 1.0], "local_crops_scale": [0.1, 0.4]},
-        "train": {"batch_size_per_gpu": 16, "num_workers": 0, "iterations": 200, "log_every": 1},
+        "train": {"batch_size_per_gpu": 16, "num_workers": 0, "iterations": 200, "log_every": 1, "probe_every": 50},
+        "health": {"warn_every": 500},
         "optim": {"clip_grad": 3.0, "layerwise_decay": 0.9, "scaling_rule": "none"},
         "schedules": {
             "lr": {"kind": "cosine", "start": 0.0, "peak": 1.0e-3, "end": 1.0e-4, "warmup_iters": 10},
@@ -510,6 +529,15 @@ def validate_config(cfg: dict) -> None:
     need("train.iterations", t["iterations"] >= 1, "must be >= 1")
     need("train.num_workers", t["num_workers"] >= 0, "must be >= 0")
     need("train.log_every", t["log_every"] >= 1, "must be >= 1")
+    need("train.probe_every", t["probe_every"] >= 0, "must be >= 0 (0 turns the probes off)")
+    need("train.probe_images", t["probe_images"] >= 1, "must be >= 1")
+    need("train.probe_size", t["probe_size"] == 0 or (t["probe_size"] >= p and t["probe_size"] % p == 0),
+         f"must be 0 (twice crops.global_crops_size) or a positive multiple of student.patch_size={p}")
+    hl = cfg["health"]
+    need("health.dino_log_k_margin", hl["dino_log_k_margin"] >= 0, "must be >= 0")
+    need("health.patience", hl["patience"] >= 1, "must be >= 1")
+    need("health.cls_cos_threshold", -1 <= hl["cls_cos_threshold"] <= 1, "must be in [-1, 1]")
+    need("health.warn_every", hl["warn_every"] >= 1, "must be >= 1")
     need("train.seed", t["seed"] >= 0, "must be >= 0")
     need("train.autocast_dtype", t["autocast_dtype"] != "fp16",
          "fp16 autocast needs loss scaling, which this trainer does not do (DINOv3 trains in bf16): "
@@ -559,7 +587,8 @@ def dump_config(cfg: dict) -> str:
 # Keys that --resume may change without touching the computation (the data stream does not depend on the number of
 # loader workers). A longer train.iterations is also allowed; anything else breaks an exact continuation.
 RESUME_HARMLESS = ("train.log_every", "train.num_workers", "train.progress_bar", "checkpointing.period",
-                   "checkpointing.max_to_keep")
+                   "checkpointing.max_to_keep", "train.probe_every", "train.probe_images", "train.probe_size",
+                   "health.dino_log_k_margin", "health.patience", "health.cls_cos_threshold", "health.warn_every")
 
 
 def config_from_text(text: str) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,8 @@ logger = logging.getLogger("dinov3.train")
 LOCK_NAME = ".dinov3-train.lock"
 # What a run writes into its output folder (checkpoints/ holds checkpoint_XXXXXXXX.pth files).
 RUN_FILES = ("metrics.jsonl", "config.yaml", "backbone.pth", "backbone.json")
-RUN_DIRS = ("checkpoints", "tensorboard")
+# probes/ holds the probe maps (dinov3/train/probes.py); plots/ what `dinov3-plot RUN_DIR` draws from the run.
+RUN_DIRS = ("checkpoints", "tensorboard", "probes", "plots")
 
 
 class RunFolderError(RuntimeError):
@@ -39,6 +41,21 @@ def run_artifacts(output_dir: str) -> list[str]:
         if os.path.isdir(path) and os.listdir(path):
             found.append(name + "/")
     return sorted(found)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl in file order; a line that does not parse (torn by a kill, or being
+    written) is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "iteration" in row:
+                rows.append(row)
+    return rows
 
 
 def check_output_dir(output_dir: str) -> None:

@@ -14,6 +14,7 @@ from dinov3.models import DinoVisionTransformer
 
 from .config import backbone_kwargs
 from .heads import DINOHead
+from .health import health_metrics
 from .losses import DINOLoss, iBOTPatchLoss
 from .schedules import Schedule
 
@@ -166,10 +167,22 @@ class SSLMetaArch(nn.Module):
         torch._foreach_copy_(dst, src)
         self.gram_initialized = True
 
+    @torch.no_grad()
+    def teacher_patch_features(self, images: torch.Tensor, autocast=None) -> torch.Tensor:
+        """The EMA teacher's patch tokens (N, P, D) of ``images``, outside a training step (the probes). Under FSDP
+        every rank must call it (the forward is collective)."""
+        autocast = autocast or contextlib.nullcontext
+        with autocast():
+            patch = self.teacher(images, torch.empty(0, dtype=torch.long, device=images.device))["patch"]
+        _reshard(self.teacher)
+        return patch
+
     # ------------------------------------------------------------------------------------------- the step
     def forward_backward(self, batch: dict, *, teacher_temp: float, iteration: int, student_forward=None,
-                         autocast=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Teacher and student passes, every loss term, and ``backward()`` of their weighted sum."""
+                         autocast=None, health: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher and student passes, every loss term, and ``backward()`` of their weighted sum. With ``health``
+        (the trainer sets it on logged iterations) the returned terms also hold :mod:`.health`'s metrics, computed
+        from this step's tensors."""
         student_forward = student_forward or self.student
         autocast = autocast or contextlib.nullcontext  # a factory of fresh context managers
         cfg = self.cfg
@@ -235,6 +248,12 @@ class SSLMetaArch(nn.Module):
             total = total + gram_w * losses["gram_loss"]
 
         total.backward()
+        if health:
+            losses.update(health_metrics(
+                dino_targets=cls_probs, dino_student_logits=[st["g_logits"].detach(), st["l_logits"].detach()],
+                dino_student_temp=self.dino_loss.student_temp, ibot_targets=patch_probs,
+                ibot_student_logits=st["ibot_logits"].detach(), ibot_student_temp=self.ibot_loss.student_temp,
+                teacher_cls=t["cls"], teacher_patch=t["patch"], n_global=n_g))
         return total.detach(), {k: v.detach() for k, v in losses.items()}
 
     def _fused_head_losses(self, t, batch, teacher_temp, n_g, ignore_diag, cls_z, dino_W, ibot_z, ibot_W):

@@ -21,7 +21,9 @@ import torch.distributed as dist
 from .checkpoint import atomic_save, get_rng_state, list_checkpoints, save_checkpoint, set_rng_state
 from .config import ConfigError, check_resume_changes, config_from_text, dump_config, validate_config
 from .data import BatchAugment, build_loader
+from .health import HealthMonitor
 from .param_groups import apply_optim_schedule, build_param_groups
+from .probes import Probes
 from .rundir import (RunFolderError, RunLock, check_output_dir, latest_readable_checkpoint, refuse_existing_run,
                      remove_run, run_artifacts)
 from .schedules import Schedule
@@ -374,6 +376,14 @@ class Trainer:
         return (f"iteration {it}/{self.end_iter}  total {row['total_loss']:.4f}  {losses}  lr {row['lr']:.3e}  "
                 f"{row['images_per_s']:.1f} img/s  ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
 
+    def _probe(self, probes: Probes, done: int) -> None:
+        """Probe maps of the EMA teacher after ``done`` iterations (every rank runs the teacher under FSDP)."""
+        if self.parallel != "fsdp" and not self.dist.is_main:
+            return
+        feats = probes.features(lambda x: self.arch.teacher_patch_features(x.to(self.device), self.autocast))
+        if self.dist.is_main:
+            probes.write(feats, done, self.tb)
+
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
         """Runs to ``end_iter`` or until SIGINT/SIGTERM. On a signal the current step finishes, every rank stops at
@@ -384,9 +394,9 @@ class Trainer:
     def _loop(self, stop: "_StopSignals") -> dict:
         cfg, arch = self.cfg, self.arch
         g = cfg["gram"]
-        _, loader = build_loader(cfg, root=self.data_dir, rank=self.dist.rank, world_size=self.dist.world_size,
-                                 start_iter=self.start_iter, end_iter=self.end_iter,
-                                 pin_memory=self.device.type == "cuda")
+        dataset, loader = build_loader(cfg, root=self.data_dir, rank=self.dist.rank, world_size=self.dist.world_size,
+                                       start_iter=self.start_iter, end_iter=self.end_iter,
+                                       pin_memory=self.device.type == "cuda")
         data_iter = iter(loader)
         if self._resume_state is not None:
             rngs = self._resume_state["rng"]
@@ -396,7 +406,15 @@ class Trainer:
                 logger.warning("checkpoint has RNG states for %d ranks, running %d: not restoring them", len(rngs),
                                self.dist.world_size)
         self._open_logs()
+        health = HealthMonitor.from_config(cfg)
+        if self.dist.is_main and self.start_iter > 0:
+            health.prime(self.metrics_path)
+        probes = Probes.prepare(cfg, image_paths=dataset.paths, output_dir=self.output_dir, start_iter=self.start_iter,
+                                write=self.dist.is_main)
+        probe_every = int(cfg["train"]["probe_every"])
         arch.train()
+        if probes is not None and self.start_iter == 0:
+            self._probe(probes, 0)
         progress = None
         # The bar only on a terminal; otherwise (redirected output, or the bar turned off) plain lines.
         if self.dist.is_main and cfg["train"]["progress_bar"] and sys.stderr.isatty():
@@ -430,9 +448,11 @@ class Trainer:
                 if batch["global_crops"].device != self.device:
                     batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+                log_now = (it + 1) % log_every == 0 or it + 1 == self.end_iter
                 self.optimizer.zero_grad(set_to_none=True)
                 total, losses = arch.forward_backward(batch, teacher_temp=temp, iteration=it,
-                                                      student_forward=self.student_forward, autocast=self.autocast)
+                                                      student_forward=self.student_forward, autocast=self.autocast,
+                                                      health=log_now)
                 metrics = dict(losses)
                 if clip > 0:
                     for name in ("backbone", "dino_head", "ibot_head"):
@@ -470,7 +490,6 @@ class Trainer:
                        "images_per_s": imgs_per_step / max(now - tick, 1e-9)}
                 tick = now
                 last_row = row
-                log_now = (it + 1) % log_every == 0 or it + 1 == self.end_iter
                 if self.dist.is_main and log_now:
                     with open(self.metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -480,10 +499,14 @@ class Trainer:
                                 self.tb.add_scalar(k, v, it)
                     if progress is None:
                         logger.info("%s", self._console_line(row, now - start_time, it + 1 - self.start_iter))
+                    for message in health.check(row):
+                        logger.warning("%s", message)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{reduced['total_loss']:.3f}", lr=f"{lr:.2e}",
                                          img_s=f"{row['images_per_s']:.1f}")
+                if probes is not None and ((it + 1) % probe_every == 0 or it + 1 == self.end_iter):
+                    self._probe(probes, it + 1)
                 if (it + 1) % period == 0 or it + 1 == self.end_iter or stop_signum:
                     self.save(it + 1)
                     saved_at = it + 1

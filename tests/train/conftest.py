@@ -1,9 +1,11 @@
 """Fixtures for the trainer tests: a folder of small generated images (plus one corrupt file) and a tiny config."""
 
+import contextlib
 import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -47,6 +49,17 @@ TINY_OVERRIDES = [
     "checkpointing.max_to_keep=2",
     "schedules.lr.warmup_iters=2",
 ]
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """For training runs of a few seconds: on a busy 2-core machine a second torch thread only slows them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture
