@@ -202,22 +202,35 @@ class SSLMetaArch(nn.Module):
             t = self.teacher(gl, mask_indices, features=fused)
         losses: dict[str, torch.Tensor] = {}
         if fused:
+            codes = {}
+            # The centers the targets are taken against (the fused softmax-centering call moves them).
+            centers = (self.dino_loss.center.clone(), self.ibot_loss.center.clone()) if health else None
+
+            def head_losses(cls_z, dino_W, ibot_z, ibot_W):
+                if health:  # copies (FSDP frees its unsharded weights after forward), logged iterations only
+                    codes.update(cls_z=cls_z.detach().float(), dino_W=dino_W.detach().float().clone(),
+                                 ibot_z=ibot_z.detach().float(), ibot_W=ibot_W.detach().float().clone())
+                return self._fused_head_losses(t, batch, teacher_temp, n_g, ignore_diag, cls_z, dino_W, ibot_z, ibot_W)
+
             with autocast():
-                st = student_forward(gl, lo, masks, mask_indices, head_losses=lambda *a: self._fused_head_losses(
-                    t, batch, teacher_temp, n_g, ignore_diag, *a))
+                st = student_forward(gl, lo, masks, mask_indices, head_losses=head_losses)
             # One DINO call for all crops: its per-row terms, summed over the global or local crops and rescaled
             # from the joint pair count to each one's own, are the two official losses.
             rows, losses["ibot_loss"] = st["head_losses"]
             losses["dino_local_crops_loss"] = rows[n_g:].sum() * ((g_terms + l_terms) / max(l_terms, 1))
             losses["dino_global_crops_loss"] = rows[:n_g].sum() * ((g_terms + l_terms) / g_terms)
+            if health:  # the fused losses never form the logits: the health metrics form them on these iterations
+                with torch.no_grad():
+                    cls_probs, patch_probs = self._teacher_targets(
+                        t["cls_z"].float() @ t["dino_W"].float().T, t["ibot_z"].float() @ t["ibot_W"].float().T,
+                        batch, teacher_temp, centering, centers=centers)
+                    logits = codes["cls_z"] @ codes["dino_W"].T
+                    st["g_logits"], st["l_logits"] = logits[: n_g * B], logits[n_g * B:]
+                    st["ibot_logits"] = codes["ibot_z"] @ codes["ibot_W"].T
+                cls_probs = cls_probs.unflatten(0, (n_g, B))
         else:
-            if centering == "sinkhorn_knopp":
-                cls_probs = self.dino_loss.sinkhorn_knopp_teacher(t["cls_logits"], teacher_temp)
-                patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(t["ibot_logits"], teacher_temp,
-                                                                    batch["n_masked_patches"])
-            else:
-                cls_probs = self.dino_loss.softmax_center_teacher(t["cls_logits"], teacher_temp)
-                patch_probs = self.ibot_loss.softmax_center_teacher(t["ibot_logits"], teacher_temp)
+            cls_probs, patch_probs = self._teacher_targets(t["cls_logits"], t["ibot_logits"], batch, teacher_temp,
+                                                           centering)
             cls_probs = cls_probs.unflatten(0, (n_g, B))  # (2, B, K)
 
             with autocast():
@@ -255,6 +268,19 @@ class SSLMetaArch(nn.Module):
                 ibot_student_logits=st["ibot_logits"].detach(), ibot_student_temp=self.ibot_loss.student_temp,
                 teacher_cls=t["cls"], teacher_patch=t["patch"], n_global=n_g))
         return total.detach(), {k: v.detach() for k, v in losses.items()}
+
+    def _teacher_targets(self, cls_logits, ibot_logits, batch, teacher_temp, centering, centers=None):
+        """The teacher's DINO and iBOT target distributions, as the official losses compute them. ``centers``:
+        softmax centering against these (the centers before the fused losses updated them), leaving the losses'
+        own centers alone."""
+        if centering == "sinkhorn_knopp":
+            return (self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp),
+                    self.ibot_loss.sinkhorn_knopp_teacher(ibot_logits, teacher_temp, batch["n_masked_patches"]))
+        if centers is not None:
+            return tuple(F.softmax((x.float() - c) / teacher_temp, dim=-1)
+                         for x, c in zip((cls_logits, ibot_logits), centers))
+        return (self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp),
+                self.ibot_loss.softmax_center_teacher(ibot_logits, teacher_temp))
 
     def _fused_head_losses(self, t, batch, teacher_temp, n_g, ignore_diag, cls_z, dino_W, ibot_z, ibot_W):
         """(DINO per-row terms (crops, B) over all crops, iBOT loss) from dinov3_kernels' fused losses."""

@@ -147,9 +147,10 @@ def test_fused_head_losses_match_the_official_path_in_a_training_step(image_dir,
                 arch.ibot_loss.center.copy_(torch.linspace(0.3, -0.3, arch.ibot_loss.center.numel()).view_as(
                     arch.ibot_loss.center))
         torch.manual_seed(1)  # drop path and anything else random draws the same in both steps
-        results[kind] = arch.forward_backward(batch, teacher_temp=0.04, iteration=0)
+        # health=True: the fused path must also give the health metrics (it forms the logits for them).
+        results[kind] = arch.forward_backward(batch, teacher_temp=0.04, iteration=0, health=True)
     (t_off, l_off), (t_fus, l_fus) = results["official"], results["fused"]
-    assert set(l_off) == set(l_fus)
+    assert set(l_off) == set(l_fus) and "dino_target_entropy" in l_fus
     for key in l_off:
         torch.testing.assert_close(l_fus[key], l_off[key], rtol=1e-5, atol=1e-6, msg=key)
     torch.testing.assert_close(t_fus, t_off, rtol=1e-5, atol=1e-6)
