@@ -13,6 +13,7 @@ __all__ = [
     "read_state_dict",
     "extract_backbone_state_dict",
     "untie_flags",
+    "read_hf_folder",
     "CheckpointMismatchError",
 ]
 
@@ -170,3 +171,42 @@ def load_pretrained(model: nn.Module, path_or_state_dict, *, strict: bool = True
             "non-strict load: missing %s, unexpected %s", result.missing_keys, result.unexpected_keys
         )
     return model
+
+
+def read_hf_folder(folder: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """A Hugging Face ``DINOv3ViTModel`` folder (config.json + model.safetensors, or shards with their index) as
+    (official-layout state dict, DinoVisionTransformer keyword arguments). Needs transformers for the config's
+    defaults (``save_pretrained`` writes only the values that differ from them)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .convert import dinov3_kwargs_from_hf_config, from_hf_state_dict
+
+    folder = os.fspath(folder)
+    config_file = os.path.join(folder, "config.json")
+    with open(config_file) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type != "dinov3_vit":
+        raise ValueError(f"{config_file} describes a {model_type!r} model, not a DINOv3 ViT ('dinov3_vit')")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted({os.path.join(folder, name) for name in json.load(f)["weight_map"].values()})
+    else:
+        files = [os.path.join(folder, "model.safetensors")]
+    missing = [os.path.basename(p) for p in files if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"{folder}: no {', '.join(missing)} beside its config.json")
+    try:
+        from transformers import DINOv3ViTConfig
+    except ImportError:
+        raise ValueError(f"{folder}: reading a Hugging Face folder needs transformers (pip install transformers)") from None
+    config = DINOv3ViTConfig.from_pretrained(folder)
+    kwargs = dinov3_kwargs_from_hf_config(config)
+    hf_sd: dict[str, Tensor] = {}
+    for p in files:
+        hf_sd.update(load_file(p, device="cpu"))
+    sd = from_hf_state_dict(hf_sd, num_heads=config.num_attention_heads, rope_base=config.rope_theta,
+                            mask_k_bias=kwargs.get("mask_k_bias", True))
+    return sd, {**kwargs, **untie_flags(sd)}  # the layout has neither untied norm

@@ -1,0 +1,137 @@
+"""Demo: continue self-supervised training from a trained backbone (``dinov3-train --init-from``), on the same images
+and on another image distribution, with and without the head warm-up; kNN accuracy along the way.
+
+    pip install scikit-learn
+    python benchmarks/demo_init_from.py --iterations 600 --threads 1
+
+1. Pretrain `tiny` on scikit-learn's digits as benchmarks/demo_digits.py does (or take --pretrained BACKBONE.pth):
+   backbone A, kNN accuracy a.
+2. From A, train `tiny` again for as many iterations with fresh heads, once per image domain and variant:
+   - domains: "digits" (the same images) and "textured" (the same digits drawn in a random colour on a random
+     coloured stripe-and-noise texture: another image distribution, generated here);
+   - variants: "warm-up" (the defaults with pretrained weights: head warm-up with the backbone frozen, then a
+     backbone lr ramp) and "no warm-up" (train.head_warmup_iters=0 train.backbone_lr_ramp_iters=0).
+3. kNN (weighted 20-NN on CLS features of the EMA teacher; train split -> test split of each domain) at the start
+   (= A), at every checkpoint and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from demo_digits import probe, write_digits  # noqa: E402
+
+from dinov3.models import DinoVisionTransformer  # noqa: E402
+from dinov3.train.checkpoint import list_checkpoints  # noqa: E402
+from dinov3.train.config import load_config  # noqa: E402
+from dinov3.train.pretrained import read_pretrained  # noqa: E402
+from dinov3.train.trainer import train  # noqa: E402
+
+VARIANTS = {"warm-up": [], "no warm-up": ["train.head_warmup_iters=0", "train.backbone_lr_ramp_iters=0"]}
+
+
+def texturize(arrays: dict, seed: int = 1) -> dict:
+    """The digits drawn with a random ink colour over a random two-colour stripe texture with noise."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, imgs in arrays.items():
+        n, h, w, _ = imgs.shape
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        res = []
+        for img in imgs:
+            alpha = img[..., :1].astype(np.float32) / 255
+            c1, c2, ink = rng.uniform(0, 255, (3, 3))
+            angle, period = rng.uniform(0, np.pi), rng.uniform(3, 8)
+            t = 0.5 + 0.5 * np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
+            bg = c1 * t[..., None] + c2 * (1 - t[..., None]) + rng.normal(0, 20, (h, w, 3))
+            res.append(np.clip(bg * (1 - alpha) + ink * alpha, 0, 255).astype(np.uint8))
+        out[split] = np.stack(res)
+    return out
+
+
+def save_split(root: str, arrays: np.ndarray) -> str:
+    os.makedirs(root, exist_ok=True)
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(os.path.join(root, f"{i:05d}.png"))
+    return root
+
+
+def load_backbone(path: str) -> DinoVisionTransformer:
+    weights = read_pretrained(path)
+    model = DinoVisionTransformer(**weights.model_kwargs)
+    model.load_state_dict(weights.state_dict)
+    return model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/demo_init_from")
+    p.add_argument("--iterations", type=int, default=600, help="of the pretraining and of each continuation")
+    p.add_argument("--pretrained", default=None, help="backbone A (a backbone.pth of `tiny`); default: train it")
+    p.add_argument("--domains", nargs="+", default=["digits", "textured"], choices=["digits", "textured"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--probes", type=int, default=6, help="checkpoints (kNN points) per continuation")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("overrides", nargs="*", help="extra config overrides for the continuations (key=value)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.iterations
+    arrays, labels = write_digits(os.path.join(args.workdir, "digits"), 32)
+    domains = {"digits": arrays, "textured": texturize(arrays)}
+    save_split(os.path.join(args.workdir, "textured", "train"), domains["textured"]["train"])
+    base = [f"train.iterations={n}", "train.progress_bar=false", "train.log_every=50",
+            f"gram.start_iter={int(n * 0.75)}"]
+    cfg = load_config("tiny", base)
+
+    def knn(model):
+        return {d: round(100 * probe(model, domains[d], labels, cfg, args.k), 1) for d in domains}
+
+    pretrained = args.pretrained
+    if pretrained is None:
+        out = os.path.join(args.workdir, "A")
+        train(cfg, data_dir=os.path.join(args.workdir, "digits", "train"), output_dir=out, overwrite=True)
+        pretrained = os.path.join(out, "backbone.pth")
+    start = knn(load_backbone(pretrained))
+    print(f"backbone A ({pretrained}): kNN {start}", flush=True)
+    results = {"iterations": n, "pretrained": pretrained, "knn_A": start, "runs": []}
+    for domain in args.domains:
+        for variant in args.variants:
+            out = os.path.join(args.workdir, f"{domain}_{variant.replace(' ', '_')}")
+            overrides = base + [f"checkpointing.period={max(n // args.probes, 1)}", "checkpointing.max_to_keep=0",
+                                f"student.pretrained_weights={json.dumps(os.path.abspath(pretrained))}",
+                                *VARIANTS[variant], *args.overrides]
+            run_cfg = load_config("tiny", overrides)
+            t0 = time.time()
+            train(run_cfg, data_dir=os.path.join(args.workdir, domain, "train"), output_dir=out, overwrite=True)
+            minutes = (time.time() - t0) / 60
+            points = [{"iteration": 0, **start}]
+            for it, ckpt in list_checkpoints(os.path.join(out, "checkpoints")):
+                points.append({"iteration": it, **knn(load_backbone(ckpt))})
+            row = {"domain": domain, "variant": variant, "train_minutes": round(minutes, 2), "knn": points,
+                   "overrides": overrides}
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+    for r in results["runs"]:
+        for d in domains:
+            seq = " ".join(f"{pt[d]:5.1f}" for pt in r["knn"])
+            print(f"trained on {r['domain']:8s} {r['variant']:10s} kNN on {d:8s}: {seq}   (min {min(pt[d] for pt in r['knn']):.1f})")
+    with open(os.path.join(args.workdir, f"result_{'_'.join(args.domains)}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
