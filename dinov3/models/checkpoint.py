@@ -201,7 +201,8 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     try:
         from transformers import DINOv3ViTConfig
     except ImportError:
-        raise ValueError(f"{folder}: reading a Hugging Face folder needs transformers (pip install transformers)") from None
+        raise ValueError(f"{folder}: reading a Hugging Face folder needs transformers "
+                         "(pip install transformers)") from None
     config = DINOv3ViTConfig.from_pretrained(folder)
     kwargs = dinov3_kwargs_from_hf_config(config)
     hf_sd: dict[str, Tensor] = {}

@@ -96,7 +96,10 @@ def resolve_config(args):
         logger.warning("--resume: %s changed from %r to %r", key, old, new)
     if args.config is not None:
         # The same command is usually repeated with --resume: say which of --config's values the checkpoint overrode.
-        asked = load_config(args.config, args.overrides)
+        try:
+            asked = load_config(args.config, args.overrides)
+        except ConfigError:  # e.g. --init-from weights gone since the start: the checkpoint holds them
+            asked = cfg
         ignored = config_differences(cfg, asked)
         if ignored:
             logger.warning("--resume: the checkpoint's config is used; --config %s differs in %s (ignored)",
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--max-iters must be >= 1")
         if args.resume and args.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: choose one")
-        if args.init_from is not None and not os.path.exists(args.init_from):
+        if args.init_from is not None and not args.resume and not os.path.exists(args.init_from):
             raise ConfigError(f"--init-from {args.init_from}: no such file or folder")
         from .trainer import parse_device
 

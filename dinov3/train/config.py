@@ -172,10 +172,11 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
         "progress_bar": True,
         # Head warm-up: for this many first iterations the student backbone is frozen while the fresh heads train
-        # (the teacher heads follow by EMA); then the backbone's lr ramps up from 0 over train.backbone_lr_ramp_iters.
-        # null: HEAD_WARMUP_ITERS / BACKBONE_LR_RAMP_ITERS of the recipe when student.pretrained_weights is set, else 0.
+        # (the teacher heads follow by EMA). null: 0 without student.pretrained_weights, else the rule of
+        # head_warmup_iters() below. Then the backbone's lr may ramp up linearly from 0 over backbone_lr_ramp_iters
+        # (measured: no gain at tiny scale, so 0).
         "head_warmup_iters": None,
-        "backbone_lr_ramp_iters": None,
+        "backbone_lr_ramp_iters": 0,
     },
     "optim": {
         "adamw_beta1": 0.9,
@@ -356,22 +357,19 @@ def load_config(config: str | dict | None = None, overrides: list[str] | tuple[s
     return cfg
 
 
-# Head warm-up and backbone lr ramp when starting from pretrained weights with these left null: chosen by
-# measurement (README, "Starting from released weights").
-HEAD_WARMUP_ITERS = {"tiny": 100}
-BACKBONE_LR_RAMP_ITERS = {"tiny": 100}
-
-
 def head_warmup_iters(cfg: dict) -> tuple[int, int]:
-    """(frozen-backbone iterations, backbone lr ramp iterations after them) of this config."""
+    """(frozen-backbone iterations, backbone lr ramp iterations after them) of this config. The warm-up left null
+    with pretrained weights is the prototypes' freeze (optim.freeze_last_layer_iters) plus one time constant of the
+    EMA teacher, 1 / (1 - momentum) iterations: the prototypes then train, and the teacher heads catch up with the
+    student heads, before the backbone does (tiny: 80 + 100; README, "Starting from released weights")."""
     t = cfg["train"]
-    pretrained = bool(cfg["student"]["pretrained_weights"])
-    warmup, ramp = t["head_warmup_iters"], t["backbone_lr_ramp_iters"]
+    warmup = t["head_warmup_iters"]
     if warmup is None:
-        warmup = max(HEAD_WARMUP_ITERS["tiny"], 0) if pretrained else 0
-    if ramp is None:
-        ramp = BACKBONE_LR_RAMP_ITERS["tiny"] if pretrained else 0
-    return int(warmup), int(ramp)
+        warmup = 0
+        if cfg["student"]["pretrained_weights"]:
+            momentum = float(cfg["schedules"]["momentum"].get("start", cfg["schedules"]["momentum"]["peak"]))
+            warmup = int(cfg["optim"]["freeze_last_layer_iters"]) + round(1 / max(1 - momentum, 1e-4))
+    return int(warmup), int(t["backbone_lr_ramp_iters"])
 
 
 # ------------------------------------------------------------------------------------------------ the schema
@@ -388,7 +386,6 @@ NULLABLE: dict[str, Any] = {
     "gram.teacher_momentum": float,
     "student.pretrained_weights": str,
     "train.head_warmup_iters": int,
-    "train.backbone_lr_ramp_iters": int,
 }
 # A schedule: {kind, start, peak, end, warmup_iters, cosine_iters}; peak is required, the others optional.
 SCHEDULE_KEYS: dict[str, Any] = {"kind": str, "start": float, "peak": float, "end": float, "warmup_iters": int,
@@ -591,9 +588,9 @@ def validate_config(cfg: dict) -> None:
     need("train.iterations", t["iterations"] >= 1, "must be >= 1")
     need("train.num_workers", t["num_workers"] >= 0, "must be >= 0")
     need("train.log_every", t["log_every"] >= 1, "must be >= 1")
-    for name in ("head_warmup_iters", "backbone_lr_ramp_iters"):
-        if t[name] is not None:
-            need(f"train.{name}", t[name] >= 0, "must be >= 0 or null")
+    if t["head_warmup_iters"] is not None:
+        need("train.head_warmup_iters", t["head_warmup_iters"] >= 0, "must be >= 0 or null")
+    need("train.backbone_lr_ramp_iters", t["backbone_lr_ramp_iters"] >= 0, "must be >= 0")
     need("train.seed", t["seed"] >= 0, "must be >= 0")
     need("train.autocast_dtype", t["autocast_dtype"] != "fp16",
          "fp16 autocast needs loss scaling, which this trainer does not do (DINOv3 trains in bf16): "

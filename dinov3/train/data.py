@@ -151,13 +151,15 @@ def render_crops(img: Image.Image, plan: list[tuple], *, scale: int = 1,
     return out
 
 
-def multi_crop(img: Image.Image, spec: CropSpec, rng: random.Random, *, gram: bool = True) -> dict[str, list[torch.Tensor]]:
+def multi_crop(img: Image.Image, spec: CropSpec, rng: random.Random, *,
+               gram: bool = True) -> dict[str, list[torch.Tensor]]:
     """The geometric half of DINO multi-crop on a decoded image: random resized crops (bicubic) and flips, as uint8
     (3, S, S). ``gram=False`` leaves out the Gram-teacher crops (before the Gram phase)."""
     return render_crops(img, crop_plan(*img.size, spec, rng, gram=gram), fast=spec.fast_decode)
 
 
-def load_multi_crop(path: str, spec: CropSpec, rng: random.Random, *, gram: bool = True) -> dict[str, list[torch.Tensor]]:
+def load_multi_crop(path: str, spec: CropSpec, rng: random.Random, *,
+                    gram: bool = True) -> dict[str, list[torch.Tensor]]:
     """:func:`multi_crop` of the image file at ``path``. With spec.fast_decode, a JPEG whose crops are all downscaled
     enough is decoded at a reduced scale (the crops' boxes are the same, in the file's coordinates)."""
     if not spec.fast_decode:

@@ -505,9 +505,9 @@ class Trainer:
                     nan_streak = 0
                 now = time.perf_counter()
                 row = {"iteration": it, **reduced, "lr": lr, "wd": wd, "momentum": mom, "teacher_temp": temp,
-                       "last_layer_lr": last_layer_lr, "backbone_lr_factor": backbone_factor, "gram_active": arch.gram_active(it),
-                       "gram_updates": arch.gram_num_updates, "skipped_files": len(self.skipped_files),
-                       "images_per_s": imgs_per_step / max(now - tick, 1e-9)}
+                       "last_layer_lr": last_layer_lr, "backbone_lr_factor": backbone_factor,
+                       "gram_active": arch.gram_active(it), "gram_updates": arch.gram_num_updates,
+                       "skipped_files": len(self.skipped_files), "images_per_s": imgs_per_step / max(now - tick, 1e-9)}
                 tick = now
                 last_row = row
                 log_now = (it + 1) % log_every == 0 or it + 1 == self.end_iter

@@ -160,7 +160,8 @@ def test_head_warmup_freezes_the_backbone_then_ramps_its_lr(tmp_path, image_dir,
     # The defaults when the weights are given and the keys left null.
     from dinov3.train.config import head_warmup_iters
 
-    assert head_warmup_iters(load_config("tiny", [f"student.pretrained_weights={json.dumps(path)}"])) != (0, 0)
+    # The rule: the prototypes' freeze (80 in tiny) + one EMA time constant, 1 / (1 - 0.99) = 100; no lr ramp.
+    assert head_warmup_iters(load_config("tiny", [f"student.pretrained_weights={json.dumps(path)}"])) == (180, 0)
     assert head_warmup_iters(load_config("tiny")) == (0, 0)
 
 
