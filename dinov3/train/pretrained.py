@@ -101,6 +101,8 @@ def kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
         out["ffn_layer"] = "mlp"
         if "embed_dim" in out:
             out["ffn_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / out["embed_dim"]
+    elif "blocks.0.mlp.w1.weight" in sd and "embed_dim" in out:
+        out.update(_swiglu_of_released_size(out["embed_dim"], int(sd["blocks.0.mlp.w1.weight"].shape[0])))
     if blocks:
         # LayerScale: its gammas are loaded, so only whether there is one matters (None: none).
         out["layerscale_init"] = LAYERSCALE if "blocks.0.ls1.gamma" in sd else None
@@ -109,6 +111,22 @@ def kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
         out["proj_bias"] = "blocks.0.attn.proj.bias" in sd
     out.update(untie_flags(sd))
     return out
+
+
+def _swiglu_of_released_size(dim: int, hidden: int) -> dict:
+    """ffn_layer and ffn_ratio of the released SwiGLU size whose FFN has this hidden width (the aligned hidden width
+    does not give the ratio back), or nothing (the load then lists the mismatch)."""
+    from dinov3.models.layers import make_ffn
+    from dinov3.models.vision_transformer import ARCHS as RELEASED, size_kwargs
+
+    for name in RELEASED:
+        size = size_kwargs(name)
+        kind = size.get("ffn_layer", "mlp")
+        if kind != "mlp" and size["embed_dim"] == dim:
+            ffn = make_ffn(kind, dim, int(dim * size["ffn_ratio"]), True, device="meta")
+            if ffn.w1.out_features == hidden:
+                return {"ffn_layer": kind, "ffn_ratio": float(size["ffn_ratio"])}
+    return {}
 
 
 # ------------------------------------------------------------------------------------------------ the config side
@@ -164,13 +182,14 @@ def model_differences(cfg: dict, weights_kwargs: dict) -> dict[str, tuple]:
             if k != "img_size" and k in have and not v == have[k]}
 
 
-def adopt_pretrained_model(cfg: dict, base: dict) -> dict:
-    """``cfg`` with the model of its pretrained weights. ``base`` is the config before the user's own settings (the
-    defaults and the recipe): a differing value the user set is an error that lists every differing key; a recipe's
-    value gives way to the weights'."""
+def adopt_pretrained_model(cfg: dict, base: dict, weights: PretrainedBackbone | None = None) -> dict:
+    """``cfg`` with the model of its pretrained weights (read from student.pretrained_weights unless given). ``base``
+    is the config before the user's own settings (the defaults and the recipe): a differing value the user set is an
+    error that lists every differing key; a recipe's value gives way to the weights'."""
     path = cfg["student"]["pretrained_weights"]
-    heads = ARCHS.get(cfg["student"]["arch"], {}).get("num_heads")
-    weights = read_pretrained(path, num_heads=cfg["student"]["model_kwargs"].get("num_heads", heads))
+    if weights is None:
+        heads = ARCHS.get(cfg["student"]["arch"], {}).get("num_heads")
+        weights = read_pretrained(path, num_heads=cfg["student"]["model_kwargs"].get("num_heads", heads))
     diffs = model_differences(cfg, weights.model_kwargs)
     if not diffs:
         return cfg

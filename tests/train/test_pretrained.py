@@ -117,6 +117,26 @@ def test_the_model_comes_from_the_weights_and_a_differing_setting_is_an_error(tm
         load_config("tiny", [f"student.pretrained_weights={json.dumps(path)}", "student.model_kwargs.ffn_ratio=4.0"])
 
 
+@pytest.mark.parametrize("released", ["vit_small", "vit_small_plus", "vit_base", "vit_large", "vit_huge_plus",
+                                      "vit_7b"])
+def test_released_official_layouts_fit_a_vit_recipe(released):
+    """Bare official weights of every released size (keys and shapes of our official-layout model, checked against
+    Hugging Face in tests/models) with the vits16 recipe: the model read off the tensors loads strictly."""
+    from dinov3.models.checkpoint import check_state_dict
+    from dinov3.models.vision_transformer import build_model
+    from dinov3.train.pretrained import PretrainedBackbone, adopt_pretrained_model, kwargs_from_state_dict
+
+    with torch.device("meta"):
+        sd = build_model(released).state_dict()
+    cfg = load_config("vits16")
+    cfg["student"]["pretrained_weights"] = "official.pth"
+    weights = PretrainedBackbone(sd, kwargs_from_state_dict(sd), "its tensors")
+    adopted = adopt_pretrained_model(cfg, cfg, weights)
+    check_state_dict(DinoVisionTransformer(device="meta", **backbone_kwargs(adopted)), sd)
+    # The recipe's untied local-crop CLS norm gives way to the weights' (only the 7B has one).
+    assert backbone_kwargs(adopted)["untie_global_and_local_cls_norm"] is (released == "vit_7b")
+
+
 def test_missing_or_unreadable_weights_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="student.pretrained_weights=.*no such file"):
         load_config("tiny", [f"student.pretrained_weights={json.dumps(str(tmp_path / 'none.pth'))}"])
