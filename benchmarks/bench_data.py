@@ -1,35 +1,42 @@
-"""Benchmark of the data loader's per-image work: images/s of one loader worker building the multi-crop views.
+"""Benchmark of the training input pipeline: images/s of dinov3.train.data's loader and of its BatchAugment.
 
-    python benchmarks/bench_data.py [--quick] [--rounds N] [--images DIR] [--out DIR]
+    python benchmarks/bench_data.py [--quick] [--images 256] [--workers 8] [--rounds 7] [--photos DIR] [--out DIR]
 
-What one worker does per image, with the crops of the ViT recipes (vits16/vitb16/vitl16: 2 global crops at 256 px,
-8 local crops at 112 px, Gram-teacher crops at 512 px from the Gram phase on, no flips), on JPEG photos of two sizes
-(scikit-image's bundled photos resized to a longer side of ~512 px and of ~2048 px, quality 90; or your own with
---images). Providers, each measured before the Gram phase (no Gram-teacher crops needed) and during it:
+On generated JPEG images (smooth random content, 480x360 like an average ImageNet photo), at the vits16 recipe crops
+(batch 64, 2 x 256 px global + 8 x 112 px local crops, and 2 x 512 px Gram-teacher crops in the Gram phase):
+  loader          the DataLoader as the trainer builds it (decode, multi-crop, collate, iBOT masks) with
+                  train.num_workers workers (the recipe's 8, at most the machine's cores)
+  loader+augment  the same, followed by BatchAugment on the training device (the whole input pipeline of a step)
+  augment         BatchAugment alone on one collated batch (the device part)
+The loader rows are wall-clock throughput over whole batches after the workers' prefetch queue has drained (a per-call
+median would time the queue, not the workers). A training step that takes less than the loader+augment time per
+batch is input-bound.
 
-- "reference": the official DINOv3 loader's operations (DataAugmentationDINO, torchvision v2 on PIL images):
-  full-resolution decode, RandomResizedCrop at max(global, Gram) size then resized to the global size, colour jitter,
-  grayscale, blur and solarize on the CPU, float conversion and normalisation; Gram-teacher crops only in the Gram
-  phase (the official pretraining config has none, the Gram-anchor config builds them for every image). Written
-  here with the same PIL operations and a separable 9-tap blur as torchvision does, so that torchvision is not needed.
-- "before": this project's loader before it built Gram-teacher crops only in the Gram phase and before fast decoding
-  (full-resolution decode, Gram crops for every image): ``CropSpec(fast_decode=False)`` with ``gram=True``.
-- "ours": the loader now (``dinov3.train.data.load_multi_crop``): Gram crops only in the Gram phase, JPEG draft
-  decoding and PIL box reduction where the crops keep REDUCING_GAP times their size (see dinov3/train/data.py).
-
+And one loader worker's images/s on photos (``per_worker``, the numbers in README, "Data loading"): the work per
+image with the crops of the ViT recipes (2 x 256 px global, 8 x 112 px local, 2 x 512 px Gram-teacher crops in the
+Gram phase, no flips) on scikit-image's bundled photos resized to a longer side of ~512 px and ~2048 px (JPEG quality
+90; or your own with --photos DIR), before the Gram phase and during it, for three providers:
+  reference       the official DINOv3 loader's operations (DataAugmentationDINO, torchvision v2 on PIL images):
+                  full-resolution decode, RandomResizedCrop at max(global, Gram) size then resized to the global size,
+                  colour jitter, grayscale, blur and solarize on the CPU, normalisation; Gram-teacher crops only in the
+                  Gram phase (the official pretraining config has none, the Gram-anchor config builds them for every
+                  image). Written here with the same PIL operations and torchvision's 9-tap blur on tensors, so that
+                  torchvision is not needed.
+  before          this project's loader before the Gram-teacher crops were limited to the Gram phase and before fast
+                  decoding (full-resolution decode, Gram crops for every image): CropSpec(fast_decode=False).
+  ours            the loader now (dinov3.train.data.load_multi_crop): Gram crops only in the Gram phase, JPEG draft
+                  decoding and PIL box reduction where the crops keep REDUCING_GAP times their size.
 Our loaders leave the photometric augmentation to the training device (batched, BatchAugment), so "reference" does
-more CPU work per image by design; "ours" vs "before" is the loader speed-up. The providers are timed side by side:
-each round runs one pass over the photos with every provider in turn (one thread, one process: one loader worker),
-and the speed-up is the median over rounds of the per-round ratio, so load on a shared machine hits all alike.
+more CPU work per image by design. The providers are timed side by side: each round runs one pass over the photos
+with every provider in turn (one thread, one process), and the speed-up is the median over rounds of the per-round
+ratio, so the load of a shared machine hits all alike.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 
@@ -38,17 +45,109 @@ import torch
 from PIL import Image, ImageEnhance
 
 import common
+from dinov3.images import load_rgb
+from dinov3.train.config import load_config
+from dinov3.train.data import (BatchAugment, CropSpec, _gaussian_blur, build_loader, find_images, load_multi_crop,
+                               multi_crop, random_resized_crop_box)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GPU_CASE = dict(recipe="vits16", batch=64, images=256, workers=8, timed_batches=8)
+CPU_CASE = dict(recipe="tiny", batch=4, images=8, workers=0, timed_batches=2)
 
-from dinov3.images import load_rgb  # noqa: E402
-from dinov3.train.config import load_config  # noqa: E402
-from dinov3.train.data import (CropSpec, _gaussian_blur, find_images, load_multi_crop, multi_crop,  # noqa: E402
-                               random_resized_crop_box)
+
+def write_jpegs(root: str, n: int, size=(480, 360), seed: int = 0) -> None:
+    """n JPEG photos of smooth random content (low-frequency noise upsampled), so decoding costs what a photo does."""
+    rng = np.random.default_rng(seed)
+    W, H = size
+    for i in range(n):
+        low = (rng.random((H // 24 + 1, W // 24 + 1, 3)) * 255).astype(np.uint8)
+        img = Image.fromarray(low).resize((W, H), Image.BICUBIC)
+        noise = rng.integers(-12, 13, (H, W, 3))
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+        img.save(os.path.join(root, f"img{i:05d}.jpg"), format="JPEG", quality=90)
+
+
+def _throughput(batches, n: int, per_batch=None):
+    """Milliseconds of each of n batches drawn from the iterator (after per_batch, if given)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        if per_batch is not None:
+            per_batch(batch)
+        common.sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def run(settings: common.Settings, case=None) -> list:
+    case = dict(case or (GPU_CASE if settings.gpu else CPU_CASE))
+    if settings.quick:
+        case["timed_batches"] = max(2, case["timed_batches"] // 2)
+    workers = min(case["workers"], os.cpu_count() or 1)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="dinov3-bench-data-") as root:
+        write_jpegs(root, case["images"])
+        for gram in (False, True):
+            cfg = load_config(case["recipe"], [f"train.batch_size_per_gpu={case['batch']}",
+                                               f"train.num_workers={workers}", f"gram.use_loss={gram}"]
+                              + ([] if gram else ["crops.gram_teacher_crops_size=null"]))
+            c = cfg["crops"]
+            B = case["batch"]
+            shape = (f"{case['recipe']} B={B} 2x{c['global_crops_size']}+{c['local_crops_number']}x"
+                     f"{c['local_crops_size']}" + (f" gram {c['gram_teacher_crops_size']}px" if gram else ""))
+            augment = BatchAugment(cfg, torch.device(settings.device))
+            series = "Gram-phase crops" if gram else "pretraining crops"
+
+            def record(backend, mode):
+                return common.Record("data_loader", backend, shape, "uint8", mode, series=series, size=B,
+                                     params=dict(recipe=case["recipe"], B=B, workers=workers, gram=gram))
+
+            for backend in ("loader", "loader+augment"):
+                rec = record(backend, "batch")
+                if settings.deadline.expired():
+                    records.append(common.skipped(rec))
+                    continue
+                try:
+                    _, loader = build_loader(cfg, root=root, rank=0, world_size=1, start_iter=0, end_iter=None,
+                                             pin_memory=settings.gpu)
+                    batches = iter(loader)
+                    per_batch = (lambda b: augment(b, iteration=0, rank=0)) if backend == "loader+augment" else None
+                    t0 = time.perf_counter()
+                    # Drain the start-up and the prefetch queue (2 batches per worker) before timing.
+                    warm = _throughput(batches, 2 * max(1, workers) + 1, per_batch)
+                    times = _throughput(batches, case["timed_batches"], per_batch)
+                    del batches, loader
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    records.append(common.failed(rec, exc))
+                    continue
+                total = sum(times)
+                rec.median_ms, rec.min_ms, rec.max_ms = total / len(times), min(times), max(times)
+                rec.reps, rec.timer = len(times), "wall clock, whole batches"
+                rec.compile_ms = max(0.0, (time.perf_counter() - t0) * 1e3 - total - len(warm) * rec.median_ms)
+                rec.extra["images_per_s"] = B * len(times) / (total * 1e-3)
+                rec.note = f"{rec.extra['images_per_s']:.0f} img/s, {workers} workers (median of batches: " \
+                           f"{statistics.median(times):.1f} ms)"
+                records.append(rec)
+            # The device part alone, on one collated batch.
+            rec = record("augment", "batch")
+            try:
+                _, loader = build_loader(cfg, root=root, rank=0, world_size=1, start_iter=0, end_iter=1)
+                batch = next(iter(loader))
+                del loader
+            except Exception as exc:  # noqa: BLE001
+                records.append(common.failed(rec, exc))
+                continue
+            common.measure(rec, lambda: augment(batch, iteration=0, rank=0), settings)
+            if rec.median_ms:
+                rec.extra["images_per_s"] = B / (rec.median_ms * 1e-3)
+                rec.note = f"{rec.extra['images_per_s']:.0f} img/s"
+            records.append(rec)
+    return records + per_worker(settings)
+
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
-SIZES = (512, 2048)
-MODES = ("before Gram phase", "Gram phase")
+PHOTO_SIZES = (512, 2048)
+PHASES = ("before Gram phase", "Gram phase")
 
 
 def write_photos(root: str, longer_side: int) -> list[str]:
@@ -149,11 +248,11 @@ def providers(spec: CropSpec) -> dict:
 def measure_loader(paths: list[str], spec: CropSpec, *, rounds: int, repeats: int = 1) -> dict:
     """{(provider, mode): [seconds per image, one per round]}; providers and modes interleaved within each round."""
     fns = providers(spec)
-    times = {(p, m): [] for p in fns for m in MODES}
+    times = {(p, m): [] for p in fns for m in PHASES}
     for p, fn in fns.items():  # warm-up: file cache, first-call costs
         fn(paths[0], 0, True)
     for r in range(rounds):
-        for mode in MODES:
+        for mode in PHASES:
             for p, fn in fns.items():
                 t0 = time.perf_counter()
                 for k in range(repeats):
@@ -163,54 +262,68 @@ def measure_loader(paths: list[str], spec: CropSpec, *, rounds: int, repeats: in
     return times
 
 
-def bench(*, quick: bool = False, rounds: int | None = None, images: str | None = None,
-          workdir: str | None = None) -> list[common.Row]:
-    """The benchmark's rows (one per image size, provider and phase), for this script and benchmarks/run_all.py."""
+def per_worker(settings: common.Settings, *, rounds: int | None = None, photos: str | None = None) -> list:
+    """One loader worker's per-image work on photos, ours / before / the official operations (see the docstring).
+    Runs on the CPU whatever the device; settings.max_reps <= 5 (run_all's dry run) is a smoke run: 2 photos a
+    size, 1 round."""
+    smoke = settings.max_reps <= 5
+    rounds = rounds or (1 if smoke else 3 if settings.quick else 7)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one loader worker
-    cfg = load_config("vits16")
-    spec = CropSpec.from_config(cfg)
-    rounds = rounds or (3 if quick else 7)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = workdir or tmp
-        sets = ([(f"your images ({images})", find_images(images))] if images else
-                [(f"~{s} px JPEG photos", write_photos(os.path.join(root, f"photos_{s}"), s)) for s in SIZES])
-        for label, paths in sets:
-            if quick:
-                paths = paths[:3]
-            sizes = [Image.open(p).size for p in paths]
-            mp = statistics.mean(w * h for w, h in sizes) / 1e6
-            shape = f"{label}, {len(paths)} x {mp:.2f} MP"
-            times = measure_loader(paths, spec, rounds=rounds, repeats=1 if quick or mp > 1 else 2)
-            for mode in MODES:
-                for provider in ("reference", "before", "ours"):
-                    t = times[(provider, mode)]
-                    ms = statistics.median(t) * 1e3
-                    row = common.Row("multi-crop loader", shape, "uint8", provider, mode, ms=ms)
-                    row.extra["images_per_s"] = 1e3 / ms
-                    row.extra["images_per_s_per_round"] = [1 / v for v in t]
-                    ratios = [b / o for b, o in zip(times[("before", mode)], t)]
-                    row.extra["speedup_vs_before"] = statistics.median(ratios)
-                    row.note = f"{1e3 / ms:.1f} img/s, {row.extra['speedup_vs_before']:.2f}x before"
-                    rows.append(row)
-                    print(f"{shape:40s} {mode:17s} {provider:9s} {1e3 / ms:7.1f} img/s", flush=True)
-    return rows
+    spec = CropSpec.from_config(load_config("vits16"))
+    records = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="dinov3-bench-photos-") as root:
+            sets = ([(f"your photos ({photos})", find_images(photos))] if photos else
+                    [(f"~{s} px JPEG photos", write_photos(os.path.join(root, f"photos_{s}"), s)) for s in PHOTO_SIZES])
+            for label, paths in sets:
+                if smoke or settings.quick:
+                    paths = paths[:2 if smoke else 3]
+                mp = statistics.mean(w * h for w, h in (Image.open(p).size for p in paths)) / 1e6
+                shape = f"{label}, {len(paths)} x {mp:.2f} MP"
+                if settings.deadline.expired():
+                    records += [common.skipped(common.Record("data_loader", b, shape, "uint8", m))
+                                for m in PHASES for b in ("reference", "before", "ours")]
+                    continue
+                times = measure_loader(paths, spec, rounds=rounds, repeats=1 if smoke or mp > 1 else 2)
+                for mode in PHASES:
+                    for provider in ("reference", "before", "ours"):
+                        t = [v * 1e3 for v in times[(provider, mode)]]
+                        rec = common.Record("data_loader", provider, shape, "uint8", mode, series=label,
+                                            size=mp, params=dict(photos=len(paths), megapixels=mp))
+                        rec.median_ms, rec.min_ms, rec.max_ms = statistics.median(t), min(t), max(t)
+                        rec.reps, rec.compile_ms = len(t), 0.0
+                        rec.timer = "wall clock per image, one process and thread (CPU)"
+                        rec.extra["images_per_s"] = 1e3 / rec.median_ms
+                        ratios = [b / o for b, o in zip(times[("before", mode)], times[(provider, mode)])]
+                        rec.extra["speedup_vs_before_per_round"] = statistics.median(ratios)
+                        rec.note = f"{1e3 / rec.median_ms:.1f} img/s, {statistics.median(ratios):.2f}x before"
+                        records.append(rec)
+    finally:
+        torch.set_num_threads(threads)
+    return records
 
 
 def main():
     p = common.parser(__doc__)
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, 3 with --quick)")
-    p.add_argument("--images", default=None, help="a folder of your own images instead of the generated photos")
+    p.add_argument("--images", type=int, default=GPU_CASE["images"], help="generated JPEG files")
+    p.add_argument("--workers", type=int, default=GPU_CASE["workers"], help="loader workers (capped by the cores)")
+    p.add_argument("--rounds", type=int, default=None, help="per-worker rounds (default 7, 3 with --quick)")
+    p.add_argument("--photos", default=None, help="a folder of your own photos for the per-worker rows")
+    p.add_argument("--per-worker-only", action="store_true", help="only the per-worker rows (README's numbers)")
     args = p.parse_args()
-    env = common.environment()
-    rows = bench(quick=args.quick, rounds=args.rounds, images=args.images)
-    print("Loader work runs on the CPU: the table below is a CPU measurement whatever the banner says about GPUs; "
-          "'speedup vs reference' compares with the official loader's operations, the notes with 'before'.")
-    common.report("bench_data", rows, env, args)
-    for mode in MODES:
-        for r in rows:
-            if r.provider == "ours" and r.mode == mode:
-                print(f"ours vs before, {mode}, {r.shape}: {r.extra['speedup_vs_before']:.2f}x")
+    settings = common.settings_from_args(args)
+    case = dict(GPU_CASE if settings.gpu else CPU_CASE)
+    if settings.gpu:
+        case.update(images=args.images, workers=args.workers)
+    if args.per_worker_only:
+        records = per_worker(settings, rounds=args.rounds, photos=args.photos)
+    else:
+        records = run(settings, case)
+    common.report("bench_data", records, common.environment(), args)
+    for r in records:
+        if r.op == "data_loader" and r.backend == "ours" and "speedup_vs_before_per_round" in r.extra and r.median_ms:
+            print(f"ours vs before, {r.mode}, {r.shape}: {r.extra['speedup_vs_before_per_round']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -105,8 +105,13 @@ def choose_backend(
     tensors: Sequence[torch.Tensor],
     op_check: Optional[Callable[[str], Optional[str]]] = None,
     op_name: str = "op",
+    atomics: Sequence[str] = (),
 ) -> str:
-    """Resolves backend="auto" / the environment override / an explicit request to a backend that can run."""
+    """Resolves backend="auto" / the environment override / an explicit request to a backend that can run.
+
+    ``atomics``: the op's backends that accumulate with floating-point atomics, whose rounding depends on scheduling.
+    Under ``torch.use_deterministic_algorithms(True)`` "auto" passes over them and an explicit request is refused."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
     if not isinstance(requested, str):
         raise TypeError(f"{op_name}: backend must be a string, got {type(requested).__name__}")
     requested = requested.lower()
@@ -114,11 +119,16 @@ def choose_backend(
         requested = env_backend()
     if requested != "auto":
         reason = why_not(requested, tensors, op_check)
+        if reason is None and deterministic and requested in atomics:
+            reason = ("it accumulates with floating-point atomics, so its result can differ between runs, and "
+                      "torch.use_deterministic_algorithms(True) is on (backend='reference' is deterministic)")
         if reason is not None:
             raise BackendUnavailableError(f"{op_name}: backend {requested!r} cannot run here: {reason}")
         return requested
     if all(t.device.type == "cuda" for t in tensors):
         for candidate in ("cuda", "triton"):
+            if deterministic and candidate in atomics:
+                continue
             if why_not(candidate, tensors, op_check) is None:
                 return candidate
     return "reference"

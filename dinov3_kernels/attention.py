@@ -265,7 +265,8 @@ def rope_attention(qkv, sin, cos, *, num_heads, num_prefix_tokens=None, backend=
     elif num_prefix_tokens is None:
         num_prefix_tokens = qkv.shape[1] - sin.shape[0]
     head_dim = qkv.shape[-1] // (3 * num_heads)
-    chosen = _backend.choose_backend(backend, (qkv,), _op_check(qkv, sin, cos, head_dim, True), "rope_attention")
+    chosen = _backend.choose_backend(backend, (qkv,), _op_check(qkv, sin, cos, head_dim, True), "rope_attention",
+                                    atomics=("cuda",))  # the CUDA backward adds dQ with atomics
     if chosen == "reference":
         return rope_attention_reference(qkv, sin, cos, num_heads=num_heads, num_prefix_tokens=num_prefix_tokens)
     if qkv.stride(-1) != 1:

@@ -5,6 +5,8 @@ reference (the spec) -> input checks -> kernels and autograd -> public function 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -85,11 +87,32 @@ def _normalize_backward(x, g_hat, apply_norm):
     return (g_hat - x_hat * proj) * r
 
 
+@contextlib.contextmanager
+def _ieee_fp32_matmuls():
+    """fp32 matmuls in full IEEE precision for the duration (TF32 off), then the caller's setting back.
+
+    The official trainer turns TF32 on; the factored form's cancellation would then lose tens of percent of the loss
+    (TF32 keeps 10 mantissa bits). The switch is process-global, like the setting it overrides."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = saved
+
+
 def _gram_fwd_factored(s, t, apply_norm, grad_s, grad_t):
     """|ŜŜᵀ - T̂T̂ᵀ|² = |ŜᵀŜ|² - 2|ŜᵀT̂|² + |T̂ᵀT̂|² per group: O(P·D²) instead of O(P²·D), no P×P matrix.
 
-    Only valid without clamping. It cancels in low precision, so it runs in float32 (float64 for float64 input).
+    Only valid without clamping. It cancels in low precision, so it runs in IEEE float32 (never TF32; float64 for
+    float64 input).
     """
+    with _ieee_fp32_matmuls():
+        return _gram_fwd_factored_ieee(s, t, apply_norm, grad_s, grad_t)
+
+
+def _gram_fwd_factored_ieee(s, t, apply_norm, grad_s, grad_t):
     G, P, D = s.shape
     dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
     xs, xt = s.to(dtype), t.to(dtype)
@@ -175,7 +198,8 @@ def gram_loss(student, teacher, *, apply_norm=True, img_level=True, remove_neg=F
     if student.dtype != teacher.dtype:
         dtype = torch.promote_types(student.dtype, teacher.dtype)
         student, teacher = student.to(dtype), teacher.to(dtype)
-    chosen = _backend.choose_backend(backend, (student, teacher), _op_check(student.dtype), "gram_loss")
+    chosen = _backend.choose_backend(backend, (student, teacher), _op_check(student.dtype), "gram_loss",
+                                    atomics=("triton", "cuda"))
     if chosen == "reference":
         return gram_loss_reference(student, teacher, apply_norm=apply_norm, img_level=img_level,
                                    remove_neg=remove_neg, remove_only_teacher_neg=remove_only_teacher_neg)

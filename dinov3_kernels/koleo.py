@@ -220,7 +220,8 @@ def koleo_loss(x, *, topk=1, distributed=False, loss_group_size=None, eps=1e-8, 
         if search.shape[0] <= topk:
             raise ValueError(f"koleo_loss: topk={topk} needs at least {topk + 1} rows in the search set, got "
                              f"{search.shape[0]} (each row needs {topk} neighbours other than itself)")
-        chosen = _backend.choose_backend(backend, (x,), _op_check(x.dtype, topk), "koleo_loss")
+        chosen = _backend.choose_backend(backend, (x,), _op_check(x.dtype, topk), "koleo_loss",
+                                        atomics=("triton",))
         if chosen == "reference":
             return _koleo_reference_on_set(search, offset, n, topk, eps)
         loss, _, _, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(search, offset, n, topk, float(eps), chosen)

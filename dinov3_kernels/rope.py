@@ -160,7 +160,8 @@ class RopePositionEmbedding(nn.Module):
 
     def forward(self, *, H: int, W: int) -> tuple[Tensor, Tensor]:
         for name, v in (("H", H), ("W", W)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            # SymInt: H and W read off a traced input (torch.export / ONNX with dynamic height and width).
+            if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         dd = {"dtype": self.dtype, "device": self.periods.device}
         coords = rope_patch_coords(H, W, self.normalize_coords, **dd)  # (HW, 2)

@@ -1,1 +1,1 @@
-"""Console scripts: dinov3-features, dinov3-viz."""
+"""Console scripts: dinov3-features, dinov3-viz, dinov3-export."""

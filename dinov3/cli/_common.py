@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -275,11 +273,13 @@ def to_normalized_tensor(img) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------- model
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, *, compute: bool = True) -> None:
+    """--checkpoint, --arch, --model-kwargs; with ``compute``, also --device and --dtype."""
     parser.add_argument("--checkpoint", required=True,
                         help="backbone weights: a backbone.pth written by dinov3-train (its backbone.json beside it "
                              "says the model), a dinov3-train checkpoint (checkpoints/checkpoint_*.pth: the EMA "
-                             "teacher), or official .pth/.safetensors weights (with --arch)")
+                             "teacher), a file or folder written by dinov3-export, or official .pth/.safetensors "
+                             "weights (with --arch)")
     parser.add_argument("--arch", default=None,
                         help="model size, needed when the checkpoint does not say it: vit_small, vit_small_plus, "
                              "vit_base, vit_large, vit_large_plus, vit_huge_plus, vit_7b (or vits16, vitb16, ...), or "
@@ -287,33 +287,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "agree with the weights")
     parser.add_argument("--model-kwargs", default=None,
                         help='JSON of DinoVisionTransformer keyword overrides, e.g. \'{"attn_backend": "reference"}\'')
-    parser.add_argument("--device", default="auto", help=f"{_DEVICE_CHOICES} (auto: cuda when available)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="autocast dtype on CUDA (features are stored in fp32)")
-
-
-@dataclass
-class Weights:
-    """Backbone tensors read from ``--checkpoint`` and, when the file says it, the model they belong to."""
-
-    state_dict: dict[str, torch.Tensor]
-    model_kwargs: dict | None  # DinoVisionTransformer keyword arguments, or None: --arch needed
-    described_by: str | None  # where model_kwargs came from, for messages
-
-
-def model_kwarg_names() -> list[str]:
-    """The DinoVisionTransformer keyword arguments a user or a backbone.json may set."""
-    from dinov3.models import DinoVisionTransformer
-
-    params = inspect.signature(DinoVisionTransformer.__init__).parameters.values()
-    return sorted(p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "device")
+    if compute:
+        parser.add_argument("--device", default="auto", help=f"{_DEVICE_CHOICES} (auto: cuda when available)")
+        parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                            help="autocast dtype on CUDA (features are stored in fp32)")
 
 
 def check_model_kwargs(kwargs: Mapping, source: str) -> None:
-    unknown = sorted(set(kwargs) - set(model_kwarg_names()))
-    if unknown:
-        raise CLIError(f"{source}: unknown DinoVisionTransformer argument(s) {', '.join(unknown)}; "
-                       f"accepted: {', '.join(model_kwarg_names())}")
+    from dinov3.models.vision_transformer import check_model_kwargs as check
+
+    try:
+        check(kwargs, source)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def parse_model_kwargs(text: str | None) -> dict:
@@ -329,133 +315,38 @@ def parse_model_kwargs(text: str | None) -> dict:
     return kwargs
 
 
-def arch_size(arch: str) -> dict:
-    """The size entries of ``--arch``: a released size, else one of the trainer's (vit_tiny ...)."""
-    from dinov3.models.vision_transformer import size_kwargs
+def read_weights(path: Path):
+    """Read ``--checkpoint`` (``dinov3.models.checkpoint.read_backbone``): its backbone tensors and, where the files
+    say it, its model."""
+    from dinov3.models.checkpoint import WeightsFileError, read_backbone
 
     try:
-        return size_kwargs(arch)
-    except ValueError:
-        pass
-    from dinov3.models.vision_transformer import ALIASES, ARCHS
-    from dinov3.train.config import ARCHS as TRAIN_ARCHS  # imports the trainer: only for sizes it alone has
-
-    if arch in TRAIN_ARCHS:
-        return dict(TRAIN_ARCHS[arch])
-    names = sorted(set(ARCHS) | set(TRAIN_ARCHS)) + sorted(ALIASES)
-    raise CLIError(f"--arch {arch!r} is unknown; choose from {', '.join(names)}")
-
-
-def _is_training_checkpoint(obj) -> bool:
-    return isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and isinstance(obj.get("config"), str)
-
-
-def _why_unreadable(exc: Exception) -> str:
-    """A short reason from what torch.load / safetensors raised (torch's messages run to paragraphs)."""
-    import pickle
-    import re
-
-    if isinstance(exc, EOFError):
-        return "the file is empty or truncated"
-    text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError):
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n\n|$)", text, re.S)
-        detail = f" ({found.group(1)})" if found else ""
-        return f"not a PyTorch weights file, or one holding objects other than tensors{detail}"
-    first = re.split(r"(?<=\.)\s", text.strip(), maxsplit=1)[0] if text.strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def read_weights(path: Path) -> Weights:
-    """Read ``--checkpoint``: its backbone tensors, and its model from a ``<name>.json`` beside it (as dinov3-train
-    writes backbone.json) or from the training config inside a dinov3-train checkpoint."""
-    from dinov3.models.checkpoint import CheckpointMismatchError, extract_backbone_state_dict
-
-    if path.is_dir():
-        found = [p for p in (path / "backbone.pth",) if p.is_file()] + sorted(path.glob("checkpoints/checkpoint_*.pth"))
-        hint = f", e.g. {found[0]}" if found else ""
-        raise CLIError(f"--checkpoint {path} is a folder; give a weights file{hint}")
-    if not path.is_file():
-        raise CLIError(f"--checkpoint {path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the file is not usable weights
-        raise CLIError(f"--checkpoint {path}: cannot be read as weights: {_why_unreadable(exc)}") from None
-    if not isinstance(obj, Mapping):
-        raise CLIError(f"--checkpoint {path}: expected a dict of tensors, found a {type(obj).__name__}")
-    kwargs = described_by = None
-    if _is_training_checkpoint(obj):
-        from dinov3.train.config import backbone_kwargs, parse_value  # the trainer owns its config format
-
-        described_by = f"the training config in {path}"
-        try:
-            kwargs = backbone_kwargs(parse_value(obj["config"]))
-        except Exception as exc:  # noqa: BLE001 - a config this trainer cannot read
-            raise CLIError(f"--checkpoint {path}: cannot read its training config ({type(exc).__name__}: {exc})")
-        obj = obj["model"]  # extract_backbone_state_dict takes its "teacher.backbone." keys
-    else:
-        sidecar = path.with_suffix(".json")
-        if sidecar.is_file():
-            described_by = str(sidecar)
-            try:
-                kwargs = json.loads(sidecar.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CLIError(f"{sidecar} (the model of --checkpoint {path}) cannot be read: {exc}") from None
-            if not isinstance(kwargs, dict):
-                raise CLIError(f"{sidecar} must hold a JSON object of DinoVisionTransformer arguments")
-    if kwargs is not None:
-        check_model_kwargs(kwargs, described_by)
-    try:
-        state_dict = extract_backbone_state_dict(obj)
-    except CheckpointMismatchError as exc:
-        raise CLIError(f"--checkpoint {path}: {exc}") from None
-    return Weights(state_dict, kwargs, described_by)
+        return read_backbone(path)
+    except WeightsFileError as exc:
+        # Messages about the weights file start with its path; others (a JSON beside it) name their own file.
+        message = str(exc)
+        raise CLIError(f"--checkpoint {message}" if message.startswith(str(path)) else message) from None
 
 
 def load_model(args, device: torch.device) -> torch.nn.Module:
     """The backbone of ``--checkpoint`` on ``device``, in eval mode.
 
-    Model arguments, later ones winning: what the checkpoint says (backbone.json or training config), else the
-    released defaults plus the untie flags read off the weights; the size entries of ``--arch``; ``--model-kwargs``.
-    The weights must then fit exactly (a mismatch lists the differing keys and shapes).
+    Model arguments, later ones winning: what the checkpoint says (backbone.json, training config, export metadata,
+    Hugging Face config), else the released defaults plus the untie flags read off the weights; the size entries of
+    ``--arch``; ``--model-kwargs``. The weights must then fit exactly (a mismatch lists the differing keys and shapes).
     """
-    from dinov3.models import DinoVisionTransformer, load_pretrained
-    from dinov3.models.checkpoint import CheckpointMismatchError, untie_flags
-    from dinov3.models.vision_transformer import released_kwargs
+    from dinov3.models.checkpoint import CheckpointMismatchError
+    from dinov3.models.pretrained import build_from_weights
 
     overrides = parse_model_kwargs(args.model_kwargs)
     path = Path(args.checkpoint)
     weights = read_weights(path)
-    if weights.model_kwargs is not None:
-        kwargs = dict(weights.model_kwargs)
-        if args.arch:
-            kwargs.update(arch_size(args.arch))
-        hint = f"the model is the one {weights.described_by} gives" + (
-            f", with the size of --arch {args.arch}: leave out --arch" if args.arch else "")
-    elif args.arch:
-        kwargs = {**released_kwargs(), **arch_size(args.arch), **untie_flags(weights.state_dict)}
-        hint = (f"the model is --arch {args.arch} with the released defaults, as there is no "
-                f"{path.with_suffix('.json').name} beside the weights (a backbone.pth from dinov3-train needs its "
-                "backbone.json)")
-    else:
-        raise CLIError(f"--arch is needed: {path} has no {path.with_suffix('.json').name} beside it and is not a "
-                       "dinov3-train checkpoint, so it does not say which model it holds")
-    kwargs.update(overrides)
     try:
-        # Built on the meta device and materialised from the checkpoint: no wasted random init (7B).
-        model = DinoVisionTransformer(device="meta", **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise CLIError(f"cannot build the model: {exc} ({hint})") from None
-    try:
-        load_pretrained(model, weights.state_dict)
+        model = build_from_weights(weights, path, args.arch, overrides, option="--arch")
     except CheckpointMismatchError as exc:
-        details = str(exc).splitlines()[1:]  # after its "checkpoint does not match the model"
-        raise CLIError("\n".join([f"--checkpoint {path} does not fit the model", *details, f"  {hint}"])) from None
+        raise CLIError(f"--checkpoint {exc}") from None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     return model.to(device).eval()
 
 

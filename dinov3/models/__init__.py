@@ -1,4 +1,5 @@
-from .checkpoint import CheckpointMismatchError, load_pretrained
+from .checkpoint import CheckpointMismatchError, WeightsFileError, load_pretrained
+from .pretrained import from_pretrained
 from .vision_transformer import (
     ARCHS,
     DinoVisionTransformer,
@@ -16,7 +17,9 @@ __all__ = [
     "ARCHS",
     "CheckpointMismatchError",
     "DinoVisionTransformer",
+    "WeightsFileError",
     "build_model",
+    "from_pretrained",
     "load_pretrained",
     "vit_7b",
     "vit_base",

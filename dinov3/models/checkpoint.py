@@ -1,21 +1,33 @@
-"""Loading official DINOv3 checkpoints (.pth or .safetensors) into DinoVisionTransformer."""
+"""Loading official DINOv3 checkpoints (.pth or .safetensors) into DinoVisionTransformer, and reading the files this
+package writes (backbone.pth + backbone.json, training checkpoints, exported .safetensors, Hugging Face folders)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .convert_timm import from_timm_state_dict, is_timm_state_dict
+
 __all__ = [
     "load_pretrained",
     "read_state_dict",
+    "read_backbone",
     "extract_backbone_state_dict",
     "untie_flags",
-    "read_hf_folder",
+    "BackboneWeights",
     "CheckpointMismatchError",
+    "WeightsFileError",
+    "MODEL_KWARGS_METADATA",
 ]
+
+# safetensors metadata key holding the JSON of the DinoVisionTransformer keyword arguments (dinov3-export writes it).
+MODEL_KWARGS_METADATA = "dinov3_model_kwargs"
 
 _NESTING_KEYS = ("teacher", "model", "state_dict", "module")
 # Backbone prefixes of training checkpoints, in order of preference (the teacher is the model evaluated).
@@ -26,6 +38,11 @@ _WRAPPER_PARTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_mo
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's keys or shapes do not match the model."""
+
+
+class WeightsFileError(ValueError):
+    """A file or folder that cannot be used as backbone weights. Messages about the weights file itself start with
+    its path (the console scripts put the option name in front)."""
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -138,7 +155,8 @@ def load_pretrained(model: nn.Module, path_or_state_dict, *, strict: bool = True
 
     Accepts ``.pth`` files from the DINOv3 release (raw state_dict), training checkpoints with the
     backbone nested under "teacher"/"model"/"state_dict" and "backbone." prefixes, ``.safetensors``
-    files in the official layout, and Hugging Face ``DINOv3ViTModel`` state dicts (converted on the fly).
+    files in the official layout, and Hugging Face ``DINOv3ViTModel`` and timm DINOv3 state dicts (converted on the
+    fly).
     A model built on the meta device is materialised from the checkpoint tensors.
     """
     if isinstance(path_or_state_dict, Mapping):
@@ -155,6 +173,15 @@ def load_pretrained(model: nn.Module, path_or_state_dict, *, strict: bool = True
             rope_base=getattr(model.rope_embed, "base", None) or 100.0,
             mask_k_bias=any(k.endswith("qkv.bias_mask") for k in model.state_dict()),
         )
+    elif is_timm_state_dict(sd):
+        from dinov3_kernels.rope import rope_periods
+
+        rope = model.rope_embed
+        periods = rope_periods(rope.D_head, base=rope.base, min_period=rope.min_period, max_period=rope.max_period,
+                               dtype=rope.dtype)
+        names = model.state_dict()
+        sd = from_timm_state_dict(sd, periods=periods, mask_k_bias=any(k.endswith("qkv.bias_mask") for k in names),
+                                  layer_scale=any(k.endswith("ls1.gamma") for k in names))
     if strict:
         check_state_dict(model, sd)
     on_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
@@ -173,41 +200,140 @@ def load_pretrained(model: nn.Module, path_or_state_dict, *, strict: bool = True
     return model
 
 
-def read_hf_folder(folder: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
-    """A Hugging Face ``DINOv3ViTModel`` folder (config.json + model.safetensors, or shards with their index) as
-    (official-layout state dict, DinoVisionTransformer keyword arguments). Needs transformers for the config's
-    defaults (``save_pretrained`` writes only the values that differ from them)."""
-    import json
+# ------------------------------------------------------------------------------------ files that say their model
+@dataclass
+class BackboneWeights:
+    """Backbone tensors read from a file or folder and, when it says so, the model they belong to."""
 
-    from safetensors.torch import load_file
+    state_dict: dict[str, Tensor]  # official layout, or the Hugging Face / timm layout (load_pretrained converts)
+    model_kwargs: dict | None  # DinoVisionTransformer keyword arguments, or None: the caller must name the size
+    described_by: str | None  # where model_kwargs came from, for messages
 
-    from .convert import dinov3_kwargs_from_hf_config, from_hf_state_dict
 
-    folder = os.fspath(folder)
-    config_file = os.path.join(folder, "config.json")
-    with open(config_file) as f:
-        model_type = json.load(f).get("model_type")
+def read_backbone(path: str | os.PathLike) -> BackboneWeights:
+    """Read backbone weights and, where the files say it, their model.
+
+    - a ``.pth``/``.safetensors`` state dict (official, Hugging Face or timm layout); its model from a ``<name>.json``
+      beside it (as dinov3-train writes backbone.json) or, for ``.safetensors``, from the ``dinov3_model_kwargs``
+      metadata that dinov3-export writes;
+    - a dinov3-train checkpoint (the EMA teacher; the model from the training config inside);
+    - a Hugging Face folder (config.json of a ``DINOv3ViTModel`` and model.safetensors).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _read_hf_folder(path)
+        found = [p for p in (path / "backbone.pth",) if p.is_file()] + sorted(path.glob("checkpoints/checkpoint_*.pth"))
+        hint = f", e.g. {found[0]}" if found else ""
+        raise WeightsFileError(f"{path} is a folder; give a weights file{hint} (folders are read when they hold a "
+                               "Hugging Face config.json)")
+    if not path.is_file():
+        raise WeightsFileError(f"{path}: no such file")
+    if path.suffix == ".onnx":
+        raise WeightsFileError(f"{path}: an ONNX graph runs in an ONNX runtime; give the weights it was exported from "
+                               "(.pth, .safetensors or a Hugging Face folder)")
+    metadata: dict[str, str] = {}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                obj = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the file is not usable weights
+        raise WeightsFileError(f"{path}: cannot be read as weights: {_why_unreadable(exc)}") from None
+    if not isinstance(obj, Mapping):
+        raise WeightsFileError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
+    kwargs = described_by = None
+    sidecar = path.with_suffix(".json")
+    if _is_training_checkpoint(obj):
+        from dinov3.train.config import backbone_kwargs, parse_value  # the trainer owns its config format
+
+        described_by = f"the training config in {path}"
+        try:
+            kwargs = backbone_kwargs(parse_value(obj["config"]))
+        except Exception as exc:  # noqa: BLE001 - a config this trainer cannot read
+            raise WeightsFileError(f"{path}: cannot read its training config ({type(exc).__name__}: {exc})") from None
+        obj = obj["model"]  # extract_backbone_state_dict takes its "teacher.backbone." keys
+    elif MODEL_KWARGS_METADATA in metadata:
+        described_by = f"the {MODEL_KWARGS_METADATA} metadata of {path}"
+        try:
+            kwargs = json.loads(metadata[MODEL_KWARGS_METADATA])
+        except json.JSONDecodeError as exc:
+            raise WeightsFileError(f"{path}: its {MODEL_KWARGS_METADATA} metadata is not valid JSON: {exc}") from None
+    elif sidecar.is_file():
+        described_by = str(sidecar)
+        try:
+            kwargs = json.loads(sidecar.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WeightsFileError(f"{sidecar} (the model of {path}) cannot be read: {exc}") from None
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise WeightsFileError(f"{described_by} must hold a JSON object of DinoVisionTransformer arguments")
+        from .vision_transformer import check_model_kwargs
+
+        try:
+            check_model_kwargs(kwargs, described_by)
+        except ValueError as exc:
+            raise WeightsFileError(str(exc)) from None
+    try:
+        state_dict = extract_backbone_state_dict(obj)
+    except CheckpointMismatchError as exc:
+        raise WeightsFileError(f"{path}: {exc}") from None
+    return BackboneWeights(state_dict, kwargs, described_by)
+
+
+def _read_hf_folder(path: Path) -> BackboneWeights:
+    """A folder written by ``save_pretrained`` of a ``DINOv3ViTModel`` (or by dinov3-export --format hf)."""
+    from .convert import dinov3_kwargs_from_hf_config
+
+    config_file = path / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise WeightsFileError(f"{config_file} cannot be read: {exc}") from None
     if model_type != "dinov3_vit":
-        raise ValueError(f"{config_file} describes a {model_type!r} model, not a DINOv3 ViT ('dinov3_vit')")
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted({os.path.join(folder, name) for name in json.load(f)["weight_map"].values()})
+        raise WeightsFileError(f"{path}: its config.json describes a {model_type!r} model, not a DINOv3 ViT "
+                               "(model_type 'dinov3_vit')")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
     else:
-        files = [os.path.join(folder, "model.safetensors")]
-    missing = [os.path.basename(p) for p in files if not os.path.isfile(p)]
+        files = [path / "model.safetensors"]
+    missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise ValueError(f"{folder}: no {', '.join(missing)} beside its config.json")
+        raise WeightsFileError(f"{path}: no {', '.join(missing)} beside its config.json")
     try:
         from transformers import DINOv3ViTConfig
     except ImportError:
-        raise ValueError(f"{folder}: reading a Hugging Face folder needs transformers "
-                         "(pip install transformers)") from None
-    config = DINOv3ViTConfig.from_pretrained(folder)
-    kwargs = dinov3_kwargs_from_hf_config(config)
-    hf_sd: dict[str, Tensor] = {}
-    for p in files:
-        hf_sd.update(load_file(p, device="cpu"))
-    sd = from_hf_state_dict(hf_sd, num_heads=config.num_attention_heads, rope_base=config.rope_theta,
-                            mask_k_bias=kwargs.get("mask_k_bias", True))
-    return sd, {**kwargs, **untie_flags(sd)}  # the layout has neither untied norm
+        raise WeightsFileError(f"{path}: reading a Hugging Face folder needs transformers "
+                               "(pip install transformers)") from None
+    from safetensors.torch import load_file
+
+    state_dict: dict[str, Tensor] = {}
+    for f in files:
+        state_dict.update(load_file(str(f), device="cpu"))
+    kwargs = dinov3_kwargs_from_hf_config(DINOv3ViTConfig.from_pretrained(str(path)))
+    return BackboneWeights(state_dict, kwargs, str(config_file))
+
+
+def _is_training_checkpoint(obj) -> bool:
+    return isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and isinstance(obj.get("config"), str)
+
+
+def _why_unreadable(exc: Exception) -> str:
+    """A short reason from what torch.load / safetensors raised (torch's messages run to paragraphs)."""
+    import pickle
+    import re
+
+    if isinstance(exc, EOFError):
+        return "the file is empty or truncated"
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n\n|$)", text, re.S)
+        detail = f" ({found.group(1)})" if found else ""
+        return f"not a PyTorch weights file, or one holding objects other than tensors{detail}"
+    first = re.split(r"(?<=\.)\s", text.strip(), maxsplit=1)[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ATTN_BACKENDS = ("auto", "reference", "fused")
+# "math": the reference path with softmax(q k^T / sqrt(d)) v written out as matmuls (no SDPA), for export to runtimes
+# that have no fused attention op (ONNX).
+ATTN_BACKENDS = ("auto", "reference", "fused", "math")
 
 Rope = tuple[Tensor, Tensor]
 
@@ -193,6 +195,15 @@ def apply_rope_eager(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor) -> tuple[Te
     return out[0], out[1]
 
 
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale) v for (B, h, N, d) inputs, with the softmax in fp32.
+
+    q is scaled before the product so that fp16 logits stay in range; fp32 softmax keeps fp16 exports finite.
+    """
+    logits = (q * scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+    return logits.float().softmax(dim=-1).to(v.dtype) @ v
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True,
                  mask_k_bias: bool = False, attn_backend: str = "auto", device=None) -> None:
@@ -210,7 +221,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device)
 
     def _use_fused(self, qkv: Tensor, rope: Rope | None) -> bool:
-        if rope is None or self.attn_backend == "reference":
+        if rope is None or self.attn_backend in ("reference", "math"):
             return False
         if self.attn_backend == "fused":
             return True
@@ -228,7 +239,10 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
             q, k = apply_rope_eager(q, k, rope[0], rope[1])
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        if self.attn_backend == "math":
+            out = softmax_attention(q, k, v, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
         return out.transpose(1, 2).reshape(B, N, C)
 
     def forward(self, x: Tensor, rope: Rope | None = None) -> Tensor:

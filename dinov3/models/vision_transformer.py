@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,8 @@ __all__ = [
     "vit_7b",
     "ARCHS",
     "build_model",
+    "check_model_kwargs",
+    "model_kwarg_names",
     "released_kwargs",
     "size_kwargs",
 ]
@@ -36,8 +39,9 @@ class DinoVisionTransformer(nn.Module):
     """DINOv3 ViT. Keyword arguments and defaults are the official ones, plus ``attn_backend``.
 
     ``attn_backend``: "reference" (eager RoPE + scaled_dot_product_attention, the official path),
-    "fused" (``dinov3_kernels.rope_attention`` on the packed qkv), or "auto" (fused on CUDA tensors
-    when the kernels are available, reference otherwise).
+    "fused" (``dinov3_kernels.rope_attention`` on the packed qkv), "auto" (fused on CUDA tensors
+    when the kernels are available, reference otherwise) or "math" (the reference path with attention as explicit
+    matmul + softmax instead of SDPA: what the ONNX export traces).
     """
 
     def __init__(
@@ -74,6 +78,8 @@ class DinoVisionTransformer(nn.Module):
         **ignored_kwargs,
     ):
         super().__init__()
+        # The constructor arguments (all keyword-only ones but device): what exports record to rebuild the model.
+        self.init_kwargs = {k: v for k, v in locals().items() if k in model_kwarg_names()}
         if ignored_kwargs:
             logger.warning("DinoVisionTransformer ignored kwargs: %s", ignored_kwargs)
         if pos_embed_rope_dtype not in _ROPE_DTYPES:
@@ -359,6 +365,20 @@ def size_kwargs(arch: str) -> dict:
     if key not in _SIZES:
         raise ValueError(f"unknown arch {arch!r}; choose from {sorted(_SIZES) + sorted(ALIASES)}")
     return dict(_SIZES[key])
+
+
+def model_kwarg_names() -> list[str]:
+    """The DinoVisionTransformer keyword arguments a user or a file describing a model may set."""
+    params = inspect.signature(DinoVisionTransformer.__init__).parameters.values()
+    return sorted(p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "device")
+
+
+def check_model_kwargs(kwargs: Mapping, source: str) -> None:
+    """ValueError naming ``source`` when ``kwargs`` has keys the constructor would ignore (it only warns)."""
+    unknown = sorted(set(kwargs) - set(model_kwarg_names()))
+    if unknown:
+        raise ValueError(f"{source}: unknown DinoVisionTransformer argument(s) {', '.join(unknown)}; "
+                         f"accepted: {', '.join(model_kwarg_names())}")
 
 
 def build_model(arch: str, **kwargs) -> DinoVisionTransformer:

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -44,41 +42,41 @@ class PretrainedBackbone:
 
 # ------------------------------------------------------------------------------------------------------ reading
 def read_pretrained(path: str, *, num_heads: int | None = None) -> PretrainedBackbone:
-    """The backbone at ``path`` in the official layout, with what is known of its model. ``num_heads`` is needed only
-    to convert a Hugging Face state dict that comes without its config.json."""
-    from dinov3.cli._common import CLIError, read_weights
-    from dinov3.models.checkpoint import read_hf_folder
+    """The backbone at ``path`` in the official layout, with what is known of its model (read by
+    :func:`dinov3.models.checkpoint.read_backbone`). ``num_heads`` is needed only to convert a Hugging Face state
+    dict that comes without its config.json."""
+    from dinov3.models import DinoVisionTransformer
+    from dinov3.models.checkpoint import (CheckpointMismatchError, WeightsFileError, load_pretrained, read_backbone,
+                                          untie_flags)
 
-    p = Path(path)
-    if p.is_dir() and (p / "config.json").is_file() or (p.suffix == ".safetensors" and _is_hf_folder(p.parent)):
-        try:
-            sd, kwargs = read_hf_folder(p if p.is_dir() else p.parent)
-        except (ValueError, OSError) as exc:
-            raise ConfigError(f"{KEY}={path}: {exc}") from None
-        return PretrainedBackbone(sd, kwargs, f"the config.json of {p if p.is_dir() else p.parent}")
     try:
-        weights = read_weights(p)
-    except CLIError as exc:  # its messages name the console scripts' option
-        raise ConfigError(str(exc).replace(f"--checkpoint {p}", f"{KEY}={path}", 1)) from None
-    sd = weights.state_dict
-    if any(k.startswith("embeddings.") for k in sd):  # Hugging Face layout without its config.json
+        weights = read_backbone(path)
+    except WeightsFileError as exc:  # messages about the file start with its path
+        message = str(exc)
+        raise ConfigError(f"{KEY}={message}" if message.startswith(str(path)) else message) from None
+    sd, kwargs = weights.state_dict, weights.model_kwargs
+    official = "cls_token" in sd and any(k.startswith("blocks.") for k in sd)
+    if not official and kwargs is not None:
+        # Another layout (Hugging Face, timm) whose model the files give: load_pretrained converts it. Neither
+        # layout has the untied norms, so the model without them is the one they hold.
+        model = DinoVisionTransformer(device="meta", **{**kwargs, **untie_flags({})})
+        try:
+            load_pretrained(model, sd)
+        except CheckpointMismatchError as exc:
+            raise ConfigError(f"{KEY}={path} does not fit the model {weights.described_by} gives: "
+                              + " ".join(str(exc).splitlines()[1:])) from None
+        sd = model.state_dict()
+        kwargs = {**kwargs, **untie_flags(sd)}
+    elif any(k.startswith("embeddings.") for k in sd):  # Hugging Face layout without its config.json
         from dinov3.models.convert import from_hf_state_dict
 
         if num_heads is None:
             raise ConfigError(f"{KEY}={path} is in the Hugging Face layout without a config.json beside it: give the "
                               "folder, or set student.arch to its size")
-        sd = from_hf_state_dict(sd, num_heads=num_heads,
-                                mask_k_bias=not any(k.endswith("k_proj.bias") for k in sd))
-    if weights.model_kwargs is not None:
-        return PretrainedBackbone(sd, dict(weights.model_kwargs), weights.described_by)
+        sd = from_hf_state_dict(sd, num_heads=num_heads, mask_k_bias=not any(k.endswith("k_proj.bias") for k in sd))
+    if kwargs is not None:
+        return PretrainedBackbone(sd, dict(kwargs), weights.described_by)
     return PretrainedBackbone(sd, kwargs_from_state_dict(sd), f"the tensors of {path}")
-
-
-def _is_hf_folder(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type") == "dinov3_vit"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:

@@ -149,11 +149,12 @@ def _scatter_grad(X, GX, g, rows_i, rows_j, mi, mj, i, j, P, D, stride_g, stride
         mk = k < D
         xj = tl.load(x_j + k[None, :] * stride_d, mask=mj[:, None] & mk[None, :], other=0.0)
         upd = mma(w_ij, xj, tl.zeros((BLOCK, BLOCK_K), dtype=tl.float32), IS_FP32, PRECISION) * scale
-        tl.atomic_add(gx_i + k[None, :], upd, mask=mi[:, None] & mk[None, :])
+        # relaxed: only a later kernel reads GX; the default acq_rel wraps each one in fences (SASS).
+        tl.atomic_add(gx_i + k[None, :], upd, mask=mi[:, None] & mk[None, :], sem="relaxed")
         if i != j:
             xi = tl.load(x_i + k[None, :] * stride_d, mask=mi[:, None] & mk[None, :], other=0.0)
             upd = mma(w_ji, xi, tl.zeros((BLOCK, BLOCK_K), dtype=tl.float32), IS_FP32, PRECISION) * scale
-            tl.atomic_add(gx_j + k[None, :], upd, mask=mj[:, None] & mk[None, :])
+            tl.atomic_add(gx_j + k[None, :], upd, mask=mj[:, None] & mk[None, :], sem="relaxed")
 
 
 @triton.jit

@@ -205,8 +205,9 @@ def _koleo_bwd_kernel(
             xj = tl.load(S + j[:, None] * stride_m + k[None, :] * stride_d, mask=m2, other=0.0).to(tl.float32)
             g = tl.where(m2, c[:, None] * (ui - xj / d_j[:, None] + pdist_eps), 0.0)
             g_i += g
-            tl.atomic_add(GU + j[:, None] * D + k[None, :], -g, mask=m2)
-        tl.atomic_add(GU + grows[:, None] * D + k[None, :], g_i, mask=m2)
+            # relaxed: GU is read by the next kernel only (acq_rel would fence every update).
+            tl.atomic_add(GU + j[:, None] * D + k[None, :], -g, mask=m2, sem="relaxed")
+        tl.atomic_add(GU + grows[:, None] * D + k[None, :], g_i, mask=m2, sem="relaxed")
 
 
 @triton.jit

@@ -211,6 +211,30 @@ def test_factored_accuracy_when_student_is_close_to_teacher(triton_cpu):
     assert abs(loss.double() - ref) / ref < 1e-3
 
 
+def test_factored_matmuls_never_run_in_tf32(triton_cpu, monkeypatch):
+    # The official trainer turns TF32 on; the factored form must not inherit it (its cancellation would eat the loss).
+    # The TF32 switch is recorded where the factored matmuls run; the caller's setting must come back afterwards.
+    import dinov3_kernels.gram as gram_mod
+
+    seen = []
+    real = gram_mod._gram_fwd_factored_ieee
+
+    def spy(*args):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real(*args)
+
+    monkeypatch.setattr(gram_mod, "_gram_fwd_factored_ieee", spy)
+    s, t = _features(2, 64, 8)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        loss = gram_loss(s, t, backend="triton", method="factored")
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen == [False] and torch.isfinite(loss)
+
+
 def test_factored_rejects_clamping(triton_cpu):
     s, t = _features(1, 8, 4)
     with pytest.raises(ValueError, match="factored"):
@@ -373,3 +397,32 @@ def test_gpu_deterministic_loss():
         vals = {gram_loss(s, t, backend=backend, method="tiled").item() for _ in range(5)}
         assert len(vals) == 1, f"{backend}: loss changed between runs: {vals}"
 
+
+
+def test_deterministic_mode_refuses_the_atomic_backends(triton_cpu):
+    # The Triton and CUDA Gram kernels scatter the gradient with float atomics (order-dependent rounding).
+    s, t = _features(1, 16, 8)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(BackendUnavailableError, match="use_deterministic_algorithms"):
+            gram_loss(s, t, backend="triton")
+        ref = gram_loss(s, t, backend="reference")  # the deterministic path still runs
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.isfinite(ref)
+    gram_loss(s, t, backend="triton")  # and the kernel is back once the mode is off
+
+
+def test_auto_skips_atomic_backends_in_deterministic_mode(monkeypatch):
+    from dinov3_kernels import _backend
+
+    monkeypatch.setattr(_backend, "why_not", lambda backend, tensors, op_check=None: None)  # as if on a GPU
+    x = torch.empty(2, 2, device="meta")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+    assert _backend.choose_backend("auto", (x,), atomics=("cuda",)) == "cuda"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _backend.choose_backend("auto", (x,), atomics=("cuda",)) == "triton"
+        assert _backend.choose_backend("auto", (x,), atomics=("cuda", "triton")) == "reference"
+    finally:
+        torch.use_deterministic_algorithms(False)

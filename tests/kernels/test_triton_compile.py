@@ -37,6 +37,13 @@ def test_every_triton_kernel_compiles_for_sm90():
     assert {name for _, _, name in compiled} == KERNELS, r.stdout
     for dtype in ("bf16", "fp32"):  # each dtype reached every op
         assert {op for op, dt, _ in compiled if dt == dtype} == {"gram", "koleo", "attention"}, r.stdout
+    # The gradient scatters are relaxed atomics (a later kernel reads them): bare REDs in the SASS, with none of the
+    # MEMBAR.ALL.GPU fences an acq_rel atomic gets. (The KoLeo search's one completion counter keeps acq_rel.)
+    scatter = re.findall(r"^ok sm_90 .*?(_gram_fwd_kernel|_koleo_bwd_kernel) .* atomics (\d+) fences (\d+)", r.stdout,
+                         re.M)
+    if "atomics" in r.stdout:  # cuobjdump found (Triton ships one)
+        assert {name for name, _, _ in scatter} == {"_gram_fwd_kernel", "_koleo_bwd_kernel"}, r.stdout
+        assert all(int(a) > 0 and int(f) == 0 for _, a, f in scatter), scatter
 
 
 @pytest.mark.parametrize("args, interpret, message", [

@@ -74,8 +74,15 @@ def _resources(kernel) -> str:
         f.write(cubin)
         f.flush()
         r = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+).*?STACK:(\d+)", r.stdout, re.S)
-    return f"regs {m.group(1)} stack {m.group(2)}" if m else ""
+    if not m:
+        return ""
+    # Global atomics (RED: no return value, ATOM/ATOMG: with one) and the GPU-scope fences Triton puts around an
+    # acq_rel atomic: a relaxed atomic compiles to a bare RED, an acq_rel one to MEMBAR.ALL.GPU + RED + fences.
+    atomics = len(re.findall(r"\b(?:REDG?|ATOMG?)\.", sass))
+    fences = len(re.findall(r"\bMEMBAR\.\w*\.?GPU\b", sass))
+    return f"regs {m.group(1)} stack {m.group(2)} atomics {atomics} fences {fences}"
 
 
 def _jit_run(self, *args, grid, warmup, **kwargs):

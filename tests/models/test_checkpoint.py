@@ -130,3 +130,31 @@ def test_untied_norm_hint_and_flags():
         load_pretrained(make(), sat)
     with pytest.raises(CheckpointMismatchError, match="untie_cls_and_patch_norms=False"):
         load_pretrained(make(untie_cls_and_patch_norms=True), make().state_dict())
+
+
+def test_read_backbone_folders_and_metadata(tmp_path, source):
+    import json
+
+    from safetensors.torch import save_file
+
+    from dinov3.models.checkpoint import MODEL_KWARGS_METADATA, WeightsFileError, read_backbone
+
+    with pytest.raises(WeightsFileError, match="is a folder; give a weights file"):
+        read_backbone(tmp_path)
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    with pytest.raises(WeightsFileError, match="an ONNX graph runs in an ONNX runtime"):
+        read_backbone(tmp_path / "m.onnx")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(WeightsFileError, match="describes a 'vit' model, not a DINOv3 ViT"):
+        read_backbone(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "dinov3_vit"}))
+    with pytest.raises(WeightsFileError, match="no model.safetensors beside its config.json"):
+        read_backbone(tmp_path)
+    path = tmp_path / "w.safetensors"
+    tensors = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(tensors, str(path), metadata={MODEL_KWARGS_METADATA: json.dumps({"embed_dim": 32, "bogus": 1})})
+    with pytest.raises(WeightsFileError, match="metadata of .*: unknown DinoVisionTransformer argument.s. bogus"):
+        read_backbone(path)
+    save_file(tensors, str(path), metadata={MODEL_KWARGS_METADATA: "{not json"})
+    with pytest.raises(WeightsFileError, match="metadata is not valid JSON"):
+        read_backbone(path)

@@ -312,6 +312,22 @@ def test_bf16_autocast():
     torch.testing.assert_close(out["x_norm_clstoken"].float(), ref, rtol=0.05, atol=0.1)
 
 
+@pytest.mark.parametrize("n_storage", [0, 4])
+def test_math_attention_matches_reference(n_storage):
+    # "math" writes softmax(q k^T / sqrt(d)) v as matmuls (what the ONNX export traces); same outputs as SDPA.
+    ref = tiny(n_storage_tokens=n_storage).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    math_model = tiny(n_storage_tokens=n_storage, attn_backend="math").eval()
+    math_model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        a, b = ref.forward_features(x), math_model.forward_features(x)
+    for k in ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens"):
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=FP32_ATOL)
+
+
 def test_attn_backend_auto_uses_reference_on_cpu(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("fused path taken on CPU with attn_backend='auto'")

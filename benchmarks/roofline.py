@@ -1,0 +1,384 @@
+"""A roofline model of every benchmarked op, written before any GPU measurement, so that the GPU run tests the model.
+
+    python benchmarks/roofline.py [--out benchmarks/results/predicted.md]
+
+For each op, backend and benchmark shape it counts
+  flops        the useful work (the formula the benchmark reports TFLOP/s with; the same for every backend)
+  flops_exec   what the design executes: both halves of a symmetric product, tile padding, recomputation in backward
+  min_bytes    the fewest bytes that must cross HBM: every input read once, every output written once
+  design_bytes the global-memory traffic the design issues per its tiling (loads, stores, atomics; L2 level)
+  hbm_bytes    the part of design_bytes that must come from HBM: each byte once (about min_bytes plus scratch
+               buffers) while the data the kernels re-read fits in half the L2, rising linearly with the fraction
+               that does not fit, up to design_bytes
+  exps         exponentials (attention's softmax), which run on the special-function units
+and predicts the time as max(flops_exec / matrix rate, hbm_bytes / HBM bandwidth, design_bytes / L2 bandwidth,
+exps / exp rate) + launches x launch overhead. Rates are peaks, so a prediction is a floor: a measured time should sit
+above it, and measured/predicted says by how much. The assumptions behind each count are in the docstrings below.
+
+Ceilings (leads: datasheets, except where "assumed"): H100 SXM and H200 SXM share the compute rates (dense bf16
+989 TFLOP/s, dense TF32 495, fp32 SIMT 67) and a 50 MB L2; HBM 3.35 TB/s (H100) and 4.8 TB/s (H200); L2 bandwidth
+assumed 10 TB/s on both (no datasheet figure: published measurements run from about 5.5 TB/s on an H100 PCIe with 114
+SMs to about 12 TB/s; the GPU run will tell); exp2 at 16 per clock per SM (CUDA programming
+guide, compute capability 9.0) x 132 SMs x 1.98 GHz = 4.2e12/s; 4 us per kernel launch (assumed). run_all.py
+replaces HBM and the matrix rates by the ceilings it measures and records measured/predicted beside every record.
+Not modelled: a whole training step (hundreds of ops) and the CPU-bound data loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import common
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    name: str
+    tflops: dict  # matrix/SIMT rate per precision: "bf16" (tensor cores), "tf32" (tensor cores), "fp32" (SIMT FMA)
+    hbm_gbps: float
+    l2_gbps: float
+    l2_mb: float
+    sms: int
+    exp_per_s: float
+    launch_us: float
+
+
+_EXP = 132 * 16 * 1.98e9
+H100 = Ceilings("H100 SXM (datasheet)", {"bf16": 989.0, "tf32": 495.0, "fp32": 67.0}, 3350.0, 10000.0, 50.0, 132,
+                _EXP, 4.0)
+H200 = replace(H100, name="H200 SXM (datasheet)", hbm_gbps=4800.0)
+DEVICES = (H100, H200)
+
+
+def measured_ceilings(measured: dict, gpu: bool) -> Ceilings:
+    """Ceilings with what run_all.py measured (copy bandwidth, matmul rates); the rest from the H200 datasheet on a GPU.
+    On the CPU (--dry-run) the model runs only to check the pipeline: L2 is taken as twice the copy bandwidth."""
+    rates = {"bf16": measured.get("bf16_tflops"), "tf32": measured.get("tf32_tflops"),
+             "fp32": measured.get("fp32_tflops")}
+    base = H200 if gpu else Ceilings("CPU", {}, 0, 0, 32.0, 1, 1e9, 20.0)
+    rates = {k: v or base.tflops.get(k) or measured.get("fp32_tflops") or 1e-3 for k, v in rates.items()}
+    hbm = measured.get("copy_gbps") or base.hbm_gbps
+    return replace(base, name=("measured: " if gpu else "CPU, measured: ") + base.name, tflops=rates, hbm_gbps=hbm,
+                   l2_gbps=base.l2_gbps if gpu else 2 * hbm)
+
+
+@dataclass
+class Estimate:
+    flops: float
+    flops_exec: float
+    precision: str
+    min_bytes: float
+    design_bytes: float
+    hbm_bytes: float
+    exps: float = 0.0
+    launches: int = 1
+
+
+def predict(est: Estimate, ceil: Ceilings) -> dict:
+    terms = {
+        "compute": est.flops_exec / (ceil.tflops[est.precision] * 1e12),
+        "hbm": est.hbm_bytes / (ceil.hbm_gbps * 1e9),
+        "l2": est.design_bytes / (ceil.l2_gbps * 1e9),
+        "exp": est.exps / ceil.exp_per_s,
+    }
+    bound = max(terms, key=terms.get)
+    ms = (terms[bound] + est.launches * ceil.launch_us * 1e-6) * 1e3
+    return {"ms": ms, "bound": bound, **{f"{k}_ms": v * 1e3 for k, v in terms.items()}}
+
+
+def _precision(dtype: str, tf32: bool) -> str:
+    if dtype in ("bfloat16", "float16"):
+        return "bf16"
+    return "tf32" if tf32 else "fp32"
+
+
+def _hbm(resident: float, design: float, working_set: float, l2_mb: float = 50.0) -> float:
+    """HBM bytes of a design that re-reads a working set through L2: `resident` (each byte once) when the working set
+    fits in half the L2, rising linearly in the fraction that does not fit, up to every access (`design`)."""
+    miss = max(0.0, 1.0 - 0.5 * l2_mb * 2**20 / max(working_set, 1.0))
+    return resident + miss * max(0.0, design - resident)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+# ---- Gram loss -------------------------------------------------------------------------------------------------------
+GRAM_BACKENDS = ("official_tf32", "official_fp32", "compile", "triton", "cuda", "factored")
+
+
+def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
+    """Gram loss, student requiring grad, no clamping (remove_neg=False), features of `dtype`.
+
+    official*/compile: normalize (eager: a norm and a divide per tensor), two batched GEMMs writing G·P² fp32 each,
+      MSE (eager: the squared difference written, then reduced); backward: MSE gradient (P²), two GEMMs per Gram
+      (autograd of S Sᵀ differentiates both operands), their sum, the normalize backward. compile fuses the
+      elementwise chains (normalize: one read + one write per tensor; MSE: one reduction) and keeps the GEMMs.
+    triton/cuda (tiled): one program per 64x64 tile pair of the upper triangle: loads S_i, S_j, T_i, T_j (64xD
+      each), builds both Gram tiles, then for the student gradient loads S_j (and S_i off the diagonal) again and
+      adds 64xD fp32 updates with atomics (counted as 8 bytes: L2 reads and writes the line); then a normalize-
+      backward pass reads x and the fp32 accumulator twice. The gradient is produced in "fwd"; "fwd+bwd" adds a
+      scale (read and write G·P·D). HBM: S, T and the accumulator of the groups in flight, re-read through L2
+      (see _hbm).
+    factored: torch ops on fp32 (|SᵀS|² - 2|SᵀT|² + |TᵀT|², three D×D products per group, two more for the
+      gradient); elementwise passes counted from _gram_fwd_factored (~29 passes over G·P·D fp32, ~14 over G·D²).
+    """
+    e = 2 if dtype in ("bfloat16", "float16") else 4
+    useful = (4 if mode == "fwd" else 6) * G * P * P * D
+    min_b = (2 if mode == "fwd" else 3) * G * P * D * e
+    PD, PP = G * P * D, G * P * P
+    prec = _precision(dtype, tf32 and backend != "official_fp32")
+    if backend in ("official_tf32", "official_fp32", "compile"):
+        fused = backend == "compile"
+        fwd_b = (6 if fused else 8) * PD * e + (4 if fused else 6) * PP * 4
+        bwd_b = 5 * PP * 4 + (8 if fused else 13) * PD * e
+        flops_exec = 4 * G * P * P * D + (0 if mode == "fwd" else 4 * G * P * P * D)
+        b = fwd_b + (0 if mode == "fwd" else bwd_b)
+        launches = (5 if fused else 8) + (0 if mode == "fwd" else (5 if fused else 10))
+        return Estimate(useful, flops_exec, prec, min_b, b, b, 0, launches)
+    if backend == "factored":
+        prec = _precision("float32", tf32)
+        flops_exec = 10 * G * P * D * D
+        b = 29 * PD * 4 + 14 * G * D * D * 4 + (0 if mode == "fwd" else 2 * PD * e)
+        return Estimate(useful, flops_exec, prec, min_b, b, b, 0, 25 + (0 if mode == "fwd" else 1))
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"gram: unknown backend {backend!r}")
+    T = 64
+    nb = _cdiv(P, T)
+    pairs, diag = nb * (nb + 1) // 2, nb
+    tile_mm = 2 * T * T * D
+    flops_exec = G * (pairs * 2 * tile_mm + diag * tile_mm + (pairs - diag) * 2 * tile_mm)
+    loads = pairs * 4 * T * D * e
+    grad = diag * (T * D * e + T * D * 8) + (pairs - diag) * 2 * (T * D * e + T * D * 8)
+    norm_bwd = 2 * P * D * e + 2 * P * D * 4 + P * D * e
+    scale = 0 if mode == "fwd" else 2 * PD * e
+    design = G * (loads + grad + P * D * 4 + norm_bwd) + scale
+    in_flight = min(G, max(1, _cdiv(sms, pairs)))
+    hbm = _hbm(4 * PD * e + 3 * PD * 4 + scale, design, in_flight * P * D * (2 * e + 4))
+    return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, 5 + (0 if mode == "fwd" else 1))
+
+
+# ---- KoLeo loss ------------------------------------------------------------------------------------------------------
+KOLEO_BACKENDS = ("official_tf32", "official_fp32", "compile", "triton", "cuda")
+
+
+def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
+    """KoLeo loss (topk 1) of (n, d) features.
+
+    official*/compile: normalize, the n×n fp32 product written, its row max read back, the neighbours gathered, the
+      pairwise distance (eager: the difference written, then its norm); backward O(n·d) elementwise (~10 passes;
+      compile ~5, and its forward elementwise ~5 passes instead of ~10).
+    triton/cuda: a norm pass, then one program per 64 query rows (Triton: 32 when n < 64·132) that streams all n rows
+      in 64-row tiles (the search set is re-read n/64 times through L2, see _hbm),
+      keeps the top-1 in registers, gathers the neighbours. CUDA's fp32 search runs IEEE FMA whatever the TF32 flag;
+      Triton's follows it. Backward: the distance gradient (x_i and x_nn read, fp32 atomics for the neighbours),
+      then a normalize backward.
+    """
+    e = 2 if dtype in ("bfloat16", "float16") else 4
+    nd = n * d
+    useful = 2 * n * n * d
+    min_b = (1 if mode == "fwd" else 2) * nd * e
+    if backend in ("official_tf32", "official_fp32", "compile"):
+        fused = backend == "compile"
+        prec = _precision(dtype, tf32 and backend != "official_fp32")
+        fwd_b = (5 if fused else 10) * nd * 4 + 2 * n * n * 4
+        b = fwd_b + (0 if mode == "fwd" else (5 if fused else 10) * nd * 4)
+        launches = (5 if fused else 10) + (0 if mode == "fwd" else (4 if fused else 12))
+        return Estimate(useful, useful, prec, min_b, b, b, 0, launches)
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"koleo: unknown backend {backend!r}")
+    bm = 64 if (backend == "cuda" or n >= 64 * sms) else 32
+    prec = _precision(dtype, tf32 and backend == "triton")
+    flops_exec = 2 * _cdiv(n, bm) * bm * _cdiv(n, 64) * 64 * d
+    search = nd * e + _cdiv(n, bm) * nd * e  # query tiles once, the whole set per query tile
+    fwd_design = nd * e + search + 2 * nd * e
+    bwd_design = 2 * nd * e + 2 * nd * 8 + 2 * nd * e + nd * 4 + nd * e
+    design = fwd_design + (0 if mode == "fwd" else bwd_design)
+    fwd_hbm = _hbm(3 * nd * e, fwd_design, nd * e)
+    hbm = fwd_hbm + (0 if mode == "fwd" else 2 * nd * e + 2 * nd * 4 + nd * e)
+    return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, 4 + (0 if mode == "fwd" else 4))
+
+
+# ---- RoPE attention --------------------------------------------------------------------------------------------------
+ATTENTION_BACKENDS = ("official", "compile", "sdpa_flash", "sdpa_cudnn", "flash_attn", "flash_attn+apply_rope",
+                      "triton", "cuda")
+_EAGER_ROPE_BYTES = 68  # per element of q or k, per direction: fp32 casts, rotate_half, 2 muls, add, cat, cast back
+_FUSED_ROPE_BYTES = 8   # compile: one read, one write per element, plus the sin/cos tables
+
+
+def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
+    """Softmax attention over the packed qkv (B, N, 3·H·D) -> (B, N, H·D), RoPE on q and k (or not, for the floors).
+
+    Flash-style kernels (ours, SDPA flash/cuDNN, flash-attn): the forward reads each q tile once and K, V once per q
+    tile (ceil(N/BM) times, from L2), writes out and the logsumexp. Backward: Triton (ours) runs a dK/dV pass per k
+    tile (Q, dO, lse, Delta re-read per k tile) and a dQ pass per q tile (K, V re-read), recomputing P in both
+    (14·N²·D FLOPs and 2 exps per score against the forward's 4 and 1); the CUDA kernel and FA2/cuDNN one pass with
+    dQ accumulated in fp32 atomics (10·N²·D, 1 exp). Tiles assumed: Triton BM=128 forward, 64x64 backward; CUDA and
+    the others 64 (FA2 forward: 128). Ours read RoPE sin/cos (fp32, the tied (HW, D/2) tables) with every q and k
+    tile: 4·D bytes per token per load, twice the bytes of the bf16 K tile itself (from L2: the tables are shared by
+    all heads). SDPA on the strided q/k/v views of qkv adds the copies of out (forward) and of the packed gradient
+    (backward). The official path adds the eager RoPE chain, ~68 bytes per element of q and of k each way; compile
+    fuses it to ~8. HBM: K and V (and Q, dO in backward) of the heads in flight, re-read through L2 (see _hbm).
+    """
+    e = 2 if dtype in ("bfloat16", "float16") else 4
+    prec = _precision(dtype, tf32)
+    X = B * H * N * D  # elements of one of q, k, v, out
+    BH = B * H
+    useful = (1.0 if mode == "fwd" else 3.5) * 4 * BH * N * N * D
+    min_b = (4 if mode == "fwd" else 8) * X * e
+    kernel = {"triton": "triton", "cuda": "cuda"}.get(backend, "fa2")
+    bm_f = {"triton": 128, "cuda": 64, "fa2": 128}[kernel]
+    bm_b = 64
+    nq, nk = _cdiv(N, bm_f), _cdiv(N, 64)
+    flops_exec = 4 * BH * nq * bm_f * nk * 64 * D
+    exps = BH * N * N
+    fwd_design = X * e + nq * 2 * X * e + X * e + BH * N * 4
+    rope_tables = backend in ("triton", "cuda")
+    if rope_tables:
+        fwd_design += BH * (N + nq * N) * D * 4
+    bwd_flops, bwd_exps, bwd_design = 0.0, 0.0, 0.0
+    if mode != "fwd":
+        nkb, nqb = _cdiv(N, bm_b), _cdiv(N, bm_b)
+        delta = 2 * X * e + BH * N * 4
+        dkdv = 2 * X * e + nkb * (2 * X * e + BH * N * 8) + 2 * X * e
+        if kernel == "triton":
+            dq = 2 * X * e + nqb * 2 * X * e + X * e
+            bwd_flops, bwd_exps = 14 * BH * N * N * D, 2 * exps
+        else:
+            dq = nkb * X * 8 + X * 4 + X * e  # fp32 atomics per k tile, then the finishing pass
+            bwd_flops, bwd_exps = 10 * BH * N * N * D, exps
+        bwd_design = delta + dkdv + dq
+        if rope_tables:
+            bwd_design += BH * (nkb * N + (nqb * N if kernel == "triton" else N)) * D * 4
+    design = fwd_design + bwd_design
+    heads_in_flight = min(BH, max(1, _cdiv(sms, nq)))
+    per_head = N * D * e * (2 if mode == "fwd" else 4)
+    hbm = _hbm(min_b + BH * N * (4 if mode == "fwd" else 12), design, heads_in_flight * per_head)
+    launches = 1 if mode == "fwd" else 4  # backward: Delta, dK/dV, dQ (or the dQ finishing pass)
+    extra = 0.0
+    if backend in ("official", "compile", "sdpa_flash", "sdpa_cudnn"):
+        extra += 2 * X * e + (0 if mode == "fwd" else 2 * X * e + 6 * X * e)
+        launches += 1 + (0 if mode == "fwd" else 2)
+    if backend in ("official", "compile"):
+        per_elem = _EAGER_ROPE_BYTES if backend == "official" else _FUSED_ROPE_BYTES
+        extra += 2 * X * per_elem * (1 if mode == "fwd" else 2)
+        launches += (16 if backend == "official" else 2) * (1 if mode == "fwd" else 2)
+    if backend == "flash_attn+apply_rope":
+        extra += (4 * X * e + 2 * N * D * 4) * (1 if mode == "fwd" else 2)
+        launches += 1 if mode == "fwd" else 2
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention: unknown backend {backend!r}")
+    return Estimate(useful, flops_exec + bwd_flops, prec, min_b, design + extra, hbm + extra, exps + bwd_exps,
+                    launches)
+
+
+# ---- records ---------------------------------------------------------------------------------------------------------
+def estimate(op: str, backend: str, params: dict, dtype: str, mode: str, tf32: Optional[bool],
+             sms: int = 132) -> Optional[Estimate]:
+    """The estimate for a benchmark record's (op, backend, shape, dtype, pass); None for what is not modelled."""
+    tf = bool(tf32) if tf32 is not None else True
+    if op == "gram_loss" and backend in GRAM_BACKENDS:
+        return gram(params["G"], params["P"], params["D"], dtype, backend, mode, tf, sms)
+    if op == "koleo_loss" and backend in KOLEO_BACKENDS:
+        return koleo(params["n"], params["d"], dtype, backend, mode, tf, sms)
+    if op == "rope_attention" and backend in ATTENTION_BACKENDS:
+        return attention(params["B"], params["H"], params["N"], params["D"], dtype, backend, mode, tf, sms)
+    return None
+
+
+def annotate(rec, ceil: Ceilings) -> None:
+    """Adds the prediction at the measured ceilings (and at the H100/H200 datasheets) to a measured record."""
+    est = estimate(rec.op, rec.backend, rec.params, rec.dtype, rec.mode, rec.tf32, ceil.sms)
+    if est is None:
+        return
+    here = predict(est, ceil)
+    rec.predicted_ms = here["ms"]
+    rec.extra["predicted_bound"] = here["bound"]
+    rec.extra["design_bytes"] = est.design_bytes
+    rec.extra["hbm_bytes"] = est.hbm_bytes
+    for dev in DEVICES:
+        rec.extra["predicted_ms_" + dev.name.split()[0]] = predict(est, dev)["ms"]
+    if rec.median_ms:
+        rec.measured_over_predicted = rec.median_ms / here["ms"]
+        secs = rec.median_ms * 1e-3
+        rate = est.flops / secs / 1e12 / ceil.tflops[est.precision]
+        bw = est.min_bytes / secs / 1e9 / ceil.hbm_gbps
+        rec.fraction_of_ceiling = max(rate, bw)
+
+
+# ---- the committed predictions ---------------------------------------------------------------------------------------
+def benchmark_cases():
+    """(op, backends, [(shape label, params)], dtype) for the GPU shapes of the benchmark scripts."""
+    import bench_attention
+    import bench_gram
+    import bench_koleo
+
+    return [
+        ("gram_loss", GRAM_BACKENDS, [(f"G={G} P={P} D={D}", dict(G=G, P=P, D=D)) for G, P, D in bench_gram.GPU_SHAPES],
+         "float32"),
+        ("koleo_loss", KOLEO_BACKENDS, [(f"n={n} d={d}", dict(n=n, d=d)) for n, d in bench_koleo.GPU_SHAPES],
+         "float32"),
+        ("rope_attention", ATTENTION_BACKENDS,
+         [(f"{m} B={B} H={H} D={D} N={N}", dict(B=B, H=H, N=N, D=D)) for m, H, D, B, N in bench_attention.gpu_cases()],
+         "bfloat16"),
+    ]
+
+
+def rows():
+    out = []
+    for op, backends, shapes, dtype in benchmark_cases():
+        for label, params in shapes:
+            for mode in ("fwd", "fwd+bwd"):
+                for backend in backends:
+                    tf32 = backend != "official_fp32"
+                    est = estimate(op, backend, params, dtype, mode, tf32)
+                    out.append((op, label, dtype, mode, backend, tf32, est, [predict(est, d) for d in DEVICES]))
+    return out
+
+
+def markdown() -> str:
+    g = common.fmt
+    lines = [
+        "# Predicted times (roofline model): PREDICTIONS, NOT MEASUREMENTS",
+        "",
+        f"Written by `python benchmarks/roofline.py` ({_dt.date.today().isoformat()}, commit {common.git_commit()}), "
+        "before any GPU run. The model and every assumption are in `benchmarks/roofline.py`; `run_all.py` records "
+        "measured/predicted beside each measurement, at the ceilings it measures. Times are floors at peak rates.",
+        "",
+        "Columns: GFLOP executed by the design; MB: the fewest bytes (min), the design's global traffic (design, L2 "
+        "level) and what of it must come from HBM; bound: the largest term on the H200; predicted milliseconds.",
+        "",
+    ]
+    current = None
+    for op, label, dtype, mode, backend, tf32, est, (h100, h200) in rows():
+        if op != current:
+            current = op
+            lines += ["", f"## {op} ({dtype}{', TF32 on except official_fp32' if dtype == 'float32' else ''})", "",
+                      "| shape | pass | backend | GFLOP exec | min MB | design MB | HBM MB | bound (H200) | H100 ms "
+                      "| H200 ms |", "|" + "---|" * 10]
+        lines.append(f"| {label} | {mode} | {backend} | {g(est.flops_exec / 1e9)} | {g(est.min_bytes / 1e6)} | "
+                     f"{g(est.design_bytes / 1e6)} | {g(est.hbm_bytes / 1e6)} | {h200['bound']} | {g(h100['ms'])} | "
+                     f"{g(h200['ms'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="also write the tables to this markdown file "
+                                               "(the committed one is benchmarks/results/predicted.md)")
+    args = p.parse_args()
+    text = markdown()
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""benchmarks/roofline.py: the counts obey the invariants a roofline must, and the committed predictions are the
+model's current output."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import common
+import roofline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PREDICTED = os.path.join(ROOT, "benchmarks", "results", "predicted.md")
+ROWS = roofline.rows()
+
+
+def test_every_benchmark_shape_and_backend_is_modelled():
+    ops = {(op, backend) for op, _, _, _, backend, *_ in ROWS}
+    assert {op for op, _ in ops} == {"gram_loss", "koleo_loss", "rope_attention"}
+    assert {b for op, b in ops if op == "rope_attention"} == set(roofline.ATTENTION_BACKENDS)
+    assert len(ROWS) == 2 * (4 * 6 + 5 * 5 + 20 * 8)  # 2 passes x (shapes x backends) per op
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r[0]}-{r[1]}-{r[3]}-{r[4]}".replace(" ", ""))
+def test_roofline_invariants(row):
+    op, label, dtype, mode, backend, tf32, est, preds = row
+    assert est.flops > 0 and est.flops_exec > 0 and est.launches >= 1
+    assert est.design_bytes >= est.min_bytes * 0.999, "the design cannot move fewer bytes than the minimum"
+    assert est.min_bytes * 0.999 <= est.hbm_bytes <= est.design_bytes * 1.001
+    for dev, p in zip(roofline.DEVICES, preds):
+        floor = max(est.flops_exec / (dev.tflops[est.precision] * 1e12), est.hbm_bytes / (dev.hbm_gbps * 1e9),
+                    est.design_bytes / (dev.l2_gbps * 1e9), est.exps / dev.exp_per_s,
+                    est.min_bytes / (dev.hbm_gbps * 1e9))
+        assert p["ms"] >= floor * 1e3 * 0.999
+        assert p[p["bound"] + "_ms"] == pytest.approx(max(p[k + "_ms"] for k in ("compute", "hbm", "l2", "exp")))
+    h100, h200 = preds
+    assert h200["ms"] <= h100["ms"] * 1.0001, "the H200 has the H100's compute and more bandwidth"
+
+
+def test_more_work_never_predicts_less_time():
+    for G, P, D in [(8, 256, 1024), (8, 1024, 1024)]:
+        small = roofline.predict(roofline.gram(G, P, D, "float32", "triton", "fwd+bwd"), roofline.H200)["ms"]
+        large = roofline.predict(roofline.gram(2 * G, P, D, "float32", "triton", "fwd+bwd"), roofline.H200)["ms"]
+        assert large >= small
+    fwd = roofline.attention(8, 16, 1029, 64, "bfloat16", "triton", "fwd")
+    both = roofline.attention(8, 16, 1029, 64, "bfloat16", "triton", "fwd+bwd")
+    assert both.flops_exec > fwd.flops_exec and both.design_bytes > fwd.design_bytes and both.exps > fwd.exps
+
+
+def test_annotate_adds_the_prediction_to_a_record():
+    rec = common.Record("koleo_loss", "triton", "n=4096 d=1024", "float32", "fwd", params=dict(n=4096, d=1024),
+                        tf32=True, median_ms=1.0, flops=2 * 4096**2 * 1024, bytes=4096 * 1024 * 4)
+    ceil = roofline.measured_ceilings({"copy_gbps": 4000.0, "bf16_tflops": 750.0, "tf32_tflops": 380.0,
+                                       "fp32_tflops": 50.0}, gpu=True)
+    roofline.annotate(rec, ceil)
+    assert rec.predicted_ms > 0 and rec.measured_over_predicted == pytest.approx(1.0 / rec.predicted_ms)
+    assert 0 < rec.fraction_of_ceiling < 1
+    assert rec.extra["predicted_ms_H200"] <= rec.extra["predicted_ms_H100"]
+    other = common.Record("train_step", "official", "x", "bf16", "step", median_ms=1.0)
+    roofline.annotate(other, ceil)  # not modelled: left alone
+    assert other.predicted_ms is None
+
+
+def test_committed_predictions_are_the_models_output(tmp_path):
+    out = tmp_path / "predicted.md"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "roofline.py"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def body(text):  # the tables, without the line that carries the date and commit
+        return [line for line in text.splitlines() if not line.startswith("Written by")]
+
+    assert "PREDICTIONS, NOT MEASUREMENTS" in out.read_text()
+    assert body(out.read_text()) == body(open(PREDICTED).read()), (
+        "benchmarks/results/predicted.md is stale: python benchmarks/roofline.py --out benchmarks/results/predicted.md")
