@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="WEIGHTS", default=None,
                    help="start a NEW run from these backbone weights (student.pretrained_weights): official "
                         ".pth/.safetensors, a Hugging Face DINOv3ViTModel folder or .safetensors, a backbone.pth "
-                        "of dinov3-train or a training checkpoint (its EMA teacher). The model is the one the "
+                        "of dinov3-train, a training checkpoint (its EMA teacher) or a dinov3-export file. The "
+                        "model is the one the "
                         "weights hold; heads, optimizer and schedules start fresh, after a head warm-up with the "
                         "backbone frozen (train.head_warmup_iters). Not --resume, which continues one run exactly")
     p.add_argument("--overwrite", action="store_true",
