@@ -146,8 +146,14 @@ class Trainer:
         random.seed(seed)
 
         world = self.dist.world_size
-        self.arch = SSLMetaArch(cfg, distributed=world > 1).to(self.device)
+        self.arch = SSLMetaArch(cfg, distributed=world > 1)
         self.parallel = cfg["train"]["parallel"] if world > 1 else "none"
+        # The Gram teacher waits on the CPU until its phase (it goes to the device once the resume point says so);
+        # FSDP shards it with the others instead.
+        assert not list(self.arch.parameters(recurse=False)) and not list(self.arch.buffers(recurse=False))
+        for name, child in self.arch.named_children():
+            if name != "gram_teacher" or self.parallel == "fsdp":
+                child.to(self.device)
         g = cfg["gram"]
         if cfg["student"]["pretrained_weights"] and resume_state is None:
             from .pretrained import load_into_arch
@@ -192,8 +198,8 @@ class Trainer:
                                  iteration=int(self._resume_state["iteration"]), allow_change=self.allow_config_change)
             self._load_state(self._resume_state)
             logger.info("resumed from %s at iteration %d", path, self.start_iter)
-        # The Gram teacher waits on the CPU until its phase (FSDP shards it with the others instead).
-        self._gram_teacher_to(self.device if self.arch.gram_active(self.start_iter) else torch.device("cpu"))
+        if self.arch.gram_active(self.start_iter):
+            self._gram_teacher_to(self.device)
 
         ac = cfg["train"]["autocast_dtype"]
         if self.device.type == "cuda" and ac in ("bf16", "fp16"):
