@@ -276,6 +276,68 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
                     launches)
 
 
+# ---- DINO / iBOT head losses ------------------------------------------------------------------------------------------
+HEAD_BACKENDS = ("official_tf32", "compile", "composed", "triton")
+_HEAD_TILES = {4: (64, 64), 2: (64, 64)}  # Triton (BLOCK_N, BLOCK_K) for TF32 / 16-bit input (fp32 IEEE: 64 x 32 bwd)
+
+
+def head(n_s, n_t, T, K, d, dtype, backend, mode, tf32=True, iters=3, sms=132) -> Estimate:
+    """DINO (n_s = 10·B student rows against T = 2 teacher rows each) or iBOT (n_s = n_t masked tokens, T = 1) loss
+    from features (rows, d) and prototypes (K, d); L = rows · K logit entries, 4 bytes each in fp32.
+
+    official_tf32: the two logit GEMMs write L_s and L_t; Sinkhorn-Knopp is ~9 + 10·iters full passes over the
+      teacher's K × n_t fp32 matrix (exp, /τ, the total, and per iteration two sums and four in-place divisions, each
+      a read or a read+write); the student side ~6 passes forward (cast, /τ, log_softmax, the einsum's reads) and ~8
+      backward (the log_softmax and scale backward, the two GEMMs reading dL). compile fuses the elementwise chains:
+      ~2 + 2·iters teacher passes, 3 student passes forward, 4 backward. Peak memory: several L-sized buffers.
+    triton: 2·iters teacher sweeps (a column pass, then per iteration a row pass and a column pass, and the final
+      row normaliser), one student sweep that recomputes each student row's T teacher rows (T + 1 logit GEMMs per
+      student tile), and in backward two more such sweeps (dz: row tiles x K splits; dW: K tiles x row splits), each
+      adding its gradient GEMM. Every sweep re-reads z and W tiles through L2 in (BLOCK_N, BLOCK_K) = 64 x 64 tiles:
+      e·d·rows·K·(1/BLOCK_N + 1/BLOCK_K) bytes per sweep; HBM: W (K·d·e, larger than L2 at these K) once per sweep
+      and row-tile group in flight (see _hbm). Nothing L-sized is written: extra memory O((rows + K)·d).
+    composed: the kernels' sweeps with PyTorch GEMMs over row chunks, one sweep fewer in backward (dz and dW from the
+      same recomputed chunk); each chunk's logits are written by the GEMM and read/written by ~6 elementwise ops
+      (~28 bytes per logit entry and sweep).
+    """
+    e = 2 if dtype in ("bfloat16", "float16") else 4
+    prec = _precision(dtype, tf32)
+    fwd = mode == "fwd"
+    g = 2 * K * d  # flops per logit row
+    useful = g * (n_s + n_t) + (0 if fwd else 2 * g * n_s)
+    inputs = e * d * (n_s + n_t + 2 * K)
+    grads = 0 if fwd else e * d * (n_s + K)
+    min_b = inputs + grads
+    Ls, Lt = 4 * n_s * K, 4 * n_t * K
+    if backend in ("official_tf32", "compile"):
+        fused = backend == "compile"
+        t_passes = (2 + 2 * iters) if fused else (9 + 10 * iters)
+        s_passes = (3 if fused else 6) + (0 if fwd else (4 if fused else 8))
+        b = min_b + 2 * inputs * (0 if fwd else 1) + t_passes * Lt + s_passes * Ls
+        launches = (6 + 2 * iters if fused else 12 + 7 * iters) + (0 if fwd else (4 if fused else 10))
+        return Estimate(useful, useful, prec, min_b, b, b, 0, launches)
+    if backend not in ("composed", "triton"):
+        raise ValueError(f"head: unknown backend {backend!r}")
+    teacher_entries = 2 * iters * n_t * K
+    student_sweep = n_s * K * (1 + T)
+    sweeps_bwd = 1 if backend == "composed" else 2
+    entries = teacher_entries + student_sweep + (0 if fwd else sweeps_bwd * student_sweep)
+    flops_exec = 2 * d * entries + (0 if fwd else 2 * g * n_s)
+    n_sweeps = 2 * iters + 1 + (0 if fwd else sweeps_bwd)
+    if backend == "composed":
+        design = n_sweeps * inputs + entries * 28 + grads + (0 if fwd else 4 * K * d)  # fp32 dW accumulator
+        hbm = design
+        launches = (2 * iters + 1) * 4 + 8 * (1 + T) + (0 if fwd else 10 * (1 + T))
+        return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, launches)
+    bn, bk = _HEAD_TILES[e]
+    design = e * d * entries * (1 / bn + 1 / bk) + grads + (0 if fwd else 4 * d * (n_s * 8 + K))  # + split partials
+    in_flight = sms * 2 * bn * d * e  # the z tiles the ~2 waves of programs hold
+    hbm = n_sweeps * inputs + grads
+    hbm = _hbm(hbm, design, in_flight + K * d * e)
+    launches = 2 * iters + 1 + (0 if fwd else 2)
+    return Estimate(useful, flops_exec, prec, min_b, design, min(hbm, design), 0, launches)
+
+
 # ---- records ---------------------------------------------------------------------------------------------------------
 def estimate(op: str, backend: str, params: dict, dtype: str, mode: str, tf32: Optional[bool],
              sms: int = 132) -> Optional[Estimate]:
@@ -285,6 +347,9 @@ def estimate(op: str, backend: str, params: dict, dtype: str, mode: str, tf32: O
         return gram(params["G"], params["P"], params["D"], dtype, backend, mode, tf, sms)
     if op == "koleo_loss" and backend in KOLEO_BACKENDS:
         return koleo(params["n"], params["d"], dtype, backend, mode, tf, sms)
+    if op in ("dino_head_loss", "ibot_head_loss") and backend in HEAD_BACKENDS:
+        return head(params["n_s"], params["n_t"], params["T"], params["K"], params["d"], dtype, backend, mode, tf,
+                    sms=sms)
     if op == "rope_attention" and backend in ATTENTION_BACKENDS:
         return attention(params["B"], params["H"], params["N"], params["D"], dtype, backend, mode, tf, sms)
     return None
@@ -315,7 +380,12 @@ def benchmark_cases():
     """(op, backends, [(shape label, params)], dtype) for the GPU shapes of the benchmark scripts."""
     import bench_attention
     import bench_gram
+    import bench_head
     import bench_koleo
+
+    def head_params(kind, rows, K, d):
+        n_s, n_t = (bench_head.S_CROPS * rows, bench_head.T_CROPS * rows) if kind == "dino" else (rows, rows)
+        return dict(n_s=n_s, n_t=n_t, T=bench_head.T_CROPS if kind == "dino" else 1, K=K, d=d)
 
     return [
         ("gram_loss", GRAM_BACKENDS, [(f"G={G} P={P} D={D}", dict(G=G, P=P, D=D)) for G, P, D in bench_gram.GPU_SHAPES],
@@ -325,6 +395,11 @@ def benchmark_cases():
         ("rope_attention", ATTENTION_BACKENDS,
          [(f"{m} B={B} H={H} D={D} N={N}", dict(B=B, H=H, N=N, D=D)) for m, H, D, B, N in bench_attention.gpu_cases()],
          "bfloat16"),
+    ] + [
+        (f"{kind}_head_loss", HEAD_BACKENDS,
+         [(f"{kind} {'B' if kind == 'dino' else 'M'}={rows} K={K} d={d}", head_params(kind, rows, K, d))
+          for k2, rows, K, d in bench_head.GPU_CASES if k2 == kind], "float32")
+        for kind in ("dino", "ibot")
     ]
 
 

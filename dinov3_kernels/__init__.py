@@ -3,6 +3,8 @@
 from ._backend import BackendUnavailableError, available_backends
 from .attention import apply_rope, apply_rope_reference, rope_attention, rope_attention_reference
 from .gram import GramLoss, gram_loss, gram_loss_reference
+from .head_loss import (dino_head_loss, dino_head_loss_reference, ibot_head_loss, ibot_head_loss_reference,
+                        sinkhorn_knopp_reference)
 from .koleo import KoLeoLoss, KoLeoLossDistributed, koleo_loss, koleo_loss_reference
 from .rope import RopePositionEmbedding
 
@@ -14,6 +16,11 @@ __all__ = [
     "GramLoss",
     "gram_loss",
     "gram_loss_reference",
+    "dino_head_loss",
+    "dino_head_loss_reference",
+    "ibot_head_loss",
+    "ibot_head_loss_reference",
+    "sinkhorn_knopp_reference",
     "KoLeoLoss",
     "KoLeoLossDistributed",
     "koleo_loss",

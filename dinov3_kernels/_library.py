@@ -58,6 +58,52 @@ def _koleo_loss_bwd_fake(grad, search, indices, dist, norm, offset, n, eps, back
     return torch.empty_like(search, memory_format=torch.contiguous_format)
 
 
+# ---- dino_head_loss / ibot_head_loss -------------------------------------------------------------------------------
+# Logits are recomputed from features z (N, d) and prototypes W (K, d), never stored. backend: "triton" | "composed".
+# Per prototype k: (max_n x_nk, Σ_n exp(x_nk - max)), x = scale · z Wᵀ + col_bias_k + row_bias_n; (K,) fp32 each. An
+# empty bias means zero.
+LIB.define("head_loss_col_lse(Tensor z, Tensor W, Tensor col_bias, Tensor row_bias, float scale, str backend) -> "
+           "(Tensor, Tensor)")
+# Per row n: logsumexp_k(scale · z_n·W_k + col_bias_k); (N,) fp32.
+LIB.define("head_loss_row_lse(Tensor z, Tensor W, Tensor col_bias, float scale, str backend) -> Tensor")
+# Student rows i against their teacher rows j = t·B + i mod B (B = N_t / T, T = pair_weight.shape[1]) with weights
+# pair_weight (N_s, T): -> (row loss (N_s,), student logsumexp (N_s,)) fp32, where with S = student_scale · z_s W_sᵀ
+# and teacher probabilities P_jk = exp(teacher_scale · z_t,j·W_t,k + teacher_bias_k - teacher_lse_j),
+#   row loss_i = Σ_t w_it (logsumexp_k S_ik - Σ_k P_jk S_ik)   (the soft-target cross-entropy).
+LIB.define("head_loss_ce(Tensor student_z, Tensor student_W, Tensor teacher_z, Tensor teacher_W, Tensor teacher_bias, "
+           "Tensor teacher_lse, Tensor pair_weight, float student_scale, float teacher_scale, str backend) "
+           "-> (Tensor, Tensor)")
+# Gradients of Σ_i grad_rows_i · row loss_i w.r.t. student_z and student_W (empty when not asked for).
+LIB.define("head_loss_ce_bwd(Tensor grad_rows, Tensor student_z, Tensor student_W, Tensor teacher_z, "
+           "Tensor teacher_W, Tensor teacher_bias, Tensor teacher_lse, Tensor pair_weight, Tensor student_lse, "
+           "float student_scale, float teacher_scale, bool grad_z, bool grad_W, str backend) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake("dinov3_kernels::head_loss_col_lse")
+def _head_loss_col_lse_fake(z, W, col_bias, row_bias, scale, backend):
+    return W.new_empty((W.shape[0],), dtype=torch.float32), W.new_empty((W.shape[0],), dtype=torch.float32)
+
+
+@torch.library.register_fake("dinov3_kernels::head_loss_row_lse")
+def _head_loss_row_lse_fake(z, W, col_bias, scale, backend):
+    return z.new_empty((z.shape[0],), dtype=torch.float32)
+
+
+@torch.library.register_fake("dinov3_kernels::head_loss_ce")
+def _head_loss_ce_fake(student_z, student_W, teacher_z, teacher_W, teacher_bias, teacher_lse, pair_weight,
+                       student_scale, teacher_scale, backend):
+    n = student_z.shape[0]
+    return student_z.new_empty((n,), dtype=torch.float32), student_z.new_empty((n,), dtype=torch.float32)
+
+
+@torch.library.register_fake("dinov3_kernels::head_loss_ce_bwd")
+def _head_loss_ce_bwd_fake(grad_rows, student_z, student_W, teacher_z, teacher_W, teacher_bias, teacher_lse,
+                           pair_weight, student_lse, student_scale, teacher_scale, grad_z, grad_W, backend):
+    gz = torch.empty_like(student_z, memory_format=torch.contiguous_format) if grad_z else student_z.new_empty(0)
+    gw = torch.empty_like(student_W, memory_format=torch.contiguous_format) if grad_W else student_W.new_empty(0)
+    return gz, gw
+
+
 # ---- rope_attention / apply_rope ---------------------------------------------------------------------------------
 # Packed qkv (B, N, 3C) -> (out (B, N, C) in qkv.dtype, lse (B, num_heads, N) fp32: natural-log logsumexp of the
 # scaled scores, saved for backward). sin/cos: (H·W, head_dim) fp32 contiguous. backend: "triton" | "cuda".

@@ -169,6 +169,9 @@ DEFAULTS: dict[str, Any] = {
         # Backend of the Gram and KoLeo losses ("auto" | "reference" | "triton" | "cuda"); the attention backend is
         # student.attn_backend.
         "kernel_backend": "auto",
+        # DINO and iBOT losses: "fused" (dinov3_kernels.dino_head_loss / ibot_head_loss from the heads' bottleneck
+        # and prototypes, no tokens x K logits; backend from kernel_backend) or "official" (losses.py on the logits).
+        "head_loss_backend": "fused",
         "log_every": 10,
         "progress_bar": True,
         # Head warm-up: for this many first iterations the student backbone is frozen while the fresh heads train
@@ -404,6 +407,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.autocast_dtype": ("bf16", "fp32", "fp16"),
     "train.augment_device": ("auto", "cpu", "cuda"),
     "train.kernel_backend": ("auto", "reference", "triton", "cuda"),
+    "train.head_loss_backend": ("fused", "official"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
 }
 

@@ -44,7 +44,14 @@ class DINOHead(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised bottleneck code z (N, bottleneck_dim): logits are z @ prototypes()ᵀ."""
         x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
-        return self.last_layer(x)
+        return F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+
+    def prototypes(self) -> torch.Tensor:
+        """The last layer's (out_dim, bottleneck_dim) weight (weight-normalised when weight_norm=True)."""
+        return self.last_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.bottleneck(x))

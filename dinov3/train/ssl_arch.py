@@ -38,10 +38,14 @@ class StudentNet(nn.Module):
         super().__init__()
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
 
-    def forward(self, global_crops, local_crops, masks, mask_indices):
+    def forward(self, global_crops, local_crops, masks, mask_indices, head_losses=None):
         g, lo = self.backbone.forward_features([global_crops, local_crops], masks=[masks, None])
         g_cls, l_cls, g_patch = g["x_norm_clstoken"], lo["x_norm_clstoken"], g["x_norm_patchtokens"]
         masked_patches = torch.index_select(g_patch.flatten(0, 1), 0, mask_indices)  # (M, D)
+        if head_losses is not None:  # fused losses on the bottleneck codes, inside forward (FSDP: weights unsharded)
+            return {"g_cls": g_cls, "g_patch": g_patch, "head_losses": head_losses(
+                self.dino_head.bottleneck(torch.cat([g_cls, l_cls])), self.dino_head.prototypes(),
+                self.ibot_head.bottleneck(masked_patches), self.ibot_head.prototypes())}
         logits = self.dino_head(torch.cat([g_cls, l_cls]))  # one head pass for all CLS tokens
         g_logits, l_logits = logits.split([g_cls.shape[0], l_cls.shape[0]])
         return {"g_cls": g_cls, "g_patch": g_patch, "g_logits": g_logits, "l_logits": l_logits,
@@ -55,10 +59,14 @@ class TeacherNet(nn.Module):
         super().__init__()
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
 
-    def forward(self, global_crops, mask_indices):
+    def forward(self, global_crops, mask_indices, features=False):
         out = self.backbone.forward_features(global_crops)
         cls, patch = out["x_norm_clstoken"], out["x_norm_patchtokens"]
         masked_patches = torch.index_select(patch.flatten(0, 1), 0, mask_indices)
+        if features:  # bottleneck codes and prototypes, for the fused losses
+            return {"cls": cls, "patch": patch, "cls_z": self.dino_head.bottleneck(cls),
+                    "dino_W": self.dino_head.prototypes(), "ibot_z": self.ibot_head.bottleneck(masked_patches),
+                    "ibot_W": self.ibot_head.prototypes()}
         return {"cls": cls, "patch": patch, "cls_logits": self.dino_head(cls),
                 "ibot_logits": self.ibot_head(masked_patches)}
 
@@ -171,31 +179,43 @@ class SSLMetaArch(nn.Module):
         B = gl.shape[0] // n_g
         n_l = lo.shape[0] // B
         centering = cfg["train"]["centering"]
-
-        with torch.no_grad(), autocast():
-            t = self.teacher(gl, mask_indices)
-        if centering == "sinkhorn_knopp":
-            cls_probs = self.dino_loss.sinkhorn_knopp_teacher(t["cls_logits"], teacher_temp)
-            patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(t["ibot_logits"], teacher_temp,
-                                                                batch["n_masked_patches"])
-        else:
-            cls_probs = self.dino_loss.softmax_center_teacher(t["cls_logits"], teacher_temp)
-            patch_probs = self.ibot_loss.softmax_center_teacher(t["ibot_logits"], teacher_temp)
-        cls_probs = cls_probs.unflatten(0, (n_g, B))  # (2, B, K)
-
-        with autocast():
-            st = student_forward(gl, lo, masks, mask_indices)
-
-        losses: dict[str, torch.Tensor] = {}
+        fused = cfg["train"].get("head_loss_backend", "official") == "fused"
         # DINOv2/v3 scales: global and local pair counts share the DINO weight.
         ignore_diag = bool(cfg["dino"]["global_ignore_diagonal"])
         g_terms = n_g * (n_g - 1) if ignore_diag else n_g * n_g
         l_terms = n_g * n_l
+
+        with torch.no_grad(), autocast():
+            t = self.teacher(gl, mask_indices, features=fused)
+        losses: dict[str, torch.Tensor] = {}
+        if fused:
+            with autocast():
+                st = student_forward(gl, lo, masks, mask_indices, head_losses=lambda *a: self._fused_head_losses(
+                    t, batch, teacher_temp, n_g, ignore_diag, *a))
+            # One DINO call for all crops: its per-row terms, summed over the global or local crops and rescaled
+            # from the joint pair count to each one's own, are the two official losses.
+            rows, losses["ibot_loss"] = st["head_losses"]
+            losses["dino_local_crops_loss"] = rows[n_g:].sum() * ((g_terms + l_terms) / max(l_terms, 1))
+            losses["dino_global_crops_loss"] = rows[:n_g].sum() * ((g_terms + l_terms) / g_terms)
+        else:
+            if centering == "sinkhorn_knopp":
+                cls_probs = self.dino_loss.sinkhorn_knopp_teacher(t["cls_logits"], teacher_temp)
+                patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(t["ibot_logits"], teacher_temp,
+                                                                    batch["n_masked_patches"])
+            else:
+                cls_probs = self.dino_loss.softmax_center_teacher(t["cls_logits"], teacher_temp)
+                patch_probs = self.ibot_loss.softmax_center_teacher(t["ibot_logits"], teacher_temp)
+            cls_probs = cls_probs.unflatten(0, (n_g, B))  # (2, B, K)
+
+            with autocast():
+                st = student_forward(gl, lo, masks, mask_indices)
+            losses["dino_local_crops_loss"] = self.dino_loss(st["l_logits"].unflatten(0, (n_l, B)), cls_probs)
+            losses["dino_global_crops_loss"] = self.dino_loss(st["g_logits"].unflatten(0, (n_g, B)), cls_probs,
+                                                              ignore_diagonal=ignore_diag)
+            losses["ibot_loss"] = self.ibot_loss.forward_masked(st["ibot_logits"], patch_probs, masks=masks,
+                                                                masks_weight=batch["masks_weight"])
         dino_w = float(cfg["dino"]["loss_weight"])
         local_w = self.local_weight_schedule(iteration) if self.local_weight_schedule else 1.0
-        losses["dino_local_crops_loss"] = self.dino_loss(st["l_logits"].unflatten(0, (n_l, B)), cls_probs)
-        losses["dino_global_crops_loss"] = self.dino_loss(st["g_logits"].unflatten(0, (n_g, B)), cls_probs,
-                                                          ignore_diagonal=ignore_diag)
         total = (dino_w * l_terms / (g_terms + l_terms) * local_w * losses["dino_local_crops_loss"]
                  + dino_w * g_terms / (g_terms + l_terms) * losses["dino_global_crops_loss"])
 
@@ -203,8 +223,6 @@ class SSLMetaArch(nn.Module):
         losses["koleo_loss"] = sum(self.koleo_loss(x) for x in g_cls) / n_g
         total = total + float(cfg["dino"]["koleo_loss_weight"]) * n_g * losses["koleo_loss"]
 
-        losses["ibot_loss"] = self.ibot_loss.forward_masked(st["ibot_logits"], patch_probs, masks=masks,
-                                                            masks_weight=batch["masks_weight"])
         total = total + float(cfg["ibot"]["loss_weight"]) * losses["ibot_loss"]
 
         if self.gram_active(iteration):
@@ -218,6 +236,37 @@ class SSLMetaArch(nn.Module):
 
         total.backward()
         return total.detach(), {k: v.detach() for k, v in losses.items()}
+
+    def _fused_head_losses(self, t, batch, teacher_temp, n_g, ignore_diag, cls_z, dino_W, ibot_z, ibot_W):
+        """(DINO per-row terms (crops, B) over all crops, iBOT loss) from dinov3_kernels' fused losses."""
+        from dinov3_kernels import dino_head_loss, ibot_head_loss
+
+        cfg = self.cfg
+        backend = cfg["train"]["kernel_backend"]
+        backend = "auto" if backend == "cuda" else backend  # no CUDA C kernels for these: Triton on GPU
+        dev = cls_z.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+        def cast(x):  # the heads' last layer in the precision autocast would run it
+            return x if dtype is None else x.to(dtype)
+
+        softmax = cfg["train"]["centering"] == "softmax"
+        common = dict(teacher_temp=teacher_temp, centering=cfg["train"]["centering"], backend=backend)
+        dino_kw = dict(common, n_student_crops=cls_z.shape[0] * n_g // t["cls_z"].shape[0], n_teacher_crops=n_g,
+                       student_temp=self.dino_loss.student_temp, ignore_diagonal=ignore_diag, reduction="none")
+        ibot_kw = dict(common, student_temp=self.ibot_loss.student_temp, masks_weight=batch["masks_weight"],
+                       n_images=batch["masks"].shape[0])
+        if softmax:
+            dino_kw.update(center=self.dino_loss.center, center_momentum=self.dino_loss.center_momentum)
+            ibot_kw.update(center=self.ibot_loss.center, center_momentum=self.ibot_loss.center_momentum)
+        rows = dino_head_loss(cast(cls_z), cast(t["cls_z"]), cast(dino_W), cast(t["dino_W"]), **dino_kw)
+        ibot = ibot_head_loss(cast(ibot_z), cast(t["ibot_z"]), cast(ibot_W), cast(t["ibot_W"]), **ibot_kw)
+        if softmax:
+            (rows, dino_center), (ibot, ibot_center) = rows, ibot
+            with torch.no_grad():
+                self.dino_loss.center.copy_(dino_center)
+                self.ibot_loss.center.copy_(ibot_center)
+        return rows, ibot
 
     def _gram_features(self, batch, student_patches, autocast):
         if not self.gram_initialized:

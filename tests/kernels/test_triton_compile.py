@@ -23,6 +23,8 @@ KERNELS = {
     "_koleo_norm_kernel", "_koleo_search_kernel", "_koleo_bwd_kernel", "_koleo_norm_bwd_kernel",
     "_rope_attention_fwd_kernel", "_rope_attention_bwd_delta_kernel", "_rope_attention_bwd_dkdv_kernel",
     "_rope_attention_bwd_dq_kernel", "_apply_rope_kernel",
+    "_head_col_lse_kernel", "_head_row_lse_kernel", "_head_ce_fwd_kernel", "_head_ce_bwd_dz_kernel",
+    "_head_ce_bwd_dw_kernel",
 }
 
 
@@ -36,7 +38,7 @@ def test_every_triton_kernel_compiles_for_sm90():
     compiled = re.findall(r"^ok sm_90 +(\w+) +(\w+) +(\w+)", r.stdout, re.M)
     assert {name for _, _, name in compiled} == KERNELS, r.stdout
     for dtype in ("bf16", "fp32"):  # each dtype reached every op
-        assert {op for op, dt, _ in compiled if dt == dtype} == {"gram", "koleo", "attention"}, r.stdout
+        assert {op for op, dt, _ in compiled if dt == dtype} == {"gram", "koleo", "attention", "head"}, r.stdout
     # The gradient scatters are relaxed atomics (a later kernel reads them): bare REDs in the SASS, with none of the
     # MEMBAR.ALL.GPU fences an acq_rel atomic gets. (The KoLeo search's one completion counter keeps acq_rel.)
     scatter = re.findall(r"^ok sm_90 .*?(_gram_fwd_kernel|_koleo_bwd_kernel) .* atomics (\d+) fences (\d+)", r.stdout,

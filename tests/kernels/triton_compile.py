@@ -91,8 +91,10 @@ def _jit_run(self, *args, grid, warmup, **kwargs):
     seconds = time.perf_counter() - t0
     meta = {k: kwargs[k] for k in sorted(kwargs) if k.isupper() and k.startswith("BLOCK")}
     md = kernel.metadata
+    ptx = kernel.asm.get("ptx", "") if hasattr(kernel, "asm") else ""
+    mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "no-mma"
     COMPILED.append(dict(name=self.fn.__name__, **_CONTEXT, blocks=meta, warps=md.num_warps, stages=md.num_stages,
-                         shared=md.shared, res=_resources(kernel), seconds=seconds))
+                         shared=md.shared, res=_resources(kernel), mma=mma, seconds=seconds))
     return kernel
 
 
@@ -106,7 +108,7 @@ def _autotuner_run(self, *args, **kwargs):
 
 
 def _install(arch: int, tf32: list[bool]):
-    from dinov3_kernels._triton import attention, gram, koleo
+    from dinov3_kernels._triton import attention, gram, head_loss, koleo
 
     driver.set_active(_CompileOnlyDriver(arch))
     JITFunction.run = _jit_run
@@ -117,7 +119,7 @@ def _install(arch: int, tf32: list[bool]):
         fp32 = x.dtype == torch.float32
         return fp32, ("tf32" if fp32 and tf32[0] else "ieee")
 
-    for mod in (attention, gram, koleo):
+    for mod in (attention, gram, koleo, head_loss):
         mod.dot_precision = gpu_precision
     gram_blocks, koleo_blocks, attn_launch = gram._block_sizes, koleo._block_sizes, attention._launch
     gram._block_sizes = lambda P, D, on_cpu, *a: gram_blocks(P, D, False, *a)
@@ -126,18 +128,20 @@ def _install(arch: int, tf32: list[bool]):
     attention._launch = lambda tuned, raw, tile, N, B, H, on_cpu, *a, **m: attn_launch(tuned, raw, tile, N, B, H,
                                                                                          False, *a, **m)
     attention._row_block = lambda t: 64
+    head_config = head_loss._config
+    head_loss._config = lambda z, D, p, **kw: head_config(torch.empty(0, dtype=z.dtype, device="meta"), D, p, **kw)
 
 
 # label -> (dtype, tf32)
 DTYPES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
           "tf32": (torch.float32, True)}
-OPS = ("gram", "koleo", "attention")
+OPS = ("gram", "koleo", "attention", "head")
 
 
 def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> None:
     tf32 = [False]
     _install(arch, tf32)
-    from dinov3_kernels._triton import attention, gram, koleo
+    from dinov3_kernels._triton import attention, gram, head_loss, koleo
 
     dtypes = dtypes or (list(DTYPES) if full else ["bf16", "fp32", "tf32"])
     for label in dtypes:
@@ -157,6 +161,20 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
             idx.zero_()
             dist.fill_(1.0)
             koleo.koleo_bwd_triton(torch.ones(()), x, idx, dist, norm, 0, n, 1e-8, 1e-8)
+
+        _CONTEXT.update(op="head", head_dim=None)
+        # DINO (10 student crops against 2 teacher crops of 7 images) at the bottleneck widths of the official
+        # configs; the loss kernels do not depend on K beyond its masks.
+        for D in ((256, 384, 512) if full else (256,)) if "head" in ops else ():
+            zs, zt = torch.randn(70, D).to(dtype), torch.randn(14, D).to(dtype)
+            Ws, Wt = torch.randn(1000, D).to(dtype), torch.randn(1000, D).to(dtype)
+            bias, none = torch.randn(1000), torch.empty(0)
+            head_loss.head_col_lse_triton(zt, Wt, none, none, 20.0)
+            head_loss.head_col_lse_triton(zt, Wt, bias, torch.randn(14), 20.0)
+            lse = head_loss.head_row_lse_triton(zt, Wt, bias, 20.0)
+            pw = torch.rand(70, 2)
+            _, slse = head_loss.head_ce_fwd_triton(zs, Ws, zt, Wt, bias, lse, pw, 10.0, 20.0)
+            head_loss.head_ce_bwd_triton(torch.ones(70), zs, Ws, zt, Wt, bias, lse, pw, slse, 10.0, 20.0, True, True)
 
         _CONTEXT.update(op="attention")
         for Dh in (head_dims or ((64, 128, 80, 256) if full else (64, 128))) if "attention" in ops else ():
@@ -201,7 +219,7 @@ def main(argv=None) -> int:
         fits[key] = fits.get(key, False) or ok
         print(f"ok sm_{args.arch} {c['op']:9s} {c['dtype']:4s} {c['name']:34s} Dh {c['head_dim']} {c['blocks']} "
               f"warps {c['warps']} stages {c['stages']} smem {c['shared']}{'' if ok else ' (over the limit)'} "
-              f"{c['res']} ({c['seconds']:.1f} s)", flush=True)
+              f"{c['res']} {c['mma']} ({c['seconds']:.1f} s)", flush=True)
     print(f"triton {triton.__version__}: {len(COMPILED)} kernels compiled for sm_{args.arch}")
     # A launch whose every candidate needs more shared memory than a block may have fails on the device.
     none_fit = [key for key, ok in fits.items() if not ok]

@@ -118,3 +118,48 @@ def test_dino_head_loss_and_sinkhorn_learn_on_separable_inputs():
                 pt.mul_(0.9).add_(ps, alpha=0.1)
         losses.append(loss.item())
     assert math.isfinite(losses[0]) and sum(losses[-20:]) / 20 < math.log(K) - 1.0, (losses[0], losses[-20:])
+
+
+# ---- the trainer's switch: dinov3_kernels' fused head losses against this module's -----------------------------------
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
+def test_fused_head_losses_match_the_official_path_in_a_training_step(image_dir, tiny_overrides, centering):
+    from dinov3.train.config import load_config
+    from dinov3.train.data import BatchAugment, build_loader
+    from dinov3.train.ssl_arch import SSLMetaArch
+
+    base = tiny_overrides + ["ibot.mask_sample_probability=1.0", f"train.centering={centering}"]
+    archs, results = {}, {}
+    for kind in ("official", "fused"):
+        cfg = load_config("tiny", base + [f"train.head_loss_backend={kind}"])
+        torch.manual_seed(0)
+        archs[kind] = SSLMetaArch(cfg).train()
+    archs["fused"].load_state_dict(archs["official"].state_dict())
+    cfg = archs["official"].cfg
+    assert load_config("tiny", [])["train"]["head_loss_backend"] == "fused"  # the default
+    _, loader = build_loader(cfg, root=image_dir, rank=0, world_size=1, start_iter=0, end_iter=1)
+    batch = BatchAugment(cfg, torch.device("cpu"))(next(iter(loader)), iteration=0, rank=0)
+    assert batch["mask_indices"].numel() > 0
+    for kind, arch in archs.items():
+        if centering == "softmax":  # a non-trivial center, updated by the step
+            with torch.no_grad():
+                arch.dino_loss.center.copy_(torch.linspace(-0.5, 0.5, arch.dino_loss.center.numel()).view_as(
+                    arch.dino_loss.center))
+                arch.ibot_loss.center.copy_(torch.linspace(0.3, -0.3, arch.ibot_loss.center.numel()).view_as(
+                    arch.ibot_loss.center))
+        torch.manual_seed(1)  # drop path and anything else random draws the same in both steps
+        results[kind] = arch.forward_backward(batch, teacher_temp=0.04, iteration=0)
+    (t_off, l_off), (t_fus, l_fus) = results["official"], results["fused"]
+    assert set(l_off) == set(l_fus)
+    for key in l_off:
+        torch.testing.assert_close(l_fus[key], l_off[key], rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(t_fus, t_off, rtol=1e-5, atol=1e-6)
+    official = dict(archs["official"].student.named_parameters())
+    for name, p in archs["fused"].student.named_parameters():
+        q = official[name]
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            scale = q.grad.abs().max().clamp(min=1e-12)
+            assert (p.grad - q.grad).abs().max() <= 1e-4 * scale + 1e-9, name
+    if centering == "softmax":
+        for loss in ("dino_loss", "ibot_loss"):
+            torch.testing.assert_close(getattr(archs["fused"], loss).center, getattr(archs["official"], loss).center)
