@@ -69,15 +69,35 @@ def to_rgb8(img: Image.Image) -> Image.Image:
         values = np.asarray(img).astype(np.float64)
         nominal = _nominal_range(values, is_float=mode == "F")
     else:
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
     values = np.nan_to_num(values, nan=0.0, posinf=nominal, neginf=0.0)
     gray = np.clip(np.rint(values * (255.0 / nominal)), 0, 255).astype(np.uint8)
     return Image.fromarray(gray, "L").convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPS_AXES = (5, 6, 7, 8)
+
+
+def _request_draft(img: Image.Image, reduce_for) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when ``reduce_for(upright size)`` says how much is needed."""
+    if img.format != "JPEG":
+        return
+    swap = img.getexif().get(0x0112, 1) in _SWAPS_AXES
+    w, h = img.size
+    need = reduce_for((h, w) if swap else (w, h))
+    if need is not None:
+        img.draft(img.mode, (need[1], need[0]) if swap else tuple(need))
+
+
+def load_rgb(path: str | os.PathLike, *, reduce_for=None) -> Image.Image:
     """The image at ``path`` as upright 8-bit RGB; ``UnreadableImage`` if it is missing, empty, not an image,
-    truncated or corrupt, too large, or of an unknown value range."""
+    truncated or corrupt, too large, or of an unknown value range.
+
+    ``reduce_for``: called with the upright (width, height) before decoding a JPEG; it returns the smallest upright
+    size the caller needs (or None: full size). The JPEG is then decoded at the smallest of the scales 1/2, 1/4, 1/8
+    (DCT scaling) that keeps at least that size, so the image returned is that integer factor smaller than the
+    file (each side rounded up)."""
     path = os.fspath(path)
     try:
         if os.path.getsize(path) == 0:
@@ -88,9 +108,14 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # EXIF, palette and TIFF-tag warnings are noise here
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()  # decode now: a truncated file fails here, inside the try
-                upright = ImageOps.exif_transpose(img)  # a new image, valid after the file is closed
+            # Opened from our own file object, so closing the file leaves the decoded pixels valid (closing a
+            # Pillow image frees them): no copy of a large image is needed.
+            with open(path, "rb") as f:
+                upright = Image.open(f)
+                if reduce_for is not None:
+                    _request_draft(upright, reduce_for)
+                upright.load()  # decode now: a truncated file fails here, inside the try
+                ImageOps.exif_transpose(upright, in_place=True)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(path, f"too many pixels ({exc})") from None
     except UnidentifiedImageError:

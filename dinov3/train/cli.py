@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -36,7 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "a checkpoint is written at the stop")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUTPUT exactly, from its newest readable checkpoint (starts the run "
-                        "when OUTPUT has no checkpoint yet, so one command serves every restart)")
+                        "when OUTPUT has no checkpoint yet, so one command serves every restart); to start a new "
+                        "run from the weights of another, use --init-from")
+    p.add_argument("--init-from", metavar="WEIGHTS", default=None,
+                   help="start a NEW run from these backbone weights (student.pretrained_weights): official "
+                        ".pth/.safetensors, a Hugging Face DINOv3ViTModel folder or .safetensors, a backbone.pth "
+                        "of dinov3-train, a training checkpoint (its EMA teacher) or a dinov3-export file. The "
+                        "model is the one the "
+                        "weights hold; heads, optimizer and schedules start fresh, after a head warm-up with the "
+                        "backbone frozen (train.head_warmup_iters). Not --resume, which continues one run exactly")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in OUTPUT: its checkpoints, metrics, config and backbone are deleted")
     p.add_argument("--allow-config-change", action="store_true",
@@ -72,6 +81,8 @@ def resolve_config(args):
     overrides; otherwise --config plus overrides."""
     from .rundir import latest_readable_checkpoint
 
+    if args.init_from is not None:  # a JSON string is a YAML string: any path survives the override parser
+        args.overrides = [*args.overrides, f"student.pretrained_weights={json.dumps(args.init_from)}"]
     state = latest_readable_checkpoint(os.path.join(args.output, "checkpoints")) if args.resume else None
     if state is None:
         if args.config is None:
@@ -86,7 +97,10 @@ def resolve_config(args):
         logger.warning("--resume: %s changed from %r to %r", key, old, new)
     if args.config is not None:
         # The same command is usually repeated with --resume: say which of --config's values the checkpoint overrode.
-        asked = load_config(args.config, args.overrides)
+        try:
+            asked = load_config(args.config, args.overrides)
+        except ConfigError:  # e.g. --init-from weights gone since the start: the checkpoint holds them
+            asked = cfg
         ignored = config_differences(cfg, asked)
         if ignored:
             logger.warning("--resume: the checkpoint's config is used; --config %s differs in %s (ignored)",
@@ -115,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--max-iters must be >= 1")
         if args.resume and args.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: choose one")
+        if args.init_from is not None and not args.resume and not os.path.exists(args.init_from):
+            raise ConfigError(f"--init-from {args.init_from}: no such file or folder")
         from .trainer import parse_device
 
         parse_device(args.device)

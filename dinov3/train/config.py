@@ -66,6 +66,10 @@ DEFAULTS: dict[str, Any] = {
         },
         "drop_path_rate": 0.1,
         "attn_backend": "auto",
+        # Backbone weights to start from (student, EMA teacher and Gram teacher at iteration 0; heads, optimizer and
+        # schedules start fresh): official .pth/.safetensors, a Hugging Face DINOv3ViTModel folder or safetensors
+        # file, a dinov3-train backbone.pth or checkpoint. The model is then the one the weights hold. Not --resume.
+        "pretrained_weights": None,
     },
     "dino": {
         "loss_weight": 1.0,
@@ -117,6 +121,11 @@ DEFAULTS: dict[str, Any] = {
         "tokens_used": "all",
         "global_teacher_resize_method": "bicubic",
         "global_teacher_resize_antialias": False,
+        # From gram.start_iter on, the EMA momentum is this value instead of schedules.momentum (null: no change) and
+        # the lr schedule is multiplied by lr_multiplier: dinov3_vit7b16_gram_anchor.yaml trains with momentum 0.999
+        # and lr 3e-5 where dinov3_vit7b16_pretrain.yaml had 0.994 and 5e-5 (3e-5 / 5e-5 = 0.6).
+        "teacher_momentum": 0.999,
+        "lr_multiplier": 0.6,
     },
     "crops": {
         "global_crops_scale": [0.32, 1.0],
@@ -129,6 +138,23 @@ DEFAULTS: dict[str, Any] = {
         "horizontal_flips": True,
         "rgb_mean": [0.485, 0.456, 0.406],
         "rgb_std": [0.229, 0.224, 0.225],
+        # Photometric augmentation (applied on the training device by BatchAugment). The defaults are the official
+        # DataAugmentationDINO's; set the probabilities to 0 for data where colour, blur or intensity carry meaning
+        # (microscopy, remote sensing, medical, 16-bit).
+        "color_jitter_probability": 0.8,
+        # ColorJitter strengths: factors drawn from [max(0, 1 - s), 1 + s]; hue: a shift in [-h, h] turns.
+        "color_jitter_brightness": 0.4,
+        "color_jitter_contrast": 0.4,
+        "color_jitter_saturation": 0.2,
+        "color_jitter_hue": 0.1,
+        "grayscale_probability": 0.2,
+        # Gaussian blur (kernel 9, sigma ~ U(blur_sigma)) probability on global crop 1, global crop 2, local crops.
+        # The official code writes GaussianBlur(p=1.0) / (p=0.1) / (p=0.5), but its GaussianBlur hands 1 - p to
+        # RandomApply (dinov3/data/transforms.py), so the released models were trained with 0 / 0.9 / 0.5.
+        "blur_probabilities": [0.0, 0.9, 0.5],
+        "blur_sigma": [0.1, 2.0],
+        # Solarize (threshold 128) probability, on global crop 2 only (as official).
+        "solarize_probability": 0.2,
     },
     "train": {
         "batch_size_per_gpu": 64,
@@ -154,6 +180,12 @@ DEFAULTS: dict[str, Any] = {
         "probe_every": 1000,
         "probe_images": 4,
         "probe_size": 0,
+        # Head warm-up: for this many first iterations the student backbone is frozen while the fresh heads train
+        # (the teacher heads follow by EMA). null: 0 without student.pretrained_weights, else the rule of
+        # head_warmup_iters() below. Then the backbone's lr may ramp up linearly from 0 over backbone_lr_ramp_iters
+        # (measured: no gain at tiny scale, so 0).
+        "head_warmup_iters": None,
+        "backbone_lr_ramp_iters": 0,
     },
     # Alarms read off the health metrics written with each logged row (dinov3/train/health.py).
     "health": {
@@ -174,7 +206,9 @@ DEFAULTS: dict[str, Any] = {
         "layerwise_decay": 0.98,
         "patch_embed_lr_mult": 0.2,
         "dino_head_wd_multiplier": 1.0,
-        "freeze_last_layer_iters": 0,
+        # The prototypes (last layer of both heads) get lr 0 for this many iterations. Official: 1 epoch of
+        # OFFICIAL_EPOCH_LENGTH=1250 iterations (ssl_default_config.yaml); the 7B recipe: 5 epochs of 1000.
+        "freeze_last_layer_iters": 1250,
         "scaling_rule": "sqrt_wrt_1024",  # "sqrt_wrt_1024", "linear_wrt_256" or "none"
     },
     # Each schedule: kind "constant" (value = peak after a linear warm-up from start) or "cosine" (linear warm-up
@@ -190,11 +224,17 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _recipe(arch: str, batch: int, lr: float, drop_path: float, gram_crops: int | None = 512) -> dict:
-    # DINOv3 pretraining recipe (7B config) scaled to one node of 8 GPUs: constant lr/wd/momentum, teacher temp
-    # warm-up, 2 global crops at 256 px + 8 local at 112 px, Gram refinement phase with 512 px teacher crops.
+    # DINOv3 pretraining recipe (dinov3_vit7b16_pretrain.yaml, then dinov3_vit7b16_gram_anchor.yaml for the Gram
+    # phase) scaled to one node of 8 GPUs: constant lr/wd/momentum, teacher temp warm-up, 2 global crops at 256 px +
+    # 8 local at 112 px, no horizontal flips, gradient clipping at 30, a separate norm for the local crops' CLS
+    # token, prototypes frozen for 5 epochs of OFFICIAL_EPOCH_LENGTH=1000 iterations, and a Gram refinement phase
+    # with 512 px teacher crops, teacher momentum 0.999 and 0.6x the lr (gram.* defaults).
     return {
-        "student": {"arch": arch, "drop_path_rate": drop_path},
-        "crops": {"global_crops_size": 256, "local_crops_size": 112, "gram_teacher_crops_size": gram_crops},
+        "student": {"arch": arch, "drop_path_rate": drop_path,
+                    "model_kwargs": {"untie_global_and_local_cls_norm": True}},
+        "crops": {"global_crops_size": 256, "local_crops_size": 112, "gram_teacher_crops_size": gram_crops,
+                  "horizontal_flips": False},
+        "optim": {"clip_grad": 30.0, "freeze_last_layer_iters": 5000},
         "train": {"batch_size_per_gpu": batch, "iterations": 200000},
         "schedules": {
             "lr": {"kind": "constant", "start": 0.0, "peak": lr, "end": lr, "warmup_iters": 10000},
@@ -217,24 +257,31 @@ BUILTIN: dict[str, dict[str, Any]] = {
             "patch_size": 8,
             "drop_path_rate": 0.0,
             # LayerScale 0.1 instead of 1e-5: two blocks trained for minutes, not a deep net trained for days.
-            "model_kwargs": {"n_storage_tokens": 1, "layerscale_init": 0.1},
+            "model_kwargs": {"n_storage_tokens": 1, "layerscale_init": 0.1, "untie_global_and_local_cls_norm": True},
             "attn_backend": "auto",
         },
         # Narrow heads: a larger init std keeps the signal through the MLP (see DINOHead).
         "dino": {"head_n_prototypes": 256, "head_bottleneck_dim": 32, "head_hidden_dim": 128, "head_init_std": 0.1},
         "ibot": {"head_n_prototypes": 256, "head_bottleneck_dim": 32, "head_hidden_dim": 128, "head_init_std": 0.1},
         "crops": {"global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 4,
-                  "gram_teacher_crops_size": 48, "global_crops_scale": [0.4, 1.0], "local_crops_scale": [0.1, 0.4]},
+                  "gram_teacher_crops_size": 48, "global_crops_scale": [0.4, 1.0], "local_crops_scale": [0.1, 0.4],
+                  "horizontal_flips": False},
         "train": {"batch_size_per_gpu": 16, "num_workers": 0, "iterations": 200, "log_every": 1, "probe_every": 50},
         "health": {"warn_every": 500},
-        "optim": {"clip_grad": 3.0, "layerwise_decay": 0.9, "scaling_rule": "none"},
+        # Clipping, flips and the untied local CLS norm as the ViT recipes (7B pretrain config). The prototypes are
+        # frozen for 80 iterations, about one pass over the digits demo's 1257 images (official: 1 to 5 epochs).
+        "optim": {"clip_grad": 30.0, "layerwise_decay": 0.9, "scaling_rule": "none", "freeze_last_layer_iters": 80},
         "schedules": {
             "lr": {"kind": "cosine", "start": 0.0, "peak": 1.0e-3, "end": 1.0e-4, "warmup_iters": 10},
             "weight_decay": {"kind": "constant", "start": 0.04, "peak": 0.04, "end": 0.04, "warmup_iters": 0},
             "momentum": {"kind": "constant", "start": 0.99, "peak": 0.99, "end": 0.99, "warmup_iters": 0},
             "teacher_temp": {"kind": "constant", "start": 0.04, "peak": 0.07, "end": 0.07, "warmup_iters": 20},
         },
-        "gram": {"use_loss": True, "start_iter": 150, "update_frequency": 20, "max_updates": 2},
+        # The official Gram phase raises the teacher momentum to 0.999 (a time constant of ~1000 iterations) and
+        # lowers the lr to 0.6x; a tiny run's Gram phase lasts 50-500 iterations, over which such a teacher hardly
+        # moves: on the digits demo (600 iterations) kNN 71.1 % with them, 74.3 % keeping momentum and lr.
+        "gram": {"use_loss": True, "start_iter": 150, "update_frequency": 20, "max_updates": 2,
+                 "teacher_momentum": None, "lr_multiplier": 1.0},
         "checkpointing": {"period": 50, "max_to_keep": 2},
     },
     "vits16": _recipe("vit_small", batch=64, lr=2.0e-4, drop_path=0.1),
@@ -296,11 +343,13 @@ def read_yaml(path: str) -> Any:
 def load_config(config: str | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Defaults <- built-in recipe or YAML file <- ``key=value`` overrides, then validated."""
     cfg = copy.deepcopy(DEFAULTS)
+    base = cfg  # the defaults and the recipe, before the user's own settings
     if isinstance(config, dict):
         cfg = deep_merge(cfg, config)
     elif config is not None:
         if config in BUILTIN:
             cfg = deep_merge(cfg, BUILTIN[config])
+            base = copy.deepcopy(cfg)
         elif os.path.isdir(config):
             raise ConfigError(f"config {config!r} is a folder, not a YAML file or a built-in recipe "
                               f"({', '.join(sorted(BUILTIN))})")
@@ -310,18 +359,39 @@ def load_config(config: str | dict | None = None, overrides: list[str] | tuple[s
                 loaded = {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {config} does not hold a mapping of sections")
-            base = loaded.pop("base", None)  # a YAML file may start from a built-in recipe
-            if base is not None:
-                if base not in BUILTIN:
-                    raise ConfigError(f"{config}: unknown base recipe {base!r}; choose from {sorted(BUILTIN)}")
-                cfg = deep_merge(cfg, BUILTIN[base])
+            recipe = loaded.pop("base", None)  # a YAML file may start from a built-in recipe
+            if recipe is not None:
+                if recipe not in BUILTIN:
+                    raise ConfigError(f"{config}: unknown base recipe {recipe!r}; choose from {sorted(BUILTIN)}")
+                cfg = deep_merge(cfg, BUILTIN[recipe])
+            base = copy.deepcopy(cfg)
             cfg = deep_merge(cfg, loaded)
         else:
             raise ConfigError(f"config {config!r} is neither a built-in ({', '.join(sorted(BUILTIN))}) nor a file")
     for item in overrides:
         apply_override(cfg, item)
     validate_config(cfg)
+    if cfg["student"]["pretrained_weights"]:
+        from .pretrained import adopt_pretrained_model  # reads the weights (torch)
+
+        cfg = adopt_pretrained_model(cfg, base)
+        validate_config(cfg)
     return cfg
+
+
+def head_warmup_iters(cfg: dict) -> tuple[int, int]:
+    """(frozen-backbone iterations, backbone lr ramp iterations after them) of this config. The warm-up left null
+    with pretrained weights is the prototypes' freeze (optim.freeze_last_layer_iters) plus one time constant of the
+    EMA teacher, 1 / (1 - momentum) iterations: the prototypes then train, and the teacher heads catch up with the
+    student heads, before the backbone does (tiny: 80 + 100; README, "Starting from released weights")."""
+    t = cfg["train"]
+    warmup = t["head_warmup_iters"]
+    if warmup is None:
+        warmup = 0
+        if cfg["student"]["pretrained_weights"]:
+            momentum = float(cfg["schedules"]["momentum"].get("start", cfg["schedules"]["momentum"]["peak"]))
+            warmup = int(cfg["optim"]["freeze_last_layer_iters"]) + round(1 / max(1 - momentum, 1e-4))
+    return int(warmup), int(t["backbone_lr_ramp_iters"])
 
 
 # ------------------------------------------------------------------------------------------------ the schema
@@ -335,6 +405,9 @@ NULLABLE: dict[str, Any] = {
     "gram.ckpt": str,
     "gram.max_updates": int,
     "crops.gram_teacher_crops_size": int,
+    "gram.teacher_momentum": float,
+    "student.pretrained_weights": str,
+    "train.head_warmup_iters": int,
 }
 # A schedule: {kind, start, peak, end, warmup_iters, cosine_iters}; peak is required, the others optional.
 SCHEDULE_KEYS: dict[str, Any] = {"kind": str, "start": float, "peak": float, "end": float, "warmup_iters": int,
@@ -433,8 +506,8 @@ def _check_model_kwargs(path: str, kwargs) -> None:
     for key, value in kwargs.items():
         if key not in accepted:
             raise _unknown(path, key, accepted)
-        if key in defaults and defaults[key] is not None:
-            _check_scalar(f"{path}.{key}", value, type(defaults[key]), nullable=False)
+        if key in defaults and defaults[key] is not None:  # null: the model's own "off" (no LayerScale, ...)
+            _check_scalar(f"{path}.{key}", value, type(defaults[key]), nullable=True)
 
 
 def _check_tree(path: str, value, default) -> None:
@@ -504,6 +577,15 @@ def validate_config(cfg: dict) -> None:
     for name in ("rgb_mean", "rgb_std"):
         need(f"crops.{name}", len(c[name]) == in_chans, f"needs {in_chans} values (student.model_kwargs.in_chans)")
     need("crops.rgb_std", all(v > 0 for v in c["rgb_std"]), "every value must be > 0")
+    for name in ("color_jitter_probability", "grayscale_probability", "solarize_probability"):
+        need(f"crops.{name}", 0 <= c[name] <= 1, "must be in [0, 1]")
+    need("crops.blur_probabilities", all(0 <= v <= 1 for v in c["blur_probabilities"]),
+         "must be 3 probabilities in [0, 1] (global crop 1, global crop 2, local crops)")
+    for name in ("color_jitter_brightness", "color_jitter_contrast", "color_jitter_saturation"):
+        need(f"crops.{name}", c[name] >= 0, "must be >= 0")
+    need("crops.color_jitter_hue", 0 <= c["color_jitter_hue"] <= 0.5, "must be in [0, 0.5]")
+    lo, hi = c["blur_sigma"]
+    need("crops.blur_sigma", 0 < lo <= hi, "must be [min, max] with 0 < min <= max")
     lo, hi = ib["mask_ratio_min_max"]
     need("ibot.mask_ratio_min_max", 0 <= lo < hi <= 1, "must satisfy 0 <= min < max <= 1")
     need("ibot.mask_sample_probability", 0 <= ib["mask_sample_probability"] <= 1, "must be in [0, 1]")
@@ -538,6 +620,9 @@ def validate_config(cfg: dict) -> None:
     need("health.patience", hl["patience"] >= 1, "must be >= 1")
     need("health.cls_cos_threshold", -1 <= hl["cls_cos_threshold"] <= 1, "must be in [-1, 1]")
     need("health.warn_every", hl["warn_every"] >= 1, "must be >= 1")
+    if t["head_warmup_iters"] is not None:
+        need("train.head_warmup_iters", t["head_warmup_iters"] >= 0, "must be >= 0 or null")
+    need("train.backbone_lr_ramp_iters", t["backbone_lr_ramp_iters"] >= 0, "must be >= 0")
     need("train.seed", t["seed"] >= 0, "must be >= 0")
     need("train.autocast_dtype", t["autocast_dtype"] != "fp16",
          "fp16 autocast needs loss scaling, which this trainer does not do (DINOv3 trains in bf16): "
@@ -562,6 +647,9 @@ def validate_config(cfg: dict) -> None:
         need("gram.update_frequency", g["update_frequency"] >= 1, "must be >= 1")
         if g["max_updates"] is not None:
             need("gram.max_updates", g["max_updates"] >= 0, "must be >= 0 or null")
+        if g["teacher_momentum"] is not None:
+            need("gram.teacher_momentum", 0 <= g["teacher_momentum"] <= 1, "must be in [0, 1] or null")
+        need("gram.lr_multiplier", g["lr_multiplier"] >= 0, "must be >= 0")
         if g["tokens_used"] != "all":
             need("gram.img_level", not g["img_level"],
                  "gram.tokens_used 'masked'/'unmasked' needs gram.img_level=false (as official DINOv3)")

@@ -73,7 +73,16 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
 
 
 def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    # (H, W, 3) -> (3, H, W) in one numpy copy (a torch permute + contiguous after np.array took 2-3x longer).
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+# Fast decoding keeps every crop's source region at least this many times its output size (per side) before the
+# final bicubic resample: a JPEG is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, "draft" mode) and larger factors
+# are taken by PIL's box reduce (``reducing_gap``). Against decoding and resampling at full resolution, the crops
+# of scikit-image's photos at ~1k and ~2k px differed by at most 0.49 grey levels on average (PSNR >= 49.7 dB;
+# 0.26 and 53.9 dB with a gap of 3, which leaves 2k photos mostly undrafted); tests/train/test_data.py checks it.
+REDUCING_GAP = 2.0
 
 
 @dataclass
@@ -85,6 +94,9 @@ class CropSpec:
     local_scale: tuple[float, float]
     gram_size: int | None = None
     horizontal_flips: bool = True
+    # JPEG draft decoding and box reduction before large downscales (see REDUCING_GAP); False decodes every image
+    # at full resolution and resamples from it (the loader before it had these).
+    fast_decode: bool = True
 
     @classmethod
     def from_config(cls, cfg: dict) -> "CropSpec":
@@ -95,34 +107,84 @@ class CropSpec:
                    bool(c["horizontal_flips"]))
 
 
-def multi_crop(img: Image.Image, spec: CropSpec, rng: random.Random) -> dict[str, list[torch.Tensor]]:
-    """The geometric half of DINO multi-crop: random resized crops (bicubic) and flips, as uint8 (3, S, S)."""
-    W, H = img.size
-    out = {"global": [], "local": [], "gram": []}
+def crop_plan(width: int, height: int, spec: CropSpec, rng: random.Random, *, gram: bool = True) -> list[tuple]:
+    """The geometry of one image's crops: ``(kind, (left, top, w, h), flip, size)`` for the 2 global crops (each
+    followed by its Gram-teacher crop when ``gram`` and spec.gram_size: the same box at a higher resolution) and the
+    local crops. The random draws do not depend on ``gram``, so the other crops are the same with or without it."""
+    plan = []
     for _ in range(2):
-        left, top, w, h = random_resized_crop_box(W, H, spec.global_scale, rng)
+        box = random_resized_crop_box(width, height, spec.global_scale, rng)
         flip = spec.horizontal_flips and rng.random() < 0.5
-        box = (left, top, left + w, top + h)
-        # Global and Gram-teacher crops share one box: the Gram teacher sees the same view at a higher resolution.
-        sizes = [("global", spec.global_size)] + ([("gram", spec.gram_size)] if spec.gram_size else [])
-        for key, size in sizes:
-            crop = img.resize((size, size), Image.BICUBIC, box=box)
-            if flip:
-                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-            out[key].append(_to_uint8_tensor(crop))
+        plan.append(("global", box, flip, spec.global_size))
+        if gram and spec.gram_size:
+            plan.append(("gram", box, flip, spec.gram_size))
     for _ in range(spec.n_local):
-        left, top, w, h = random_resized_crop_box(W, H, spec.local_scale, rng)
-        crop = img.resize((spec.local_size, spec.local_size), Image.BICUBIC, box=(left, top, left + w, top + h))
-        if spec.horizontal_flips and rng.random() < 0.5:
+        box = random_resized_crop_box(width, height, spec.local_scale, rng)
+        flip = spec.horizontal_flips and rng.random() < 0.5
+        plan.append(("local", box, flip, spec.local_size))
+    return plan
+
+
+def decode_size_needed(plan: list[tuple], width: int, height: int) -> tuple[int, int] | None:
+    """The smallest decoded image size that keeps every crop's box at least REDUCING_GAP times its output size, or
+    None when some crop is not downscaled that much (then the full resolution is needed)."""
+    ratio = min(min(w, h) / size for _, (_, _, w, h), _, size in plan)  # source pixels per output pixel
+    if ratio < 2 * REDUCING_GAP:  # not even a 1/2-scale decode would keep the margin
+        return None
+    return math.ceil(width * REDUCING_GAP / ratio), math.ceil(height * REDUCING_GAP / ratio)
+
+
+def render_crops(img: Image.Image, plan: list[tuple], *, scale: int = 1,
+                 fast: bool = True) -> dict[str, list[torch.Tensor]]:
+    """Bicubic resized crops of ``img`` as uint8 (3, S, S), following ``plan`` (boxes in the coordinates of an image
+    ``scale`` times larger than ``img``: the file's size when it was decoded at 1/scale)."""
+    out = {"global": [], "local": [], "gram": []}
+    for kind, (left, top, w, h), flip, size in plan:
+        box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
+        if fast:
+            crop = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
+        else:
+            crop = img.resize((size, size), Image.BICUBIC, box=box)
+        if flip:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        out["local"].append(_to_uint8_tensor(crop))
+        out[kind].append(_to_uint8_tensor(crop))
     return out
 
 
+def multi_crop(img: Image.Image, spec: CropSpec, rng: random.Random, *,
+               gram: bool = True) -> dict[str, list[torch.Tensor]]:
+    """The geometric half of DINO multi-crop on a decoded image: random resized crops (bicubic) and flips, as uint8
+    (3, S, S). ``gram=False`` leaves out the Gram-teacher crops (before the Gram phase)."""
+    return render_crops(img, crop_plan(*img.size, spec, rng, gram=gram), fast=spec.fast_decode)
+
+
+def load_multi_crop(path: str, spec: CropSpec, rng: random.Random, *,
+                    gram: bool = True) -> dict[str, list[torch.Tensor]]:
+    """:func:`multi_crop` of the image file at ``path``. With spec.fast_decode, a JPEG whose crops are all downscaled
+    enough is decoded at a reduced scale (the crops' boxes are the same, in the file's coordinates)."""
+    if not spec.fast_decode:
+        return multi_crop(load_rgb(path), spec, rng, gram=gram)
+    planned = {}
+
+    def need(size):
+        planned["size"] = size
+        planned["plan"] = crop_plan(*size, spec, rng, gram=gram)
+        return decode_size_needed(planned["plan"], *size)
+
+    img = load_rgb(path, reduce_for=need)
+    if "plan" not in planned:  # not a file whose decoding can be reduced: the plan is drawn on the image itself
+        return render_crops(img, crop_plan(*img.size, spec, rng, gram=gram))
+    (width, height), (w, h) = planned["size"], img.size
+    scale = next((s for s in (1, 2, 4, 8) if (width + s - 1) // s == w and (height + s - 1) // s == h), None)
+    if scale is None:
+        raise RuntimeError(f"{path}: decoded at {w}x{h}, not a 1/2^k scale of {width}x{height}")
+    return render_crops(img, planned["plan"], scale=scale)
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Every image under a folder, no labels. Items are addressed by ``(index, seed)``; a file that cannot be decoded
-    is replaced by the next readable one and ``(path, reason)`` is returned in ``skipped`` (so batches keep their
-    size)."""
+    """Every image under a folder, no labels. Items are addressed by ``(index, seed, gram)`` (``gram``: build the
+    Gram-teacher crops too; ``(index, seed)`` builds them); a file that cannot be decoded is replaced by the next
+    readable one and ``(path, reason)`` is returned in ``skipped`` (so batches keep their size)."""
 
     def __init__(self, root: str, spec: CropSpec):
         self.root = root
@@ -132,33 +194,35 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict:
-        index, seed = item
+    def __getitem__(self, item: tuple) -> dict:
+        index, seed, *rest = item
+        gram = bool(rest[0]) if rest else True
         skipped = []
         for attempt in range(len(self.paths)):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
-                img = load_rgb(path)
+                crops = load_multi_crop(path, self.spec, random.Random(seed), gram=gram)
             except UnreadableImage as exc:
                 skipped.append((path, exc.reason))
                 continue
-            crops = multi_crop(img, self.spec, random.Random(seed))
             return {"crops": crops, "skipped": skipped}
         raise RuntimeError(f"none of the {len(self.paths)} image files under {self.root!r} could be decoded")
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
-    """Infinite stream of per-rank batches of ``(index, seed)``. Global sample position
+    """Infinite stream of per-rank batches of ``(index, seed, gram)``. Global sample position
     ``p = (iteration * world + rank) * batch + slot`` walks through one seeded permutation per epoch, so starting at
-    any iteration reproduces the uninterrupted stream exactly."""
+    any iteration reproduces the uninterrupted stream exactly. ``gram`` is true from iteration ``gram_from`` on (never
+    when it is None): the Gram-teacher crops are built only for the Gram phase."""
 
     def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 start_iter: int = 0, end_iter: int | None = None):
+                 start_iter: int = 0, end_iter: int | None = None, gram_from: int | None = None):
         if n < 1 or batch_size < 1:
             raise ValueError("sampler needs a non-empty dataset and batch_size >= 1")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.start_iter, self.end_iter = start_iter, end_iter
+        self.gram_from = gram_from
         self._epoch, self._perm = -1, None
 
     def _index(self, position: int) -> int:
@@ -170,7 +234,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
     def batch(self, it: int) -> list[tuple[int, int]]:
         base = (it * self.world_size + self.rank) * self.batch_size
-        return [(self._index(base + k), _mix(self.seed, 0x5A11, base + k)) for k in range(self.batch_size)]
+        gram = self.gram_from is not None and it >= self.gram_from
+        return [(self._index(base + k), _mix(self.seed, 0x5A11, base + k), gram) for k in range(self.batch_size)]
 
     def __iter__(self):
         it = self.start_iter
@@ -241,8 +306,10 @@ def build_loader(cfg: dict, *, root: str, rank: int, world_size: int, start_iter
     spec = CropSpec.from_config(cfg)
     dataset = ImageFolderDataset(root, spec)
     seed = int(cfg["train"]["seed"])
+    g = cfg["gram"]
     sampler = ResumableBatchSampler(len(dataset), int(cfg["train"]["batch_size_per_gpu"]), seed=seed, rank=rank,
-                                    world_size=world_size, start_iter=start_iter, end_iter=end_iter)
+                                    world_size=world_size, start_iter=start_iter, end_iter=end_iter,
+                                    gram_from=int(g["start_iter"]) if g["use_loss"] else None)
     grid = spec.global_size // int(cfg["student"]["patch_size"])
     collate = MultiCropCollate(n_tokens=grid * grid, grid=(grid, grid), ratio_min_max=cfg["ibot"]["mask_ratio_min_max"],
                                probability=cfg["ibot"]["mask_sample_probability"], seed=seed)
@@ -257,10 +324,11 @@ def build_loader(cfg: dict, *, root: str, rank: int, world_size: int, start_iter
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Photometric augmentation, batched on the training device.
-# Same distributions as DINOv3 (torchvision ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 in a random order per image,
-# RandomGrayscale p=0.2, GaussianBlur kernel 9 with sigma ~ U(0.1, 2): p=1 on global crop 1, 0.1 on global crop 2,
-# 0.5 on local crops; RandomSolarize(128) p=0.2 on global crop 2), then ImageNet normalisation.
+# Photometric augmentation, batched on the training device. The distributions of the official DataAugmentationDINO,
+# each configurable (crops.*): ColorJitter(brightness, contrast, saturation, hue) with probability 0.8 in a random
+# order per image, RandomGrayscale 0.2, GaussianBlur kernel 9 with sigma ~ U(0.1, 2) with probability 0 on global
+# crop 1, 0.9 on global crop 2 and 0.5 on local crops (the effective official values, see crops.blur_probabilities),
+# RandomSolarize(128) 0.2 on global crop 2; then normalisation with crops.rgb_mean/rgb_std.
 # ----------------------------------------------------------------------------------------------------------------
 
 _GRAY = (0.299, 0.587, 0.114)
@@ -297,17 +365,48 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 9) -
     return y.view(n, c, hh, ww)
 
 
+@dataclass(frozen=True)
+class Photometric:
+    """The photometric augmentation's settings (crops.* keys); the defaults are the official ones."""
+
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: tuple[float, float, float] = (0.0, 0.9, 0.5)  # global crop 1, global crop 2, local crops
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.2  # global crop 2
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Photometric":
+        c = cfg["crops"]
+        return cls(float(c["color_jitter_probability"]), float(c["color_jitter_brightness"]),
+                   float(c["color_jitter_contrast"]), float(c["color_jitter_saturation"]),
+                   float(c["color_jitter_hue"]), float(c["grayscale_probability"]),
+                   tuple(float(v) for v in c["blur_probabilities"]), tuple(float(v) for v in c["blur_sigma"]),
+                   float(c["solarize_probability"]))
+
+
 def sample_photometric_params(n: int, *, blur_p: float, solarize_p: float, generator: torch.Generator,
-                              device) -> dict[str, torch.Tensor]:
+                              device, settings: Photometric = Photometric()) -> dict[str, torch.Tensor]:
+    """Per-image draws for :func:`apply_photometric`; the draw order is fixed, so the stream does not depend on the
+    settings' values."""
+    s = settings
+
     def u(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(n, *shape, generator=generator, device=device)
 
     return {
-        "jitter": torch.rand(n, generator=generator, device=device) < 0.8,
+        "jitter": torch.rand(n, generator=generator, device=device) < s.jitter_p,
         "order": torch.argsort(torch.rand(n, 4, generator=generator, device=device), dim=1),
-        "brightness": u(0.6, 1.4), "contrast": u(0.6, 1.4), "saturation": u(0.8, 1.2), "hue": u(-0.1, 0.1),
-        "gray": torch.rand(n, generator=generator, device=device) < 0.2,
-        "blur": torch.rand(n, generator=generator, device=device) < blur_p, "sigma": u(0.1, 2.0),
+        "brightness": u(max(0.0, 1 - s.brightness), 1 + s.brightness),
+        "contrast": u(max(0.0, 1 - s.contrast), 1 + s.contrast),
+        "saturation": u(max(0.0, 1 - s.saturation), 1 + s.saturation),
+        "hue": u(-s.hue, s.hue),
+        "gray": torch.rand(n, generator=generator, device=device) < s.gray_p,
+        "blur": torch.rand(n, generator=generator, device=device) < blur_p, "sigma": u(*s.blur_sigma),
         "solarize": torch.rand(n, generator=generator, device=device) < solarize_p,
     }
 
@@ -349,6 +448,7 @@ class BatchAugment:
         self.std = torch.tensor(c["rgb_std"], device=self.device).view(1, 3, 1, 1)
         self.gram_no_distortions = bool(c["gram_teacher_no_distortions"])
         self.seed = int(cfg["train"]["seed"])
+        self.settings = Photometric.from_config(cfg)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -359,10 +459,13 @@ class BatchAugment:
         gl = batch["global_crops"].to(self.device, non_blocking=True).float().div_(255)
         lo = batch["local_crops"].to(self.device, non_blocking=True).float().div_(255)
         B = gl.shape[0] // 2
-        # Global crop 1: blur always; global crop 2: blur 0.1 and solarize 0.2; local crops: blur 0.5.
-        p1 = sample_photometric_params(B, blur_p=1.0, solarize_p=0.0, generator=g, device=self.device)
-        p2 = sample_photometric_params(B, blur_p=0.1, solarize_p=0.2, generator=g, device=self.device)
-        pl = sample_photometric_params(lo.shape[0], blur_p=0.5, solarize_p=0.0, generator=g, device=self.device)
+        st = self.settings
+        p1 = sample_photometric_params(B, blur_p=st.blur_p[0], solarize_p=0.0, generator=g, device=self.device,
+                                       settings=st)
+        p2 = sample_photometric_params(B, blur_p=st.blur_p[1], solarize_p=st.solarize_p, generator=g,
+                                       device=self.device, settings=st)
+        pl = sample_photometric_params(lo.shape[0], blur_p=st.blur_p[2], solarize_p=0.0, generator=g,
+                                       device=self.device, settings=st)
         out["global_crops"] = self._norm(torch.cat([apply_photometric(gl[:B], p1), apply_photometric(gl[B:], p2)]))
         out["local_crops"] = self._norm(apply_photometric(lo, pl))
         if "gram_crops" in batch:

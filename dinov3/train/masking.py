@@ -12,7 +12,8 @@ class BlockMaskGenerator:
     """Masks about ``n`` patches of an (H, W) grid by pasting random rectangles with log-uniform aspect ratio.
 
     Each rectangle covers between ``min_num_patches`` and ``max_num_patches`` patches; one rectangle is retried up to
-    10 times and masking stops when a rectangle adds nothing, so the count can fall short of ``n`` (as official).
+    10 times and the rectangles stop when one adds nothing; random single patches then complete the mask, so exactly
+    ``n`` patches are masked (as the official MaskingGenerator.complete_mask_randomly).
     """
 
     def __init__(self, grid: tuple[int, int], *, min_num_patches: int = 4, max_num_patches: float | None = None,
@@ -48,21 +49,21 @@ class BlockMaskGenerator:
             if added == 0:
                 break
             count += added
+        if count < n:
+            free = (~mask.flatten()).nonzero().flatten().tolist()
+            mask.view(-1)[rng.sample(free, n - count)] = True
         return mask
 
 
 def sample_masks(n_images: int, n_tokens: int, generator: BlockMaskGenerator, *, ratio_min_max: tuple[float, float],
                  probability: float, rng: random.Random) -> torch.Tensor:
-    """(n_images, n_tokens) bool masks: ``int(n_images * probability)`` images get a mask whose target ratio is drawn
-    from consecutive slices of ``ratio_min_max`` (so ratios are spread over the batch), the rest get none."""
+    """(n_images, n_tokens) bool masks, as the official collate: ``m = int(n_images * probability)`` images are masked,
+    image i with exactly ``int(n_tokens * r[i + 1])`` patches for ``r = linspace(min, max, m + 1)`` (float32: the upper
+    edge of its slice of the ratio range), the others get none; the order is then shuffled."""
     n_masked_images = int(n_images * probability)
-    lo, hi = ratio_min_max
-    edges = [lo + (hi - lo) * i / max(n_masked_images, 1) for i in range(n_masked_images + 1)]
-    masks = []
-    for i in range(n_masked_images):
-        masks.append(generator(int(n_tokens * rng.uniform(edges[i], edges[i + 1])), rng).flatten())
-    for _ in range(n_masked_images, n_images):
-        masks.append(torch.zeros(n_tokens, dtype=torch.bool))
+    edges = torch.linspace(*ratio_min_max, n_masked_images + 1)  # float32, as official, so the counts match exactly
+    masks = [generator(int(n_tokens * edges[i + 1]), rng).flatten() for i in range(n_masked_images)]
+    masks += [torch.zeros(n_tokens, dtype=torch.bool) for _ in range(n_masked_images, n_images)]
     rng.shuffle(masks)
     return torch.stack(masks) if masks else torch.zeros(0, n_tokens, dtype=torch.bool)
 

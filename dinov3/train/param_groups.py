@@ -52,28 +52,39 @@ def param_group_specs(module: nn.Module, *, layerwise_decay: float, patch_embed_
     return specs
 
 
-def fuse_param_groups(specs: list[dict]) -> list[dict]:
-    """Merge parameters that share (lr_multiplier, wd_multiplier, is_last_layer) into one optimizer group."""
+def fuse_param_groups(specs: list[dict], *, split_backbone: bool = False) -> list[dict]:
+    """Merge parameters that share (lr_multiplier, wd_multiplier, is_last_layer) into one optimizer group; with
+    ``split_backbone`` the backbone's parameters never share a group with the heads' (their lr can then differ)."""
     groups: "OrderedDict[tuple, dict]" = OrderedDict()
     for s in specs:
-        key = (s["lr_multiplier"], s["wd_multiplier"], s["is_last_layer"])
+        backbone = split_backbone and s.get("is_backbone", False)
+        key = (s["lr_multiplier"], s["wd_multiplier"], s["is_last_layer"]) + ((backbone,) if split_backbone else ())
         if key not in groups:
             groups[key] = {"params": [], "lr_multiplier": s["lr_multiplier"], "wd_multiplier": s["wd_multiplier"],
                            "is_last_layer": s["is_last_layer"]}
+            if split_backbone:
+                groups[key]["is_backbone"] = backbone
         groups[key]["params"].append(s["params"])
     return list(groups.values())
 
 
-def build_param_groups(student: nn.Module, optim_cfg: dict) -> list[dict]:
+def build_param_groups(student: nn.Module, optim_cfg: dict, *, split_backbone: bool = False) -> list[dict]:
+    """The student's AdamW groups. ``split_backbone`` (a head warm-up) keeps backbone groups apart; without it the
+    groups are those of earlier versions, so their checkpoints' optimizer states still load."""
     specs = []
     for name in ("backbone", "dino_head", "ibot_head"):
         wd_mult = float(optim_cfg.get("dino_head_wd_multiplier", 1.0)) if name == "dino_head" else 1.0
-        specs += param_group_specs(getattr(student, name), layerwise_decay=float(optim_cfg["layerwise_decay"]),
-                                   patch_embed_lr_mult=float(optim_cfg["patch_embed_lr_mult"]), wd_multiplier=wd_mult)
-    return fuse_param_groups(specs)
+        part = param_group_specs(getattr(student, name), layerwise_decay=float(optim_cfg["layerwise_decay"]),
+                                 patch_embed_lr_mult=float(optim_cfg["patch_embed_lr_mult"]), wd_multiplier=wd_mult)
+        for spec in part:
+            spec["is_backbone"] = name == "backbone"
+        specs += part
+    return fuse_param_groups(specs, split_backbone=split_backbone)
 
 
-def apply_optim_schedule(optimizer, *, lr: float, wd: float, last_layer_lr: float) -> None:
+def apply_optim_schedule(optimizer, *, lr: float, wd: float, last_layer_lr: float,
+                         backbone_lr_factor: float = 1.0) -> None:
     for group in optimizer.param_groups:
         group["weight_decay"] = wd * group["wd_multiplier"]
-        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
+        factor = backbone_lr_factor if group.get("is_backbone", False) else 1.0
+        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"] * factor

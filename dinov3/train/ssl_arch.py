@@ -316,7 +316,12 @@ class SSLMetaArch(nn.Module):
     def _gram_features(self, batch, student_patches, autocast):
         if not self.gram_initialized:
             raise RuntimeError("Gram teacher used before it was loaded (checkpoint or EMA copy)")
-        crops = batch.get("gram_crops", batch["global_crops"])
+        crops = batch.get("gram_crops")
+        if crops is None:
+            if self.cfg["crops"]["gram_teacher_crops_size"] is not None:
+                raise RuntimeError("Gram phase without the Gram-teacher crops (the loader builds them from "
+                                   "gram.start_iter on)")
+            crops = batch["global_crops"]
         with torch.no_grad(), autocast():
             # Through __call__ (not forward_features) so FSDP's unshard hooks run.
             teacher_patches = self.gram_teacher(crops, is_training=True)["x_norm_patchtokens"]

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import atomic_save, get_rng_state, list_checkpoints, save_checkpoint, set_rng_state
-from .config import ConfigError, check_resume_changes, config_from_text, dump_config, validate_config
+from .config import (ConfigError, check_resume_changes, config_from_text, dump_config, head_warmup_iters,
+                     validate_config)
 from .data import BatchAugment, build_loader
 from .health import HealthMonitor
 from .param_groups import apply_optim_schedule, build_param_groups
@@ -147,9 +148,19 @@ class Trainer:
         random.seed(seed)
 
         world = self.dist.world_size
-        self.arch = SSLMetaArch(cfg, distributed=world > 1).to(self.device)
+        self.arch = SSLMetaArch(cfg, distributed=world > 1)
         self.parallel = cfg["train"]["parallel"] if world > 1 else "none"
+        # The Gram teacher waits on the CPU until its phase (it goes to the device once the resume point says so);
+        # FSDP shards it with the others instead.
+        assert not list(self.arch.parameters(recurse=False)) and not list(self.arch.buffers(recurse=False))
+        for name, child in self.arch.named_children():
+            if name != "gram_teacher" or self.parallel == "fsdp":
+                child.to(self.device)
         g = cfg["gram"]
+        if cfg["student"]["pretrained_weights"] and resume_state is None:
+            from .pretrained import load_into_arch
+
+            load_into_arch(self.arch, cfg)
         if g["use_loss"] and g["ckpt"]:
             self._load_gram_checkpoint(g["ckpt"])
         if cfg["train"]["compile"]:
@@ -168,8 +179,10 @@ class Trainer:
             self._shard()
 
         o = cfg["optim"]
-        self.optimizer = torch.optim.AdamW(build_param_groups(self.arch.student, o), lr=0.0,
-                                           betas=(float(o["adamw_beta1"]), float(o["adamw_beta2"])))
+        self.head_warmup_iters, self.backbone_lr_ramp_iters = head_warmup_iters(cfg)
+        groups = build_param_groups(self.arch.student, o,
+                                    split_backbone=self.head_warmup_iters + self.backbone_lr_ramp_iters > 0)
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(float(o["adamw_beta1"]), float(o["adamw_beta2"])))
         sch, scale = cfg["schedules"], _lr_scale(cfg, world)
         lr_cfg = dict(sch["lr"], peak=sch["lr"]["peak"] * scale, end=sch["lr"].get("end", sch["lr"]["peak"]) * scale)
         self.lr_schedule = Schedule.from_config(lr_cfg, self.total_iters)
@@ -187,6 +200,8 @@ class Trainer:
                                  iteration=int(self._resume_state["iteration"]), allow_change=self.allow_config_change)
             self._load_state(self._resume_state)
             logger.info("resumed from %s at iteration %d", path, self.start_iter)
+        if self.arch.gram_active(self.start_iter):
+            self._gram_teacher_to(self.device)
 
         ac = cfg["train"]["autocast_dtype"]
         if self.device.type == "cuda" and ac in ("bf16", "fp16"):
@@ -239,6 +254,10 @@ class Trainer:
             for blk in backbone.blocks:
                 fully_shard(blk, mp_policy=mp)
             fully_shard(root, mp_policy=mp)
+
+    def _gram_teacher_to(self, device: torch.device) -> None:
+        if self.arch.gram_teacher is not None and self.parallel != "fsdp":
+            self.arch.gram_teacher.to(device)
 
     def _load_gram_checkpoint(self, path: str) -> None:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -385,6 +404,26 @@ class Trainer:
             probes.write(feats, done, self.tb)
 
     # ------------------------------------------------------------------------------------------------ loop
+    def backbone_lr_factor(self, it: int) -> float:
+        """0 during the head warm-up (the backbone is frozen), then a linear ramp to 1."""
+        w, r = self.head_warmup_iters, self.backbone_lr_ramp_iters
+        if it < w:
+            return 0.0
+        return min(1.0, (it - w + 1) / r) if r > 0 else 1.0
+
+    def schedule_values(self, it: int) -> tuple[float, float, float, float, float]:
+        """(lr, weight decay, EMA momentum, teacher temperature, last-layer lr) of iteration ``it``: the schedules,
+        with the Gram phase's lr multiplier and teacher momentum from gram.start_iter on."""
+        g = self.cfg["gram"]
+        lr, wd = self.lr_schedule(it), self.wd_schedule(it)
+        mom, temp = self.momentum_schedule(it), self.teacher_temp_schedule(it)
+        if self.arch.gram_active(it):
+            lr *= float(g["lr_multiplier"])
+            if g["teacher_momentum"] is not None:
+                mom = float(g["teacher_momentum"])
+        last_layer_lr = 0.0 if it < int(self.cfg["optim"]["freeze_last_layer_iters"]) else lr
+        return lr, wd, mom, temp, last_layer_lr
+
     def train(self) -> dict:
         """Runs to ``end_iter`` or until SIGINT/SIGTERM. On a signal the current step finishes, every rank stops at
         the same iteration, a checkpoint is written and :attr:`stopped_by_signal` is set."""
@@ -424,7 +463,6 @@ class Trainer:
         log_every = max(1, int(cfg["train"]["log_every"]))
         period = int(cfg["checkpointing"]["period"])
         imgs_per_step = int(cfg["train"]["batch_size_per_gpu"]) * self.dist.world_size
-        freeze = int(cfg["optim"]["freeze_last_layer_iters"])
         clip = float(cfg["optim"]["clip_grad"] or 0.0)
         last_row: dict = {}
         nan_streak = 0
@@ -437,13 +475,16 @@ class Trainer:
                     if path not in self.skipped_files:
                         self.skipped_files.add(path)
                         logger.warning("skipping unreadable image file %s: %s", path, reason)
+                if arch.gram_active(it) and not arch.gram_active(it - 1):
+                    self._gram_teacher_to(self.device)
                 if arch.gram_active(it) and not arch.gram_initialized:
                     logger.info("iteration %d: Gram phase starts, Gram teacher <- EMA teacher", it)
                     arch.load_gram_from_teacher()
 
-                lr, wd = self.lr_schedule(it), self.wd_schedule(it)
-                mom, temp = self.momentum_schedule(it), self.teacher_temp_schedule(it)
-                apply_optim_schedule(self.optimizer, lr=lr, wd=wd, last_layer_lr=0.0 if it < freeze else lr)
+                lr, wd, mom, temp, last_layer_lr = self.schedule_values(it)
+                backbone_factor = self.backbone_lr_factor(it)
+                apply_optim_schedule(self.optimizer, lr=lr, wd=wd, last_layer_lr=last_layer_lr,
+                                     backbone_lr_factor=backbone_factor)
                 batch = self.augment(batch, iteration=it, rank=self.dist.rank)
                 if batch["global_crops"].device != self.device:
                     batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -454,6 +495,11 @@ class Trainer:
                                                       student_forward=self.student_forward, autocast=self.autocast,
                                                       health=log_now)
                 metrics = dict(losses)
+                if backbone_factor == 0.0:
+                    # Head warm-up: without gradients AdamW leaves the backbone as it is (no step, no decay, no
+                    # moment updates); the EMA then keeps the teacher backbone equal to it too.
+                    for p in arch.student.backbone.parameters():
+                        p.grad = None
                 if clip > 0:
                     for name in ("backbone", "dino_head", "ibot_head"):
                         norm = torch.nn.utils.clip_grad_norm_(getattr(arch.student, name).parameters(), max_norm=clip)
@@ -485,9 +531,9 @@ class Trainer:
                     nan_streak = 0
                 now = time.perf_counter()
                 row = {"iteration": it, **reduced, "lr": lr, "wd": wd, "momentum": mom, "teacher_temp": temp,
-                       "last_layer_lr": 0.0 if it < freeze else lr, "gram_active": arch.gram_active(it),
-                       "gram_updates": arch.gram_num_updates, "skipped_files": len(self.skipped_files),
-                       "images_per_s": imgs_per_step / max(now - tick, 1e-9)}
+                       "last_layer_lr": last_layer_lr, "backbone_lr_factor": backbone_factor,
+                       "gram_active": arch.gram_active(it), "gram_updates": arch.gram_num_updates,
+                       "skipped_files": len(self.skipped_files), "images_per_s": imgs_per_step / max(now - tick, 1e-9)}
                 tick = now
                 last_row = row
                 if self.dist.is_main and log_now:

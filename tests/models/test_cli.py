@@ -403,7 +403,8 @@ def test_features_of_the_trainers_backbone_and_checkpoint(trained_run, tmp_path,
     rc = features_cli.main(["--checkpoint", str(out / "backbone.pth"), "--arch", "vit_small", str(data), "-o",
                             str(tmp_path / "d.npz")])
     err = capsys.readouterr().err
-    assert rc == 2 and "mis-shaped (38): cls_token: checkpoint (1, 1, 64) vs model (1, 1, 384)" in err
+    # 38 tensors, plus the local-crop CLS norm (weight, bias) that the tiny recipe unties
+    assert rc == 2 and "mis-shaped (40): cls_token: checkpoint (1, 1, 64) vs model (1, 1, 384)" in err
     assert (f"the model is the one {out / 'backbone.json'} gives, with the size of --arch vit_small: "
             "leave out --arch") in err
     # without its backbone.json the file does not say its model

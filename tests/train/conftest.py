@@ -48,6 +48,10 @@ TINY_OVERRIDES = [
     "checkpointing.period=2",
     "checkpointing.max_to_keep=2",
     "schedules.lr.warmup_iters=2",
+    # The official Gram phase's teacher momentum and lr factor (tiny keeps its own), so that exact resume is
+    # checked across the switch.
+    "gram.teacher_momentum=0.999",
+    "gram.lr_multiplier=0.6",
 ]
 
 

@@ -73,6 +73,12 @@ def test_schedules():
     ("schedules.momentum.peak=1.5", "schedules.momentum.peak=1.5: must be in [0, 1]"),
     ("checkpointing.max_to_keep=-1", "0 keeps every checkpoint"),
     ("dino.koleo_topk=17", "[1, 16]"),
+    ("crops.blur_probabilities=[0, 1.5, 0]", "3 probabilities in [0, 1]"),
+    ("crops.blur_probabilities=[0, 0.5]", "crops.blur_probabilities: expected a list of 3 numbers"),
+    ("crops.color_jitter_hue=0.7", "crops.color_jitter_hue=0.7: must be in [0, 0.5]"),
+    ("crops.grayscale_probability=-0.1", "must be in [0, 1]"),
+    ("crops.blur_sigma=[0, 2]", "0 < min <= max"),
+    ("gram.teacher_momentum=1.5", "gram.teacher_momentum=1.5: must be in [0, 1] or null"),
 ])
 def test_strict_config_names_the_key_and_the_expected_type(bad, message):
     with pytest.raises(ConfigError) as exc:
@@ -121,3 +127,41 @@ def test_resume_config_is_the_checkpoints_and_classifies_changes():
 def test_config_of_an_early_checkpoint_still_loads():
     text = dump_config(load_config("tiny")) + "teacher: {}\n"  # a section early versions wrote
     validate_config(config_from_text(text))
+
+
+# ---------------------------------------------------------------------------------------------- the official recipe
+# Values read from the official configs (facebookresearch/dinov3, dinov3/configs/): the ViT recipes mirror
+# train/dinov3_vit7b16_pretrain.yaml (OFFICIAL_EPOCH_LENGTH 1000, freeze_last_layer_epochs 5, clip_grad 30,
+# horizontal_flips false, untie_global_and_local_cls_norm true, lr 5e-5, momentum 0.994) and, for the Gram phase,
+# train/dinov3_vit7b16_gram_anchor.yaml (lr 3e-5, momentum 0.999); the defaults mirror ssl_default_config.yaml
+# (OFFICIAL_EPOCH_LENGTH 1250, freeze_last_layer_epochs 1).
+@pytest.mark.parametrize("name", ["vits16", "vitb16", "vitl16"])
+def test_vit_recipes_follow_the_7b_pretrain_and_gram_anchor_configs(name):
+    cfg = load_config(name)
+    assert cfg["optim"]["clip_grad"] == 30.0
+    assert cfg["crops"]["horizontal_flips"] is False
+    assert cfg["student"]["model_kwargs"]["untie_global_and_local_cls_norm"] is True
+    assert backbone_kwargs(cfg)["untie_global_and_local_cls_norm"] is True
+    assert cfg["optim"]["freeze_last_layer_iters"] == 5 * 1000
+    assert cfg["gram"]["teacher_momentum"] == 0.999
+    assert cfg["gram"]["lr_multiplier"] == pytest.approx(3e-5 / 5e-5)
+    assert cfg["gram"]["use_loss"] and cfg["crops"]["gram_teacher_no_distortions"]
+
+
+def test_defaults_follow_the_official_augmentation_and_default_config():
+    cfg = load_config(None)
+    c = cfg["crops"]
+    # GaussianBlur(p) hands 1 - p to RandomApply: p=1.0 on global crop 1, 0.1 on global crop 2, 0.5 on local crops.
+    assert c["blur_probabilities"] == [1 - 1.0, 1 - 0.1, 1 - 0.5]
+    assert c["blur_sigma"] == [0.1, 2.0]
+    assert (c["color_jitter_probability"], c["color_jitter_brightness"], c["color_jitter_contrast"],
+            c["color_jitter_saturation"], c["color_jitter_hue"]) == (0.8, 0.4, 0.4, 0.2, 0.1)
+    assert c["grayscale_probability"] == 0.2 and c["solarize_probability"] == 0.2
+    assert cfg["optim"]["freeze_last_layer_iters"] == 1 * 1250
+    assert cfg["optim"]["clip_grad"] == 3.0 and c["horizontal_flips"] is True
+
+
+def test_photometric_augmentations_can_all_be_turned_off():
+    cfg = load_config("tiny", ["crops.color_jitter_probability=0", "crops.grayscale_probability=0",
+                               "crops.blur_probabilities=[0, 0, 0]", "crops.solarize_probability=0"])
+    assert cfg["crops"]["blur_probabilities"] == [0, 0, 0]

@@ -23,12 +23,28 @@ def test_sample_masks_shape_count_and_ratio(grid, n_images, prob, ratio):
         assert not masks.any()
 
 
-def test_block_masks_are_rectangles_unions_and_deterministic():
+def test_block_masks_are_deterministic_and_exact():
     gen = BlockMaskGenerator((10, 10), max_num_patches=50)
     a = gen(30, random.Random(3))
     b = gen(30, random.Random(3))
     assert torch.equal(a, b)
-    assert 0 < int(a.sum()) <= 30
+    # Rectangles first, then single patches up to the exact count (official complete_mask_randomly).
+    for n in (0, 1, 7, 30, 50, 99, 100):
+        assert int(gen(n, random.Random(n)).sum()) == n
+
+
+@pytest.mark.parametrize("grid,n_images,prob,ratio", [((16, 16), 32, 0.5, (0.1, 0.5)), ((14, 14), 6, 1.0, (0.2, 0.4)),
+                                                       ((7, 5), 9, 0.5, (0.1, 0.5)), ((4, 4), 8, 0.0, (0.1, 0.5))])
+def test_sample_masks_counts_are_the_official_collates(grid, n_images, prob, ratio):
+    # Official collate_data_and_cast: n = int(B * p) masked images, probs = torch.linspace(min, max, n + 1) (float32),
+    # image i gets mask_generator(int(N * probs[i + 1])) patches, which the generator fills to exactly that count.
+    n_tokens = grid[0] * grid[1]
+    n = int(n_images * prob)
+    probs = torch.linspace(*ratio, n + 1)
+    expected = sorted([int(n_tokens * probs[i + 1]) for i in range(n)] + [0] * (n_images - n))
+    gen = BlockMaskGenerator(grid, max_num_patches=0.5 * n_tokens)
+    masks = sample_masks(n_images, n_tokens, gen, ratio_min_max=ratio, probability=prob, rng=random.Random(1))
+    assert sorted(masks.sum(-1).tolist()) == expected
 
 
 def test_mask_batch_fields():

@@ -49,8 +49,12 @@ def test_losses_finite_gram_switch_and_outputs(full_run):
     assert all(math.isfinite(r["gram_loss"]) and r["gram_loss"] >= 0 for r in rows if r["gram_active"])
     assert [r["gram_updates"] for r in rows] == [0, 0, 0, 1, 1, 1]
     assert all(r["gram_loss_weight"] == 1.0 for r in rows if r["gram_active"])
-    # Linear warm-up of the lr over 2 iterations, then cosine.
-    assert rows[0]["lr"] == 0.0 and rows[2]["lr"] == pytest.approx(1e-3)
+    # Linear warm-up of the lr over 2 iterations, then cosine from the peak 1e-3; from gram.start_iter=2 on, times
+    # gram.lr_multiplier=0.6 and the EMA momentum is gram.teacher_momentum=0.999 instead of tiny's 0.99.
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(0.5e-3) and rows[2]["lr"] == pytest.approx(0.6e-3)
+    assert [r["momentum"] for r in rows] == [0.99, 0.99] + [0.999] * 4
+    # Prototypes frozen for tiny's 80 iterations: the whole of this run.
+    assert all(r["last_layer_lr"] == 0.0 for r in rows)
 
     # Keep-last-2 checkpoints, loadable with weights_only=True.
     ckpts = list_checkpoints(os.path.join(out, "checkpoints"))
