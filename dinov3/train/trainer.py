@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -76,6 +77,11 @@ def setup_distributed(device: str | None = None) -> DistInfo:
         torch.cuda.set_device(dev)
     info = DistInfo(rank, world, local_rank, dev)
     if world > 1 and not dist.is_initialized():
+        # torch.distributed.nn.functional binds group.WORLD as default arguments when first imported, and torch._dynamo
+        # imports it lazily (building an optimizer, the first custom-op call). Imported after init_process_group it
+        # pins the group: destroy_process_group() cannot free it, and its gloo threads run on into interpreter exit,
+        # where the process can die of SIGABRT.
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
         info.initialized_here = True
     return info

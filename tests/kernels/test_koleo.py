@@ -3,7 +3,6 @@
 the op registration, and the public boundary."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ import torch.nn.functional as F
 
 from dinov3_kernels import BackendUnavailableError, KoLeoLoss, KoLeoLossDistributed, koleo_loss, koleo_loss_reference
 from dinov3_kernels import _backend
+
+from _dist import spawn_gloo
 
 # Relative tolerances (against the largest reference entry) of loss and gradients vs the float64 reference.
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, "tf32": 5e-3}
@@ -312,44 +313,29 @@ CONFIGS = [(b, g, k) for b in ("reference", "triton") for g in (None, LOCAL_N, W
            if b == "reference" or (g, k) in ((None, 3), (LOCAL_N, 1))]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dist_worker(rank, port, out_dir, backends):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _dist_worker(rank, out_dir, backends):
+    x_all = torch.randn(WORLD * LOCAL_N, DIM, generator=torch.Generator().manual_seed(1))
+    x = x_all[rank * LOCAL_N:(rank + 1) * LOCAL_N]
+    torch.set_num_threads(1)
+    results = {}
+    for backend, group, topk in CONFIGS:
+        if backend in backends:
+            xr = x.clone().requires_grad_(True)
+            loss = KoLeoLossDistributed(topk=topk, loss_group_size=group, backend=backend)(xr)
+            loss.backward()
+            results[(backend, group, topk)] = (loss.detach(), xr.grad)
     try:
-        x_all = torch.randn(WORLD * LOCAL_N, DIM, generator=torch.Generator().manual_seed(1))
-        x = x_all[rank * LOCAL_N:(rank + 1) * LOCAL_N]
-        torch.set_num_threads(1)
-        results = {}
-        for backend, group, topk in CONFIGS:
-            if backend in backends:
-                xr = x.clone().requires_grad_(True)
-                loss = KoLeoLossDistributed(topk=topk, loss_group_size=group, backend=backend)(xr)
-                loss.backward()
-                results[(backend, group, topk)] = (loss.detach(), xr.grad)
-        try:
-            koleo_loss(x, distributed=True, loss_group_size=4)
-        except ValueError as exc:
-            results["bad_group"] = str(exc)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        koleo_loss(x, distributed=True, loss_group_size=4)
+    except ValueError as exc:
+        results["bad_group"] = str(exc)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_distributed_two_processes_gloo(tmp_path):
-    import torch.multiprocessing as mp
-
     backends = ["reference"]
     if _backend.why_not("triton", (torch.empty(1),)) is None:
         backends.append("triton")
-    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path), backends), nprocs=WORLD, join=True)
+    spawn_gloo(_dist_worker, WORLD, tmp_path, str(tmp_path), backends)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     x_all = torch.randn(WORLD * LOCAL_N, DIM, generator=torch.Generator().manual_seed(1)).double()
     checked = 0

@@ -2,12 +2,12 @@
 
 import json
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
+
+from _dist import torchrun_cmd
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OVERRIDES = ["train.batch_size_per_gpu=3", "crops.local_crops_number=2", "train.iterations=6",
@@ -15,19 +15,12 @@ OVERRIDES = ["train.batch_size_per_gpu=3", "crops.local_crops_number=2", "train.
              "dino.koleo_loss_distributed=true"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(data, out, *args, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "dinov3.train", "--config", "tiny", "--data", data,
-           "--output", out, *args, *OVERRIDES]
+    cmd = torchrun_cmd(2, "-m", "dinov3.train", "--config", "tiny", "--data", data, "--output", out, *args,
+                       *OVERRIDES)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 

@@ -1,0 +1,66 @@
+"""Several CPU processes over gloo for the tests: `spawn_gloo` for a function, `torchrun_cmd` for a command line.
+
+Two things made these tests fail now and then under load, and both are handled here:
+
+- torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when it is first imported, and
+  torch._dynamo imports it lazily (e.g. on the first call of a torch.library custom op). Imported after
+  init_process_group, it keeps the default group alive: destroy_process_group() then cannot free it, its gloo
+  threads are still running at interpreter exit, and a process whose peer is still connected can die there of
+  SIGABRT ("terminate called without an active exception"). Importing it before init_process_group binds None.
+  (dinov3/train/trainer.py does the same for `dinov3-train` under torchrun.)
+- A port found free and then closed can be taken by another process before the store binds it. The workers here
+  meet through a FileStore in the test's tmp_path, and torchrun binds port 0 itself.
+"""
+
+import importlib
+import os
+import sys
+import uuid
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# Threads a live gloo process group (and a TCPStore server) run; none may survive destroy_process_group().
+GLOO_THREADS = ("gloo_tcp_loop", "pt_gloo_runloop", "pt_tcpstore_uv")
+
+
+def spawn_gloo(fn, world, tmp_path, *args):
+    """Runs ``fn(rank, *args)`` in `world` fresh processes joined in one gloo group; raises if any of them fails."""
+    store = os.path.join(str(tmp_path), "gloo_file_store")
+    mp.spawn(_gloo_worker, args=(world, store, fn, args), nprocs=world, join=True)
+
+
+def _gloo_worker(rank, world, store, fn, args):
+    importlib.import_module("torch.distributed.nn.functional")  # before init_process_group: see the module doc
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        fn(rank, *args)
+        dist.barrier()  # no rank tears its group down while a peer may still be in a collective
+    finally:
+        dist.destroy_process_group()
+    alive = live_gloo_threads()
+    assert not alive, f"rank {rank}: the destroyed process group still runs threads {alive} (a reference pins it)"
+
+
+def live_gloo_threads():
+    """Names of this process's threads that belong to a gloo process group (Linux; empty elsewhere)."""
+    names = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if name in GLOO_THREADS:
+            names.append(name)
+    return sorted(names)
+
+
+def torchrun_cmd(nproc, *args):
+    """`python -m torch.distributed.run` on this machine with a rendezvous store on a port it binds itself."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", uuid.uuid4().hex, "--local-addr", "127.0.0.1", *args]
