@@ -91,9 +91,9 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_iteration(image_dir, tm
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "dinov3.train", "--config", "tiny", "--data", image_dir,
-           "--output", out, *OVERRIDES, "train.iterations=400", "train.log_every=1", "checkpointing.period=1000"]
+    args = ["-m", "dinov3.train", "--config", "tiny", "--data", image_dir, "--output", out, *OVERRIDES,
+            "train.iterations=400", "train.log_every=1", "checkpointing.period=1000"]
+    cmd = torchrun_cmd(2, *args)
     agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -114,8 +114,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_iteration(image_dir, tm
             if n.startswith("checkpoint_")]
     assert done == [rows[-1]["iteration"] + 1], (done, rows[-1]["iteration"], err[-3000:])
     assert "stopped by SIGTERM" in err
-    cmd[cmd.index("--master_port") + 1] = str(_free_port())
-    res = subprocess.run(cmd + ["--resume", "--max-iters", str(done[0] + 1)], env=env, capture_output=True, text=True,
-                         timeout=240)
+    res = subprocess.run(torchrun_cmd(2, *args, "--resume", "--max-iters", str(done[0] + 1)), env=env,
+                         capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-4000:]
     assert [r["iteration"] for r in _rows(out)] == list(range(done[0] + 1))
