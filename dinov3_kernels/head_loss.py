@@ -215,6 +215,8 @@ def _choose_backend(requested, tensors, dtype, op):
     if req == "auto":
         req = _backend.env_backend()
     check = _op_check(dtype)
+    if req == "cuda":  # whatever the device: there is no CUDA C implementation of this op
+        raise _backend.BackendUnavailableError(f"{op}: backend 'cuda' cannot run here: {check('cuda')}")
     if req == "composed":
         reason = check("composed")
         if reason is not None:
