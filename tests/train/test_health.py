@@ -131,7 +131,9 @@ def test_monitor_prime_carries_a_resumed_runs_history(tmp_path):
 # The same short run, logged every iteration, with the teacher-temperature warm-up over 5 iterations:
 RUN = ["train.batch_size_per_gpu=8", "train.iterations=40", "train.progress_bar=false", "train.probe_every=0",
        "crops.local_crops_number=2", "gram.use_loss=false", "checkpointing.period=1000", "schedules.lr.peak=5e-3",
-       "schedules.lr.warmup_iters=2", "schedules.teacher_temp.warmup_iters=5", "health.warn_every=1000"]
+       "schedules.lr.warmup_iters=2", "schedules.teacher_temp.warmup_iters=5", "health.warn_every=1000",
+       # The prototypes train from the start (tiny freezes them for its first 80 iterations, longer than this run).
+       "optim.freeze_last_layer_iters=0"]
 # Collapsed: the tiny recipe's DINO head on noise images, whose crops say nothing about each other (the digits demo's
 # failure, sped up). Healthy: easy views of structured scenes and a head that can commit (16 prototypes, a sharper
 # teacher, a larger init): its output stays far from uniform.
