@@ -219,7 +219,10 @@ def test_second_signal_exits_at_once(image_dir, tmp_path):
                             stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: _n_rows(out) >= 2, proc)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.1)
+    # The second signal must come while the step the first one lets finish is still running: a SLOW step takes
+    # ~0.08 s on an idle 2-core machine, after which the checkpoint is written and the handlers are gone. 20 ms is
+    # long enough for the first handler to have run (two signals before it runs would count as one).
+    time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
