@@ -77,8 +77,8 @@ def test_probes_leave_training_unchanged(probe_run, image_dir, tmp_path):
 
     _, out = probe_run
     with one_torch_thread():
-        train(load_config("tiny", TINY_OVERRIDES + ["train.probe_every=0", "gram.teacher_momentum=null"]), data_dir=image_dir,
-              output_dir=str(tmp_path))
+        train(load_config("tiny", TINY_OVERRIDES + ["train.probe_every=0", "gram.teacher_momentum=null"]),
+              data_dir=image_dir, output_dir=str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "probes"))
     keys = ("total_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss", "gram_loss", "feature_rank")
     rows = [read_metrics(os.path.join(d, "metrics.jsonl")) for d in (out, tmp_path)]
