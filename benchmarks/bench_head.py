@@ -30,6 +30,7 @@ import torch._functorch.config
 import torch.nn.functional as F
 
 import common
+from dinov3.train.losses import sinkhorn_knopp  # the official Sinkhorn-Knopp, as the trainer runs it
 from dinov3_kernels import dino_head_loss, ibot_head_loss
 from dinov3_kernels._backend import why_not
 
@@ -42,25 +43,11 @@ CPU_CASES = [("dino", 2, 200, 32), ("ibot", 48, 200, 32)]
 
 
 # ---- the official formulation ----------------------------------------------------------------------------------------
-def _official_sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=3):
-    teacher_output = teacher_output.float()
-    Q = torch.exp(teacher_output / teacher_temp).t()
-    B, K = Q.shape[1], Q.shape[0]
-    Q /= torch.sum(Q)
-    for _ in range(n_iterations):
-        Q /= torch.sum(Q, dim=1, keepdim=True)
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
-
-
 def official_dino(zs, zt, Ws, Wt):
     """Official: head last layer, sinkhorn_knopp_teacher, DINOLoss.forward with the global diagonal ignored."""
     s_logits = zs @ Ws.T
     with torch.no_grad():
-        probs = _official_sinkhorn_knopp(zt @ Wt.T, TEACHER_TEMP)
+        probs = sinkhorn_knopp(zt @ Wt.T, TEACHER_TEMP)
     B = zs.shape[0] // S_CROPS
     log_p = F.log_softmax(s_logits.float().view(S_CROPS, B, -1) / STUDENT_TEMP, dim=-1)
     loss = -torch.einsum("sbk,tbk->st", log_p, probs.view(T_CROPS, B, -1))
@@ -73,7 +60,7 @@ def official_ibot(zs, zt, Ws, Wt, masks_weight, n_images):
     """Official: head last layer, SinkhornKnoppTeacher, iBOTPatchLoss.forward_masked."""
     s_logits = zs @ Ws.T
     with torch.no_grad():
-        probs = _official_sinkhorn_knopp(zt @ Wt.T, TEACHER_TEMP)
+        probs = sinkhorn_knopp(zt @ Wt.T, TEACHER_TEMP)
     loss = torch.sum(probs * F.log_softmax(s_logits.float() / STUDENT_TEMP, dim=-1), dim=-1)
     return -(loss * masks_weight).sum() / n_images
 
