@@ -71,10 +71,13 @@ def read_config(run_dir: Path) -> dict:
 
 def gram_start(rows: list[dict], cfg: dict) -> int | None:
     """The first iteration of the Gram phase: where the config puts it (rows are logged every few iterations), else
-    the first row that has it on; None for a run without one."""
+    the first row that has it on; None for a run without one, or whose rows have not reached it yet (a mark past
+    the last row would only stretch the iteration axis)."""
     g = cfg.get("gram") or {}
     if isinstance(g.get("use_loss"), bool):
-        return int(g["start_iter"]) if g["use_loss"] and isinstance(g.get("start_iter"), int) else None
+        start = int(g["start_iter"]) if g["use_loss"] and isinstance(g.get("start_iter"), int) else None
+        last = max((int(r["iteration"]) for r in rows), default=-1)
+        return start if start is not None and start <= last else None
     return next((int(r["iteration"]) for r in rows if r.get("gram_active")), None)
 
 

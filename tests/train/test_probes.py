@@ -152,3 +152,13 @@ def test_dinov3_plot_output_elsewhere_and_errors(probe_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert plot_cli.main([str(tmp_path / "empty")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_gram_start_is_marked_only_once_the_rows_reach_it():
+    from dinov3.cli.plot import gram_start
+
+    cfg = {"gram": {"use_loss": True, "start_iter": 150}}
+    rows = [{"iteration": i} for i in range(20)]
+    assert gram_start(rows, cfg) is None  # a 20-iteration run of tiny (Gram from 150): no mark at 150
+    assert gram_start(rows + [{"iteration": 160}], cfg) == 150
+    assert gram_start(rows, {"gram": {"use_loss": False, "start_iter": 0}}) is None
