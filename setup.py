@@ -178,5 +178,5 @@ def extensions():
 setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": CUDABuildExt},
-    package_data={"dinov3_kernels": ["_ptxas_report.txt"]},
+    package_data={"dinov3_kernels": ["_ptxas_report.txt", "auto_table.json"]},
 )

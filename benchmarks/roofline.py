@@ -441,11 +441,85 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- the table "auto" reads -----------------------------------------------------------------------------------------
+AUTO_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dinov3_kernels",
+                          "auto_table.json")
+PACKAGE_BACKENDS = ("composed", "triton", "cuda")  # what "auto" chooses among (the reference is the fallback)
+AUTO_DTYPES = ("float32", "bfloat16", "float16")
+# op -> (what its size counts, the backends it implements, [(largest size of the bucket or None, the shape whose
+# prediction decides the bucket)]). Shapes: the benchmark scripts' GPU shapes (ViT-L width, heads of 64 dims).
+AUTO_OPS = {
+    "gram_loss": ("P, patch tokens per Gram matrix", PACKAGE_BACKENDS,
+                  [(512, dict(G=64, P=256, D=1024)), (2048, dict(G=32, P=1024, D=1024)),
+                   (None, dict(G=8, P=4096, D=1024))]),
+    "koleo_loss": ("n, rows of the search set", ("composed", "triton", "cuda"),
+                   [(2048, dict(n=1024, d=1024)), (8192, dict(n=4096, d=1024)), (None, dict(n=16384, d=1024))]),
+    "rope_attention": ("N, tokens per image", PACKAGE_BACKENDS,
+                       [(512, dict(B=64, H=16, N=261, D=64)), (None, dict(B=16, H=16, N=1029, D=64))]),
+    "apply_rope": ("N, tokens per image", ("triton",), [(None, None)]),
+    "dino_head_loss": ("rows of student logits", ("composed", "triton"),
+                       [(None, dict(n_s=640, n_t=128, T=2, K=65536, d=256))]),
+    "ibot_head_loss": ("rows of student logits", ("composed", "triton"),
+                       [(None, dict(n_s=7500, n_t=7500, T=1, K=65536, d=256))]),
+}
+
+
+def auto_table(existing: Optional[dict] = None) -> dict:
+    """The auto table: per op, dtype and size bucket the op's backends ordered by the predicted H200 time of a
+    forward+backward pass at TF32 (as the official trainer runs). Rows of `existing` whose source is a measurement
+    are kept; backends the model does not cover go last, in the op's order."""
+    measured = {(r["op"], r["dtype"], r["max_size"]): r for r in (existing or {}).get("rows", [])
+                if not r["source"].startswith("predicted")}
+    rows = []
+    for op, (_, backends, buckets) in AUTO_OPS.items():
+        for dtype in AUTO_DTYPES:
+            for max_size, params in buckets:
+                if (op, dtype, max_size) in measured:
+                    rows.append(measured[op, dtype, max_size])
+                    continue
+                ms = {}
+                for b in backends:
+                    est = estimate(op, b, params, dtype, "fwd+bwd", True) if params else None
+                    if est is not None:
+                        ms[b] = round(predict(est, H200)["ms"], 4)
+                order = sorted(ms, key=ms.get) + [b for b in backends if b not in ms]
+                source = ("predicted: benchmarks/roofline.py, H200 datasheet, fwd+bwd at "
+                          + ", ".join(f"{k}={v}" for k, v in params.items()) if ms else
+                          "predicted: the only kernel backend of this op (not modelled)")
+                rows.append(dict(op=op, dtype=dtype, max_size=max_size, order=order, source=source,
+                                 predicted_ms_h200=ms))
+    return {
+        "about": "backend=\"auto\" on CUDA tensors: the first backend of `order` that can run, from the row of the "
+                 "op and dtype with the smallest max_size >= size (null: no bound). Written by `python "
+                 "benchmarks/roofline.py --auto-table`; GPU measurements replace the predicted rows.",
+        "sizes": {op: what for op, (what, _, _) in AUTO_OPS.items()},
+        "rows": rows,
+    }
+
+
+def write_auto_table(path: str = AUTO_TABLE) -> str:
+    import json
+
+    existing = None
+    if os.path.exists(path):
+        with open(path) as f:
+            existing = json.load(f)
+    text = json.dumps(auto_table(existing), indent=1) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="also write the tables to this markdown file "
                                                "(the committed one is benchmarks/results/predicted.md)")
+    p.add_argument("--auto-table", action="store_true",
+                   help="write dinov3_kernels/auto_table.json from the predictions (keeps measured rows)")
     args = p.parse_args()
+    if args.auto_table:
+        print(f"wrote {write_auto_table()}")
+        return
     text = markdown()
     print(text)
     if args.out:

@@ -1,25 +1,31 @@
 """Which backends exist here, the "auto" choice, and the errors that say why a backend cannot run.
 
-Every op has three backends:
+The backends (an op implements some of them; its op_check says which it lacks):
   "reference"  plain PyTorch, any device and dtype (float64 included): the spec
+  "composed"   the strongest thing written from PyTorch and vendor libraries (cuBLAS GEMMs, SDPA), plus at most a
+               small Triton helper on CUDA: the yardstick the hand-written kernels must beat; any device
   "triton"     Triton kernels; on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 (fp32, how CI checks them)
   "cuda"       the compiled extension dinov3_kernels._C (built by `pip install .` when nvcc was found)
 
-backend="auto" picks cuda, else triton, on CUDA tensors and reference on CPU tensors. The environment variable
-DINOV3_KERNELS_BACKEND replaces "auto" with an explicit choice. An explicit choice that cannot run raises
-BackendUnavailableError with the reason; "auto" falls back silently.
+backend="auto" on CUDA tensors takes the first backend that can run from the op's row of the table in
+auto_table.json (op, dtype, size bucket -> backends in order of preference; each row says where its order came
+from: the roofline prediction or the GPU results file that measured it), and reference on CPU tensors. The
+environment variable DINOV3_KERNELS_BACKEND replaces "auto" with an explicit choice. An explicit choice that cannot
+run raises BackendUnavailableError with the reason; "auto" falls back silently.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import json
 import os
 from typing import Callable, Optional, Sequence
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "composed", "triton", "cuda")
 ENV_VAR = "DINOV3_KERNELS_BACKEND"
 # Must match csrc/common.cuh (enum DType).
 CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -79,6 +85,8 @@ def why_not(backend: str, tensors: Sequence[torch.Tensor], op_check: Optional[Ca
     """
     if backend == "reference":
         return None
+    if backend == "composed":  # plain PyTorch: any device; the op says if it has one and for which inputs
+        return op_check(backend) if op_check is not None else None
     devices = {t.device.type for t in tensors}
     if backend == "triton":
         if TRITON_UNAVAILABLE:
@@ -100,17 +108,56 @@ def why_not(backend: str, tensors: Sequence[torch.Tensor], op_check: Optional[Ca
     return op_check(backend) if op_check is not None else None
 
 
+AUTO_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+DEFAULT_ORDER = ("cuda", "triton")  # an op, dtype or size the table does not name
+
+
+@functools.lru_cache(maxsize=None)
+def auto_table() -> dict:
+    """The committed table "auto" reads: {"sizes": {op: what its size counts}, "rows": [{op, dtype, max_size
+    (null: no upper bound), order, source}]}. Read once."""
+    with open(AUTO_TABLE_PATH) as f:
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows(op: str, dtype: str) -> tuple:
+    rows = [r for r in auto_table()["rows"] if r["op"] == op and r["dtype"] == dtype]
+    return tuple(sorted(rows, key=lambda r: float("inf") if r["max_size"] is None else r["max_size"]))
+
+
+def auto_row(op: str, dtype: torch.dtype, size: Optional[int]) -> Optional[dict]:
+    """The table row for op, dtype and size (the first whose max_size >= size), or None if the table has none."""
+    for row in _rows(op, _DTYPE_NAMES.get(dtype, str(dtype))):
+        if row["max_size"] is None or (size is not None and size <= row["max_size"]):
+            return row
+    return None
+
+
+def auto_order(op: str, dtype: torch.dtype, size: Optional[int]) -> tuple:
+    """Backends "auto" tries on CUDA tensors, best first."""
+    row = auto_row(op, dtype, size)
+    return tuple(row["order"]) if row is not None else DEFAULT_ORDER
+
+
 def choose_backend(
     requested: str,
     tensors: Sequence[torch.Tensor],
     op_check: Optional[Callable[[str], Optional[str]]] = None,
     op_name: str = "op",
     atomics: Sequence[str] = (),
+    size: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
+    cpu_auto: str = "reference",
 ) -> str:
     """Resolves backend="auto" / the environment override / an explicit request to a backend that can run.
 
     ``atomics``: the op's backends that accumulate with floating-point atomics, whose rounding depends on scheduling.
-    Under ``torch.use_deterministic_algorithms(True)`` "auto" passes over them and an explicit request is refused."""
+    Under ``torch.use_deterministic_algorithms(True)`` "auto" passes over them and an explicit request is refused.
+    ``size`` and ``dtype`` (default: the first tensor's) select the row of the auto table (see auto_table.json for
+    what size counts per op); ``cpu_auto`` is what "auto" gives on CPU tensors."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     if not isinstance(requested, str):
         raise TypeError(f"{op_name}: backend must be a string, got {type(requested).__name__}")
@@ -125,12 +172,16 @@ def choose_backend(
         if reason is not None:
             raise BackendUnavailableError(f"{op_name}: backend {requested!r} cannot run here: {reason}")
         return requested
-    if all(t.device.type == "cuda" for t in tensors):
-        for candidate in ("cuda", "triton"):
+    if tensors and all(t.device.type == "cuda" for t in tensors):
+        dtype = dtype if dtype is not None else tensors[0].dtype
+        for candidate in auto_order(op_name, dtype, size):
             if deterministic and candidate in atomics:
                 continue
             if why_not(candidate, tensors, op_check) is None:
                 return candidate
+        return "reference"
+    if cpu_auto != "reference" and why_not(cpu_auto, tensors, op_check) is None:
+        return cpu_auto
     return "reference"
 
 
@@ -139,6 +190,7 @@ def available_backends() -> dict:
     gpu = torch.cuda.is_available()
     return {
         "reference": None,
+        "composed": None,
         "triton": TRITON_UNAVAILABLE
         or (None if gpu or triton_interpret() else "no CUDA GPU (set TRITON_INTERPRET=1 to run on CPU)"),
         "cuda": CUDA_EXT_UNAVAILABLE or (None if gpu else "built, but no CUDA GPU is visible"),

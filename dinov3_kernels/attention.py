@@ -142,6 +142,8 @@ def _check_apply_rope_inputs(q, k, sin, cos, num_prefix_tokens):
 def _op_check(x, sin, cos, head_dim, cuda_kernel):
     # head_dim None: the kernel takes any even head dim (no tl.dot on it).
     def check(backend):
+        if backend == "composed":
+            return "there is no composed backend for this op yet"
         if x.dtype not in KERNEL_DTYPES:
             return f"dtype {x.dtype} is not supported by the {backend} kernels (float32, float16, bfloat16)"
         if torch.is_grad_enabled() and (sin.requires_grad or cos.requires_grad):
@@ -266,7 +268,7 @@ def rope_attention(qkv, sin, cos, *, num_heads, num_prefix_tokens=None, backend=
         num_prefix_tokens = qkv.shape[1] - sin.shape[0]
     head_dim = qkv.shape[-1] // (3 * num_heads)
     chosen = _backend.choose_backend(backend, (qkv,), _op_check(qkv, sin, cos, head_dim, True), "rope_attention",
-                                    atomics=("cuda",))  # the CUDA backward adds dQ with atomics
+                                    atomics=("cuda",), size=qkv.shape[1])  # the CUDA backward adds dQ with atomics
     if chosen == "reference":
         return rope_attention_reference(qkv, sin, cos, num_heads=num_heads, num_prefix_tokens=num_prefix_tokens)
     if qkv.stride(-1) != 1:
@@ -287,7 +289,8 @@ def apply_rope(q, k, sin, cos, num_prefix_tokens=None, *, backend="auto"):
         num_prefix_tokens = _check_apply_rope_inputs(q, k, sin, cos, num_prefix_tokens)
     elif num_prefix_tokens is None:
         num_prefix_tokens = q.shape[2] - sin.shape[0]
-    chosen = _backend.choose_backend(backend, (q, k), _op_check(q, sin, cos, None, False), "apply_rope")
+    chosen = _backend.choose_backend(backend, (q, k), _op_check(q, sin, cos, None, False), "apply_rope",
+                                     size=q.shape[2])
     if chosen == "reference":
         return apply_rope_reference(q, k, sin, cos, num_prefix_tokens)
     sin32, cos32 = _kernel_rope(sin, cos)

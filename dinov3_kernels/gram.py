@@ -68,6 +68,8 @@ def _check_inputs(student, teacher, img_level, remove_neg, remove_only_teacher_n
 
 def _op_check(dtype):
     def check(backend):
+        if backend == "composed":
+            return "gram_loss has no composed backend yet"
         if dtype not in KERNEL_DTYPES:
             return f"dtype {dtype} is not supported by the {backend} kernels (float32, float16, bfloat16)"
         return None
@@ -199,7 +201,8 @@ def gram_loss(student, teacher, *, apply_norm=True, img_level=True, remove_neg=F
         dtype = torch.promote_types(student.dtype, teacher.dtype)
         student, teacher = student.to(dtype), teacher.to(dtype)
     chosen = _backend.choose_backend(backend, (student, teacher), _op_check(student.dtype), "gram_loss",
-                                    atomics=("triton", "cuda"))
+                                    atomics=("triton", "cuda"),
+                                    size=student.shape[-2] if img_level else student.shape[:-1].numel())
     if chosen == "reference":
         return gram_loss_reference(student, teacher, apply_norm=apply_norm, img_level=img_level,
                                    remove_neg=remove_neg, remove_only_teacher_neg=remove_only_teacher_neg)

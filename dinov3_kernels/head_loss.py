@@ -207,8 +207,8 @@ def _op_check(dtype):
 
 
 def _choose_backend(requested, tensors, dtype, op):
-    """As _backend.choose_backend, plus "composed" (chunked PyTorch); "auto" is triton on CUDA tensors when it can
-    run, else composed (bounded memory), and the reference for dtypes the fused paths do not take (float64)."""
+    """As _backend.choose_backend; "auto" follows the auto table on CUDA tensors (size: student rows), is composed
+    (bounded memory) on CPU tensors, and the reference for dtypes the fused paths do not take (float64)."""
     if not isinstance(requested, str):
         raise TypeError(f"{op}: backend must be a string, got {type(requested).__name__}")
     req = requested.lower()
@@ -226,9 +226,8 @@ def _choose_backend(requested, tensors, dtype, op):
         return _backend.choose_backend(req, tensors, check, op)
     if dtype not in KERNEL_DTYPES:
         return "reference"
-    if all(t.device.type == "cuda" for t in tensors) and _backend.why_not("triton", tensors, check) is None:
-        return "triton"
-    return "composed"
+    rows = tensors[0].shape[:-1].numel() if tensors else None
+    return _backend.choose_backend("auto", tensors, check, op, size=rows, dtype=dtype, cpu_auto="composed")
 
 
 # ---- 3. the composed backend (chunked PyTorch) -------------------------------------------------------------------
@@ -457,7 +456,7 @@ def dino_head_loss(student_z, teacher_z, student_prototypes, teacher_prototypes,
     ``(loss, updated center)`` returned. reduction="none" gives the (n_student_crops, B) per-student-row terms whose
     sum is the loss (e.g. to report global and local crops apart from one call). Float32 loss.
 
-    backend: "auto" (triton on CUDA tensors, else "composed"; float64 takes the reference) | "triton" | "composed"
+    backend: "auto" (on CUDA tensors: the auto table's order, else "composed"; float64 takes the reference) | "triton" | "composed"
     (token chunks with PyTorch GEMMs, bounded memory) | "reference" (the full logit matrices).
     """
     op = "dino_head_loss"

@@ -77,6 +77,8 @@ def _check_input(x, topk, loss_group_size, eps):
 
 def _op_check(dtype, topk):
     def check(backend):
+        if backend == "composed":
+            return "koleo_loss has no composed backend yet"
         if dtype not in KERNEL_DTYPES:
             return f"dtype {dtype} is not supported by the {backend} kernels (float32, float16, bfloat16)"
         if topk > MAX_TOPK:
@@ -221,7 +223,7 @@ def koleo_loss(x, *, topk=1, distributed=False, loss_group_size=None, eps=1e-8, 
             raise ValueError(f"koleo_loss: topk={topk} needs at least {topk + 1} rows in the search set, got "
                              f"{search.shape[0]} (each row needs {topk} neighbours other than itself)")
         chosen = _backend.choose_backend(backend, (x,), _op_check(x.dtype, topk), "koleo_loss",
-                                        atomics=("triton",))
+                                        atomics=("triton",), size=search.shape[0])
         if chosen == "reference":
             return _koleo_reference_on_set(search, offset, n, topk, eps)
         loss, _, _, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(search, offset, n, topk, float(eps), chosen)
