@@ -426,3 +426,64 @@ def test_auto_skips_atomic_backends_in_deterministic_mode(monkeypatch):
         assert _backend.choose_backend("auto", (x,), atomics=("cuda", "triton")) == "reference"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+# ---- the composed backend (batched GEMMs over [Ŝ | T̂]) --------------------------------------------------------------
+@pytest.mark.parametrize("B,N,D", [(1, 1, 3), (3, 7, 5), (2, 197, 24), (1, 257, 13)])
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_composed_float64_matches_reference(B, N, D, opts):
+    s, t = _features(B, N, D, torch.float64)
+    _check_against_reference(s, t, "composed", 1e-12, method="tiled", **opts)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("teacher_grad", [True, False])
+def test_composed_float32(opts, teacher_grad):
+    s, t = _features(3, 37, 20)
+    _check_against_reference(s, t, "composed", RTOL[torch.float32], teacher_grad, method="tiled", **opts)
+
+
+def test_composed_bfloat16_forms_the_difference_before_rounding():
+    # Student close to the teacher: on unit rows the Gram matrices differ by ~3e-3, below bf16's resolution of entries
+    # near 1. E = [Ŝ | T̂]·[Ŝ | -T̂]ᵀ forms the difference in the GEMM's fp32 accumulator and rounds once; subtracting
+    # two bf16 Gram matrices loses it (checked below, so the test tells the two apart). The inputs are exactly
+    # representable bf16 unit rows, so the only error left is the backend's own.
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 64, 32, generator=g, dtype=torch.float64)
+    s = t + 0.003 * torch.randn(2, 64, 32, generator=g, dtype=torch.float64)
+    sh, th = F.normalize(s, dim=-1).bfloat16(), F.normalize(t, dim=-1).bfloat16()
+    ref = gram_loss_reference(sh.double(), th.double(), apply_norm=False)
+    got = gram_loss(sh, th, backend="composed", method="tiled", apply_norm=False).double()
+    naive = ((sh @ sh.transpose(1, 2)) - (th @ th.transpose(1, 2))).double().square().mean()
+    assert abs(got - ref) <= 1e-3 * ref, (got, ref)
+    assert abs(naive - ref) > 0.05 * ref, (naive, ref)  # the subtract-after-rounding form is far off here
+
+
+def test_composed_opcheck_and_compile():
+    s, t = _features(2, 20, 8)
+    s.requires_grad_(True)
+    for flags in ((True, False, False, True, True), (False, True, True, True, False)):
+        apply_norm, clamp_s, clamp_t, grad_s, grad_t = flags
+        torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_fwd.default,
+                              (s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t, "composed", "tiled"))
+    compiled = torch.compile(lambda a, b: gram_loss(a, b, backend="composed", remove_neg=True), fullgraph=True,
+                             backend="aot_eager")
+    got = _run(lambda a, b: compiled(a, b), s, t)
+    want = _run(lambda a, b: gram_loss_reference(a, b, remove_neg=True), s.double(), t.double())
+    for g_, w in zip(got, want):
+        _assert_close(g_, w, RTOL[torch.float32], "compiled composed")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_gpu_composed_against_reference(dtype, opts):
+    torch_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    s, t = _features(4, 257, 384, torch_dtype, "cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        _check_against_reference(s, t, "composed", RTOL[dtype if dtype == "tf32" else torch_dtype], method="tiled",
+                                 **opts)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
