@@ -126,12 +126,13 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       (see _hbm).
     factored: torch ops on fp32 (|SᵀS|² - 2|SᵀT|² + |TᵀT|², three D×D products per group, two more for the
       gradient); elementwise passes counted from _gram_fwd_factored (~29 passes over G·P·D fp32, ~14 over G·D²).
-    composed (dinov3_kernels/gram.py _gram_fwd_composed): normalise in fp32 and store Ŝ, T̂ in the input dtype (~3
-      passes per tensor, +2 for the 16-bit casts), the two concatenations [Ŝ | T̂], [Ŝ | -T̂] (~5 passes), ONE batched
-      GEMM over 2D columns writing E (G·P², 4 bytes for fp32 output, 2 for 16-bit), the loss reading E once, the
-      gradient GEMM E·Ŝ reading E again, then its fp32 scale and the normalize backward (~10 passes over G·P·D
-      fp32). The gradient is formed in "fwd"; "fwd+bwd" adds the scale by grad_output. E is written and read back
-      from HBM whenever G·P² does not fit in L2 (the benchmark shapes: 67-134 MB).
+    composed (dinov3_kernels/gram.py _gram_fwd_composed): Ŝ and T̂ normalised into one [Ŝ | T̂] buffer (a norm read
+      and a divide per tensor: 3 passes each). fp32: ŜŜᵀ written (G·P² fp32), then an in-place baddbmm reads and
+      rewrites it as E = ŜŜᵀ - T̂T̂ᵀ; 16-bit: [Ŝ | -T̂] built (4 passes) and ONE GEMM over 2D columns writes E (2 bytes).
+      The loss reads E once, the gradient GEMM E·Ŝ again; the normalize backward from the stored Ŝ and norms is 9
+      passes over G·P·D fp32 (plus the 16-bit casts: 76 bytes per element in all for 16-bit input). The gradient is
+      formed in "fwd"; "fwd+bwd" adds the scale by grad_output. E round-trips HBM whenever G·P² does not fit in L2
+      (67-134 MB at the benchmark shapes).
     """
     e = 2 if dtype in ("bfloat16", "float16") else 4
     useful = (4 if mode == "fwd" else 6) * G * P * P * D
@@ -152,11 +153,13 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         b = 29 * PD * 4 + 14 * G * D * D * 4 + (0 if mode == "fwd" else 2 * PD * e)
         return Estimate(useful, flops_exec, prec, min_b, b, b, 0, 25 + (0 if mode == "fwd" else 1))
     if backend == "composed":
-        ec = 2 if e == 2 else 4  # E in the GEMM's output dtype
-        flops_exec = 4 * G * P * P * D + 2 * G * P * P * D
-        b = (6 + (4 if e == 2 else 0)) * PD * e + 10 * PD * e + 3 * PP * ec + 10 * PD * 4 \
-            + (0 if mode == "fwd" else 2 * PD * e)
-        return Estimate(useful, flops_exec, prec, min_b, b, b, 0, 16 + (0 if mode == "fwd" else 1))
+        flops_exec = 6 * G * P * P * D
+        if e == 2:
+            b = 6 * PD * e + 4 * PD * e + PD * e + 76 * PD + 3 * PP * 2
+        else:
+            b = 6 * PD * 4 + 10 * PD * 4 + 5 * PP * 4
+        b += 0 if mode == "fwd" else 2 * PD * e
+        return Estimate(useful, flops_exec, prec, min_b, b, b, 0, 12 + (0 if mode == "fwd" else 1))
     if backend not in ("triton", "cuda"):
         raise ValueError(f"gram: unknown backend {backend!r}")
     T = 64

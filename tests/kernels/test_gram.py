@@ -443,6 +443,29 @@ def test_composed_float32(opts, teacher_grad):
     _check_against_reference(s, t, "composed", RTOL[torch.float32], teacher_grad, method="tiled", **opts)
 
 
+@pytest.mark.parametrize("opts", [dict(), dict(remove_neg=True)], ids=str)
+def test_composed_zero_and_tiny_rows(opts):
+    # |x| <= eps takes F.normalize's linear branch (x / eps, gradient g / eps): no projection there.
+    s, t = _features(2, 20, 8, torch.float64)
+    s[0, 3] = 0.0
+    s[1, 4] = 1e-14
+    t[0, 5] = 0.0
+    _check_against_reference(s, t, "composed", 1e-12, method="tiled", **opts)
+
+
+def test_composed_non_contiguous_inputs_not_modified():
+    base_s, base_t = _features(2, 30, 16)
+    s = base_s.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)  # row stride 1, column stride P
+    t = base_t.repeat(1, 1, 2)[..., ::2]  # column stride 2
+    before = (s.detach().clone(), t.clone())
+    loss = gram_loss(s, t, backend="composed", method="tiled", remove_neg=True)
+    loss.backward()
+    assert torch.equal(s.detach(), before[0]) and torch.equal(t, before[1])
+    ref, rs, _ = _run(gram_loss_reference, before[0].double(), before[1].double(), False, remove_neg=True)
+    _assert_close(loss.detach(), ref, RTOL[torch.float32], "loss")
+    _assert_close(s.grad, rs, RTOL[torch.float32], "student grad")
+
+
 def test_composed_bfloat16_forms_the_difference_before_rounding():
     # Student close to the teacher: on unit rows the Gram matrices differ by ~3e-3, below bf16's resolution of entries
     # near 1. E = [Ŝ | T̂]·[Ŝ | -T̂]ᵀ forms the difference in the GEMM's fp32 accumulator and rounds once; subtracting
