@@ -127,33 +127,37 @@ def _gram_fwd_kernel(
             for k0 in range(Dp, 2 * Dp, BLOCK_K):
                 acc = mma(tl.load(y_i + k0), tl.trans(tl.load(y_j + k0)), acc, IS_FP32, PRECISION)
             err = -acc
-            gt = gs - err
         # Padding rows and columns are zero in Y, so err is 0 there. Off-diagonal tiles stand for their transpose.
-        part += tl.sum(err * err, axis=1) * tl.where(i == j, 1.0, 2.0)
-
-        e_s = tl.where(gs < 0.0, 0.0, err) if CLAMP_S else err
-        e_t = tl.where(gt < 0.0, 0.0, err) if CLAMP_T else err
-        e_base = E + g * NUM_E * pp2
-        e_ij = rows_i[:, None] * Pp + rows_j[None, :]
-        e_ji = rows_j[:, None] * Pp + rows_i[None, :]
-        if STORE_S:
-            tl.store(e_base + e_ij, e_s.to(E.dtype.element_ty))
-            if i != j:
-                tl.store(e_base + e_ji, tl.trans(e_s).to(E.dtype.element_ty))
-        if STORE_T:
-            tl.store(e_base + T_SLOT * pp2 + e_ij, e_t.to(E.dtype.element_ty))
-            if i != j:
-                tl.store(e_base + T_SLOT * pp2 + e_ji, tl.trans(e_t).to(E.dtype.element_ty))
+        sq = err * err
+        part += tl.sum(sq, axis=1) * tl.where(i == j, 1.0, 2.0)
         if ROWSUMS:
-            # x̂_a·(dL/dx̂_a) ∝ Σ_b E'_ab Gs_ab: row sums for rows i go to slot j, column sums for rows j to slot i.
+            # x̂_a·(dL/dx̂_a) ∝ Σ_b E'_ab Gs_ab (student), Σ_b E''_ab Gt_ab (teacher): row sums for rows i go to slot
+            # j, column sums for rows j to slot i. Done before the stores so that Gs (and Gt) die early.
+            if CLAMP_S or CLAMP_T:
+                ps = (tl.where(gs < 0.0, 0.0, err) if CLAMP_S else err) * gs
+                pt = (tl.where(gt < 0.0, 0.0, err) if CLAMP_T else err) * gt
+            else:
+                ps = err * gs
+                pt = ps - sq  # E·Gt = E·(Gs - E)
             rs = RS + g * 2 * nb * Pp
-            ps = e_s * gs
-            pt = e_t * gt
             tl.store(rs + j * Pp + rows_i, tl.sum(ps, axis=1))
             tl.store(rs + (nb + j) * Pp + rows_i, tl.sum(pt, axis=1))
             if i != j:
                 tl.store(rs + i * Pp + rows_j, tl.sum(ps, axis=0))
                 tl.store(rs + (nb + i) * Pp + rows_j, tl.sum(pt, axis=0))
+        e_base = E + g * NUM_E * pp2
+        e_ij = rows_i[:, None] * Pp + rows_j[None, :]
+        e_ji = rows_j[:, None] * Pp + rows_i[None, :]
+        if STORE_S:
+            e_s = (tl.where(gs < 0.0, 0.0, err) if CLAMP_S else err).to(E.dtype.element_ty)
+            tl.store(e_base + e_ij, e_s)
+            if i != j:
+                tl.store(e_base + e_ji, tl.trans(e_s))
+        if STORE_T:
+            e_t = (tl.where(gt < 0.0, 0.0, err) if CLAMP_T else err).to(E.dtype.element_ty)
+            tl.store(e_base + T_SLOT * pp2 + e_ij, e_t)
+            if i != j:
+                tl.store(e_base + T_SLOT * pp2 + e_ji, tl.trans(e_t))
     tl.store(PART + pid, tl.sum(part, axis=0))
 
 
@@ -216,7 +220,7 @@ def _num_sms(t):
     return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 4
 
 
-def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee", sm=90):
+def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee", sm=90, clamp=False):
     """Tiles: dict(BLOCK (fwd tile and bwd rows), BLOCK_K (fwd K step), BLOCK_N (bwd K step over P), BLOCK_D (bwd
     output columns), and num_warps / num_stages of each kernel)."""
     if on_cpu:
@@ -227,14 +231,15 @@ def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee", sm=90):
     # From compiles for sm_90 (tests/kernels/triton_compile.py: registers, spills, shared memory, wgmma):
     # 16-bit and TF32 operands take 128-wide wgmma tiles at 8 warps; IEEE fp32 products run on FMA units with their
     # operands in registers, so they keep 64-wide tiles and 16-wide K slices (wider ones spilled); sm_80/86/89
-    # (mma.sync) keep 64-wide tiles.
+    # (mma.sync) keep 64-wide tiles. Clamping keeps Gs, Gt and E live at once: 128-wide tiles spilled (16 B/thread
+    # bf16, 96 B TF32), so it takes 64-wide ones.
     if is_fp32 and precision == "ieee":
         b, k, d, fwd, bwd = 64, 16, 64, (8, 2), (8, 2)
     elif sm >= 90:
         k = 32 if is_fp32 else 64
         # 128 unless it pads P by over 10 % more than 64 would (P = 261: 384 rows against 320).
-        b = 128 if triton.cdiv(P, 128) * 128 <= 1.1 * triton.cdiv(P, 64) * 64 else 64
-        d, fwd, bwd = 128, (8, 3), (8, 3)
+        b = 128 if triton.cdiv(P, 128) * 128 <= 1.1 * triton.cdiv(P, 64) * 64 and not clamp else 64
+        d, fwd, bwd = 128, (8 if b == 128 else 4, 3), (8, 3)
     else:
         b, k, d, fwd, bwd = 64, 32, 64, (8, 3), (8, 3)
     b = min(b, max(16, triton.next_power_of_2(P)))
@@ -280,8 +285,8 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
     if cdtype == s.dtype:
         is_fp32, precision = dot_precision(s)
     else:  # fp16 values in fp32: TF32 keeps them exactly
-        is_fp32, precision = True, ("tf32" if s.is_cuda else "ieee")
-    cfg = _block_sizes(P, D, dev.type == "cpu", is_fp32, precision, _sm(s))
+        is_fp32, precision = True, ("tf32" if _sm(s) >= 80 else "ieee")
+    cfg = _block_sizes(P, D, dev.type == "cpu", is_fp32, precision, _sm(s), clamp_s or clamp_t)
     programs = programs or _num_sms(s) * PROGRAMS_PER_SM
     lay = _grids(G, P, D, cfg, programs, grad_s or grad_t)
     Pp, Dp, nb = lay["Pp"], lay["Dp"], lay["nb"]
