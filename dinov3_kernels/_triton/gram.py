@@ -11,7 +11,7 @@ Three kernels, no atomics (the result does not depend on scheduling: determinist
 1. `_gram_prologue_kernel` writes Y = [Ŝ | T̂] (G, Pp, 2·Dp) once, in the compute dtype (bf16/fp16 for 16-bit input,
    fp32 for fp32 input and for fp16 without normalisation, whose raw products can pass fp16's 65504), zero-padded to
    whole tiles so the matrix loops need no masks, and the row norms (fp32).
-2. `_gram_fwd_kernel`, a persistent grid (about 2 programs per SM) looping over the upper-triangle tile pairs of all
+2. `_gram_fwd_kernel`, a persistent grid (the programs that fit on the GPU at once) looping over the upper-triangle tile pairs of all
    groups: E_ij = [Ŝ_i | T̂_i]·[Ŝ_j | -T̂_j]ᵀ as one tl.dot chain over the 2·Dp columns (the accumulator's sign flips
    between the halves, so no -T̂ copy is stored) when not clamping, two chains when clamping. It adds the tile's
    share of the loss to a per-program partial, writes E' (and E'' when it differs) in the compute dtype for both
@@ -31,7 +31,9 @@ import triton.language as tl
 from ._common import dot_precision, mma
 
 GRID_AXIS0_MAX = 2**31 - 1  # CUDA grid limits: x up to 2^31 - 1, y and z up to 65535
-PROGRAMS_PER_SM = 2  # persistent forward: programs = SMs x this, each looping over tile pairs
+# Persistent forward: as many programs as fit on the GPU at once, each looping over tile pairs. A 128-wide tile at 8
+# warps takes ~250 registers per thread (the whole register file of an SM: 1 program per SM); 64-wide ones fit 2.
+PROGRAMS_PER_SM = {128: 1, 64: 2}
 
 
 @triton.jit
@@ -277,7 +279,7 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
     """Loss and gradients of the Gram loss for (G, P, D) student s and teacher t of one dtype.
 
     Returns (loss fp32 scalar, grad_s or empty, grad_t or empty); gradients are for a loss weight of 1.
-    programs: size of the persistent forward grid (default: SMs x PROGRAMS_PER_SM).
+    programs: size of the persistent forward grid (default: what fits on the GPU at once, PROGRAMS_PER_SM).
     """
     G, P, D = s.shape
     dev = s.device
@@ -287,7 +289,7 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
     else:  # fp16 values in fp32: TF32 keeps them exactly
         is_fp32, precision = True, ("tf32" if _sm(s) >= 80 else "ieee")
     cfg = _block_sizes(P, D, dev.type == "cpu", is_fp32, precision, _sm(s), clamp_s or clamp_t)
-    programs = programs or _num_sms(s) * PROGRAMS_PER_SM
+    programs = programs or _num_sms(s) * PROGRAMS_PER_SM.get(cfg["BLOCK"], 2)
     lay = _grids(G, P, D, cfg, programs, grad_s or grad_t)
     Pp, Dp, nb = lay["Pp"], lay["Dp"], lay["nb"]
 
