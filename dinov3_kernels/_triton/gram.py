@@ -11,12 +11,12 @@ Three kernels, no atomics (the result does not depend on scheduling: determinist
 1. `_gram_prologue_kernel` writes Y = [Ŝ | T̂] (G, Pp, 2·Dp) once, in the compute dtype (bf16/fp16 for 16-bit input,
    fp32 for fp32 input and for fp16 without normalisation, whose raw products can pass fp16's 65504), zero-padded to
    whole tiles so the matrix loops need no masks, and the row norms (fp32).
-2. `_gram_fwd_kernel`, a persistent grid (the programs that fit on the GPU at once) looping over the upper-triangle tile pairs of all
-   groups: E_ij = [Ŝ_i | T̂_i]·[Ŝ_j | -T̂_j]ᵀ as one tl.dot chain over the 2·Dp columns (the accumulator's sign flips
-   between the halves, so no -T̂ copy is stored) when not clamping, two chains when clamping. It adds the tile's
-   share of the loss to a per-program partial, writes E' (and E'' when it differs) in the compute dtype for both
-   (i, j) and (j, i), and the per-tile row sums of E'∘Gs and E''∘Gt the normalize backward needs (x̂_a·dL/dx̂_a =
-   4/M Σ_b E'_ab Gs_ab), each into its own slot: no cross-program reduction.
+2. `_gram_fwd_kernel`, a persistent grid (the programs that fit on the GPU at once) looping over the upper-triangle
+   tile pairs of all groups: E_ij = [Ŝ_i | T̂_i]·[Ŝ_j | -T̂_j]ᵀ as one tl.dot chain over the 2·Dp columns (the
+   accumulator's sign flips between the halves, so no -T̂ copy is stored) when not clamping, two chains when
+   clamping. It adds the tile's share of the loss to a per-program partial, writes E' (and E'' when it differs) in
+   the compute dtype for both (i, j) and (j, i), and the per-tile row sums of E'∘Gs and E''∘Gt the normalize
+   backward needs (x̂_a·dL/dx̂_a = 4/M Σ_b E'_ab Gs_ab), each into its own slot: no cross-program reduction.
 3. `_gram_bwd_kernel`, one program per (group, row block i, column chunk): the GEMM dL/dx̂_i = ±4/M Σ_j E'_ij Y_j
    with the fp32 accumulator in registers, then the normalize backward fused: dx = (g - x̂ (x̂·g)) / max(|x|, eps)
    (the projection summed from the row-sum slots in a fixed order), written in the input dtype.
