@@ -171,7 +171,8 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
     """The Triton Gram design (dinov3_kernels/_triton/gram.py), student gradient only, as the benchmark runs it.
 
     Tiles T = 128 (64 when clamping), P and D padded to whole tiles (Pp, Dp: D to a multiple of 128); compute dtype
-    c = bf16/fp16 for 16-bit input, fp32 (TF32 products) for fp32 input.
+    c = bf16/fp16 for 16-bit input; for fp32 input fp16 under TF32 (same 10-bit mantissa, fp16 tensor-core rate),
+    fp32 with IEEE products otherwise (the normalised case, as benchmarked).
       prologue: reads S and T twice (norm pass, then the scaled write; the second from L2), writes Y = [Ŝ | T̂]
         (G·Pp·2·Dp·c) and the norms.
       forward: per upper-triangle pair one tile product over the 2·Dp columns (2·T²·2·Dp FLOPs; diagonal tiles in
@@ -184,7 +185,8 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
       "fwd+bwd" adds the scale by grad_output (read and write G·P·D). Launches: 3 kernels + ~3 small torch ops.
     """
     e = 2 if dtype in ("bfloat16", "float16") else 4
-    c = e
+    c = 2 if (e == 2 or prec == "tf32") else 4
+    prec = "bf16" if c == 2 else prec
     T = 64 if clamp else 128
     Pp, Dp = _cdiv(P, T) * T, _cdiv(D, 128) * 128
     nb = Pp // T

@@ -8,9 +8,10 @@ For one group g (an image, or the whole batch when img_level=False) with rows x_
     dL/dT̂_a   = -4/M Σ_b E''_ab T̂_b,  E'' = E [Gt_ab >= 0 or no clamp]
 
 Three kernels, no atomics (the result does not depend on scheduling: deterministic):
-1. `_gram_prologue_kernel` writes Y = [Ŝ | T̂] (G, Pp, 2·Dp) once, in the compute dtype (bf16/fp16 for 16-bit input,
-   fp32 for fp32 input and for fp16 without normalisation, whose raw products can pass fp16's 65504), zero-padded to
-   whole tiles so the matrix loops need no masks, and the row norms (fp32).
+1. `_gram_prologue_kernel` writes Y = [Ŝ | T̂] (G, Pp, 2·Dp) once, in the compute dtype (bf16/fp16 for 16-bit input;
+   for fp32 input fp16 when the products may run in TF32, fp32 otherwise; fp32 for fp16 without normalisation, whose
+   raw products can pass fp16's 65504: see _compute_dtype), zero-padded to whole tiles so the matrix loops need no
+   masks, and the row norms (fp32).
 2. `_gram_fwd_kernel`, a persistent grid (the programs that fit on the GPU at once) looping over the upper-triangle
    tile pairs of all groups: E_ij = [Ŝ_i | T̂_i]·[Ŝ_j | -T̂_j]ᵀ as one tl.dot chain over the 2·Dp columns (the
    accumulator's sign flips between the halves, so no -T̂ copy is stored) when not clamping, two chains when
@@ -34,6 +35,7 @@ GRID_AXIS0_MAX = 2**31 - 1  # CUDA grid limits: x up to 2^31 - 1, y and z up to 
 # Persistent forward: as many programs as fit on the GPU at once, each looping over tile pairs. A 128-wide tile at 8
 # warps takes ~250 registers per thread (the whole register file of an SM: 1 program per SM); 64-wide ones fit 2.
 PROGRAMS_PER_SM = {128: 1, 64: 2}
+E_SCALE = 2.0**14  # E' in fp16 is stored times this (see gram_fwd_triton)
 
 
 @triton.jit
@@ -88,7 +90,7 @@ def _gram_prologue_kernel(
 @triton.jit
 def _gram_fwd_kernel(
     Y, E, RS, PART,
-    n_items, pairs, nb, Pp, Dp,
+    n_items, pairs, nb, Pp, Dp, e_scale,
     CLAMP_S: tl.constexpr, CLAMP_T: tl.constexpr,
     STORE_S: tl.constexpr, STORE_T: tl.constexpr, T_SLOT: tl.constexpr, NUM_E: tl.constexpr,
     ROWSUMS: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -151,12 +153,12 @@ def _gram_fwd_kernel(
         e_ij = rows_i[:, None] * Pp + rows_j[None, :]
         e_ji = rows_j[:, None] * Pp + rows_i[None, :]
         if STORE_S:
-            e_s = (tl.where(gs < 0.0, 0.0, err) if CLAMP_S else err).to(E.dtype.element_ty)
+            e_s = ((tl.where(gs < 0.0, 0.0, err) if CLAMP_S else err) * e_scale).to(E.dtype.element_ty)
             tl.store(e_base + e_ij, e_s)
             if i != j:
                 tl.store(e_base + e_ji, tl.trans(e_s))
         if STORE_T:
-            e_t = (tl.where(gt < 0.0, 0.0, err) if CLAMP_T else err).to(E.dtype.element_ty)
+            e_t = ((tl.where(gt < 0.0, 0.0, err) if CLAMP_T else err) * e_scale).to(E.dtype.element_ty)
             tl.store(e_base + T_SLOT * pp2 + e_ij, e_t)
             if i != j:
                 tl.store(e_base + T_SLOT * pp2 + e_ji, tl.trans(e_t))
@@ -168,13 +170,14 @@ def _gram_bwd_kernel(
     Y, E, RS, NRM, X, OUT,
     P, Pp, D, Dp, nb, n_chunks, side, e_slot, NUM_E,
     stride_xg, stride_xp, stride_xd,
-    scale, eps,
+    scale, e_scale, eps,
     APPLY_NORM: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (group, row block, column chunk), flattened on grid axis 0 (the chunk fastest, so programs that
     # share a row block of E' run together). g = scale · E'_i: · Y[:, side half] over the chunk; then the normalize
     # backward dx = (g - x̂ (x̂·g)) / max(|x|, eps), with x̂·g = scale · Σ_slots RS. OUT is (G, P, D) contiguous.
+    # E' is stored times e_scale (see gram_fwd_triton).
     pid = tl.program_id(0)
     rb = pid // n_chunks
     c = pid - rb * n_chunks
@@ -191,7 +194,7 @@ def _gram_bwd_kernel(
         acc = mma(tl.load(e_ptr), tl.load(y_ptr), acc, IS_FP32, PRECISION)
         e_ptr += BLOCK_N
         y_ptr += BLOCK_N * 2 * Dp
-    gh = acc * scale
+    gh = acc * (scale / e_scale)
     mr = rows < P
     m = mr[:, None] & (dcols < D)[None, :]
     if APPLY_NORM:
@@ -234,9 +237,10 @@ def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee", sm=90, clamp=Fal
     # 16-bit and TF32 operands take 128-wide wgmma tiles at 8 warps; IEEE fp32 products run on FMA units with their
     # operands in registers, so they keep 64-wide tiles and 16-wide K slices (wider ones spilled); sm_80/86/89
     # (mma.sync) keep 64-wide tiles. Clamping keeps Gs, Gt and E live at once: 128-wide tiles spilled (16 B/thread
-    # bf16, 96 B TF32), so it takes 64-wide ones.
+    # bf16, 96 B TF32), so it takes 64-wide ones. On the IEEE FMA path 2 stages spilled 8 B (clamping forward on
+    # Triton 3.9, gradient on 3.6); 1 stage does not.
     if is_fp32 and precision == "ieee":
-        b, k, d, fwd, bwd = 64, 16, 64, (8, 2), (8, 2)
+        b, k, d, fwd, bwd = 64, 16, 64, (8, 1 if clamp else 2), (8, 1)
     elif sm >= 90:
         k = 32 if is_fp32 else 64
         # 128 unless it pads P by over 10 % more than 64 would (P = 261: 384 rows against 320).
@@ -248,11 +252,17 @@ def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee", sm=90, clamp=Fal
     return dict(BLOCK=b, BLOCK_K=k, BLOCK_N=min(b, k if k >= 32 else 32), BLOCK_D=d, fwd=fwd, bwd=bwd)
 
 
-def _compute_dtype(dtype, apply_norm):
-    """The dtype Y and E' are stored in: the input's, except fp16 without normalisation (raw Gram entries, and
-    |x| itself, can pass fp16's 65504; fp32 holds them, and TF32 products of fp16 values are exact)."""
+def _compute_dtype(dtype, apply_norm, tf32=False):
+    """The dtype Y and E' are stored in: the input's, except
+    - fp16 without normalisation: raw Gram entries, and |x| itself, can pass fp16's 65504; fp32 holds them (and
+      TF32 products of fp16 values are exact);
+    - fp32 with normalisation where the products may run in TF32 (torch's allow_tf32): fp16, which keeps TF32's
+      10-bit mantissa, holds |x̂| <= 1 and |E'| <= 2 (stored times E_SCALE), and runs wgmma at twice TF32's rate
+      with half the bytes."""
     if dtype == torch.float16 and not apply_norm:
         return torch.float32
+    if dtype == torch.float32 and apply_norm and tf32:
+        return torch.float16
     return dtype
 
 
@@ -283,11 +293,15 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
     """
     G, P, D = s.shape
     dev = s.device
-    cdtype = _compute_dtype(s.dtype, apply_norm)
-    if cdtype == s.dtype:
-        is_fp32, precision = dot_precision(s)
-    else:  # fp16 values in fp32: TF32 keeps them exactly
+    is_fp32, precision = dot_precision(s)
+    cdtype = _compute_dtype(s.dtype, apply_norm, precision == "tf32")
+    if cdtype == torch.float16:
+        is_fp32, precision = False, "ieee"
+    elif cdtype != s.dtype:  # fp16 values in fp32: TF32 keeps them exactly
         is_fp32, precision = True, ("tf32" if _sm(s) >= 80 else "ieee")
+    # |E'| <= 2 with normalisation: stored times 2^14 in fp16 (at most 32768 < 65504), so that the small entries of a
+    # student close to its teacher stay normal numbers (fp16 goes subnormal below 6e-5) and keep 10 mantissa bits.
+    e_scale = E_SCALE if cdtype == torch.float16 else 1.0
     cfg = _block_sizes(P, D, dev.type == "cpu", is_fp32, precision, _sm(s), clamp_s or clamp_t)
     programs = programs or _num_sms(s) * PROGRAMS_PER_SM.get(cfg["BLOCK"], 2)
     lay = _grids(G, P, D, cfg, programs, grad_s or grad_t)
@@ -313,7 +327,7 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
     fwd_grid = lay["grids"]["fwd"]
     part = torch.empty(fwd_grid, device=dev, dtype=torch.float32)
     _gram_fwd_kernel[fwd_grid](
-        Y, E, RS, part, lay["n_items"], lay["pairs"], nb, Pp, Dp,
+        Y, E, RS, part, lay["n_items"], lay["pairs"], nb, Pp, Dp, e_scale,
         CLAMP_S=clamp_s, CLAMP_T=clamp_t, STORE_S=grad_s, STORE_T=store_t, T_SLOT=t_slot, NUM_E=num_e,
         ROWSUMS=rowsums, IS_FP32=is_fp32, PRECISION=precision, BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["fwd"][0], num_stages=cfg["fwd"][1],
@@ -326,7 +340,7 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
         out = torch.empty((G, P, D), device=dev, dtype=x.dtype)
         _gram_bwd_kernel[lay["grids"]["bwd"]](
             Y, E, RS, nrm, x, out, P, Pp, D, Dp, nb, lay["n_chunks"], side, slot, num_e,
-            x.stride(0), x.stride(1), x.stride(2), sign * 4.0 / M, eps,
+            x.stride(0), x.stride(1), x.stride(2), sign * 4.0 / M, e_scale, eps,
             APPLY_NORM=apply_norm, IS_FP32=is_fp32, PRECISION=precision,
             BLOCK_M=cfg["BLOCK"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["bwd"][0], num_stages=cfg["bwd"][1],

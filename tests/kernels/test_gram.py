@@ -275,6 +275,20 @@ def test_triton_fp16_without_norm_computes_in_fp32(triton_cpu):
     _assert_close(gt, rt, RTOL[torch.float16], "teacher grad")
 
 
+def test_triton_fp32_under_tf32_computes_in_fp16(triton_cpu, monkeypatch):
+    # Where torch would run fp32 products in TF32, Ŝ, T̂ and E' are stored in fp16: TF32's 10-bit mantissa, so the
+    # error is TF32's (its tolerance), at twice the rate and half the bytes.
+    from dinov3_kernels._triton import gram as tg
+
+    assert tg._compute_dtype(torch.float32, apply_norm=True, tf32=True) == torch.float16
+    assert tg._compute_dtype(torch.float32, apply_norm=False, tf32=True) == torch.float32
+    assert tg._compute_dtype(torch.float32, apply_norm=True, tf32=False) == torch.float32
+    monkeypatch.setattr(tg, "dot_precision", lambda x: (x.dtype == torch.float32, "tf32"))
+    s, t = _features(2, 30, 16)
+    for opts in (dict(), dict(remove_neg=True)):
+        _kernel_vs_reference(tg, s, t, opts, grad_t=True, programs=None, rtol=RTOL["tf32"])
+
+
 def test_triton_grids_stay_within_cuda_limits():
     # Every launch is 1-D on grid axis 0 (up to 2^31 - 1), so G never lands on axes 1/2 (65535).
     from dinov3_kernels._triton import gram as tg
