@@ -173,12 +173,11 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
     Tiles T = 128 (64 when clamping), P and D padded to whole tiles (Pp, Dp: D to a multiple of 128); compute dtype
     c = bf16/fp16 for 16-bit input; for fp32 input fp16 under TF32 (same 10-bit mantissa, fp16 tensor-core rate),
     fp32 with IEEE products otherwise (the normalised case, as benchmarked).
-      prologue: reads S and T twice (norm pass, then the scaled write; the second from L2), writes Y = [Ŝ | T̂]
-        (G·Pp·2·Dp·c) and the norms.
+      prologue: reads S and T once (whole rows in registers up to 8192 columns), writes Y = [Ŝ | T̂] (G·Pp·2·Dp·c)
+        and the norms.
       forward: per upper-triangle pair one tile product over the 2·Dp columns (2·T²·2·Dp FLOPs; diagonal tiles in
         full), loading Y_i and Y_j (2·T·2·Dp·c); writes E' for (i, j) and (j, i) (G·Pp²·c in all) and the row-sum
         slots (2·2·T fp32 per pair side). HBM: Y of the groups in flight re-read through L2 (see _hbm), E' once.
-        (The prologue's bytes are counted as HBM in full: its second read of x is from L2, a small overcount.)
       gradient: one program per (row block, 128-column chunk) runs the GEMM E'_i:·Ŝ over Pp (2·Pp²·Dp FLOPs per
         group): E' is re-read once per chunk (Dp/128 times) and Ŝ once per row block (Pp/T times), from L2 while a
         group's E' and Y fit (see _hbm); then reads x and the row sums and writes the gradient in the input dtype.
@@ -199,7 +198,7 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
     y_bytes = G * Pp * 2 * Dp * c
     e_bytes = G * Pp * Pp * c
     rs_bytes = G * 2 * nb * Pp * 4
-    prologue = 4 * PD * e + y_bytes + G * 2 * Pp * 4
+    prologue = 2 * PD * e + y_bytes + G * 2 * Pp * 4
     fwd = G * pairs * 2 * T * 2 * Dp * c + e_bytes + rs_bytes
     grad = G * nb * n_chunks * Pp * (T + 128) * c + G * nb * n_chunks * nb * T * 4 + 2 * PD * e
     scale = 0 if mode == "fwd" else 2 * PD * e

@@ -53,9 +53,10 @@ def _gram_prologue_kernel(
     stride_sg, stride_sp, stride_sd,
     stride_tg, stride_tp, stride_td,
     eps,
-    APPLY_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    APPLY_NORM: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Rows (g, p) of the padded (G, Pp) grid, flattened: R = G·Pp. Y is (G, Pp, 2·Dp), NRM (G, 2, Pp).
+    # ONE_PASS (BLOCK_D >= Dp): a whole row in registers, x read once; otherwise a norm pass, then a scaling pass.
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     g = rows // Pp
     p = rows - g * Pp
@@ -71,7 +72,15 @@ def _gram_prologue_kernel(
             sd = stride_td
         y_ptr = Y + rows[:, None] * (2 * Dp) + side * Dp
         r = tl.full((BLOCK_R,), 1.0, tl.float32)
-        if APPLY_NORM:
+        if ONE_PASS:
+            x = tl.load(x_ptr + cols[None, :] * sd, mask=mx[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+            if APPLY_NORM:
+                norm = tl.sqrt(tl.sum(x * x, axis=1))
+                tl.store(NRM + (g * 2 + side) * Pp + p, norm, mask=mr)
+                r = 1.0 / tl.maximum(norm, eps)  # F.normalize: x / max(|x|, eps)
+            tl.store(y_ptr + cols[None, :], (x * r[:, None]).to(Y.dtype.element_ty),
+                     mask=mr[:, None] & (cols < Dp)[None, :])
+        elif APPLY_NORM:
             sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for k0 in range(0, D, BLOCK_D):
                 k = k0 + cols
@@ -80,11 +89,13 @@ def _gram_prologue_kernel(
             norm = tl.sqrt(sq)
             tl.store(NRM + (g * 2 + side) * Pp + p, norm, mask=mr)
             r = 1.0 / tl.maximum(norm, eps)  # F.normalize: x / max(|x|, eps)
-        for k0 in range(0, Dp, BLOCK_D):
-            k = k0 + cols
-            x = tl.load(x_ptr + k[None, :] * sd, mask=mx[:, None] & (k < D)[None, :], other=0.0).to(tl.float32)
-            # x̂ = x·r is bounded by 1 in magnitude (by construction), so the cast cannot overflow a 16-bit type.
-            tl.store(y_ptr + k[None, :], (x * r[:, None]).to(Y.dtype.element_ty), mask=mr[:, None] & (k < Dp)[None, :])
+        if not ONE_PASS:
+            for k0 in range(0, Dp, BLOCK_D):
+                k = k0 + cols
+                x = tl.load(x_ptr + k[None, :] * sd, mask=mx[:, None] & (k < D)[None, :], other=0.0).to(tl.float32)
+                # x̂ = x·r is bounded by 1 in magnitude (by construction): the cast cannot overflow a 16-bit type.
+                tl.store(y_ptr + k[None, :], (x * r[:, None]).to(Y.dtype.element_ty),
+                         mask=mr[:, None] & (k < Dp)[None, :])
 
 
 @triton.jit
@@ -266,6 +277,17 @@ def _compute_dtype(dtype, apply_norm, tf32=False):
     return dtype
 
 
+PROLOGUE_ONE_PASS_MAX = 8192  # widest padded row the prologue holds in registers (64 fp32 per thread at 4 warps)
+
+
+def _prologue_blocks(Dp):
+    """(BLOCK_R, BLOCK_D, ONE_PASS) of the prologue: whole rows, 4096 elements per program, when they fit."""
+    width = max(16, triton.next_power_of_2(Dp))
+    if width <= PROLOGUE_ONE_PASS_MAX:
+        return max(1, min(16, 4096 // width)), width, True
+    return 16, 128, False
+
+
 def _grids(G, P, D, cfg, programs, grad_sides):
     """Padded sizes and the three launch grids; every grid is 1-D on axis 0 (up to 2^31 - 1 programs), so G and the
     tile counts never meet the 65535 limit of axes 1 and 2."""
@@ -277,12 +299,13 @@ def _grids(G, P, D, cfg, programs, grad_sides):
     pairs = nb * (nb + 1) // 2
     n_items = G * pairs
     n_chunks = Dp // cfg["BLOCK_D"]
-    grids = dict(prologue=(triton.cdiv(G * Pp, 16),), fwd=(max(1, min(n_items, programs)),),
+    prologue = _prologue_blocks(Dp)
+    grids = dict(prologue=(triton.cdiv(G * Pp, prologue[0]),), fwd=(max(1, min(n_items, programs)),),
                  bwd=(G * (Pp // BLOCK) * n_chunks,) if grad_sides else None)
     for grid in grids.values():
         if grid is not None and grid[0] > GRID_AXIS0_MAX:
             raise ValueError(f"gram_loss: {grid[0]} programs exceed the CUDA grid limit (G={G}, P={P}, D={D})")
-    return dict(Pp=Pp, Dp=Dp, nb=nb, pairs=pairs, n_items=n_items, n_chunks=n_chunks, grids=grids)
+    return dict(Pp=Pp, Dp=Dp, nb=nb, pairs=pairs, n_items=n_items, n_chunks=n_chunks, grids=grids, prologue=prologue)
 
 
 def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1e-12, programs=None):
@@ -312,7 +335,7 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
     _gram_prologue_kernel[lay["grids"]["prologue"]](
         s, t, Y, nrm, G * Pp, P, Pp, D, Dp,
         s.stride(0), s.stride(1), s.stride(2), t.stride(0), t.stride(1), t.stride(2), eps,
-        APPLY_NORM=apply_norm, BLOCK_R=16, BLOCK_D=max(16, min(128, triton.next_power_of_2(Dp))),
+        APPLY_NORM=apply_norm, ONE_PASS=lay["prologue"][2], BLOCK_R=lay["prologue"][0], BLOCK_D=lay["prologue"][1],
     )
 
     # E' slots: one matrix serves both gradients unless a clamp makes E' and E'' differ.

@@ -222,8 +222,10 @@ def _kernel_vs_reference(tg, s, t, opts, grad_t, programs, rtol):
 @pytest.mark.parametrize("opts", OPTIONS[:4], ids=str)
 def test_triton_many_tiles_persistent_loop(triton_cpu, monkeypatch, opts):
     # P = 40 -> 3 row blocks (the last ragged), 6 tile pairs (3 diagonal) per group, 12 over 2 groups, run by 5
-    # programs (each loops over 2-3 pairs); D = 20 -> 2 column chunks per side, the last one padded.
+    # programs (each loops over 2-3 pairs); D = 20 -> 2 column chunks per side, the last one padded. The prologue
+    # takes its two-pass path (rows wider than PROLOGUE_ONE_PASS_MAX) here, its one-pass path everywhere else.
     tg = _small_tiles(monkeypatch)
+    monkeypatch.setattr(tg, "PROLOGUE_ONE_PASS_MAX", 16)
     s, t = _features(2, 40, 20, related=False)
     _kernel_vs_reference(tg, s, t, opts, grad_t=True, programs=5, rtol=RTOL[torch.float32])
 
@@ -298,7 +300,7 @@ def test_triton_grids_stay_within_cuda_limits():
     assert all(len(g) == 1 for g in lay["grids"].values())
     assert lay["grids"]["fwd"] == (264,) and lay["n_items"] == 100_000 * lay["pairs"]
     assert lay["grids"]["bwd"][0] == 100_000 * lay["nb"] * lay["n_chunks"] > 65535
-    assert lay["grids"]["prologue"][0] * 16 >= 100_000 * lay["Pp"]
+    assert lay["grids"]["prologue"][0] * lay["prologue"][0] >= 100_000 * lay["Pp"]
     with pytest.raises(ValueError, match="grid limit"):
         tg._grids(2**20, 2**16, 64, cfg, programs=264, grad_sides=True)
 
