@@ -163,10 +163,15 @@ class Trainer:
             if name != "gram_teacher" or self.parallel == "fsdp":
                 child.to(self.device)
         g = cfg["gram"]
+        if cfg["student"]["pretrained_heads"] and not cfg["student"]["pretrained_weights"]:
+            raise ConfigError("student.pretrained_heads=true continues a run: give its training checkpoint with "
+                              "--init-from (student.pretrained_weights)")
         if cfg["student"]["pretrained_weights"] and resume_state is None:
-            from .pretrained import load_into_arch
+            from .pretrained import load_heads_into_arch, load_into_arch
 
             load_into_arch(self.arch, cfg)
+            if cfg["student"]["pretrained_heads"]:
+                load_heads_into_arch(self.arch, cfg)
         if g["use_loss"] and g["ckpt"]:
             self._load_gram_checkpoint(g["ckpt"])
         if cfg["train"]["compile"]:
@@ -539,6 +544,7 @@ class Trainer:
                 row = {"iteration": it, **reduced, "lr": lr, "wd": wd, "momentum": mom, "teacher_temp": temp,
                        "last_layer_lr": last_layer_lr, "backbone_lr_factor": backbone_factor,
                        "gram_active": arch.gram_active(it), "gram_updates": arch.gram_num_updates,
+                       "global_crops_size": int(batch["global_crops"].shape[-1]),
                        "skipped_files": len(self.skipped_files), "images_per_s": imgs_per_step / max(now - tick, 1e-9)}
                 tick = now
                 last_row = row
