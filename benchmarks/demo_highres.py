@@ -51,7 +51,8 @@ def load_backbone(run: str) -> torch.nn.Module:
     return model.eval()
 
 
-def run_stage(name: str, data: str, workdir: str, recipe: str, overrides: list[str], overwrite: bool) -> tuple[str, float]:
+def run_stage(name: str, data: str, workdir: str, recipe: str, overrides: list[str],
+              overwrite: bool) -> tuple[str, float]:
     out = os.path.join(workdir, name)
     t0 = time.time()
     train(load_config(recipe, overrides), data_dir=data, output_dir=out, overwrite=overwrite)
@@ -80,6 +81,10 @@ def main(argv=None):
     t_start = time.time()
     common = ["train.progress_bar=false", "train.log_every=25"]
     hr = common + ([f"train.iterations={args.hr_iterations}"] if args.hr_iterations else [])
+
+    def pretrain(n):  # as demo_digits.py / demo_seg.py: the Gram phase in the last quarter
+        return common + [f"train.iterations={n}", f"gram.start_iter={int(n * 0.75)}",
+                         f"checkpointing.period={max(n // 4, 1)}"]
     result: dict = {"date": datetime.date.today().isoformat(), "device": "cpu", "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "train_minutes": {}}
     try:
@@ -94,8 +99,7 @@ def main(argv=None):
     n = args.digits_iterations
     pre, result["train_minutes"]["digits_pretrain"] = run_stage(
         "digits_pretrain", os.path.join(dig, "images_32", "train"), dig, "tiny",
-        common + [f"train.iterations={n}", f"gram.start_iter={int(n * 0.75)}", f"checkpointing.period={max(n // 4, 1)}"],
-        args.overwrite)
+        pretrain(n), args.overwrite)
     runs = {"pretrained": pre}
     for name, extra in (("highres", []), ("same_res", SAME_RES)):
         runs[name], result["train_minutes"][f"digits_{name}"] = run_stage(
@@ -116,8 +120,7 @@ def main(argv=None):
     n = args.scenes_iterations
     pre, result["train_minutes"]["scenes_pretrain"] = run_stage(
         "scenes_pretrain", os.path.join(scenes, "data", "unlabeled"), scenes, "tiny",
-        common + [f"train.iterations={n}", f"gram.start_iter={int(n * 0.75)}", f"checkpointing.period={max(n // 4, 1)}"],
-        args.overwrite)
+        pretrain(n), args.overwrite)
     runs = {"pretrained": pre}
     for name, extra in (("highres", []), ("same_res", SAME_RES)):
         runs[name], result["train_minutes"][f"scenes_{name}"] = run_stage(

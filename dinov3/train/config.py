@@ -191,7 +191,8 @@ DEFAULTS: dict[str, Any] = {
         "probe_size": 0,
         # Head warm-up: for this many first iterations the student backbone is frozen while the fresh heads train
         # (the teacher heads follow by EMA). null: 0 without student.pretrained_weights (or with
-        # student.pretrained_heads), else the rule of head_warmup_iters() below. Then the backbone's lr may ramp up linearly from 0 over backbone_lr_ramp_iters
+        # student.pretrained_heads), else the rule of head_warmup_iters() below. Then the backbone's lr may ramp up
+        # linearly from 0 over backbone_lr_ramp_iters
         # (measured: no gain at tiny scale, so 0).
         "head_warmup_iters": None,
         "backbone_lr_ramp_iters": 0,

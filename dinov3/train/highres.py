@@ -42,9 +42,9 @@ def crop_resolutions(cfg: dict) -> list[Resolution]:
     ratios = [1.0 if entry("global_local_crop_pairs_ratios", i) is None
               else float(entry("global_local_crop_pairs_ratios", i)) for i in range(n)]
     total = sum(ratios) or 1.0
+    grams = [entry("gram_teacher_crops_size", i) for i in range(n)]
     return [Resolution(int(entry("global_crops_size", i)), int(entry("local_crops_size", i)),
-                       None if entry("gram_teacher_crops_size", i) is None else int(entry("gram_teacher_crops_size", i)),
-                       ratios[i] / total) for i in range(n)]
+                       None if grams[i] is None else int(grams[i]), ratios[i] / total) for i in range(n)]
 
 
 class ResolutionSchedule:

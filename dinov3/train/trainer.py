@@ -526,6 +526,9 @@ class Trainer:
                     arch.gram_num_updates += 1
 
                 metrics["total_loss"] = total
+                # Averaged over the ranks like the losses: a size none of the resolutions has would show that the
+                # ranks trained on different ones (they draw the same: dinov3/train/highres.py).
+                metrics["global_crops_size"] = torch.tensor(float(batch["global_crops"].shape[-1]))
                 # A signal seen by any rank stops every rank after this same iteration (the flag rides along with
                 # the metrics' all-reduce).
                 for s in _StopSignals.SIGNALS:
@@ -544,7 +547,6 @@ class Trainer:
                 row = {"iteration": it, **reduced, "lr": lr, "wd": wd, "momentum": mom, "teacher_temp": temp,
                        "last_layer_lr": last_layer_lr, "backbone_lr_factor": backbone_factor,
                        "gram_active": arch.gram_active(it), "gram_updates": arch.gram_num_updates,
-                       "global_crops_size": int(batch["global_crops"].shape[-1]),
                        "skipped_files": len(self.skipped_files), "images_per_s": imgs_per_step / max(now - tick, 1e-9)}
                 tick = now
                 last_row = row
