@@ -75,6 +75,9 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace the runs left in WORKDIR by an earlier demo")
+    p.add_argument("--pretrained-from", default=None, metavar="DIR",
+                   help="take the data and the two pretraining runs from an earlier demo's WORKDIR (e.g. to measure "
+                        "another --hr-iterations) instead of making them")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,15 +98,18 @@ def main(argv=None):
 
     # ---- digits: kNN on CLS tokens at 32 px (1x) and 64 px (2x)
     dig = os.path.join(args.workdir, "digits")
-    arrays = {s: write_digits(os.path.join(dig, f"images_{s}"), s) for s in (32, 64)}
+    src = os.path.join(args.pretrained_from or args.workdir, "digits")
+    arrays = {s: write_digits(os.path.join(src, f"images_{s}"), s) for s in (32, 64)}
     n = args.digits_iterations
-    pre, result["train_minutes"]["digits_pretrain"] = run_stage(
-        "digits_pretrain", os.path.join(dig, "images_32", "train"), dig, "tiny",
-        pretrain(n), args.overwrite)
+    if args.pretrained_from:
+        pre = os.path.join(src, "digits_pretrain")
+    else:
+        pre, result["train_minutes"]["digits_pretrain"] = run_stage(
+            "digits_pretrain", os.path.join(dig, "images_32", "train"), dig, "tiny", pretrain(n), args.overwrite)
     runs = {"pretrained": pre}
     for name, extra in (("highres", []), ("same_res", SAME_RES)):
         runs[name], result["train_minutes"][f"digits_{name}"] = run_stage(
-            f"digits_{name}", os.path.join(dig, "images_32", "train"), dig, "tiny-highres",
+            f"digits_{name}", os.path.join(src, "images_32", "train"), dig, "tiny-highres",
             hr + [f"student.pretrained_weights={json.dumps(last_checkpoint(pre))}"] + extra, args.overwrite)
     cfg = load_config("tiny")
     result["knn"] = {}
@@ -115,24 +121,26 @@ def main(argv=None):
 
     # ---- scenes: linear patch probe (mIoU) at 64 px (1x) and 128 px (2x)
     scenes = os.path.join(args.workdir, "scenes")
-    write_scenes(os.path.join(scenes, "data"), seed=0, n_train=300, n_val=150, n_unlabeled=args.unlabeled,
-                 size=args.scene_size)
+    data = os.path.join(args.pretrained_from or args.workdir, "scenes", "data")
     n = args.scenes_iterations
-    pre, result["train_minutes"]["scenes_pretrain"] = run_stage(
-        "scenes_pretrain", os.path.join(scenes, "data", "unlabeled"), scenes, "tiny",
-        pretrain(n), args.overwrite)
+    if args.pretrained_from:
+        pre = os.path.join(args.pretrained_from, "scenes", "scenes_pretrain")
+    else:
+        write_scenes(data, seed=0, n_train=300, n_val=150, n_unlabeled=args.unlabeled, size=args.scene_size)
+        pre, result["train_minutes"]["scenes_pretrain"] = run_stage(
+            "scenes_pretrain", os.path.join(data, "unlabeled"), scenes, "tiny", pretrain(n), args.overwrite)
     runs = {"pretrained": pre}
     for name, extra in (("highres", []), ("same_res", SAME_RES)):
         runs[name], result["train_minutes"][f"scenes_{name}"] = run_stage(
-            f"scenes_{name}", os.path.join(scenes, "data", "unlabeled"), scenes, "tiny-highres",
+            f"scenes_{name}", os.path.join(data, "unlabeled"), scenes, "tiny-highres",
             hr + [f"student.pretrained_weights={json.dumps(last_checkpoint(pre))}"] + extra, args.overwrite)
     result["miou"], result["pixel_accuracy"] = {}, {}
     half = args.scene_size // 2
     for name, run in runs.items():
         result["miou"][name], result["pixel_accuracy"][name] = {}, {}
         for size in (half, args.scene_size):
-            r = seg_miou(os.path.join(run, "backbone.pth"), os.path.join(scenes, "data"), size,
-                         os.path.join(run, f"seg_{size}.json"), args.probe_steps)
+            r = seg_miou(os.path.join(run, "backbone.pth"), data, size,
+                         os.path.join(scenes, f"seg_{name}_{size}.json"), args.probe_steps)
             result["miou"][name][f"{size}px"] = round(r["miou"], 4)
             result["pixel_accuracy"][name][f"{size}px"] = round(r["pixel_accuracy"], 4)
         print(f"scenes mIoU {name}: {result['miou'][name]}", flush=True)
@@ -150,7 +158,7 @@ def main(argv=None):
                   "global_local_crop_pairs_ratios": hr_cfg["crops"]["global_local_crop_pairs_ratios"],
                   "batch_size_per_gpu": hr_cfg["train"]["batch_size_per_gpu"], "overrides": hr,
                   "same_res_control": SAME_RES},
-        "k": args.k, "probe_steps": args.probe_steps, "wall_minutes": round((time.time() - t_start) / 60, 2),
+        "pretrained_from": args.pretrained_from, "k": args.k, "probe_steps": args.probe_steps, "wall_minutes": round((time.time() - t_start) / 60, 2),
     })
     print(json.dumps(result, indent=2))
     with open(os.path.join(args.workdir, "result.json"), "w") as f:
