@@ -451,6 +451,10 @@ def load_config(config: str | dict | None = None, overrides: list[str] | tuple[s
 
         cfg = adopt_pretrained_model(cfg, base)
         validate_config(cfg)
+        if cfg["student"]["pretrained_heads"]:  # refused now, before a run folder is made, if the file has none
+            from .pretrained import read_pretrained_heads
+
+            read_pretrained_heads(cfg["student"]["pretrained_weights"])
     return cfg
 
 

@@ -170,9 +170,22 @@ def test_heads_come_from_the_checkpoint_and_the_stage_needs_one(image_dir, pretr
         trainer.close()
     with pytest.raises(ConfigError, match="--init-from"):
         Trainer(load_config("tiny-highres", HR), data_dir=image_dir, output_dir=str(tmp_path / "b"))
-    bare = load_config("tiny-highres", HR + [f"student.pretrained_weights={json.dumps(backbone_file)}"])
     with pytest.raises(ConfigError, match="holds no DINO/iBOT heads.*pretrained_heads=false"):
-        Trainer(bare, data_dir=image_dir, output_dir=str(tmp_path / "c"))
+        load_config("tiny-highres", HR + [f"student.pretrained_weights={json.dumps(backbone_file)}"])
+
+
+def test_stage_without_a_training_checkpoint_is_a_message_before_anything_is_made(image_dir, backbone_file, tmp_path,
+                                                                                  capsys):
+    from dinov3.train.cli import main
+
+    out = tmp_path / "out"
+    for extra, message in (([], "--config tiny-highres continues a run (student.pretrained_heads=true): give its "
+                                "training checkpoint with --init-from"),
+                           (["--init-from", backbone_file], "holds no DINO/iBOT heads")):
+        assert main(["--config", "tiny-highres", "--data", image_dir, "--output", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dinov3-train: error: ") and message in err, err
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")
