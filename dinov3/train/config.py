@@ -362,9 +362,9 @@ def deep_merge(base: dict, update: dict) -> dict:
 # High-resolution adaptation (`--config NAME-highres --init-from CHECKPOINT`). The ViT recipes pretrain at the official
 # 256 px, so they take the official sizes as they are; their 200k iterations are 1/6 of the official 1.2M, so the
 # stage's 30k iterations (10k of lr ramp) become 5000 (1667); lr 0.25x the recipe's. tiny pretrains at 32 px (256 / 8):
-# global 64/96, Gram 96/144, local 112/168/224/336 / 8 rounded to its patch 8 (16/16/24/32/40); 100 iterations (1/6
-# of its 200 would be 33, too few to move), a third of them the ramp; its EMA momentum 0.99 (0.999 has a time
-# constant of 1000 iterations, ten times the stage).
+# global 64/96, Gram 96/144, local 112/168/224/336 / 8 rounded to its patch 8 (16/16/24/32/40); 100 iterations (the
+# official stage is 2.5 % of the pretraining's length, 5 of tiny's 200: too few to move), a third of them the ramp;
+# its EMA momentum 0.99 (0.999 has a time constant of 1000 iterations, ten times the stage); lr 0.25x its peak 1e-3.
 # Official local 168 px is 10.5 patches of 16: its patch embedding drops the last 8 px, ours refuses sizes that are not
 # a multiple of the patch, so 160 (the same 10 x 10 patches).
 _OFFICIAL_HR = dict(global_sizes=[512, 768, 768, 768, 768], local_sizes=[112, 112, 160, 224, 336],
