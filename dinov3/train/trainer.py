@@ -163,10 +163,15 @@ class Trainer:
             if name != "gram_teacher" or self.parallel == "fsdp":
                 child.to(self.device)
         g = cfg["gram"]
+        if cfg["student"]["pretrained_heads"] and not cfg["student"]["pretrained_weights"]:
+            raise ConfigError("student.pretrained_heads=true continues a run: give its training checkpoint with "
+                              "--init-from (student.pretrained_weights)")
         if cfg["student"]["pretrained_weights"] and resume_state is None:
-            from .pretrained import load_into_arch
+            from .pretrained import load_heads_into_arch, load_into_arch
 
             load_into_arch(self.arch, cfg)
+            if cfg["student"]["pretrained_heads"]:
+                load_heads_into_arch(self.arch, cfg)
         if g["use_loss"] and g["ckpt"]:
             self._load_gram_checkpoint(g["ckpt"])
         if cfg["train"]["compile"]:
@@ -521,6 +526,9 @@ class Trainer:
                     arch.gram_num_updates += 1
 
                 metrics["total_loss"] = total
+                # Averaged over the ranks like the losses: a size none of the resolutions has would show that the
+                # ranks trained on different ones (they draw the same: dinov3/train/highres.py).
+                metrics["global_crops_size"] = torch.tensor(float(batch["global_crops"].shape[-1]))
                 # A signal seen by any rank stops every rank after this same iteration (the flag rides along with
                 # the metrics' all-reduce).
                 for s in _StopSignals.SIGNALS:
