@@ -233,6 +233,9 @@ DEFAULTS: dict[str, Any] = {
         # ssl_meta_arch.py with distillation.enabled; needs a training checkpoint); "features": the student's CLS
         # and patch tokens regress the teacher's backbone tokens; "auto": heads when the file has them.
         "mode": "auto",
+        # Head distillation: the student's global crops masked as in pretraining (iBOT then predicts the teacher's
+        # assignments of patches the student does not see). Official: false, the student sees them unmasked.
+        "mask_student": False,
         # Feature distillation: the loss between the student's projected tokens and the teacher's.
         "loss": "cosine",  # "cosine" (1 - cos), "smooth_l1" or "l2" (mean squared error per element)
         "smooth_l1_beta": 1.0,

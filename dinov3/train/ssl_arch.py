@@ -135,7 +135,8 @@ class SSLMetaArch(nn.Module):
         self.teacher = TeacherNet(DinoVisionTransformer(**kw, attn_backend=attn), *heads(), proj())
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        if self.distiller is not None:  # the student sees its crops unmasked (official): no mask token to train
+        self.distill_masks = self.distiller is not None and not features and cfg["distillation"]["mask_student"]
+        if self.distiller is not None and not self.distill_masks:  # unmasked student (official): no mask token
             self.student.backbone.mask_token.requires_grad_(False)
 
         self.gram_use_loss = bool(g["use_loss"])
@@ -233,7 +234,7 @@ class SSLMetaArch(nn.Module):
             total, losses = distill.feature_losses(st, t, n_global=n_g, crop_size=gl.shape[-1],
                                                    student_patch=int(cfg["student"]["patch_size"]))
             return self._finish_step(total, losses, batch, st, n_g, iteration, autocast, None if health else False)
-        if distill is not None:  # head distillation: the frozen teacher's heads give the targets, unmasked student
+        if distill is not None and not self.distill_masks:  # head distillation: unmasked student (official)
             masks = None
         with torch.no_grad(), autocast():
             t = (self.teacher if distill is None else distill.teacher)(gl, mask_indices, features=fused)

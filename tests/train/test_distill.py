@@ -128,9 +128,13 @@ def test_projection_only_when_the_widths_differ():
 
 
 # ------------------------------------------------------------------------------------------------ a step
-@pytest.mark.parametrize("mode", ["heads", "features"])
+@pytest.mark.parametrize("mode", ["heads", "heads-masked", "features"])
 def test_step_trains_the_student_only(teacher, image_dir, mode):
-    cfg = load_config("tiny", _distill(teacher, mode, *NANO) if mode == "features" else _distill(teacher, mode))
+    masked = mode == "heads-masked"
+    mode = mode.split("-")[0]
+    extra = NANO if mode == "features" else [f"distillation.mask_student={str(masked).lower()}",
+                                             "ibot.mask_sample_probability=1.0"]
+    cfg = load_config("tiny", _distill(teacher, mode, *extra))
     torch.manual_seed(0)
     arch = SSLMetaArch(cfg).train()
     t = arch.distiller.teacher
@@ -146,8 +150,9 @@ def test_step_trains_the_student_only(teacher, image_dir, mode):
     assert not any(p.requires_grad for p in t.parameters()) and all(p.grad is None for p in t.parameters())
     assert all(torch.equal(v, t.state_dict()[k]) for k, v in before.items()) and not t.training
     assert not any(m is t for m in arch.modules())
-    # Every trainable student parameter got a gradient; the mask token is frozen (the student sees unmasked crops).
-    assert not arch.student.backbone.mask_token.requires_grad
+    # Every trainable student parameter got a gradient; the mask token is frozen where the student sees unmasked
+    # crops (official), and trains with distillation.mask_student.
+    assert arch.student.backbone.mask_token.requires_grad == masked
     missing = [n for n, p in arch.student.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
     if mode == "features":
