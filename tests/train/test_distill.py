@@ -128,12 +128,13 @@ def test_projection_only_when_the_widths_differ():
 
 
 # ------------------------------------------------------------------------------------------------ a step
-@pytest.mark.parametrize("mode", ["heads", "heads-masked", "features"])
+@pytest.mark.parametrize("mode", ["heads", "heads-masked", "features", "features-patch4"])
 def test_step_trains_the_student_only(teacher, image_dir, mode):
+    """One step of each mode; "features-patch4": a student of patch 4 (8x8 grid) against the teacher's patch 8 (4x4)."""
     masked = mode == "heads-masked"
+    extra = (NANO + (["student.patch_size=4"] if mode.endswith("patch4") else []) if mode.startswith("features")
+             else [f"distillation.mask_student={str(masked).lower()}", "ibot.mask_sample_probability=1.0"])
     mode = mode.split("-")[0]
-    extra = NANO if mode == "features" else [f"distillation.mask_student={str(masked).lower()}",
-                                             "ibot.mask_sample_probability=1.0"]
     cfg = load_config("tiny", _distill(teacher, mode, *extra))
     torch.manual_seed(0)
     arch = SSLMetaArch(cfg).train()
