@@ -36,6 +36,8 @@ def parse_value(text: str):
 
 # DinoVisionTransformer sizes (embed_dim, depth, num_heads, ffn_ratio) as in the official model factories.
 ARCHS: dict[str, dict[str, Any]] = {
+    # Smaller than the smallest released size: students for distillation (nano) and CPU-minute runs (tiny).
+    "vit_nano": dict(embed_dim=32, depth=2, num_heads=2, ffn_ratio=2.0),
     "vit_tiny": dict(embed_dim=64, depth=2, num_heads=2, ffn_ratio=2.0),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=4.0),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0),
@@ -230,6 +232,31 @@ DEFAULTS: dict[str, Any] = {
         "teacher_temp": {"kind": "constant", "start": 0.04, "peak": 0.07, "end": 0.07, "warmup_iters": 3000},
     },
     "checkpointing": {"period": 1000, "max_to_keep": 3},
+    # Training the student from a frozen teacher (dinov3/train/distill.py). The teacher is never saved into
+    # checkpoints: they hold its path and sha256, and --resume refuses a teacher file that changed.
+    "distillation": {
+        "enabled": False,
+        # One of our training checkpoints (backbone + DINO/iBOT heads), or backbone weights only: an official
+        # .pth/.safetensors, a Hugging Face DINOv3ViTModel folder, a dinov3-train backbone.pth.
+        "teacher": None,
+        # "heads": the teacher's DINO/iBOT heads give the targets of the student's heads (official
+        # ssl_meta_arch.py with distillation.enabled; needs a training checkpoint); "features": the student's CLS
+        # and patch tokens regress the teacher's backbone tokens; "auto": heads when the file has them.
+        "mode": "auto",
+        # Head distillation: the student's global crops masked as in pretraining (iBOT then predicts the teacher's
+        # assignments of patches the student does not see). Official: false, the student sees them unmasked.
+        "mask_student": False,
+        # Feature distillation: the loss between the student's projected tokens and the teacher's.
+        "loss": "cosine",  # "cosine" (1 - cos), "smooth_l1" or "l2" (mean squared error per element)
+        "smooth_l1_beta": 1.0,
+        # Weights of the student's global-crop CLS vs the teacher's (same view), the local crops' CLS vs the
+        # teacher's global CLS (every pair, as DINO's cross-view term) and the global crops' patch tokens vs the
+        # teacher's (resized over the patch grid when the grids differ).
+        "cls_loss_weight": 1.0,
+        "local_cls_loss_weight": 1.0,
+        "patch_loss_weight": 1.0,
+        "patch_resize_method": "bilinear",
+    },
 }
 
 
@@ -487,6 +514,7 @@ NULLABLE: dict[str, Any] = {
     "gram.teacher_momentum": float,
     "student.pretrained_weights": str,
     "train.head_warmup_iters": int,
+    "distillation.teacher": str,
 }
 # Crop sizes: a number or a list of numbers (one per resolution, crops.global_local_crop_pairs_ratios); the Gram
 # size may also be null. The ratios: null, a number or a list.
@@ -511,6 +539,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.kernel_backend": ("auto", "reference", "triton", "cuda"),
     "train.head_loss_backend": ("fused", "official"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
+    "distillation.mode": ("auto", "heads", "features"),
+    "distillation.loss": ("cosine", "smooth_l1", "l2"),
+    "distillation.patch_resize_method": ("bilinear", "bicubic", "nearest", "area"),
 }
 
 
@@ -768,6 +799,16 @@ def validate_config(cfg: dict) -> None:
         if g["tokens_used"] != "all":
             need("gram.img_level", not g["img_level"],
                  "gram.tokens_used 'masked'/'unmasked' needs gram.img_level=false (as official DINOv3)")
+    ds = cfg["distillation"]
+    if ds["enabled"]:
+        need("distillation.teacher", bool(ds["teacher"]), "distillation.enabled=true needs the teacher's weights "
+             "(a training checkpoint for the head targets, or backbone weights for feature distillation)")
+        need("student.pretrained_weights", not s["pretrained_weights"],
+             "a distilled student starts from scratch (as official DINOv3): drop student.pretrained_weights "
+             "(--init-from), or distillation.enabled")
+        for name in ("cls_loss_weight", "local_cls_loss_weight", "patch_loss_weight"):
+            need(f"distillation.{name}", ds[name] >= 0, "must be >= 0")
+        need("distillation.smooth_l1_beta", ds["smooth_l1_beta"] > 0, "must be > 0")
     cp = cfg["checkpointing"]
     need("checkpointing.period", cp["period"] >= 1, "must be >= 1")
     need("checkpointing.max_to_keep", cp["max_to_keep"] >= 0, "must be >= 0 (0 keeps every checkpoint)")
