@@ -76,11 +76,12 @@ class Estimate:
     hbm_bytes: float
     exps: float = 0.0
     launches: int = 1
+    sm_fill: float = 1.0  # fraction of the SMs the design's matrix work keeps busy (a grid smaller than the GPU)
 
 
 def predict(est: Estimate, ceil: Ceilings) -> dict:
     terms = {
-        "compute": est.flops_exec / (ceil.tflops[est.precision] * 1e12),
+        "compute": est.flops_exec / (ceil.tflops[est.precision] * 1e12 * est.sm_fill),
         "hbm": est.hbm_bytes / (ceil.hbm_gbps * 1e9),
         "l2": est.design_bytes / (ceil.l2_gbps * 1e9),
         "exp": est.exps / ceil.exp_per_s,
@@ -166,6 +167,7 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
 KOLEO_BACKENDS = ("official_tf32", "official_fp32", "compile", "composed", "triton", "cuda")
 KOLEO_COMPOSED_EXTRA = 8  # dinov3_kernels.koleo.COMPOSED_EXTRA
 KOLEO_COMPOSED_BLOCK = 2**26  # dinov3_kernels.koleo.COMPOSED_BLOCK
+KOLEO_TRITON_EXTRA = 8  # dinov3_kernels._triton.koleo.RERANK_EXTRA
 
 
 def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
@@ -174,11 +176,16 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     official*/compile: normalize, the n×n fp32 product written, its row max read back, the neighbours gathered, the
       pairwise distance (eager: the difference written, then its norm); backward O(n·d) elementwise (~10 passes;
       compile ~5, and its forward elementwise ~5 passes instead of ~10).
-    triton/cuda: a norm pass, then one program per 64 query rows (Triton: 32 when n < 64·132) that streams all n rows
-      in 64-row tiles (the search set is re-read n/64 times through L2, see _hbm),
-      keeps the top-1 in registers, gathers the neighbours. CUDA's fp32 search runs IEEE FMA whatever the TF32 flag;
-      Triton's follows it. Backward: the distance gradient (x_i and x_nn read, fp32 atomics for the neighbours),
-      then a normalize backward.
+    triton/cuda: a norm pass, then programs of BM query rows that stream the search set in 64-row tiles: CUDA one
+      program per 64 rows over the whole set; Triton (since issue 14) 128-row tiles times splits of the set, enough
+      for 2 programs per SM (at most 32 splits for top-1 in fp32, 256 for 16-bit), then a merge kernel and a
+      fixed-order sum. Neither keeps the query tile resident: per (query tile, search tile) both tiles come from L2,
+      n·M·d·e·(1/BM + 1/64) bytes (the set once per query tile, the query tile once per search tile; see _hbm).
+      The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). CUDA's fp32 search runs IEEE
+      FMA whatever the TF32 flag; Triton's fp32 search runs TF32 always, keeping 1 + 8 candidates that the merge
+      re-ranks exactly (each candidate and neighbour row, and the query row with it, read once more: 2·(9 + 1)·n·d·4
+      bytes), 16-bit input keeps top-1 (2·2·n·d·e). Backward: the distance gradient (x_i and x_nn read, fp32 atomics
+      for the neighbours), then a normalize backward.
     composed: the neighbour op normalises (read x, write fp32 u), then per block of R = 2^26 / n query rows one GEMM
       (TF32 for fp32 with TF32 on, bf16 for 16-bit, reading the block and the whole set) writing R·n fp32 scores, a
       diagonal fill, for 16-bit input a column scale (read + write), topk (read); re-ranking the K = 1 + 8 candidates
@@ -209,16 +216,26 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         return Estimate(useful, useful, prec, min_b, b, b, 0, launches)
     if backend not in ("triton", "cuda"):
         raise ValueError(f"koleo: unknown backend {backend!r}")
-    bm = 64 if (backend == "cuda" or n >= 64 * sms) else 32
-    prec = _precision(dtype, tf32 and backend == "triton")
+    if backend == "cuda":
+        bm, prec, programs = 64, _precision(dtype, False), _cdiv(n, 64)
+        merge, launches = 2 * nd * e, 2
+    else:
+        bm = 128
+        prec = "bf16" if e == 2 else "tf32"
+        kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA
+        kcp = max(2, 1 << (kc - 1).bit_length())
+        splits = max(1, min(_cdiv(2 * sms, _cdiv(n, bm)), _cdiv(n, 64), 512 // kcp))
+        programs = _cdiv(n, bm) * splits
+        merge, launches = 2 * (kc + 1) * nd * e + 2 * n * splits * kcp * 8, 4
     flops_exec = 2 * _cdiv(n, bm) * bm * _cdiv(n, 64) * 64 * d
-    search = nd * e + _cdiv(n, bm) * nd * e  # query tiles once, the whole set per query tile
-    fwd_design = nd * e + search + 2 * nd * e
+    search = _cdiv(n, bm) * nd * e + _cdiv(n, 64) * nd * e  # the set per query tile, the query tile per search tile
+    fwd_design = nd * e + search + merge
     bwd_design = 2 * nd * e + 2 * nd * 8 + 2 * nd * e + nd * 4 + nd * e
     design = fwd_design + (0 if mode == "fwd" else bwd_design)
     fwd_hbm = _hbm(3 * nd * e, fwd_design, nd * e)
     hbm = fwd_hbm + (0 if mode == "fwd" else 2 * nd * e + 2 * nd * 4 + nd * e)
-    return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, 4 + (0 if mode == "fwd" else 4))
+    return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, launches + 2 + (0 if mode == "fwd" else 4),
+                    sm_fill=min(1.0, programs / sms))
 
 
 # ---- RoPE attention --------------------------------------------------------------------------------------------------

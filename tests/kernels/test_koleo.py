@@ -170,6 +170,46 @@ def test_duplicate_rows_finite(triton_cpu):
         assert torch.isfinite(loss) and torch.isfinite(g).all()
 
 
+def _triton_fwd(x, topk, offset=0, n=None, splits=None):
+    from dinov3_kernels._triton.koleo import koleo_fwd_triton
+
+    return koleo_fwd_triton(x, offset, x.shape[0] - offset if n is None else n, topk, 1e-8, 1e-8, splits=splits)
+
+
+def test_triton_search_splits_and_merge(triton_cpu):
+    # The search set split over programs (64-column tiles, so 150 rows make 3), each split's candidates merged: the
+    # neighbours in order, distances and loss are the reference's, with and without an offset; identical rows in
+    # every split keep the lowest indices, as one search does.
+    x = torch.randn(150, 12)
+    loss, idx, dist, _ = _triton_fwd(x, 2, splits=3)
+    assert torch.equal(idx, _reference_neighbors(x, 2))
+    u = F.normalize(x.double(), dim=-1, eps=1e-8)
+    torch.testing.assert_close(dist.double(), F.pairwise_distance(u.unsqueeze(1).expand(-1, 2, -1), u[idx], eps=1e-8),
+                               rtol=1e-5, atol=1e-7)
+    _assert_close(loss, koleo_loss_reference(x.double(), topk=2), RTOL[torch.float32], "loss (3 splits)")
+    _, idx, _, _ = _triton_fwd(x, 1, offset=70, n=16, splits=2)
+    assert torch.equal(idx, _reference_neighbors(x, 1, 70, 16))
+    x = torch.randn(1, 5).repeat(130, 1)
+    _, idx, dist, _ = _triton_fwd(x, 3, offset=60, n=16, splits=3)
+    assert torch.equal(idx, _reference_neighbors(x, 3, 60, 16)) and torch.isfinite(dist).all()
+
+
+def test_search_grid_limits():
+    # Splits go on grid axis 1 (limit 65535) and are capped by the merge's tile; none is empty; small n is spread
+    # over about `programs` programs; query tiles (axis 0) past 2^31 - 1 are refused.
+    from dinov3_kernels._triton.koleo import MAX_GRID_YZ, MAX_MERGE_WIDTH, _search_grid
+
+    for n, M, kcp, programs, splits in ((1, 10**9, 2, 10**7, None), (1, 10**9, 2, None, 10**6), (5, 300, 16, 264, None),
+                                       (1024, 1024, 16, 264, None), (10**6, 10**6, 2, 264, None)):
+        tiles, got, per = _search_grid(n, M, 128, 64, kcp, programs or 1, splits)
+        assert 1 <= got <= min(MAX_GRID_YZ, MAX_MERGE_WIDTH // kcp)
+        assert per % 64 == 0 and (got - 1) * per < M <= got * per
+        assert tiles == -(-n // 128)
+    assert _search_grid(1024, 1024, 128, 64, 16, 264)[:2] == (8, 16)  # 128 programs for n = 1024
+    with pytest.raises(ValueError, match="grid limit"):
+        _search_grid(2**39, 2**39, 128, 64, 2, 264)
+
+
 def test_triton_zero_row(triton_cpu):
     # A zero row takes F.normalize's eps branch: u = 0, gradient g / eps.
     x = torch.randn(20, 8)
@@ -570,6 +610,14 @@ def test_gpu_random_fp32_indices_match():
 
 
 @pytest.mark.gpu
+def test_gpu_triton_tf32_search_is_reranked():
+    # fp32 input is searched in TF32 whatever the flag, then re-ranked exactly: the float64 neighbours, in order.
+    x = _clustered(3000, 256, 6, torch.float32, "cuda", spread=0.02)
+    _, idx, _, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(x, 0, 3000, 4, 1e-8, "triton")
+    assert (idx == _reference_neighbors(x.cpu(), 4).cuda()).float().mean() > 0.9999
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["tf32", "bf16", "fp16"])
 def test_gpu_composed_neighbors_are_exact(dtype):
     # The TF32/16-bit GEMM search plus exact re-ranking gives the float64 neighbours, in order, on clustered data
@@ -614,7 +662,8 @@ def test_gpu_memory_is_linear_in_n():
 
 @pytest.mark.gpu
 def test_gpu_forward_is_two_launches():
-    # Row norms, then one search launch that also produces the distances and the loss.
+    # CUDA: row norms, then one search launch that also produces the distances and the loss. Triton: row norms, the
+    # split search, the merge (neighbours, distances, partial losses) and the fixed-order sum.
     from torch.profiler import ProfilerActivity, profile
 
     x = torch.randn(64, 384, device="cuda", dtype=torch.bfloat16)
@@ -628,4 +677,4 @@ def test_gpu_forward_is_two_launches():
             torch.cuda.synchronize()
         kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                    and "memset" not in e.name.lower() and "memcpy" not in e.name.lower()]
-        assert len(kernels) == 2, f"{backend}: {kernels}"
+        assert len(kernels) == (4 if backend == "triton" else 2), f"{backend}: {kernels}"
