@@ -189,8 +189,9 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     composed: the neighbour op normalises (read x, write fp32 u), then per block of R = 2^26 / n query rows one GEMM
       (TF32 for fp32 with TF32 on, bf16 for 16-bit, reading the block and the whole set) writing R·n fp32 scores, a
       diagonal fill, for 16-bit input a column scale (read + write), topk (read); re-ranking the K = 1 + 8 candidates
-      in torch ops: gather (read + write n·K·d fp32), product (write), fp64 sum (read); sorts and the settled check on
-      (n, K) are small; one host sync (counted as 5 launches); rows left unsettled (rare: near ties) are not modelled.
+      with one Triton pass on CUDA (each candidate row read once: n·K·d fp32); sorts and the settled check on (n, K)
+      are small; one host sync (counted as 5 launches); rows left unsettled (rare: near ties) are not modelled.
+      Launches: ~29 + 4 per query block forward (normalise, blocks, re-rank, sorts, check, the loss's ~11 ops).
       The loss: the reference's autograd expression (normalise again, gather, pairwise distance, log: ~7 passes over
       n·d fp32 forward, ~10 backward, as the official eager path).
     """
@@ -209,10 +210,10 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         prec = _precision(dtype, tf32)
         K = 1 + KOLEO_COMPOSED_EXTRA
         blocks = _cdiv(n, min(n, max(1, KOLEO_COMPOSED_BLOCK // n)))
-        f = nd * (e + 4) + nd * e * (1 + blocks) + n * n * 4 * (2 if e == 4 else 4) + 4 * n * K * d * 4 + nd * 4
+        f = nd * (e + 4) + nd * e * (1 + blocks) + n * n * 4 * (2 if e == 4 else 4) + n * K * d * 4 + nd * 4
         loss = nd * (e + 4) + 5 * nd * 4
         b = f + loss + (0 if mode == "fwd" else 10 * nd * 4)
-        launches = 4 * blocks + 12 + 5 + 8 + (0 if mode == "fwd" else 12)
+        launches = 4 * blocks + 29 + (0 if mode == "fwd" else 12)
         return Estimate(useful, useful, prec, min_b, b, b, 0, launches)
     if backend not in ("triton", "cuda"):
         raise ValueError(f"koleo: unknown backend {backend!r}")

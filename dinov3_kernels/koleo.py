@@ -272,6 +272,10 @@ def _exact_neighbors(s, grows, topk, block):
     return torch.cat(out)
 
 
+def _use_triton_dots(s):
+    return s.is_cuda and s.dtype == torch.float32 and _backend.TRITON_UNAVAILABLE is None
+
+
 def _nearest_neighbors_impl(search, offset, n, topk, eps):
     M, D = search.shape
     block = COMPOSED_BLOCK
@@ -280,16 +284,22 @@ def _nearest_neighbors_impl(search, offset, n, topk, eps):
         K = min(topk + COMPOSED_EXTRA, M - 1)
         A, col_scale, err, mm = _search_operand(search, s, eps)
         cand, last = _gemm_candidates(A, col_scale, mm, offset, n, K, block)
-        # Exact similarities of the candidates: fp32 products summed in fp64 (error <= 2^-24 for unit rows).
-        R = max(1, block // (K * D))
-        vals = torch.cat([(s[offset + i0:offset + min(n, i0 + R)].unsqueeze(1) * s[cand[i0:i0 + R]]).sum(
-            -1, dtype=torch.float64) for i0 in range(0, n, R)])
+        # Exact fp32 similarities of the candidates (error <= (d + 2)·2^-24 for unit rows): on CUDA one Triton pass that
+        # reads each candidate row once; elsewhere fp32 products summed in fp64 (torch's gather, product, sum).
+        if _use_triton_dots(s):
+            from ._triton.koleo import candidate_dots_triton
+
+            vals = candidate_dots_triton(s, offset, n, cand).double()
+        else:
+            R = max(1, block // (K * D))
+            vals = torch.cat([(s[offset + i0:offset + min(n, i0 + R)].unsqueeze(1) * s[cand[i0:i0 + R]]).sum(
+                -1, dtype=torch.float64) for i0 in range(0, n, R)])
         vals, cand = _order_by_similarity(vals, cand)
         idx = cand[:, :topk].contiguous()
         if K < M - 1:  # otherwise every other row was a candidate
             # Any row outside the candidates scores at most last + err: the topk are all candidates if the exact
             # topk-th similarity is above that by more than the re-ranking's own error.
-            settled = vals[:, topk - 1] - last.double() > err + 2.0**-22
+            settled = vals[:, topk - 1] - last.double() > err + 2 * (D + 2) * 2.0**-24
             redo = torch.nonzero(~settled).flatten()  # one host sync
             if redo.numel() > 0:
                 idx[redo] = _exact_neighbors(s, offset + redo, topk, block)

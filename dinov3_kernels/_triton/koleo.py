@@ -206,6 +206,10 @@ def _block_sizes(n, D, on_cpu, is_fp32):
             max(16, min(128, triton.next_power_of_2(D))), 2 * 132)
 
 
+def _search_warps(block_m):
+    return 8 if block_m >= 128 else 4  # wgmma: one warpgroup (4 warps) per 64 rows
+
+
 def _search_grid(n, M, block_m, block_n, kcp, programs, splits=None):
     """(query tiles, search splits, columns per split) of the search launch. Tiles go on grid axis 0 (2^31 - 1);
     splits on axis 1 (at most MAX_GRID_YZ = 65535, and at most MAX_MERGE_WIDTH / kcp for the merge's tile)."""
@@ -248,7 +252,7 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None):
         search.stride(0), search.stride(1), eps,
         KC=kc, KCP=kcp, IS_FP32=is_fp32, PRECISION=precision,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        num_warps=8 if BLOCK_M >= 128 else 4,
+        num_warps=_search_warps(BLOCK_M),
     )
     idx = torch.empty((n, topk), device=dev, dtype=torch.int64)
     dist = torch.empty((n, topk), device=dev, dtype=torch.float32)
@@ -264,6 +268,43 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None):
     loss = torch.empty((), device=dev, dtype=torch.float32)
     _koleo_sum_kernel[(1,)](partial, loss, merge_tiles, 1.0 / (n * topk), BLOCK=256)
     return loss, idx, dist, norm
+
+
+@triton.jit
+def _koleo_candidate_dots_kernel(U, CAND, OUT, n, K, D, offset, stride_m, stride_d,
+                                 KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # OUT[i, c] = u_(offset + i) · u_CAND[i, c] in fp32 FMA (IEEE): the composed backend's exact re-ranking, one read
+    # of each candidate row instead of torch's gather, product and sum passes.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mr = rows < n
+    c = tl.arange(0, KP)
+    mc = mr[:, None] & (c < K)[None, :]
+    cand = tl.load(CAND + rows.to(tl.int64)[:, None] * K + c[None, :], mask=mc, other=0)  # (BLOCK_R, KP)
+    q_ptr = U + (offset + rows).to(tl.int64) * stride_m
+    c_ptr = U + cand.to(tl.int64) * stride_m
+    acc = tl.zeros((BLOCK_R, KP), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        k = k0 + tl.arange(0, BLOCK_D)
+        mk = k < D
+        q = tl.load(q_ptr[:, None] + k[None, :] * stride_d, mask=mr[:, None] & mk[None, :], other=0.0)
+        x = tl.load(c_ptr[:, :, None] + k[None, None, :] * stride_d, mask=mc[:, :, None] & mk[None, None, :],
+                    other=0.0)
+        acc += tl.sum(q[:, None, :] * x, axis=2)
+    tl.store(OUT + rows.to(tl.int64)[:, None] * K + c[None, :], acc, mask=mc)
+
+
+def candidate_dots_triton(u, offset, n, cand):
+    """(n, K) fp32: u[offset + i] · u[cand[i, c]] for the normalised fp32 set u (M, D) and candidates (n, K)."""
+    K = cand.shape[1]
+    D = u.shape[1]
+    out = torch.empty((n, K), device=u.device, dtype=torch.float32)
+    KP = max(2, triton.next_power_of_2(K))
+    BLOCK_R = max(1, 64 // KP)
+    BLOCK_D = max(16, min(64, triton.next_power_of_2(D)))
+    _koleo_candidate_dots_kernel[(triton.cdiv(n, BLOCK_R),)](
+        u, cand.contiguous(), out, n, K, D, offset, u.stride(0), u.stride(1), KP=KP, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+    )
+    return out
 
 
 @triton.jit

@@ -395,6 +395,22 @@ def test_composed_inputs_not_modified_and_nan():
     assert torch.isnan(koleo_loss(x, backend="composed"))
 
 
+def test_composed_triton_candidate_dots(triton_cpu, monkeypatch):
+    # The CUDA re-ranking helper (interpreter): the candidates' fp32 similarities, then the whole search through it.
+    from dinov3_kernels import koleo
+    from dinov3_kernels._triton.koleo import candidate_dots_triton
+
+    s = F.normalize(torch.randn(50, 37), dim=-1)
+    cand = torch.randint(0, 50, (20, 11))
+    got = candidate_dots_triton(s, 7, 20, cand)
+    want = (s[7:27].double().unsqueeze(1) * s[cand].double()).sum(-1)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    monkeypatch.setattr(koleo, "_use_triton_dots", lambda s: True)
+    x = _near_tie_groups(groups=6)
+    monkeypatch.setattr(koleo, "_search_operand", _bf16_search(0.0))
+    assert torch.equal(torch.ops.dinov3_kernels.nearest_neighbors(x, 0, 18, 2, 1e-8), _reference_neighbors(x, 2))
+
+
 def test_composed_opcheck_and_compile():
     s = torch.randn(24, 12)
     for offset, n, topk in ((0, 24, 1), (8, 8, 3)):
