@@ -10,7 +10,7 @@ with autocast off):
   compile         torch.compile of the official computation, TF32 on
   composed        dinov3_kernels.koleo_loss(backend="composed"): cuBLAS GEMM search over query-row blocks (TF32 when
                   torch allows it, bf16/fp16 native) keeping the top 1 + 8 candidates, exact re-ranking, torch autograd
-  triton, cuda    dinov3_kernels.koleo_loss (Triton's fp32 search follows the TF32 flag; CUDA's is IEEE fp32 FMA)
+  triton, cuda    dinov3_kernels.koleo_loss (Triton searches fp32 in TF32 and re-ranks exactly; CUDA: IEEE FMA)
 No outside library is installed that would do better than the official formulation (a faiss-style k-NN search also
 materialises the n×n scores or trades exactness away), so there is no further alternative row.
 

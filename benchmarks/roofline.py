@@ -176,11 +176,11 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     official*/compile: normalize, the n×n fp32 product written, its row max read back, the neighbours gathered, the
       pairwise distance (eager: the difference written, then its norm); backward O(n·d) elementwise (~10 passes;
       compile ~5, and its forward elementwise ~5 passes instead of ~10).
-    triton/cuda: a norm pass, then programs of BM query rows that stream the search set in 64-row tiles: CUDA one
-      program per 64 rows over the whole set; Triton (since issue 14) 128-row tiles times splits of the set, enough
-      for 2 programs per SM (at most 32 splits for top-1 in fp32, 256 for 16-bit), then a merge kernel and a
-      fixed-order sum. Neither keeps the query tile resident: per (query tile, search tile) both tiles come from L2,
-      n·M·d·e·(1/BM + 1/64) bytes (the set once per query tile, the query tile once per search tile; see _hbm).
+    triton/cuda: a norm pass, then programs of BM query rows that stream the search set in BN-row tiles: CUDA one
+      program per 64 rows over the whole set (BN = 64); Triton (since issue 14) BN = 128 and BM = 128 for
+      n >= 64·132, else 64, times splits of the set, enough for 2 programs per SM (at most 32 splits for top-1 in
+      fp32, 256 for 16-bit), then a merge kernel and a fixed-order sum. Neither keeps the query tile resident: per
+      (query tile, search tile) both tiles come from L2, n·M·d·e·(1/BM + 1/BN) bytes (see _hbm).
       The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). CUDA's fp32 search runs IEEE
       FMA whatever the TF32 flag; Triton's fp32 search runs TF32 always, keeping 1 + 8 candidates that the merge
       re-ranks exactly (each candidate and neighbour row, and the query row with it, read once more: 2·(9 + 1)·n·d·4
@@ -218,18 +218,18 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     if backend not in ("triton", "cuda"):
         raise ValueError(f"koleo: unknown backend {backend!r}")
     if backend == "cuda":
-        bm, prec, programs = 64, _precision(dtype, False), _cdiv(n, 64)
+        bm, bn, prec, programs = 64, 64, _precision(dtype, False), _cdiv(n, 64)
         merge, launches = 2 * nd * e, 2
     else:
-        bm = 128
+        bm, bn = (128 if n >= 64 * sms else 64), 128
         prec = "bf16" if e == 2 else "tf32"
         kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA
         kcp = max(2, 1 << (kc - 1).bit_length())
-        splits = max(1, min(_cdiv(2 * sms, _cdiv(n, bm)), _cdiv(n, 64), 512 // kcp))
+        splits = max(1, min(_cdiv(2 * sms, _cdiv(n, bm)), _cdiv(n, bn), 512 // kcp))
         programs = _cdiv(n, bm) * splits
         merge, launches = 2 * (kc + 1) * nd * e + 2 * n * splits * kcp * 8, 4
-    flops_exec = 2 * _cdiv(n, bm) * bm * _cdiv(n, 64) * 64 * d
-    search = _cdiv(n, bm) * nd * e + _cdiv(n, 64) * nd * e  # the set per query tile, the query tile per search tile
+    flops_exec = 2 * _cdiv(n, bm) * bm * _cdiv(n, bn) * bn * d
+    search = _cdiv(n, bm) * nd * e + _cdiv(n, bn) * nd * e  # the set per query tile, the query tile per search tile
     fwd_design = nd * e + search + merge
     bwd_design = 2 * nd * e + 2 * nd * 8 + 2 * nd * e + nd * 4 + nd * e
     design = fwd_design + (0 if mode == "fwd" else bwd_design)

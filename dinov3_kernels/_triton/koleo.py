@@ -199,10 +199,13 @@ def _block_sizes(n, D, on_cpu, is_fp32):
         block_m = max(16, min(64, triton.next_power_of_2(n)))
         return (block_m, 64, max(16, min(64, triton.next_power_of_2(D))),
                 max(16, min(128, triton.next_power_of_2(D))), 1)
-    # 128 query rows over 8 warps: two warpgroups of wgmma m64 (BLOCK_M = 32 compiled to mma.sync), twice the reuse
-    # of each search tile that 64 rows gave; the search splits fill the SMs when n is small (2 programs per SM).
+    # wgmma needs 64 query rows per warpgroup (BLOCK_M = 32 compiled to mma.sync). Each (query tile, search tile)
+    # pair loads both tiles from L2, n·M·d·(1/BLOCK_M + 1/BLOCK_N) elements in all, so 128-wide search tiles. Large n
+    # (L2-bound): 128 x 128 over 8 warps (~245 regs, 1 CTA/SM), the fewest bytes a 128x128 fp32 accumulator allows;
+    # smaller n: 64 x 128 over 4 warps (~240 regs, 72 KB smem: 2 CTAs/SM) and twice the programs. The search splits
+    # fill the SMs when n is small (2 programs per SM).
     block_k = 32 if is_fp32 else 64
-    return (128, 64, max(16, min(block_k, triton.next_power_of_2(D))),
+    return (128 if n >= 64 * 132 else 64, 128, max(16, min(block_k, triton.next_power_of_2(D))),
             max(16, min(128, triton.next_power_of_2(D))), 2 * 132)
 
 
@@ -238,6 +241,8 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None):
     kc = min(topk + RERANK_EXTRA, M - 1) if rerank else topk
     kcp = max(2, triton.next_power_of_2(kc))
     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs = _block_sizes(n, D, on_cpu, is_fp32)
+    if BLOCK_M == 128 and kcp > 16:  # 128 rows x 32 slots of top-k state would spill at 8 warps (255 regs at 16)
+        BLOCK_M = 64
     norm = torch.empty(M, device=dev, dtype=torch.float32)
     BLOCK_R, BLOCK_D = 16, max(16, min(128, triton.next_power_of_2(D)))
     _koleo_norm_kernel[(triton.cdiv(M, BLOCK_R),)](
@@ -254,6 +259,16 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None):
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         num_warps=_search_warps(BLOCK_M),
     )
+    loss, idx, dist = koleo_merge_triton(search, norm, cand_v, cand_i, offset, n, topk, kc, rerank, eps, pdist_eps,
+                                         BLOCK_P)
+    return loss, idx, dist, norm
+
+
+def koleo_merge_triton(search, norm, cand_v, cand_i, offset, n, topk, kc, rerank, eps, pdist_eps, block_p=None):
+    """(loss, indices, distances) from the search's candidates (n, splits, KCP) (score, index); see module doc."""
+    M, D = search.shape
+    dev = search.device
+    n_splits, kcp = cand_v.shape[1], cand_v.shape[2]
     idx = torch.empty((n, topk), device=dev, dtype=torch.int64)
     dist = torch.empty((n, topk), device=dev, dtype=torch.float32)
     MERGE_R = 8
@@ -263,11 +278,11 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None):
         search, norm, cand_v, cand_i, idx, dist, partial,
         n, M, D, offset, search.stride(0), search.stride(1), eps, pdist_eps,
         SPLITS=n_splits, TOPK=topk, KC=kc, KCP=kcp, WIDTH=max(16, triton.next_power_of_2(n_splits * kcp)),
-        RERANK=rerank, BLOCK_R=MERGE_R, BLOCK_P=BLOCK_P,
+        RERANK=rerank, BLOCK_R=MERGE_R, BLOCK_P=block_p or max(16, min(128, triton.next_power_of_2(D))),
     )
     loss = torch.empty((), device=dev, dtype=torch.float32)
     _koleo_sum_kernel[(1,)](partial, loss, merge_tiles, 1.0 / (n * topk), BLOCK=256)
-    return loss, idx, dist, norm
+    return loss, idx, dist
 
 
 @triton.jit

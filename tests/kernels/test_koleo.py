@@ -194,6 +194,27 @@ def test_triton_search_splits_and_merge(triton_cpu):
     assert torch.equal(idx, _reference_neighbors(x, 3, 60, 16)) and torch.isfinite(dist).all()
 
 
+def test_triton_merge_reranks_exactly(triton_cpu):
+    # The merge kernel fed candidates whose search scores rank them backwards (as a TF32 search can for near ties,
+    # which the interpreter's fp32 dots never produce): re-ranking recovers the reference's order; without it the
+    # merge follows the scores.
+    from dinov3_kernels._triton.koleo import koleo_merge_triton
+
+    x = torch.randn(40, 12)
+    n, topk, kc = 40, 2, 10
+    true = _reference_neighbors(x, kc)
+    cand_i = torch.full((n, 1, 16), 40, dtype=torch.int32)
+    cand_v = torch.full((n, 1, 16), float("-inf"))
+    cand_i[:, 0, :kc] = true.int()
+    cand_v[:, 0, :kc] = torch.linspace(0.1, 0.9, kc)  # best last
+    norm = x.norm(dim=1)
+    loss, idx, dist = koleo_merge_triton(x, norm, cand_v, cand_i, 0, n, topk, kc, True, 1e-8, 1e-8)
+    assert torch.equal(idx, true[:, :topk])
+    _assert_close(loss, koleo_loss_reference(x.double(), topk=topk), RTOL[torch.float32], "merge loss")
+    _, idx, _ = koleo_merge_triton(x, norm, cand_v, cand_i, 0, n, topk, kc, False, 1e-8, 1e-8)
+    assert torch.equal(idx, true[:, [kc - 1, kc - 2]])
+
+
 def test_search_grid_limits():
     # Splits go on grid axis 1 (limit 65535) and are capped by the merge's tile; none is empty; small n is spread
     # over about `programs` programs; query tiles (axis 0) past 2^31 - 1 are refused.
