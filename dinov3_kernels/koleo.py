@@ -1,7 +1,8 @@
 """KoLeo loss (Sablayrolles et al. 2018; DINOv2/DINOv3): -mean log of each feature's distance to its nearest
 neighbours in the batch, which spreads the features over the sphere. Single-GPU and distributed (DKoLeo).
 
-reference (the spec) -> input checks -> kernels and autograd -> distributed search set -> public function -> modules.
+reference (the spec) -> input checks -> kernels and autograd -> the composed backend (cuBLAS search, exact
+re-ranking) -> distributed search set -> public function -> modules.
 
 Against the official DINOv3 code, three deliberate differences, all in degenerate cases or in precision: a row is
 excluded from its own neighbours outright (upstream writes -1 on the diagonal, so a row whose every other row is

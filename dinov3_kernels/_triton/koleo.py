@@ -228,17 +228,21 @@ def _search_grid(n, M, block_m, block_n, kcp, programs, splits=None):
     return tiles, splits, cols_per_split
 
 
-def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None):
+def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra=None):
     """(loss fp32 scalar, indices (n, topk) int64, distances (n, topk) fp32, norms (M,) fp32); see module doc.
-    `splits` forces the number of search splits (tests); by default enough to fill the GPU."""
+    `splits` forces the number of search splits, `extra` the spare candidates of the fp32 search (tests); by default
+    enough splits to fill the GPU, and RERANK_EXTRA spare candidates on the GPU, none under the interpreter (whose
+    tl.dot computes TF32 in fp32, so there is no TF32 error to absorb, and each spare slot costs interpreter time)."""
     M, D = search.shape
     dev = search.device
     on_cpu = dev.type == "cpu"
     is_fp32, precision = dot_precision(search)
-    rerank = is_fp32  # fp32: TF32 search, exact re-ranking (the interpreter computes TF32 dots in fp32 anyway)
+    rerank = is_fp32  # fp32: TF32 search, exact re-ranking
     if rerank:
         precision = "tf32"
-    kc = min(topk + RERANK_EXTRA, M - 1) if rerank else topk
+    if extra is None:
+        extra = 0 if on_cpu else RERANK_EXTRA
+    kc = min(topk + extra, M - 1) if rerank else topk
     kcp = max(2, triton.next_power_of_2(kc))
     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs = _block_sizes(n, D, on_cpu, is_fp32)
     if BLOCK_M == 128 and kcp > 16:  # 128 rows x 32 slots of top-k state would spill at 8 warps (255 regs at 16)
@@ -271,7 +275,7 @@ def koleo_merge_triton(search, norm, cand_v, cand_i, offset, n, topk, kc, rerank
     n_splits, kcp = cand_v.shape[1], cand_v.shape[2]
     idx = torch.empty((n, topk), device=dev, dtype=torch.int64)
     dist = torch.empty((n, topk), device=dev, dtype=torch.float32)
-    MERGE_R = 8
+    MERGE_R = 8 if kcp <= 16 else 4  # 8 rows x 32 slots (topk > 8 in fp32) spilled 16 bytes on sm_90
     merge_tiles = triton.cdiv(n, MERGE_R)
     partial = torch.empty(merge_tiles, device=dev, dtype=torch.float32)
     _koleo_merge_kernel[(merge_tiles,)](
