@@ -193,12 +193,13 @@ def _koleo_sum_kernel(PART, LOSS, num, scale, BLOCK: tl.constexpr):
 
 
 def _block_sizes(n, D, on_cpu, is_fp32):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs the search aims for)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs the search aims for, spare candidates of the fp32 search)."""
     if on_cpu:
-        # The interpreter pays per program and per op: small tiles that still satisfy tl.dot (>= 16), one split.
+        # The interpreter pays per program and per op: small tiles that still satisfy tl.dot (>= 16), one split, and
+        # no spare candidates (its tl.dot computes TF32 in fp32: no TF32 error to absorb; each slot costs time).
         block_m = max(16, min(64, triton.next_power_of_2(n)))
         return (block_m, 64, max(16, min(64, triton.next_power_of_2(D))),
-                max(16, min(128, triton.next_power_of_2(D))), 1)
+                max(16, min(128, triton.next_power_of_2(D))), 1, 0)
     # wgmma needs 64 query rows per warpgroup (BLOCK_M = 32 compiled to mma.sync). Each (query tile, search tile)
     # pair loads both tiles from L2, n·M·d·(1/BLOCK_M + 1/BLOCK_N) elements in all, so 128-wide search tiles. Large n
     # (L2-bound): 128 x 128 over 8 warps (~245 regs, 1 CTA/SM), the fewest bytes a 128x128 fp32 accumulator allows;
@@ -206,7 +207,7 @@ def _block_sizes(n, D, on_cpu, is_fp32):
     # fill the SMs when n is small (2 programs per SM).
     block_k = 32 if is_fp32 else 64
     return (128 if n >= 64 * 132 else 64, 128, max(16, min(block_k, triton.next_power_of_2(D))),
-            max(16, min(128, triton.next_power_of_2(D))), 2 * 132)
+            max(16, min(128, triton.next_power_of_2(D))), 2 * 132, RERANK_EXTRA)
 
 
 def _search_warps(block_m):
@@ -231,8 +232,7 @@ def _search_grid(n, M, block_m, block_n, kcp, programs, splits=None):
 def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra=None):
     """(loss fp32 scalar, indices (n, topk) int64, distances (n, topk) fp32, norms (M,) fp32); see module doc.
     `splits` forces the number of search splits, `extra` the spare candidates of the fp32 search (tests); by default
-    enough splits to fill the GPU, and RERANK_EXTRA spare candidates on the GPU, none under the interpreter (whose
-    tl.dot computes TF32 in fp32, so there is no TF32 error to absorb, and each spare slot costs interpreter time)."""
+    both come from _block_sizes."""
     M, D = search.shape
     dev = search.device
     on_cpu = dev.type == "cpu"
@@ -240,11 +240,10 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
     rerank = is_fp32  # fp32: TF32 search, exact re-ranking
     if rerank:
         precision = "tf32"
-    if extra is None:
-        extra = 0 if on_cpu else RERANK_EXTRA
+    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs, default_extra = _block_sizes(n, D, on_cpu, is_fp32)
+    extra = default_extra if extra is None else extra
     kc = min(topk + extra, M - 1) if rerank else topk
     kcp = max(2, triton.next_power_of_2(kc))
-    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs = _block_sizes(n, D, on_cpu, is_fp32)
     if BLOCK_M == 128 and kcp > 16:  # 128 rows x 32 slots of top-k state would spill at 8 warps (255 regs at 16)
         BLOCK_M = 64
     norm = torch.empty(M, device=dev, dtype=torch.float32)
