@@ -195,13 +195,14 @@ def _search_operand(search, s, eps):
     if search.dtype in (torch.float16, torch.bfloat16):
         col_scale = 1.0 / search.float().norm(dim=1).clamp_min_(eps)  # as F.normalize
         dev = search.device.type
-        if _MM_FP32_OUT.get(dev, True):
+        if dev not in _MM_FP32_OUT:  # probed once per device type
             try:
                 torch.mm(search[:1], search[:1].T, out_dtype=torch.float32)
                 _MM_FP32_OUT[dev] = True
-                return search, col_scale, 2 * acc, lambda a, b: torch.mm(a, b, out_dtype=torch.float32)
             except (RuntimeError, TypeError, NotImplementedError):  # not on this device or torch: upcast, exactly
                 _MM_FP32_OUT[dev] = False
+        if _MM_FP32_OUT[dev]:
+            return search, col_scale, 2 * acc, lambda a, b: torch.mm(a, b, out_dtype=torch.float32)
         return search.float(), col_scale, 2 * acc, torch.mm
     precision = torch.get_float32_matmul_precision()
     if precision == "medium":
