@@ -76,11 +76,12 @@ class Estimate:
     hbm_bytes: float
     exps: float = 0.0
     launches: int = 1
+    sm_fill: float = 1.0  # fraction of the SMs the design's matrix work keeps busy (a grid smaller than the GPU)
 
 
 def predict(est: Estimate, ceil: Ceilings) -> dict:
     terms = {
-        "compute": est.flops_exec / (ceil.tflops[est.precision] * 1e12),
+        "compute": est.flops_exec / (ceil.tflops[est.precision] * 1e12 * est.sm_fill),
         "hbm": est.hbm_bytes / (ceil.hbm_gbps * 1e9),
         "l2": est.design_bytes / (ceil.l2_gbps * 1e9),
         "exp": est.exps / ceil.exp_per_s,
@@ -231,7 +232,10 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
 
 
 # ---- KoLeo loss ------------------------------------------------------------------------------------------------------
-KOLEO_BACKENDS = ("official_tf32", "official_fp32", "compile", "triton", "cuda")
+KOLEO_BACKENDS = ("official_tf32", "official_fp32", "compile", "composed", "triton", "cuda")
+KOLEO_COMPOSED_EXTRA = 8  # dinov3_kernels.koleo.COMPOSED_EXTRA
+KOLEO_COMPOSED_BLOCK = 2**26  # dinov3_kernels.koleo.COMPOSED_BLOCK
+KOLEO_TRITON_EXTRA = 8  # dinov3_kernels._triton.koleo.RERANK_EXTRA
 
 
 def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
@@ -240,11 +244,24 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     official*/compile: normalize, the n×n fp32 product written, its row max read back, the neighbours gathered, the
       pairwise distance (eager: the difference written, then its norm); backward O(n·d) elementwise (~10 passes;
       compile ~5, and its forward elementwise ~5 passes instead of ~10).
-    triton/cuda: a norm pass, then one program per 64 query rows (Triton: 32 when n < 64·132) that streams all n rows
-      in 64-row tiles (the search set is re-read n/64 times through L2, see _hbm),
-      keeps the top-1 in registers, gathers the neighbours. CUDA's fp32 search runs IEEE FMA whatever the TF32 flag;
-      Triton's follows it. Backward: the distance gradient (x_i and x_nn read, fp32 atomics for the neighbours),
-      then a normalize backward.
+    triton/cuda: a norm pass, then programs of BM query rows that stream the search set in BN-row tiles: CUDA one
+      program per 64 rows over the whole set (BN = 64); Triton (since issue 14) BN = 128 and BM = 128 for
+      n >= 64·132, else 64, times splits of the set, enough for 2 programs per SM (at most 32 splits for top-1 in
+      fp32, 256 for 16-bit), then a merge kernel and a fixed-order sum. Neither keeps the query tile resident: per
+      (query tile, search tile) both tiles come from L2, n·M·d·e·(1/BM + 1/BN) bytes (see _hbm).
+      The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). CUDA's fp32 search runs IEEE
+      FMA whatever the TF32 flag; Triton's fp32 search runs TF32 always, keeping 1 + 8 candidates that the merge
+      re-ranks exactly (each candidate and neighbour row, and the query row with it, read once more: 2·(9 + 1)·n·d·4
+      bytes), 16-bit input keeps top-1 (2·2·n·d·e). Backward: the distance gradient (x_i and x_nn read, fp32 atomics
+      for the neighbours), then a normalize backward.
+    composed: the neighbour op normalises (read x, write fp32 u), then per block of R = 2^26 / n query rows one GEMM
+      (TF32 for fp32 with TF32 on, bf16 for 16-bit, reading the block and the whole set) writing R·n fp32 scores, a
+      diagonal fill, for 16-bit input a column scale (read + write), topk (read); re-ranking the K = 1 + 8 candidates
+      with one Triton pass on CUDA (each candidate row read once: n·K·d fp32); sorts and the settled check on (n, K)
+      are small; one host sync (counted as 5 launches); rows left unsettled (rare: near ties) are not modelled.
+      Launches: ~29 + 4 per query block forward (normalise, blocks, re-rank, sorts, check, the loss's ~11 ops).
+      The loss: the reference's autograd expression (normalise again, gather, pairwise distance, log: ~7 passes over
+      n·d fp32 forward, ~10 backward, as the official eager path).
     """
     e = 2 if dtype in ("bfloat16", "float16") else 4
     nd = n * d
@@ -257,18 +274,37 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         b = fwd_b + (0 if mode == "fwd" else (5 if fused else 10) * nd * 4)
         launches = (5 if fused else 10) + (0 if mode == "fwd" else (4 if fused else 12))
         return Estimate(useful, useful, prec, min_b, b, b, 0, launches)
+    if backend == "composed":
+        prec = _precision(dtype, tf32)
+        K = 1 + KOLEO_COMPOSED_EXTRA
+        blocks = _cdiv(n, min(n, max(1, KOLEO_COMPOSED_BLOCK // n)))
+        f = nd * (e + 4) + nd * e * (1 + blocks) + n * n * 4 * (2 if e == 4 else 4) + n * K * d * 4 + nd * 4
+        loss = nd * (e + 4) + 5 * nd * 4
+        b = f + loss + (0 if mode == "fwd" else 10 * nd * 4)
+        launches = 4 * blocks + 29 + (0 if mode == "fwd" else 12)
+        return Estimate(useful, useful, prec, min_b, b, b, 0, launches)
     if backend not in ("triton", "cuda"):
         raise ValueError(f"koleo: unknown backend {backend!r}")
-    bm = 64 if (backend == "cuda" or n >= 64 * sms) else 32
-    prec = _precision(dtype, tf32 and backend == "triton")
-    flops_exec = 2 * _cdiv(n, bm) * bm * _cdiv(n, 64) * 64 * d
-    search = nd * e + _cdiv(n, bm) * nd * e  # query tiles once, the whole set per query tile
-    fwd_design = nd * e + search + 2 * nd * e
+    if backend == "cuda":
+        bm, bn, prec, programs = 64, 64, _precision(dtype, False), _cdiv(n, 64)
+        merge, launches = 2 * nd * e, 2
+    else:
+        bm, bn = (128 if n >= 64 * sms else 64), 128
+        prec = "bf16" if e == 2 else "tf32"
+        kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA
+        kcp = max(2, 1 << (kc - 1).bit_length())
+        splits = max(1, min(_cdiv(2 * sms, _cdiv(n, bm)), _cdiv(n, bn), 512 // kcp))
+        programs = _cdiv(n, bm) * splits
+        merge, launches = 2 * (kc + 1) * nd * e + 2 * n * splits * kcp * 8, 4
+    flops_exec = 2 * _cdiv(n, bm) * bm * _cdiv(n, bn) * bn * d
+    search = _cdiv(n, bm) * nd * e + _cdiv(n, bn) * nd * e  # the set per query tile, the query tile per search tile
+    fwd_design = nd * e + search + merge
     bwd_design = 2 * nd * e + 2 * nd * 8 + 2 * nd * e + nd * 4 + nd * e
     design = fwd_design + (0 if mode == "fwd" else bwd_design)
     fwd_hbm = _hbm(3 * nd * e, fwd_design, nd * e)
     hbm = fwd_hbm + (0 if mode == "fwd" else 2 * nd * e + 2 * nd * 4 + nd * e)
-    return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, 4 + (0 if mode == "fwd" else 4))
+    return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, launches + 2 + (0 if mode == "fwd" else 4),
+                    sm_fill=min(1.0, programs / sms))
 
 
 # ---- RoPE attention --------------------------------------------------------------------------------------------------
@@ -512,7 +548,12 @@ def markdown() -> str:
 # ---- the table "auto" reads -----------------------------------------------------------------------------------------
 AUTO_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dinov3_kernels",
                           "auto_table.json")
-PACKAGE_BACKENDS = ("composed", "triton", "cuda")  # what "auto" chooses among (the reference is the fallback)
+PACKAGE_BACKENDS = ("composed", "triton", "cuda")  # what "auto" chooses among, with the reference
+# The reference on CUDA tensors IS the official formulation (TF32 as torch allows): where the model predicts it faster
+# than every kernel, "auto" takes it, so that "auto" is never predicted slower than the path users ran before. Not
+# for the head losses: their reference materialises the (rows x K) logits, the memory the fused op exists to avoid
+# (2 GB per iBOT call at the benchmark shape), so "auto" keeps the bounded-memory backends there.
+REFERENCE_MODEL = {"gram_loss": "official_tf32", "koleo_loss": "official_tf32", "rope_attention": "official"}
 AUTO_DTYPES = ("float32", "bfloat16", "float16")
 # op -> (what its size counts, the backends it implements, [(largest size of the bucket or None, the shape whose
 # prediction decides the bucket)]). Shapes: the benchmark scripts' GPU shapes (ViT-L width, heads of 64 dims).
@@ -534,8 +575,9 @@ AUTO_OPS = {
 
 def auto_table(existing: Optional[dict] = None) -> dict:
     """The auto table: per op, dtype and size bucket the op's backends ordered by the predicted H200 time of a
-    forward+backward pass at TF32 (as the official trainer runs). Rows of `existing` whose source is a measurement
-    are kept; backends the model does not cover go last, in the op's order."""
+    forward+backward pass at TF32 (as the official trainer runs), headed by "reference" (the official formulation)
+    where it is predicted faster than all of them. Rows of `existing` whose source is a measurement are kept;
+    backends the model does not cover go last, in the op's order."""
     measured = {(r["op"], r["dtype"], r["max_size"]): r for r in (existing or {}).get("rows", [])
                 if not r["source"].startswith("predicted")}
     rows = []
@@ -550,7 +592,13 @@ def auto_table(existing: Optional[dict] = None) -> dict:
                     est = estimate(op, b, params, dtype, "fwd+bwd", True) if params else None
                     if est is not None:
                         ms[b] = round(predict(est, H200)["ms"], 4)
+                ref = estimate(op, REFERENCE_MODEL[op], params, dtype, "fwd+bwd", True) if op in REFERENCE_MODEL else None
+                ref_ms = round(predict(ref, H200)["ms"], 4) if ref is not None else None
                 order = sorted(ms, key=ms.get) + [b for b in backends if b not in ms]
+                if ref_ms is not None and ms and ref_ms < min(ms.values()):
+                    order.insert(0, "reference")  # a kernel backend stays next, for what the reference cannot take
+                if ref_ms is not None:
+                    ms["reference"] = ref_ms
                 source = ("predicted: benchmarks/roofline.py, H200 datasheet, fwd+bwd at "
                           + ", ".join(f"{k}={v}" for k, v in params.items()) if ms else
                           "predicted: the only kernel backend of this op (not modelled)")

@@ -58,6 +58,16 @@ def _koleo_loss_bwd_fake(grad, search, indices, dist, norm, offset, n, eps, back
     return torch.empty_like(search, memory_format=torch.contiguous_format)
 
 
+# The composed backend's neighbour search (no gradient): indices (n, topk) int64 into search of the topk rows most
+# cosine-similar to each query row search[offset + i], itself excluded, ties to the lowest index.
+LIB.define("nearest_neighbors(Tensor search, int offset, int n, int topk, float eps) -> Tensor")
+
+
+@torch.library.register_fake("dinov3_kernels::nearest_neighbors")
+def _nearest_neighbors_fake(search, offset, n, topk, eps):
+    return search.new_empty((n, topk), dtype=torch.int64)
+
+
 # ---- dino_head_loss / ibot_head_loss -------------------------------------------------------------------------------
 # Logits are recomputed from features z (N, d) and prototypes W (K, d), never stored. backend: "triton" | "composed".
 # Per prototype k: (max_n x_nk, Σ_n exp(x_nk - max)), x = scale · z Wᵀ + col_bias_k + row_bias_n; (K,) fp32 each. An

@@ -161,6 +161,7 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
             idx.zero_()
             dist.fill_(1.0)
             koleo.koleo_bwd_triton(torch.ones(()), x, idx, dist, norm, 0, n, 1e-8, 1e-8)
+            koleo.candidate_dots_triton(x.float(), 0, n, torch.zeros((n, topk + 8), dtype=torch.int64))  # composed
 
         _CONTEXT.update(op="head", head_dim=None)
         # DINO (10 student crops against 2 teacher crops of 7 images) at the bottleneck widths of the official
