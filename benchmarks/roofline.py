@@ -205,7 +205,7 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
 
 # ---- RoPE attention --------------------------------------------------------------------------------------------------
 ATTENTION_BACKENDS = ("official", "compile", "sdpa_flash", "sdpa_cudnn", "flash_attn", "flash_attn+apply_rope",
-                      "triton", "cuda")
+                      "composed", "triton", "cuda")
 _EAGER_ROPE_BYTES = 68  # per element of q or k, per direction: fp32 casts, rotate_half, 2 muls, add, cat, cast back
 _FUSED_ROPE_BYTES = 8   # compile: one read, one write per element, plus the sin/cos tables
 
@@ -223,6 +223,11 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     all heads). SDPA on the strided q/k/v views of qkv adds the copies of out (forward) and of the packed gradient
     (backward). The official path adds the eager RoPE chain, ~68 bytes per element of q and of k each way; compile
     fuses it to ~8. HBM: K and V (and Q, dO in backward) of the heads in flight, re-read through L2 (see _hbm).
+    composed (dinov3_kernels "composed"): SDPA's flash kernels (the FA2 counts) on contiguous rotated q, k, v written
+    by one Triton pass over the packed qkv (reads 3 elements, writes 3 per token and head dim, plus the tied tables
+    once per (batch, head) tile pass: 4·D bytes per token, from L2), and in backward one pass that reads dq, dk, dv and
+    writes the packed gradient (6 element moves again); SDPA's output is already in the (B, N, C) layout (no copy)
+    and dout is read in place. One launch more each way than SDPA alone.
     """
     e = 2 if dtype in ("bfloat16", "float16") else 4
     prec = _precision(dtype, tf32)
@@ -267,6 +272,11 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         per_elem = _EAGER_ROPE_BYTES if backend == "official" else _FUSED_ROPE_BYTES
         extra += 2 * X * per_elem * (1 if mode == "fwd" else 2)
         launches += (16 if backend == "official" else 2) * (1 if mode == "fwd" else 2)
+    if backend == "composed":
+        passes = 1 if mode == "fwd" else 2
+        extra += 6 * X * e * passes
+        design += BH * N * D * 4 * passes  # the tables, from L2 (H·W·D·4 bytes in all, shared by every head)
+        launches += passes
     if backend == "flash_attn+apply_rope":
         extra += (4 * X * e + 2 * N * D * 4) * (1 if mode == "fwd" else 2)
         launches += 1 if mode == "fwd" else 2

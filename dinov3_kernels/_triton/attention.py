@@ -324,6 +324,86 @@ def _apply_rope_kernel(
         tl.store(dst + o_off + HALF, y2.to(dst.dtype.element_ty), mask=m)
 
 
+# ---- the composed backend's passes (qkv -> rotated q, k, v for SDPA, and back) -----------------------------------
+@triton.jit
+def _rope_qkv_split_kernel(
+    QKV, SIN, COS, Q, K, V,
+    stride_b, stride_n,
+    N, H, C, num_prefix,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Packed qkv (B, N, 3C) -> q, k (rotated, fp32 math cast back as official) and v, each (B, H, N, Dh) contiguous:
+    # one read and one write of every element, the sin/cos rows loaded once for q and k.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles): B·H on the axis that takes 2^31 - 1 programs
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r64 = rows.to(tl.int64)[:, None]
+    mrow = rows < N
+    cols = tl.arange(0, BLOCK_H)
+    cols_d = tl.arange(0, BLOCK_D)
+    m = mrow[:, None] & (cols < HALF)[None, :]
+    md = mrow[:, None] & (cols_d < HEAD_DIM)[None, :]
+    src = QKV + b * stride_b + r64 * stride_n + h * HEAD_DIM
+    dst = bh * N * HEAD_DIM + r64 * HEAD_DIM
+    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
+    for which in tl.static_range(2):
+        x1 = tl.load(src + which * C + cols[None, :], mask=m, other=0.0)
+        x2 = tl.load(src + which * C + HALF + cols[None, :], mask=m, other=0.0)
+        a1 = x1.to(tl.float32)
+        a2 = x2.to(tl.float32)
+        y1 = tl.where(rot[:, None], (a1 * c1 - a2 * s1).to(x1.dtype), x1)
+        y2 = tl.where(rot[:, None], (a2 * c2 + a1 * s2).to(x2.dtype), x2)
+        if which == 0:
+            out = Q
+        else:
+            out = K
+        tl.store(out + dst + cols[None, :], y1, mask=m)
+        tl.store(out + dst + HALF + cols[None, :], y2, mask=m)
+    v = tl.load(src + 2 * C + cols_d[None, :], mask=md, other=0.0)
+    tl.store(V + dst + cols_d[None, :], v, mask=md)
+
+
+@triton.jit
+def _rope_qkv_merge_kernel(
+    DQ, DK, DV, SIN, COS, DQKV,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, stride_gb, stride_gn,
+    N, H, C, num_prefix,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Backward of the split: dq, dk, dv (B, H, N, Dh) (any strides, last 1) -> the packed (B, N, 3C) gradient, with
+    # the transposed rotation on dq and dk (d x1 = g1·cos1 + g2·sin2, d x2 = g2·cos2 - g1·sin1, in fp32).
+    HALF: tl.constexpr = HEAD_DIM // 2
+    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r64 = rows.to(tl.int64)[:, None]
+    mrow = rows < N
+    cols = tl.arange(0, BLOCK_H)
+    cols_d = tl.arange(0, BLOCK_D)
+    m = mrow[:, None] & (cols < HALF)[None, :]
+    md = mrow[:, None] & (cols_d < HEAD_DIM)[None, :]
+    dst = DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM
+    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
+    for which in tl.static_range(2):
+        if which == 0:
+            src = DQ + b * sq_b + h * sq_h + r64 * sq_n
+        else:
+            src = DK + b * sk_b + h * sk_h + r64 * sk_n
+        g1 = tl.load(src + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        g2 = tl.load(src + HALF + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        d1 = tl.where(rot[:, None], g1 * c1 + g2 * s2, g1)
+        d2 = tl.where(rot[:, None], g2 * c2 - g1 * s1, g2)
+        tl.store(dst + which * C + cols[None, :], d1.to(DQKV.dtype.element_ty), mask=m)
+        tl.store(dst + which * C + HALF + cols[None, :], d2.to(DQKV.dtype.element_ty), mask=m)
+    dv = tl.load(DV + b * sv_b + h * sv_h + r64 * sv_n + cols_d[None, :], mask=md, other=0.0)
+    tl.store(dst + 2 * C + cols_d[None, :], dv.to(DQKV.dtype.element_ty), mask=md)
+
+
 # ---- launchers ---------------------------------------------------------------------------------------------------
 def _configs(pairs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
@@ -461,3 +541,43 @@ def apply_rope_triton(q, k, sin, cos, num_prefix_tokens, inverse=False):
         BLOCK_N=block_n, num_warps=4,
     )
     return qo, ko
+
+
+def _split_grid(B, H, N, block_n):
+    """(B·H, token tiles): B·H on axis 0 (up to 2^31 - 1 programs); the tiles on axis 1 (at most 65535)."""
+    tiles = triton.cdiv(N, block_n)
+    if tiles > 65535:
+        raise ValueError(f"rope_attention (composed): {N} tokens need {tiles} tiles of {block_n} rows, more than the "
+                         "65535 a CUDA grid's second axis takes")
+    return (B * H, tiles)
+
+
+def rope_qkv_split_triton(qkv, sin, cos, num_heads, num_prefix_tokens):
+    """Packed qkv (B, N, 3C), last-dim stride 1 -> (q, k, v), each (B, heads, N, Dh) contiguous in qkv.dtype, q and k
+    rotated on their patch tokens (fp32 math). sin/cos: fp32 contiguous (H·W, Dh) or tied (H·W, Dh/2)."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    Dh = C // num_heads
+    q, k, v = (torch.empty((B, num_heads, N, Dh), device=qkv.device, dtype=qkv.dtype) for _ in range(3))
+    block_n = _row_block(qkv)
+    block_h, block_d = _dims(Dh)
+    _rope_qkv_split_kernel[_split_grid(B, num_heads, N, block_n)](
+        qkv, sin, cos, q, k, v, qkv.stride(0), qkv.stride(1), N, num_heads, C, num_prefix_tokens,
+        HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), BLOCK_N=block_n, num_warps=4,
+    )
+    return q, k, v
+
+
+def rope_qkv_merge_triton(dq, dk, dv, sin, cos, num_prefix_tokens):
+    """dq, dk, dv (B, heads, N, Dh), last-dim stride 1 -> the packed gradient (B, N, 3C) contiguous in dq.dtype."""
+    B, H, N, Dh = dq.shape
+    C = H * Dh
+    dqkv = torch.empty((B, N, 3 * C), device=dq.device, dtype=dq.dtype)
+    block_n = _row_block(dq)
+    block_h, block_d = _dims(Dh)
+    _rope_qkv_merge_kernel[_split_grid(B, H, N, block_n)](
+        dq, dk, dv, sin, cos, dqkv, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        dqkv.stride(0), dqkv.stride(1), N, H, C, num_prefix_tokens,
+        HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), BLOCK_N=block_n, num_warps=4,
+    )
+    return dqkv

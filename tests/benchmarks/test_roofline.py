@@ -19,7 +19,7 @@ def test_every_benchmark_shape_and_backend_is_modelled():
     ops = {(op, backend) for op, _, _, _, backend, *_ in ROWS}
     assert {op for op, _ in ops} == {"gram_loss", "koleo_loss", "rope_attention", "dino_head_loss", "ibot_head_loss"}
     assert {b for op, b in ops if op == "rope_attention"} == set(roofline.ATTENTION_BACKENDS)
-    assert len(ROWS) == 2 * (4 * 6 + 5 * 5 + 20 * 8 + 2 * 4 + 2 * 4)  # 2 passes x (shapes x backends) per op
+    assert len(ROWS) == 2 * (4 * 6 + 5 * 5 + 20 * 9 + 2 * 4 + 2 * 4)  # 2 passes x (shapes x backends) per op
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r[0]}-{r[1]}-{r[3]}-{r[4]}".replace(" ", ""))

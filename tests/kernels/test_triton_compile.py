@@ -22,7 +22,7 @@ KERNELS = {
     "_gram_fwd_kernel", "_gram_norm_bwd_kernel",
     "_koleo_norm_kernel", "_koleo_search_kernel", "_koleo_bwd_kernel", "_koleo_norm_bwd_kernel",
     "_rope_attention_fwd_kernel", "_rope_attention_bwd_delta_kernel", "_rope_attention_bwd_dkdv_kernel",
-    "_rope_attention_bwd_dq_kernel", "_apply_rope_kernel",
+    "_rope_attention_bwd_dq_kernel", "_apply_rope_kernel", "_rope_qkv_split_kernel", "_rope_qkv_merge_kernel",
     "_head_col_lse_kernel", "_head_row_lse_kernel", "_head_ce_fwd_kernel", "_head_ce_bwd_dz_kernel",
     "_head_ce_bwd_dw_kernel",
 }
