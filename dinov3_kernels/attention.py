@@ -364,7 +364,7 @@ def rope_attention(qkv, sin, cos, *, num_heads, num_prefix_tokens=None, backend=
         num_prefix_tokens = qkv.shape[1] - sin.shape[0]
     head_dim = qkv.shape[-1] // (3 * num_heads)
     chosen = _backend.choose_backend(backend, (qkv,), _op_check(qkv, sin, cos, head_dim, True, composed=True),
-                                     "rope_attention", atomics=("cuda",), size=qkv.shape[1])  # CUDA: dQ atomics
+                                     "rope_attention", atomics=("cuda", "triton"), size=qkv.shape[1])  # dQ atomics
     if chosen == "reference":
         return rope_attention_reference(qkv, sin, cos, num_heads=num_heads, num_prefix_tokens=num_prefix_tokens)
     if chosen == "composed":

@@ -336,13 +336,17 @@ def test_composed_triton_end_to_end(triton_cpu, monkeypatch):
     assert calls == ["rope_qkv_split_triton", "rope_qkv_merge_triton"] * 2
 
 
-def test_composed_grid_folds_batch_and_heads():
-    # B·H goes on the grid axis that takes 2^31 - 1 programs, so B > 65535 launches; too many token tiles raise.
-    from dinov3_kernels._triton.attention import _split_grid
+def test_triton_grids_fold_batch_and_heads():
+    # No grid puts B on an axis limited to 65535 programs: the attention kernels use one axis (tiles·B·H, up to
+    # 2^31 - 1), the row-wise passes (B·H, tiles); beyond either limit the launcher raises a clear error.
+    from dinov3_kernels._triton.attention import MAX_PROGRAMS, _grid, _split_grid
 
     assert _split_grid(70000, 16, 261, 64) == (70000 * 16, 5)
+    assert _grid(261, 70000, 16, 128) == (3 * 70000 * 16,)
     with pytest.raises(ValueError, match="65535"):
         _split_grid(1, 1, 65536 * 16 + 1, 16)
+    with pytest.raises(ValueError, match="exceed"):
+        _grid(1029, MAX_PROGRAMS // 16, 16, 64)
 
 
 # ---- registration: opcheck and torch.compile -----------------------------------------------------------------
@@ -411,6 +415,21 @@ def test_backend_choice(monkeypatch, triton_cpu):
     torch.testing.assert_close(rope_attention(qkv.double(), sin.double(), cos.double(), num_heads=1,
                                               backend="composed"),
                                rope_attention_reference(qkv.double(), sin.double(), cos.double(), num_heads=1))
+
+
+def test_deterministic_mode_refuses_the_atomic_backward(monkeypatch, triton_cpu):
+    # The triton (and cuda) backward adds dQ with fp32 atomics: refused under deterministic algorithms; composed runs.
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    qkv = _qkv(1, PREFIX + 6, 1, 16)
+    sin, cos = _rope(6, 16)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(BackendUnavailableError, match="atomics"):
+            rope_attention(qkv, sin, cos, num_heads=1, backend="triton")
+        torch.testing.assert_close(rope_attention(qkv, sin, cos, num_heads=1, backend="composed"),
+                                   rope_attention_reference(qkv, sin, cos, num_heads=1), rtol=0, atol=1e-5)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_sin_cos_requiring_grad(monkeypatch, triton_cpu):
@@ -535,12 +554,15 @@ def test_gpu_auto_and_deterministic():
         C = 384
         for out, dqkv in runs[1:]:
             assert torch.equal(out, runs[0][0]), backend
-            if backend == "cuda":
-                # dQ is summed over key tiles with fp32 atomics (order not fixed); dK and dV have one owner each.
-                assert torch.equal(dqkv[..., C:], runs[0][1][..., C:]), backend
-                torch.testing.assert_close(dqkv[..., :C], runs[0][1][..., :C], rtol=1e-2, atol=1e-2)
-            else:
-                assert torch.equal(dqkv, runs[0][1]), backend
+            # dQ is summed over key tiles with fp32 atomics (order not fixed); dK and dV have one owner each.
+            assert torch.equal(dqkv[..., C:], runs[0][1][..., C:]), backend
+            torch.testing.assert_close(dqkv[..., :C], runs[0][1][..., :C], rtol=1e-2, atol=1e-2)
+    torch.use_deterministic_algorithms(True)
+    try:  # auto passes over the atomic backends, to composed (or the reference)
+        assert _backend.choose_backend("auto", (qkv,), None, "rope_attention", atomics=("cuda", "triton"),
+                                       size=1029) in ("composed", "reference")
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_triton_autotune_candidates_by_row_width():
