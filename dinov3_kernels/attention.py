@@ -5,8 +5,9 @@ reference (the spec) -> input checks -> kernels and autograd -> public functions
 The official path: split the qkv linear's output (B, N, 3C) into q, k, v (B, heads, N, Dh); cast q and k to the RoPE
 dtype (sin.dtype), rotate the patch tokens (all but the first num_prefix_tokens = N - H·W: CLS and registers) with
 x·cos + rotate_half(x)·sin, cast back; scaled_dot_product_attention (scale Dh^-0.5, no mask); back to (B, N, C).
-The kernels read qkv in place, rotate q and k tiles as they load them, never write the rotated q/k or the N×N scores,
-and write the gradient straight into the packed (B, N, 3C) layout. They compute RoPE in float32 whatever sin.dtype is
+The kernels read qkv in place, never write the N×N scores, and write the gradient straight into the packed (B, N, 3C)
+layout; the Triton kernels rotate the tensor they re-read (K forward, Q backward) once into a scratch and the other
+as they load it, the CUDA kernels rotate both as they load them. They compute RoPE in float32 whatever sin.dtype is
 (the official default); sin and cos are treated as constants (no gradient), as the official module's buffers are.
 
 The "composed" backend is the yardstick built from PyTorch: one pass (Triton on CUDA) from the packed qkv to rotated

@@ -8,13 +8,16 @@ registers) are patches and get RoPE on q and k, with sin/cos row n - P:
 
 computed in fp32 and cast back to the input dtype (as the official eager path does), then softmax(q kᵀ·scale) v.
 
-Each tile is loaded as its two halves, so the rotation is elementwise and q kᵀ = q₁ k₁ᵀ + q₂ k₂ᵀ is two dots; a q
-tile is rotated once per program and a k tile once per load. Half tiles are padded to a power of two >= 16 (the
-smallest tl.dot), which is what allows any head dim that is a multiple of 16.
+Each tile is loaded as its two halves, so the rotation is elementwise and q kᵀ = q₁ k₁ᵀ + q₂ k₂ᵀ is two dots. The
+tensor a kernel re-reads tile after tile is rotated once into a (B, H, N, Dh) scratch by a row-wise pass (K in the
+forward, Q in the backward); the tile a program owns is rotated as it is loaded. Half tiles are padded to a power of
+two >= 16 (the smallest tl.dot), which is what allows any head dim that is a multiple of 16.
 
 Forward: online softmax in base 2 and the natural-log logsumexp per row, lse = log Σ_j exp(s_ij·scale), saved for
-backward as (B, H, N) fp32. Backward: Delta_i = Σ_d dO_id·O_id, then one pass per k tile (dK, dV) and one per q
-tile (dQ), with dS = P∘(dP - Delta). The gradients of the rotated q and k go through the transposed rotation
+backward as (B, H, N) fp32. Backward (FlashAttention-2): Delta_i = Σ_d dO_id·O_id (in the Q rotation pass), then one
+program per k tile computing dK and dV and adding its share of dQ into an fp32 accumulator with relaxed atomics,
+with dS = P∘(dP - Delta), and a finishing pass for dQ. The gradients of the rotated q and k go through the transposed
+rotation
 
     d x₁ = g₁·cos₁ + g₂·sin₂,  d x₂ = g₂·cos₂ - g₁·sin₁
 
@@ -434,22 +437,37 @@ _BWD = {
 }
 
 
-def _by_width(table):
-    """(all configs, prune function keeping those of the launch's row width)."""
+# IEEE fp32 (TF32 off) has no tensor-core dot: its tl.dots are FMA loops that hold more in registers, so it takes
+# smaller tiles: the spill-free ones of a sweep at Dh 64 (256-byte rows) and Dh 128 (Triton 3.9, sm_90); Dh 256
+# takes the Dh 128 list (not compiled here).
+_FWD_IEEE = {
+    256: [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+    1024: [(32, 32, 4, 2)],
+}
+_BWD_IEEE = {
+    256: [(32, 32, 8, 2)],
+    1024: [(16, 32, 8, 1), (16, 16, 4, 2)],
+}
+
+
+def _by_width(table, ieee_table):
+    """(all configs, prune function keeping those of the launch's row width and, for fp32, precision)."""
     groups = {width: _configs(pairs) for width, pairs in table.items()}
+    ieee = {width: _configs(pairs) for width, pairs in ieee_table.items()}
 
     def prune(configs, named_args, **kwargs):
         meta = {**named_args, **kwargs}
         width = meta["BLOCK_D"] * (4 if meta["IS_FP32"] else 2)
-        return groups[min(w for w in groups if w >= width)]
+        pick = ieee if meta["IS_FP32"] and meta.get("PRECISION") == "ieee" else groups
+        return pick[min(w for w in pick if w >= width)]
 
-    return [c for group in groups.values() for c in group], prune
+    return [c for g in (groups, ieee) for group in g.values() for c in group], prune
 
 
 # The key includes N because vision sequence lengths are few and fixed.
 _KEY = ["N", "HEAD_DIM", "IS_FP32", "PRECISION"]
-_FWD_CONFIGS, _fwd_prune = _by_width(_FWD)
-_BWD_CONFIGS, _bwd_prune = _by_width(_BWD)
+_FWD_CONFIGS, _fwd_prune = _by_width(_FWD, _FWD_IEEE)
+_BWD_CONFIGS, _bwd_prune = _by_width(_BWD, _BWD_IEEE)
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fwd_prune})(
     _rope_attention_fwd_kernel)
 # The backward's autotuning reruns it: the dQ accumulator it adds into is zeroed before each trial.

@@ -572,8 +572,8 @@ def test_triton_autotune_candidates_by_row_width():
     pytest.importorskip("triton")
     from dinov3_kernels._triton import attention as tri
 
-    def biggest(prune, configs, block_d, is_fp32):
-        kept = prune(configs, {}, BLOCK_D=block_d, IS_FP32=is_fp32, HEAD_DIM=block_d)
+    def biggest(prune, configs, block_d, is_fp32, precision="tf32"):
+        kept = prune(configs, {}, BLOCK_D=block_d, IS_FP32=is_fp32, HEAD_DIM=block_d, PRECISION=precision)
         assert kept and all(c in configs for c in kept)
         return max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages for c in kept)
 
@@ -583,5 +583,7 @@ def test_triton_autotune_candidates_by_row_width():
             block_d = max(16, 1 << (head_dim - 1).bit_length())
             for is_fp32 in (False, True):
                 sizes.append((block_d * (4 if is_fp32 else 2), biggest(prune, configs, block_d, is_fp32)))
+            # IEEE fp32 (FMA dots, more registers) never gets larger tiles than TF32 at the same width.
+            assert biggest(prune, configs, block_d, True, "ieee") <= biggest(prune, configs, block_d, True)
         sizes.sort()
         assert all(a[1] >= b[1] for a, b in zip(sizes, sizes[1:]) if a[0] < b[0])
