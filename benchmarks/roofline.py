@@ -223,8 +223,8 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     K once into a (B, H, N, D) scratch (forward) and Q once (backward, in the pass that computes Delta), so its tables
     are read a fixed number of times per token (q and k once each forward; q, k and the dQ finishing pass backward),
     for 2 element moves of scratch traffic per rotated tensor, an fp32 dQ accumulator (zeroed, added to, read) and
-    one launch more each way. SDPA on the strided q/k/v views of qkv adds the copies of out (forward) and of the packed gradient
-    (backward). The official path adds the eager RoPE chain, ~68 bytes per element of q and of k each way; compile
+    one launch more each way. SDPA on the strided q/k/v views of qkv adds the copies of out (forward) and of the
+    packed gradient (backward). The official path adds the eager RoPE chain, ~68 bytes per element of q and of k each way; compile
     fuses it to ~8. HBM: K and V (and Q, dO in backward) of the heads in flight, re-read through L2 (see _hbm).
     composed (dinov3_kernels "composed"): SDPA's flash kernels (the FA2 counts) on contiguous rotated q, k, v written
     by one Triton pass over the packed qkv (reads 3 elements, writes 3 per token and head dim, plus the tied tables
