@@ -309,7 +309,7 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
 
 # ---- RoPE attention --------------------------------------------------------------------------------------------------
 ATTENTION_BACKENDS = ("official", "compile", "sdpa_flash", "sdpa_cudnn", "flash_attn", "flash_attn+apply_rope",
-                      "triton", "cuda")
+                      "composed", "triton", "cuda")
 _EAGER_ROPE_BYTES = 68  # per element of q or k, per direction: fp32 casts, rotate_half, 2 muls, add, cat, cast back
 _FUSED_ROPE_BYTES = 8   # compile: one read, one write per element, plus the sin/cos tables
 
@@ -318,15 +318,23 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     """Softmax attention over the packed qkv (B, N, 3·H·D) -> (B, N, H·D), RoPE on q and k (or not, for the floors).
 
     Flash-style kernels (ours, SDPA flash/cuDNN, flash-attn): the forward reads each q tile once and K, V once per q
-    tile (ceil(N/BM) times, from L2), writes out and the logsumexp. Backward: Triton (ours) runs a dK/dV pass per k
-    tile (Q, dO, lse, Delta re-read per k tile) and a dQ pass per q tile (K, V re-read), recomputing P in both
-    (14·N²·D FLOPs and 2 exps per score against the forward's 4 and 1); the CUDA kernel and FA2/cuDNN one pass with
-    dQ accumulated in fp32 atomics (10·N²·D, 1 exp). Tiles assumed: Triton BM=128 forward, 64x64 backward; CUDA and
-    the others 64 (FA2 forward: 128). Ours read RoPE sin/cos (fp32, the tied (HW, D/2) tables) with every q and k
-    tile: 4·D bytes per token per load, twice the bytes of the bf16 K tile itself (from L2: the tables are shared by
-    all heads). SDPA on the strided q/k/v views of qkv adds the copies of out (forward) and of the packed gradient
-    (backward). The official path adds the eager RoPE chain, ~68 bytes per element of q and of k each way; compile
+    tile (ceil(N/BM) times, from L2), writes out and the logsumexp. Backward: one pass per k tile (Q, dO, lse, Delta
+    re-read per k tile) with dQ accumulated in fp32 atomics (10·N²·D FLOPs, 1 exp per score) for the CUDA kernel,
+    FA2/cuDNN and Triton (ours, since the FA2-style redesign; before it Triton ran separate dK/dV and dQ passes,
+    14·N²·D and 2 exps). Tiles assumed: Triton BM=128 forward, 64x64 backward; CUDA and the others 64 (FA2 forward:
+    128). RoPE sin/cos are the tied (HW, D/2) fp32 tables: 4·D bytes per token per load, from L2 (shared by all
+    heads). The CUDA kernel re-rotates K on every q-tile pass (tables read ceil(N/64) times per token). Triton rotates
+    K once into a (B, H, N, D) scratch (forward) and Q once (backward, in the pass that computes Delta), so its tables
+    are read a fixed number of times per token (q and k once each forward; q, k and the dQ finishing pass backward),
+    for 2 element moves of scratch traffic per rotated tensor, an fp32 dQ accumulator (zeroed, added to, read) and
+    one launch more each way. SDPA on the strided q/k/v views of qkv adds the copies of out (forward) and of the
+    packed gradient (backward). The official path adds the eager RoPE chain, ~68 bytes per element of q and of k each way; compile
     fuses it to ~8. HBM: K and V (and Q, dO in backward) of the heads in flight, re-read through L2 (see _hbm).
+    composed (dinov3_kernels "composed"): SDPA's flash kernels (the FA2 counts) on contiguous rotated q, k, v written
+    by one Triton pass over the packed qkv (reads 3 elements, writes 3 per token and head dim, plus the tied tables
+    once per (batch, head) tile pass: 4·D bytes per token, from L2), and in backward one pass that reads dq, dk, dv and
+    writes the packed gradient (6 element moves again); SDPA's output is already in the (B, N, C) layout (no copy)
+    and dout is read in place. One launch more each way than SDPA alone.
     """
     e = 2 if dtype in ("bfloat16", "float16") else 4
     prec = _precision(dtype, tf32)
@@ -341,29 +349,34 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     flops_exec = 4 * BH * nq * bm_f * nk * 64 * D
     exps = BH * N * N
     fwd_design = X * e + nq * 2 * X * e + X * e + BH * N * 4
-    rope_tables = backend in ("triton", "cuda")
-    if rope_tables:
-        fwd_design += BH * (N + nq * N) * D * 4
+    table = BH * N * D * 4  # one read of the tied tables per token and head
+    scratch = 0.0  # Triton's rotated scratch and dQ accumulator traffic (design and HBM)
+    if kernel == "cuda":
+        fwd_design += table * (1 + nq)
+    elif kernel == "triton":
+        fwd_design += 2 * table
+        scratch += 2 * X * e  # K rotated: written once, read back (its nq reads are the K reads above)
     bwd_flops, bwd_exps, bwd_design = 0.0, 0.0, 0.0
     if mode != "fwd":
-        nkb, nqb = _cdiv(N, bm_b), _cdiv(N, bm_b)
+        nkb = _cdiv(N, bm_b)
         delta = 2 * X * e + BH * N * 4
         dkdv = 2 * X * e + nkb * (2 * X * e + BH * N * 8) + 2 * X * e
-        if kernel == "triton":
-            dq = 2 * X * e + nqb * 2 * X * e + X * e
-            bwd_flops, bwd_exps = 14 * BH * N * N * D, 2 * exps
-        else:
-            dq = nkb * X * 8 + X * 4 + X * e  # fp32 atomics per k tile, then the finishing pass
-            bwd_flops, bwd_exps = 10 * BH * N * N * D, exps
+        dq = nkb * X * 8 + X * 4 + X * e  # fp32 atomics per k tile, then the finishing pass
+        bwd_flops, bwd_exps = 10 * BH * N * N * D, exps
         bwd_design = delta + dkdv + dq
-        if rope_tables:
-            bwd_design += BH * (nkb * N + (nqb * N if kernel == "triton" else N)) * D * 4
+        if kernel == "cuda":
+            bwd_design += table * (nkb + 1)
+        elif kernel == "triton":
+            bwd_design += 3 * table
+            scratch += 2 * X * e + X * 4  # Q rotated (written, read back), the accumulator zeroed
     design = fwd_design + bwd_design
     heads_in_flight = min(BH, max(1, _cdiv(sms, nq)))
     per_head = N * D * e * (2 if mode == "fwd" else 4)
     hbm = _hbm(min_b + BH * N * (4 if mode == "fwd" else 12), design, heads_in_flight * per_head)
     launches = 1 if mode == "fwd" else 4  # backward: Delta, dK/dV, dQ (or the dQ finishing pass)
-    extra = 0.0
+    if kernel == "triton":
+        launches += 1  # the rotate pass (forward); backward: rotate+Delta, zero dQ, main, finish
+    extra = scratch
     if backend in ("official", "compile", "sdpa_flash", "sdpa_cudnn"):
         extra += 2 * X * e + (0 if mode == "fwd" else 2 * X * e + 6 * X * e)
         launches += 1 + (0 if mode == "fwd" else 2)
@@ -371,6 +384,11 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         per_elem = _EAGER_ROPE_BYTES if backend == "official" else _FUSED_ROPE_BYTES
         extra += 2 * X * per_elem * (1 if mode == "fwd" else 2)
         launches += (16 if backend == "official" else 2) * (1 if mode == "fwd" else 2)
+    if backend == "composed":
+        passes = 1 if mode == "fwd" else 2
+        extra += 6 * X * e * passes
+        design += BH * N * D * 4 * passes  # the tables, from L2 (H·W·D·4 bytes in all, shared by every head)
+        launches += passes
     if backend == "flash_attn+apply_rope":
         extra += (4 * X * e + 2 * N * D * 4) * (1 if mode == "fwd" else 2)
         launches += 1 if mode == "fwd" else 2

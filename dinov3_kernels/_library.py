@@ -132,6 +132,31 @@ LIB.define(
     "-> (Tensor, Tensor)"
 )
 
+# The composed backend's passes around SDPA. Split: packed qkv (B, N, 3C) -> q, k, v (B, heads, N, Dh) contiguous,
+# q and k rotated on their patch tokens; merge (its backward): dq, dk, dv -> d qkv (B, N, 3C) contiguous, the
+# transposed rotation on dq and dk. backend: "triton" (one Triton pass each) | "reference" (plain PyTorch, any dtype).
+LIB.define(
+    "rope_qkv_split(Tensor qkv, Tensor sin, Tensor cos, int num_heads, int num_prefix_tokens, str backend) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "rope_qkv_merge(Tensor dq, Tensor dk, Tensor dv, Tensor sin, Tensor cos, int num_prefix_tokens, str backend) "
+    "-> Tensor"
+)
+
+
+@torch.library.register_fake("dinov3_kernels::rope_qkv_split")
+def _rope_qkv_split_fake(qkv, sin, cos, num_heads, num_prefix_tokens, backend):
+    B, N, C3 = qkv.shape
+    shape = (B, num_heads, N, C3 // (3 * num_heads))
+    return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
+
+
+@torch.library.register_fake("dinov3_kernels::rope_qkv_merge")
+def _rope_qkv_merge_fake(dq, dk, dv, sin, cos, num_prefix_tokens, backend):
+    B, H, N, Dh = dq.shape
+    return dq.new_empty((B, N, 3 * H * Dh))
+
 
 @torch.library.register_fake("dinov3_kernels::rope_attention_fwd")
 def _rope_attention_fwd_fake(qkv, sin, cos, num_heads, num_prefix_tokens, scale, backend):

@@ -187,10 +187,12 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
             cos = torch.randn(hw, Dh)
             out, lse = attention.rope_attention_fwd_triton(qkv, sin, cos, H, prefix, Dh ** -0.5)
             attention.rope_attention_bwd_triton(qkv, sin, cos, out, lse, torch.randn_like(out), H, prefix, Dh ** -0.5)
-            if Dh == 64:  # apply_rope, with tied sin/cos halves
+            if Dh == 64:  # apply_rope and the composed backend's passes, with tied sin/cos halves
                 q = torch.randn(1, H, N, Dh).to(dtype)
-                attention.apply_rope_triton(q, q.clone(), sin[:, : Dh // 2].contiguous(),
-                                            cos[:, : Dh // 2].contiguous(), prefix)
+                half_sin, half_cos = sin[:, : Dh // 2].contiguous(), cos[:, : Dh // 2].contiguous()
+                attention.apply_rope_triton(q, q.clone(), half_sin, half_cos, prefix)
+                attention.rope_qkv_split_triton(qkv, half_sin, half_cos, H, prefix)
+                attention.rope_qkv_merge_triton(q, q.clone(), q.clone(), half_sin, half_cos, prefix)
 
 
 def main(argv=None) -> int:
