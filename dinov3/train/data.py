@@ -154,8 +154,10 @@ def resized_crop(src: torch.Tensor, box: tuple[int, int, int, int], size: int, f
     """The (left, top, w, h) box of ``src`` (uint8 (H, W, 3)) resized to uint8 (3, size, size) with Pillow's bicubic
     filter (a = -0.5, widened by the scale factor when downscaling), then flipped left-right if ``flip``: what the
     official loader's RandomResizedCrop does on a PIL image (``crop`` then ``resize``, edges clamped to the box).
-    torch's antialiased uint8 resampling (a port of Pillow-SIMD's, vectorised on channels-last input, which the (H, W, 3)
-    view is) gives Pillow's result within 2 grey levels (rounding; tests/train/test_data.py) at a fraction of its cost."""
+    torch's antialiased uint8 resampling (a port of Pillow-SIMD's, vectorised on channels-last input, which the
+    (H, W, 3) view is) gives Pillow's result within its rounding (1 grey level; 3 where one side is upscaled and the
+    other downscaled: the libraries order the two 8-bit passes differently; tests/train/test_data.py) at a fraction
+    of its cost."""
     left, top, w, h = box
     view = src[top:top + h, left:left + w].permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), channels-last strides
     out = F.interpolate(view, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]

@@ -245,8 +245,8 @@ def test_resized_crop_equals_pillows_crop_and_resize(flip):
 
 
 def test_full_resolution_crops_are_the_planned_boxes_resized(tmp_path):
-    """Without a draft decode (a PNG; the Gram phase's large crops), every crop of load_multi_crop is the straightforward
-    crop + bicubic resize of its planned box (the same random draws as crop_plan with the same seed)."""
+    """Without a draft decode (a PNG; the Gram phase's large crops), every crop of load_multi_crop is the
+    straightforward crop + bicubic resize of its planned box (the same random draws as crop_plan with the same seed)."""
     from dinov3.train.data import crop_plan, load_multi_crop
 
     img = _noisy_image()
