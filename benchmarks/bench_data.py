@@ -25,7 +25,9 @@ Gram phase, no flips) on scikit-image's bundled photos resized to a longer side 
   before          this project's loader before the Gram-teacher crops were limited to the Gram phase and before fast
                   decoding (full-resolution decode, Gram crops for every image): CropSpec(fast_decode=False).
   ours            the loader now (dinov3.train.data.load_multi_crop): Gram crops only in the Gram phase, JPEG draft
-                  decoding and PIL box reduction where the crops keep REDUCING_GAP times their size.
+                  decoding and PIL box reduction where the crops keep REDUCING_GAP times their size, and at full
+                  resolution every crop resampled by torch's antialiased uint8 bicubic (Pillow's filter, vectorised)
+                  from one tensor of the image.
 Our loaders leave the photometric augmentation to the training device (batched, BatchAugment), so "reference" does
 more CPU work per image by design. The providers are timed side by side: each round runs one pass over the photos
 with every provider in turn (one thread, one process), and the speed-up is the median over rounds of the per-round

@@ -11,7 +11,9 @@ and on another image distribution, with and without the head warm-up; kNN accura
      with faint stripes and noise, half of them inverted: another image distribution, generated here);
    - variants: "warm-up" (the defaults with pretrained weights: head warm-up with the backbone frozen, 180
      iterations in tiny), "no warm-up" (train.head_warmup_iters=0) and, on request, "warm-up 100"
-     (train.head_warmup_iters=100) and "warm-up + ramp" (then the backbone lr ramps up over 100 iterations).
+     (train.head_warmup_iters=100), "warm-up + ramp" / "ramp 420" (then the backbone lr ramps up over 100 / 420
+     iterations), "warm-up + anchor N" (train.pretrained_anchor=N), "warm-up + Gram anchor" (Gram loss against A
+     from iteration 0), a higher teacher momentum, a stronger layer-wise lr decay, no KoLeo (see VARIANTS).
 3. kNN (weighted 20-NN on CLS features of the EMA teacher; train split -> test split of each domain) at the start
    (= A), at every checkpoint and at the end.
 """
@@ -41,7 +43,18 @@ from dinov3.train.trainer import train  # noqa: E402
 
 VARIANTS = {"warm-up": [], "no warm-up": ["train.head_warmup_iters=0"],
             "warm-up 100": ["train.head_warmup_iters=100"],
-            "warm-up + ramp": ["train.backbone_lr_ramp_iters=100"]}
+            "warm-up + ramp": ["train.backbone_lr_ramp_iters=100"],
+            "warm-up + ramp 420": ["train.backbone_lr_ramp_iters=420"],
+            "warm-up + anchor 30": ["train.pretrained_anchor=30"],
+            "warm-up + anchor 100": ["train.pretrained_anchor=100"],
+            "warm-up + anchor 300": ["train.pretrained_anchor=300"],
+            # The Gram loss from iteration 0 against backbone A (not refreshed from the EMA teacher).
+            "warm-up + Gram anchor": ["gram.ckpt={pretrained}", "gram.start_iter=0", "gram.rep_update=false"],
+            "warm-up + momentum 0.995": ["schedules.momentum.start=0.995", "schedules.momentum.peak=0.995",
+                                         "schedules.momentum.end=0.995", "train.head_warmup_iters=180"],
+            "warm-up + layer decay 0.5": ["optim.layerwise_decay=0.5"],
+            "warm-up + layer decay 0.2": ["optim.layerwise_decay=0.2"],
+            "warm-up, no KoLeo": ["dino.koleo_loss_weight=0"]}
 
 
 def texturize(arrays: dict, seed: int = 1) -> dict:
@@ -122,7 +135,9 @@ def main(argv=None):
             out = os.path.join(args.workdir, f"{domain}_{variant.replace(' ', '_').replace(',', '')}")
             overrides = base + [f"checkpointing.period={max(n // args.probes, 1)}", "checkpointing.max_to_keep=0",
                                 f"student.pretrained_weights={json.dumps(os.path.abspath(pretrained))}",
-                                *VARIANTS[variant], *args.overrides]
+                                *[o.format(pretrained=json.dumps(os.path.abspath(pretrained)))
+                                  for o in VARIANTS[variant]],
+                                *args.overrides]
             run_cfg = load_config("tiny", overrides)
             t0 = time.time()
             train(run_cfg, data_dir=os.path.join(args.workdir, domain, "train"), output_dir=out, overwrite=True)

@@ -198,6 +198,12 @@ DEFAULTS: dict[str, Any] = {
         # (measured: no gain at tiny scale, so 0).
         "head_warmup_iters": None,
         "backbone_lr_ramp_iters": 0,
+        # After each step the student backbone is pulled toward the weights it started from by lr * pretrained_anchor
+        # times its distance from them (L2-SP; dinov3/train/anchor.py): it stays within about 1 / pretrained_anchor
+        # of them per parameter. Keeps a copy of the starting backbone (in checkpoints too). 0: off. Off by default,
+        # also with pretrained weights: on the digits demo it did not keep the old domain within 1 point and took
+        # away the gain of continuing on the same images (README, "Keeping the old domain").
+        "pretrained_anchor": 0.0,
     },
     # Alarms read off the health metrics written with each logged row (dinov3/train/health.py).
     "health": {
@@ -500,6 +506,11 @@ def head_warmup_iters(cfg: dict) -> tuple[int, int]:
     return int(warmup), int(t["backbone_lr_ramp_iters"])
 
 
+def pretrained_anchor(cfg: dict) -> float:
+    """Strength of the pull toward the starting backbone (train.pretrained_anchor; 0: none)."""
+    return float(cfg["train"].get("pretrained_anchor") or 0.0)
+
+
 # ------------------------------------------------------------------------------------------------ the schema
 # Every key's type is that of its default (an int default takes ints, a float default ints or floats, a list
 # default a list of the same length and element kinds). Keys whose default is null say here what else they take.
@@ -769,6 +780,7 @@ def validate_config(cfg: dict) -> None:
     if t["head_warmup_iters"] is not None:
         need("train.head_warmup_iters", t["head_warmup_iters"] >= 0, "must be >= 0 or null")
     need("train.backbone_lr_ramp_iters", t["backbone_lr_ramp_iters"] >= 0, "must be >= 0")
+    need("train.pretrained_anchor", t["pretrained_anchor"] >= 0, "must be >= 0")
     need("train.seed", t["seed"] >= 0, "must be >= 0")
     need("train.autocast_dtype", t["autocast_dtype"] != "fp16",
          "fp16 autocast needs loss scaling, which this trainer does not do (DINOv3 trains in bf16): "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,8 +95,9 @@ class CropSpec:
     local_scale: tuple[float, float]
     gram_size: int | None = None
     horizontal_flips: bool = True
-    # JPEG draft decoding and box reduction before large downscales (see REDUCING_GAP); False decodes every image
-    # at full resolution and resamples from it (the loader before it had these).
+    # JPEG draft decoding and box reduction before large downscales (see REDUCING_GAP), and torch's vectorised
+    # resampling at full resolution (resized_crop); False decodes every image at full resolution and resamples it
+    # with Pillow (the loader before it had these; benchmarks/bench_data.py's baseline).
     fast_decode: bool = True
 
     @classmethod
@@ -111,7 +113,10 @@ class CropSpec:
 def crop_plan(width: int, height: int, spec: CropSpec, rng: random.Random, *, gram: bool = True) -> list[tuple]:
     """The geometry of one image's crops: ``(kind, (left, top, w, h), flip, size)`` for the 2 global crops (each
     followed by its Gram-teacher crop when ``gram`` and spec.gram_size: the same box at a higher resolution) and the
-    local crops. The random draws do not depend on ``gram``, so the other crops are the same with or without it."""
+    local crops. The random draws do not depend on ``gram``, so the other crops are the same with or without it.
+    (The official loader crops the box at the Gram size and resizes that to the global size; each crop here is one
+    resample of the source instead: the global crops do not change at the Gram start, and measured at ~512 px the
+    second resample of a 512 px crop costs more than the direct one.)"""
     plan = []
     for _ in range(2):
         box = random_resized_crop_box(width, height, spec.global_scale, rng)
@@ -135,12 +140,47 @@ def decode_size_needed(plan: list[tuple], width: int, height: int) -> tuple[int,
     return math.ceil(width * REDUCING_GAP / ratio), math.ceil(height * REDUCING_GAP / ratio)
 
 
+def image_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image's pixels as a uint8 (H, W, 3) tensor (one copy out of Pillow; read only: it may share a
+    read-only buffer, so nothing writes into it)."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got mode {img.mode!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": never written
+        return torch.from_numpy(arr)
+
+
+def resized_crop(src: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool = False) -> torch.Tensor:
+    """The (left, top, w, h) box of ``src`` (uint8 (H, W, 3)) resized to uint8 (3, size, size) with Pillow's bicubic
+    filter (a = -0.5, widened by the scale factor when downscaling), then flipped left-right if ``flip``: what the
+    official loader's RandomResizedCrop does on a PIL image (``crop`` then ``resize``, edges clamped to the box).
+    torch's antialiased uint8 resampling (a port of Pillow-SIMD's, vectorised on channels-last input, which the
+    (H, W, 3) view is) gives Pillow's result within its rounding (1 grey level; 3 where one side is upscaled and the
+    other downscaled: the libraries order the two 8-bit passes differently; tests/train/test_data.py) at a fraction
+    of its cost."""
+    left, top, w, h = box
+    view = src[top:top + h, left:left + w].permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), channels-last strides
+    out = F.interpolate(view, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+    if flip:
+        out = out.flip(-1)
+    return out.contiguous()
+
+
 def render_crops(img: Image.Image, plan: list[tuple], *, scale: int = 1,
                  fast: bool = True) -> dict[str, list[torch.Tensor]]:
     """Bicubic resized crops of ``img`` as uint8 (3, S, S), following ``plan`` (boxes in the coordinates of an image
-    ``scale`` times larger than ``img``: the file's size when it was decoded at 1/scale)."""
+    ``scale`` times larger than ``img``: the file's size when it was decoded at 1/scale).
+
+    ``fast``: at full resolution (scale 1) every crop is :func:`resized_crop` of one tensor of the image; at a reduced
+    scale the boxes are fractional, so Pillow resamples them (box reduction past REDUCING_GAP). ``fast=False`` is the
+    loader before either (Pillow at full resolution, each box's filter reading past its edges)."""
     out = {"global": [], "local": [], "gram": []}
+    src = image_tensor(img) if fast and scale == 1 else None
     for kind, (left, top, w, h), flip, size in plan:
+        if src is not None:
+            out[kind].append(resized_crop(src, (left, top, w, h), size, flip))
+            continue
         box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
         if fast:
             crop = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=REDUCING_GAP)

@@ -219,7 +219,8 @@ def adopt_pretrained_model(cfg: dict, base: dict, weights: PretrainedBackbone | 
 
 # ------------------------------------------------------------------------------------------------- the trainer side
 def load_into_arch(arch, cfg: dict) -> PretrainedBackbone:
-    """Loads the weights into the student, EMA teacher and Gram teacher backbones (strictly: every key and shape)."""
+    """Loads the weights into the student, EMA teacher and Gram teacher backbones and the reference of
+    train.pretrained_anchor (strictly: every key and shape)."""
     from dinov3.models.checkpoint import CheckpointMismatchError, load_pretrained
 
     path = cfg["student"]["pretrained_weights"]
@@ -238,6 +239,8 @@ def load_into_arch(arch, cfg: dict) -> PretrainedBackbone:
     arch.teacher.backbone.load_state_dict(sd)
     if arch.gram_teacher is not None:
         arch.gram_teacher.load_state_dict(sd)
+    if getattr(arch, "pretrained_reference", None) is not None:  # train.pretrained_anchor pulls toward these
+        arch.pretrained_reference.load_state_dict(sd)
     logger.info("student, EMA teacher%s backbones loaded from %s", " and Gram teacher" if arch.gram_teacher else "",
                 os.fspath(path))
     return weights

@@ -12,7 +12,7 @@ from torch import nn
 
 from dinov3.models import DinoVisionTransformer
 
-from .config import backbone_kwargs
+from .config import backbone_kwargs, pretrained_anchor
 from .heads import DINOHead
 from .health import health_metrics
 from .losses import DINOLoss, iBOTPatchLoss
@@ -149,6 +149,13 @@ class SSLMetaArch(nn.Module):
             self.gram_loss = GramLoss(apply_norm=bool(g["normalized"]), img_level=bool(g["img_level"]),
                                       remove_neg=bool(g["remove_neg"]),
                                       remove_only_teacher_neg=bool(g["remove_only_teacher_neg"]), backend=backend)
+        # The backbone the run started from (train.pretrained_anchor, anchor.py): the student's initial weights,
+        # replaced by the pretrained ones (pretrained.load_into_arch); never trained, saved in checkpoints.
+        self.pretrained_reference = None
+        if pretrained_anchor(cfg) > 0:
+            self.pretrained_reference = DinoVisionTransformer(**kw, attn_backend=attn)
+            self.pretrained_reference.load_state_dict(student_backbone.state_dict())
+            self.pretrained_reference.requires_grad_(False)
         # Gram teacher bookkeeping (saved in checkpoints).
         self.gram_initialized = False
         self.gram_num_updates = 0
@@ -170,6 +177,8 @@ class SSLMetaArch(nn.Module):
         self.teacher.eval()
         if self.gram_teacher is not None:
             self.gram_teacher.eval()
+        if self.pretrained_reference is not None:
+            self.pretrained_reference.eval()
         return self
 
     def gram_active(self, iteration: int) -> bool:

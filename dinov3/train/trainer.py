@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import atomic_save, get_rng_state, list_checkpoints, save_checkpoint, set_rng_state
+from .anchor import PretrainedAnchor
 from .config import (ConfigError, check_resume_changes, config_from_text, dump_config, head_warmup_iters,
-                     validate_config)
+                     pretrained_anchor, validate_config)
 from .data import BatchAugment, build_loader
 from .health import HealthMonitor
 from .param_groups import apply_optim_schedule, build_param_groups
@@ -197,6 +198,10 @@ class Trainer:
         elif self.parallel == "fsdp":
             self._shard()
 
+        self.anchor = None
+        if self.arch.pretrained_reference is not None:
+            self.anchor = PretrainedAnchor(self.arch.student.backbone, self.arch.pretrained_reference,
+                                           pretrained_anchor(cfg))
         o = cfg["optim"]
         self.head_warmup_iters, self.backbone_lr_ramp_iters = head_warmup_iters(cfg)
         groups = build_param_groups(self.arch.student, o,
@@ -267,7 +272,8 @@ class Trainer:
               if self.device.type == "cuda" and self.cfg["train"]["autocast_dtype"] == "bf16" else MixedPrecisionPolicy())
         for root, backbone in ((self.arch.student, self.arch.student.backbone),
                                (self.arch.teacher, self.arch.teacher.backbone),
-                               (self.arch.gram_teacher, self.arch.gram_teacher)):
+                               (self.arch.gram_teacher, self.arch.gram_teacher),
+                               (self.arch.pretrained_reference, self.arch.pretrained_reference)):
             if root is None:
                 continue
             for blk in backbone.blocks:
@@ -532,6 +538,8 @@ class Trainer:
                         norm = torch.nn.utils.clip_grad_norm_(getattr(arch.student, name).parameters(), max_norm=clip)
                         metrics[f"{name}_grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
                 self.optimizer.step()
+                if self.anchor is not None:
+                    self.anchor.step(self.optimizer)
                 arch.update_teacher(mom)
 
                 if (g["use_loss"] and g["rep_update"] and arch.gram_active(it)

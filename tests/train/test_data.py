@@ -190,3 +190,76 @@ def test_fast_decoding_gives_the_same_crops_at_the_same_quality(tmp_path, orient
     # The draft really decodes fewer pixels: a 1/4-scale request on this 1600x1200 JPEG.
     smaller = load_rgb(path, reduce_for=lambda size: (size[0] // 4, size[1] // 4))
     assert smaller.size == (full.size[0] // 4, full.size[1] // 4)
+
+
+def _noisy_image(w=200, h=150):
+    """Smooth structure plus strong pixel noise (sigma 25): a hard case for resampling differences."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([128 + 80 * np.sin(x / 5 + c) * np.cos(y / 7 - c) for c in range(3)], -1)
+    return Image.fromarray(np.clip(a + rng.normal(0, 25, a.shape), 0, 255).astype(np.uint8))
+
+
+def _pil_resized_crop(img, box, size, flip):
+    """The official loader's RandomResizedCrop + flip on a PIL image: crop, bicubic resize, transpose."""
+    import numpy as np
+    from PIL import Image
+
+    left, top, w, h = box
+    out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(out).transpose(2, 0, 1).copy())
+
+
+# (box, size): up- and downscales, both at once (37 px wide -> 48 up, 51 high -> 48 down), boxes on the image's
+# edges, the whole image, a single pixel, odd sizes.
+RESIZE_CASES = [((10, 20, 40, 30), 64), ((0, 0, 150, 150), 32), ((50, 0, 150, 150), 16), ((3, 7, 37, 51), 48),
+                ((0, 0, 200, 150), 200), ((199, 149, 1, 1), 5), ((120, 90, 80, 60), 37), ((0, 0, 200, 150), 7)]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_resized_crop_equals_pillows_crop_and_resize(flip):
+    """torch's antialiased uint8 bicubic against Pillow's: within rounding. Each does two separable 8-bit passes;
+    where one side is upscaled and the other downscaled the two libraries take the passes in a different order,
+    which moves pixels by up to 3 levels (0.27 on average on this noisy image), else by at most 1."""
+    from dinov3.train.data import image_tensor, resized_crop
+
+    img = _noisy_image()
+    src = image_tensor(img)
+    before = src.clone()
+    for box, size in RESIZE_CASES:
+        out = resized_crop(src, box, size, flip)
+        ref = _pil_resized_crop(img, box, size, flip)
+        assert out.shape == (3, size, size) and out.dtype == torch.uint8 and out.is_contiguous()
+        diff = (out.int() - ref.int()).abs()
+        mixed = (box[2] < size) != (box[3] < size)
+        assert diff.max() <= (3 if mixed else 1), (box, size)
+        assert diff.float().mean() < (0.5 if mixed else 0.02), (box, size)
+    assert torch.equal(src, before)
+    with pytest.raises(ValueError, match="RGB"):
+        image_tensor(img.convert("L"))
+
+
+def test_full_resolution_crops_are_the_planned_boxes_resized(tmp_path):
+    """Without a draft decode (a PNG; the Gram phase's large crops), every crop of load_multi_crop is the
+    straightforward crop + bicubic resize of its planned box (the same random draws as crop_plan with the same seed)."""
+    from dinov3.train.data import crop_plan, load_multi_crop
+
+    img = _noisy_image()
+    path = str(tmp_path / "noisy.png")
+    img.save(path)
+    spec = CropSpec(64, 32, 3, (0.32, 1.0), (0.05, 0.32), gram_size=96)
+    for seed in range(3):
+        plan = crop_plan(*img.size, spec, random.Random(seed), gram=True)
+        crops = load_multi_crop(path, spec, random.Random(seed), gram=True)
+        seen = {"global": 0, "local": 0, "gram": 0}
+        for kind, box, flip, size in plan:
+            out, ref = crops[kind][seen[kind]], _pil_resized_crop(img, box, size, flip)
+            seen[kind] += 1
+            diff = (out.int() - ref.int()).abs()
+            assert diff.max() <= 3 and diff.float().mean() < 0.5, (kind, box, size)
+        assert seen == {k: len(v) for k, v in crops.items()} == {"global": 2, "local": 3, "gram": 2}

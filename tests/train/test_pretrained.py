@@ -209,3 +209,69 @@ def test_cli_init_from_help_and_errors(capsys):
     assert "to start a new run from the weights of another, use --init-from" in text
     assert main(["--config", "tiny", "--data", ".", "--output", "/tmp/x", "--init-from", "/no/such.pth"]) == 2
     assert "--init-from /no/such.pth: no such file or folder" in capsys.readouterr().err
+
+
+def test_pretrained_anchor_pulls_the_backbone_toward_its_starting_weights():
+    """p <- p + lr * strength * (p0 - p) per parameter group (its lr), backbone parameters only."""
+    from torch import nn
+
+    from dinov3.train.anchor import PretrainedAnchor
+
+    backbone, reference, head = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.fill_(1.0)
+        for p in reference.parameters():
+            p.fill_(-1.0)
+        for p in head.parameters():
+            p.fill_(5.0)
+    ref_before = [p.clone() for p in reference.parameters()]
+    opt = torch.optim.SGD([{"params": [backbone.weight], "lr": 0.1}, {"params": [backbone.bias], "lr": 0.0},
+                           {"params": list(head.parameters()), "lr": 0.1}], lr=0.1)
+    anchor = PretrainedAnchor(backbone, reference, strength=2.0)
+    anchor.step(opt)
+    # weight: 1 + 0.1 * 2 * (-1 - 1) = 0.6; bias: lr 0, unchanged; the head and the reference untouched.
+    torch.testing.assert_close(backbone.weight, torch.full((2, 3), 0.6))
+    assert torch.equal(backbone.bias, torch.ones(2))
+    assert all(torch.equal(p, torch.full_like(p, 5.0)) for p in head.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), ref_before))
+    opt.param_groups[0]["lr"] = 10.0  # lr * strength past 1: the parameter lands on the reference, no overshoot
+    anchor.step(opt)
+    assert torch.equal(backbone.weight, torch.full((2, 3), -1.0))
+    with pytest.raises(ValueError, match="> 0"):
+        PretrainedAnchor(backbone, reference, strength=0.0)
+
+
+def test_pretrained_anchor_in_a_run_keeps_the_reference_and_resumes_exactly(tmp_path, image_dir, tiny_overrides):
+    """A run from weights with an anchor so strong that lr * strength passes 1: every step lands the student backbone
+    back on the weights (the heads train, the backbone had gradients: test_head_warmup_... shows it moves without
+    the anchor); the reference holds the weights in the checkpoints, and a resume continues exactly (the reference
+    comes from the checkpoint: the weights file is gone)."""
+    model, kwargs = _source()
+    path = _write("backbone.pth", model, kwargs, tmp_path)
+    src = model.state_dict()
+    cfg = load_config("tiny", tiny_overrides + [f"student.pretrained_weights={json.dumps(path)}",
+                                                "train.head_warmup_iters=1", "schedules.lr.warmup_iters=0",
+                                                "optim.freeze_last_layer_iters=0", "train.pretrained_anchor=1e6",
+                                                "checkpointing.period=1", "checkpointing.max_to_keep=0"])
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train(cfg, data_dir=image_dir, output_dir=full, max_iters=3)
+    train(cfg, data_dir=image_dir, output_dir=part, max_iters=2)
+    os.unlink(path)
+    train(cfg, data_dir=image_dir, output_dir=part, max_iters=3, resume=True)
+    with open(os.path.join(full, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert rows[-1]["backbone_lr_factor"] == 1.0 and rows[-1]["backbone_grad_norm"] > 0
+    a = load_checkpoint(os.path.join(full, "checkpoints", "checkpoint_00000003.pth"))["model"]
+    b = load_checkpoint(os.path.join(part, "checkpoints", "checkpoint_00000003.pth"))["model"]
+    for k, v in src.items():
+        assert torch.equal(a["pretrained_reference." + k], v), k
+        assert torch.equal(a["student.backbone." + k], v), k
+    heads = [k for k in a if k.startswith("student.") and "_head." in k]
+    first = load_checkpoint(os.path.join(full, "checkpoints", "checkpoint_00000001.pth"))["model"]
+    assert sum(not torch.equal(first[k], a[k]) for k in heads) >= len(heads) - 2
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    assert load_config("tiny", ["train.pretrained_anchor=0"])["train"]["pretrained_anchor"] == 0
+    with pytest.raises(ConfigError, match="train.pretrained_anchor"):
+        load_config("tiny", ["train.pretrained_anchor=-1"])
