@@ -199,9 +199,14 @@ def _markdown(report: dict) -> str:
                    f"{k['spill_loads']} | {k['smem']} | {k['ctas_per_sm'] or '?'} ({k['limiter']}) | {dots} | "
                    f"{k['atomics']} ({k['fenced_atomics']}) | {cell(st['no_spills'])} | {cell(st['fits'])} | "
                    f"{cell(st['no_fenced_atomics'])} |")
-    allowed = sorted({(k["name"], p, s) for k in report["kernels"] for p, s in k["status"].items()
-                      if s.startswith("allowed")})
-    out += ["", "## Allowed", ""] + ([f"- `{n}` {p}: {s[len('allowed: '):]}" for n, p, s in allowed] or ["- none"])
+    allowed: dict = {}  # (kernel without template arguments, property, status) -> instantiations
+    for k in report["kernels"]:
+        for p, s in k["status"].items():
+            if s.startswith("allowed"):
+                key = (k["name"].split("<")[0], p, s)
+                allowed[key] = allowed.get(key, 0) + 1
+    out += ["", "## Allowed", ""] + ([f"- `{n}` {p} ({c} instantiations): {s[len('allowed: '):]}"
+                                      for (n, p, s), c in sorted(allowed.items())] or ["- none"])
     fails = [f"- `{k['name']}` {p}: {s}" for k in report["kernels"] for p, s in k["status"].items()
              if s.startswith("FAIL")]
     out += ["", "## Failures", ""] + (fails or ["- none"])

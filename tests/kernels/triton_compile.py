@@ -289,8 +289,11 @@ def _markdown(report: dict) -> str:
                    + " | ".join(cell(st.get(p, "n/a")) for p in compile_checks.PROPERTIES) + " |")
     allowed = sorted({(c["name"], p, s) for c in report["kernels"] for p, s in c["status"].items()
                       if s.startswith("allowed")})
+    counts = {a: sum(1 for c in report["kernels"] if c["name"] == a[0] and c["status"].get(a[1]) == a[2])
+              for a in allowed}
     out += ["", "## Allowed (default configs that lack a property, and why)", ""]
-    out += [f"- `{n}` {p}: {s[len('allowed: '):]}" for n, p, s in allowed] or ["- none"]
+    out += [f"- `{n}` {p} ({counts[(n, p, s)]} launches): {s[len('allowed: '):]}" for n, p, s in allowed] or [
+        "- none"]
     fails = [f"- `{c['name']}` ({c['dtype']}, Dh {c['head_dim']}) {p}: {s}" for c in report["kernels"]
              if c["default"] for p, s in c["status"].items() if s.startswith("FAIL")]
     out += ["", "## Failures at default configs", ""] + (fails or ["- none"])
