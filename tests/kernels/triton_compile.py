@@ -5,13 +5,19 @@ compiles: tl.dot shape and dtype rules, layouts, shared memory and the PTX/ptxas
 This runs the real launchers (dinov3_kernels/_triton/*.py) on CPU tensors with the GPU branch of every host-side
 choice (block sizes, every autotune config, TF32), but with a stand-in Triton driver that reports a GPU target and a
 JIT that compiles down to a cubin (Triton's own ptxas) without launching anything. It prints one line per compiled
-kernel (name, target, dtype, config, shared memory, registers and spill stores when cuobjdump is there) and exits
-non-zero on any compile error. Used by tests/kernels/test_triton_compile.py; run it by hand as
+kernel (name, target, dtype, config, shared memory; with the cuobjdump Triton ships: registers, spill stack, atomics
+and the fences before them, wgmma/mma.sync dots, CTAs per SM) and the checks of compile_checks.py at each launch's
+default config (the launcher's choice or the first autotune candidate): wgmma for 16-bit/TF32 dots, no spills, fits an
+SM, no fenced atomics, with its allow-list. Exits non-zero on any compile error, and with --check on a failed check.
+--json / --md write the report (benchmarks/results/compile/ holds the committed ones). Used by
+tests/kernels/test_triton_compile.py; run it by hand as
 
-    python tests/kernels/triton_compile.py [--arch 90] [--quick | --full] [--ops ...] [--dtypes ...]
+    python tests/kernels/triton_compile.py [--arch 90] [--quick | --full] [--ops ...] [--dtypes ...] [--check]
+        [--json PATH] [--md PATH]
 
 `--full` compiles the whole matrix (every dtype x head dim x autotune config), the default bf16/fp32/tf32 at head dims
-64 and 128 with every autotune config, `--quick` the subset CI compiles (a few minutes without Triton's cache).
+64 and 128 with every autotune config, `--quick` the subset CI compiles (bf16/fp32/tf32, head dim 64, first autotune
+candidate: about 100 s of CPU without Triton's cache).
 Works on Triton 3.6 and 3.9. Must run in a fresh process: TRITON_INTERPRET must be unset before triton is imported.
 """
 
