@@ -108,7 +108,7 @@ def _cdiv(a, b):
 
 
 # ---- Gram loss -------------------------------------------------------------------------------------------------------
-GRAM_BACKENDS = ("official_tf32", "official_fp32", "compile", "triton", "cuda", "factored")
+GRAM_BACKENDS = ("official_tf32", "official_fp32", "compile", "composed", "triton", "cuda", "factored")
 
 
 def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
@@ -118,14 +118,24 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       MSE (eager: the squared difference written, then reduced); backward: MSE gradient (P²), two GEMMs per Gram
       (autograd of S Sᵀ differentiates both operands), their sum, the normalize backward. compile fuses the
       elementwise chains (normalize: one read + one write per tensor; MSE: one reduction) and keeps the GEMMs.
-    triton/cuda (tiled): one program per 64x64 tile pair of the upper triangle: loads S_i, S_j, T_i, T_j (64xD
-      each), builds both Gram tiles, then for the student gradient loads S_j (and S_i off the diagonal) again and
-      adds 64xD fp32 updates with atomics (counted as 8 bytes: L2 reads and writes the line); then a normalize-
+    cuda (tiled, the first design): one program per 64x64 tile pair of the upper triangle: loads S_i, S_j, T_i, T_j
+      (64xD each), builds both Gram tiles, then for the student gradient loads S_j (and S_i off the diagonal) again
+      and adds 64xD fp32 updates with atomics (counted as 8 bytes: L2 reads and writes the line); then a normalize-
       backward pass reads x and the fp32 accumulator twice. The gradient is produced in "fwd"; "fwd+bwd" adds a
       scale (read and write G·P·D). HBM: S, T and the accumulator of the groups in flight, re-read through L2
       (see _hbm).
+    triton (see _gram_triton): prologue writing [Ŝ | T̂] once in the compute dtype, a persistent forward over the
+      upper-triangle 128x128 tile pairs (one dot chain over the 2·D columns) storing E', and a deterministic
+      gradient GEMM E'·Ŝ with the normalize backward fused; no atomics.
     factored: torch ops on fp32 (|SᵀS|² - 2|SᵀT|² + |TᵀT|², three D×D products per group, two more for the
       gradient); elementwise passes counted from _gram_fwd_factored (~29 passes over G·P·D fp32, ~14 over G·D²).
+    composed (dinov3_kernels/gram.py _gram_fwd_composed): Ŝ and T̂ normalised into one [Ŝ | T̂] buffer (a norm read
+      and a divide per tensor: 3 passes each). fp32: ŜŜᵀ written (G·P² fp32), then an in-place baddbmm reads and
+      rewrites it as E = ŜŜᵀ - T̂T̂ᵀ; 16-bit: [Ŝ | -T̂] built (4 passes) and ONE GEMM over 2D columns writes E (2 bytes).
+      The loss reads E once, the gradient GEMM E·Ŝ again; the normalize backward from the stored Ŝ and norms is 9
+      passes over G·P·D fp32 (plus the 16-bit casts: 76 bytes per element in all for 16-bit input). The gradient is
+      formed in "fwd"; "fwd+bwd" adds the scale by grad_output. E round-trips HBM whenever G·P² does not fit in L2
+      (67-134 MB at the benchmark shapes).
     """
     e = 2 if dtype in ("bfloat16", "float16") else 4
     useful = (4 if mode == "fwd" else 6) * G * P * P * D
@@ -145,7 +155,17 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         flops_exec = 10 * G * P * D * D
         b = 29 * PD * 4 + 14 * G * D * D * 4 + (0 if mode == "fwd" else 2 * PD * e)
         return Estimate(useful, flops_exec, prec, min_b, b, b, 0, 25 + (0 if mode == "fwd" else 1))
-    if backend not in ("triton", "cuda"):
+    if backend == "composed":
+        flops_exec = 6 * G * P * P * D
+        if e == 2:
+            b = 6 * PD * e + 4 * PD * e + PD * e + 76 * PD + 3 * PP * 2
+        else:
+            b = 6 * PD * 4 + 10 * PD * 4 + 5 * PP * 4
+        b += 0 if mode == "fwd" else 2 * PD * e
+        return Estimate(useful, flops_exec, prec, min_b, b, b, 0, 12 + (0 if mode == "fwd" else 1))
+    if backend == "triton":
+        return _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms)
+    if backend != "cuda":
         raise ValueError(f"gram: unknown backend {backend!r}")
     T = 64
     nb = _cdiv(P, T)
@@ -160,6 +180,54 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     in_flight = min(G, max(1, _cdiv(sms, pairs)))
     hbm = _hbm(4 * PD * e + 3 * PD * 4 + scale, design, in_flight * P * D * (2 * e + 4))
     return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, 5 + (0 if mode == "fwd" else 1))
+
+
+def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False) -> Estimate:
+    """The Triton Gram design (dinov3_kernels/_triton/gram.py), student gradient only, as the benchmark runs it.
+
+    Tiles T = 128 (64 when clamping), P and D padded to whole tiles (Pp, Dp: D to a multiple of 128); compute dtype
+    c = bf16/fp16 for 16-bit input; for fp32 input fp16 under TF32 (same 10-bit mantissa, fp16 tensor-core rate),
+    fp32 with IEEE products otherwise (the normalised case, as benchmarked).
+      prologue: reads S and T once (whole rows in registers up to 8192 columns), writes Y = [Ŝ | T̂] (G·Pp·2·Dp·c)
+        and the norms.
+      forward: per upper-triangle pair one tile product over the 2·Dp columns (2·T²·2·Dp FLOPs; diagonal tiles in
+        full), loading Y_i and Y_j (2·T·2·Dp·c); writes E' for (i, j) and (j, i) (G·Pp²·c in all) and the row-sum
+        slots (2·2·T fp32 per pair side). HBM: Y of the groups in flight re-read through L2 (see _hbm), E' once.
+      gradient: one program per (row block, 128-column chunk) runs the GEMM E'_i:·Ŝ over Pp (2·Pp²·Dp FLOPs per
+        group): E' is re-read once per chunk (Dp/128 times) and Ŝ once per row block (Pp/T times), from L2 while a
+        group's E' and Y fit (see _hbm); then reads x and the row sums and writes the gradient in the input dtype.
+      "fwd+bwd" adds the scale by grad_output (read and write G·P·D). Launches: 3 kernels + ~3 small torch ops.
+    """
+    e = 2 if dtype in ("bfloat16", "float16") else 4
+    c = 2 if (e == 2 or prec == "tf32") else 4
+    prec = "bf16" if c == 2 else prec
+    T = 64 if clamp else 128
+    Pp, Dp = _cdiv(P, T) * T, _cdiv(D, 128) * 128
+    nb = Pp // T
+    pairs = nb * (nb + 1) // 2
+    n_chunks = Dp // 128
+    fwd_flops = pairs * 2 * T * T * 2 * Dp
+    bwd_flops = 2 * Pp * Pp * Dp
+    flops_exec = G * (fwd_flops + bwd_flops)
+    PD = G * P * D
+    y_bytes = G * Pp * 2 * Dp * c
+    e_bytes = G * Pp * Pp * c
+    rs_bytes = G * 2 * nb * Pp * 4
+    prologue = 2 * PD * e + y_bytes + G * 2 * Pp * 4
+    fwd = G * pairs * 2 * T * 2 * Dp * c + e_bytes + rs_bytes
+    grad = G * nb * n_chunks * Pp * (T + 128) * c + G * nb * n_chunks * nb * T * 4 + 2 * PD * e
+    scale = 0 if mode == "fwd" else 2 * PD * e
+    design = prologue + fwd + grad + scale
+    # HBM per kernel: each byte once (inputs, Y written then read, E' written then read, row sums, x, gradient)
+    # while the groups whose tiles are in flight keep their re-read set in L2 (forward: Y, with one 128-wide program
+    # per SM (1 CTA/SM at ~250 registers), 2 for 64-wide tiles; gradient: E' and the Ŝ half, 1 program per SM).
+    fwd_groups = min(G, _cdiv(sms * (1 if T == 128 else 2), pairs))
+    bwd_groups = min(G, _cdiv(sms, nb * n_chunks))
+    hbm = (prologue
+           + _hbm(y_bytes + e_bytes + rs_bytes, fwd, fwd_groups * Pp * 2 * Dp * c)
+           + _hbm(e_bytes + y_bytes // 2 + rs_bytes + 2 * PD * e, grad, bwd_groups * (Pp * Pp + Pp * Dp) * c)
+           + scale)
+    return Estimate(useful, flops_exec, prec, min_b, design, min(hbm, design), 0, 6 + (0 if mode == "fwd" else 1))
 
 
 # ---- KoLeo loss ------------------------------------------------------------------------------------------------------

@@ -4,15 +4,25 @@ For one group g (an image, or the whole batch when img_level=False) with rows x_
 (teacher), x̂ = x / max(|x|, eps), Gs = ŜŜᵀ, Gt = T̂T̂ᵀ, E = clamp(Gs) - clamp(Gt):
 
     loss      = Σ_g Σ_ab E_ab² / M                       (M = number of Gram entries over all groups)
-    dL/dŜ_a   = 4/M Σ_b E_ab [Gs_ab >= 0 or no clamp] Ŝ_b   (E symmetric)
-    dL/dT̂_a   = -4/M Σ_b E_ab [Gt_ab >= 0 or no clamp] T̂_b
+    dL/dŜ_a   = 4/M Σ_b E'_ab Ŝ_b,    E' = E [Gs_ab >= 0 or no clamp]      (E symmetric)
+    dL/dT̂_a   = -4/M Σ_b E''_ab T̂_b,  E'' = E [Gt_ab >= 0 or no clamp]
 
-`_gram_fwd_kernel` runs one program per tile pair (i <= j) of the P×P matrix: it builds the Gs and Gt tiles in
-registers, adds its share of the loss to a per-program partial, and scatters the tile's gradient contribution to
-rows i (and, off the diagonal, the transposed contribution to rows j) into fp32 accumulators with atomics. No P×P
-matrix ever reaches global memory. Normalisation is folded in: the dots run on the raw rows and are rescaled by the
-inverse norms, which each program accumulates from the rows it loads anyway. `_gram_norm_bwd_kernel` then turns the
-gradient with respect to x̂ into the gradient with respect to x.
+Three kernels, no atomics (the result does not depend on scheduling: deterministic):
+1. `_gram_prologue_kernel` writes Y = [Ŝ | T̂] (G, Pp, 2·Dp) once, in the compute dtype (bf16/fp16 for 16-bit input;
+   for fp32 input fp16 when the products may run in TF32, fp32 otherwise; fp32 for fp16 without normalisation, whose
+   raw products can pass fp16's 65504: see _compute_dtype), zero-padded to whole tiles so the matrix loops need no
+   masks, and the row norms (fp32).
+2. `_gram_fwd_kernel`, a persistent grid (the programs that fit on the GPU at once) looping over the upper-triangle
+   tile pairs of all groups: E_ij = [Ŝ_i | T̂_i]·[Ŝ_j | -T̂_j]ᵀ as one tl.dot chain over the 2·Dp columns (the
+   accumulator's sign flips between the halves, so no -T̂ copy is stored) when not clamping, two chains when
+   clamping. It adds the tile's share of the loss to a per-program partial, writes E' (and E'' when it differs) in
+   the compute dtype for both (i, j) and (j, i), and the per-tile row sums of E'∘Gs and E''∘Gt the normalize
+   backward needs (x̂_a·dL/dx̂_a = 4/M Σ_b E'_ab Gs_ab), each into its own slot: no cross-program reduction.
+3. `_gram_bwd_kernel`, one program per (group, row block i, column chunk): the GEMM dL/dx̂_i = ±4/M Σ_j E'_ij Y_j
+   with the fp32 accumulator in registers, then the normalize backward fused: dx = (g - x̂ (x̂·g)) / max(|x|, eps)
+   (the projection summed from the row-sum slots in a fixed order), written in the input dtype.
+No fp32 P×D accumulator and no atomics; the extra memory is Y, E' (P² per group in the compute dtype) and the row-sum
+slots (2·P²/BLOCK fp32 per group).
 """
 
 import torch
@@ -20,6 +30,12 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, mma
+
+GRID_AXIS0_MAX = 2**31 - 1  # CUDA grid limits: x up to 2^31 - 1, y and z up to 65535
+# Persistent forward: as many programs as fit on the GPU at once, each looping over tile pairs. A 128-wide tile at 8
+# warps takes ~250 registers per thread (the whole register file of an SM: 1 program per SM); 64-wide ones fit 2.
+PROGRAMS_PER_SM = {128: 1, 64: 2}
+E_SCALE = 2.0**14  # E' in fp16 is stored times this (see gram_fwd_triton)
 
 
 @triton.jit
@@ -32,169 +48,180 @@ def _tile_pair(pid):
 
 
 @triton.jit
-def _gram_fwd_kernel(
-    S, T, GS, GT, PART,
-    P, D,
+def _gram_prologue_kernel(
+    S, T, Y, NRM, R, P, Pp, D, Dp,
     stride_sg, stride_sp, stride_sd,
     stride_tg, stride_tp, stride_td,
-    scale, eps,
-    APPLY_NORM: tl.constexpr, CLAMP_S: tl.constexpr, CLAMP_T: tl.constexpr,
-    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-    IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    eps,
+    APPLY_NORM: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Rows (g, p) of the padded (G, Pp) grid, flattened: R = G·Pp. Y is (G, Pp, 2·Dp), NRM (G, 2, Pp).
+    # ONE_PASS (BLOCK_D >= Dp): a whole row in registers, x read once; otherwise a norm pass, then a scaling pass.
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    g = rows // Pp
+    p = rows - g * Pp
+    mr = rows < R
+    mx = mr & (p < P)
+    cols = tl.arange(0, BLOCK_D)
+    for side in tl.static_range(2):
+        if side == 0:
+            x_ptr = S + g[:, None] * stride_sg + p[:, None] * stride_sp
+            sd = stride_sd
+        else:
+            x_ptr = T + g[:, None] * stride_tg + p[:, None] * stride_tp
+            sd = stride_td
+        y_ptr = Y + rows[:, None] * (2 * Dp) + side * Dp
+        r = tl.full((BLOCK_R,), 1.0, tl.float32)
+        if ONE_PASS:
+            x = tl.load(x_ptr + cols[None, :] * sd, mask=mx[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+            if APPLY_NORM:
+                norm = tl.sqrt(tl.sum(x * x, axis=1))
+                tl.store(NRM + (g * 2 + side) * Pp + p, norm, mask=mr)
+                r = 1.0 / tl.maximum(norm, eps)  # F.normalize: x / max(|x|, eps)
+            tl.store(y_ptr + cols[None, :], (x * r[:, None]).to(Y.dtype.element_ty),
+                     mask=mr[:, None] & (cols < Dp)[None, :])
+        elif APPLY_NORM:
+            sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_D):
+                k = k0 + cols
+                x = tl.load(x_ptr + k[None, :] * sd, mask=mx[:, None] & (k < D)[None, :], other=0.0).to(tl.float32)
+                sq += tl.sum(x * x, axis=1)
+            norm = tl.sqrt(sq)
+            tl.store(NRM + (g * 2 + side) * Pp + p, norm, mask=mr)
+            r = 1.0 / tl.maximum(norm, eps)  # F.normalize: x / max(|x|, eps)
+        if not ONE_PASS:
+            for k0 in range(0, Dp, BLOCK_D):
+                k = k0 + cols
+                x = tl.load(x_ptr + k[None, :] * sd, mask=mx[:, None] & (k < D)[None, :], other=0.0).to(tl.float32)
+                # x̂ = x·r is bounded by 1 in magnitude (by construction): the cast cannot overflow a 16-bit type.
+                tl.store(y_ptr + k[None, :], (x * r[:, None]).to(Y.dtype.element_ty),
+                         mask=mr[:, None] & (k < Dp)[None, :])
+
+
+@triton.jit
+def _gram_fwd_kernel(
+    Y, E, RS, PART,
+    n_items, pairs, nb, Pp, Dp, e_scale,
+    CLAMP_S: tl.constexpr, CLAMP_T: tl.constexpr,
+    STORE_S: tl.constexpr, STORE_T: tl.constexpr, T_SLOT: tl.constexpr, NUM_E: tl.constexpr,
+    ROWSUMS: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Y (G, Pp, 2·Dp); E (G, NUM_E, Pp, Pp) in Y's dtype; RS (G, 2, nb, Pp) fp32; PART (programs,) fp32.
     pid = tl.program_id(0)
-    g = tl.program_id(1).to(tl.int64)
-    num_pairs = tl.num_programs(0)
-    i, j = _tile_pair(pid)
-
-    rows_i = (i * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    rows_j = (j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mi = rows_i < P
-    mj = rows_j < P
+    nprog = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK_K)
-    s_i = S + g * stride_sg + rows_i[:, None] * stride_sp
-    s_j = S + g * stride_sg + rows_j[:, None] * stride_sp
-    t_i = T + g * stride_tg + rows_i[:, None] * stride_tp
-    t_j = T + g * stride_tg + rows_j[:, None] * stride_tp
-
-    acc_s = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    acc_t = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    sq_si = tl.zeros((BLOCK,), dtype=tl.float32)
-    sq_sj = tl.zeros((BLOCK,), dtype=tl.float32)
-    sq_ti = tl.zeros((BLOCK,), dtype=tl.float32)
-    sq_tj = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + cols
-        mk = k < D
-        a_s = tl.load(s_i + k[None, :] * stride_sd, mask=mi[:, None] & mk[None, :], other=0.0)
-        b_s = tl.load(s_j + k[None, :] * stride_sd, mask=mj[:, None] & mk[None, :], other=0.0)
-        a_t = tl.load(t_i + k[None, :] * stride_td, mask=mi[:, None] & mk[None, :], other=0.0)
-        b_t = tl.load(t_j + k[None, :] * stride_td, mask=mj[:, None] & mk[None, :], other=0.0)
-        acc_s = mma(a_s, tl.trans(b_s), acc_s, IS_FP32, PRECISION)
-        acc_t = mma(a_t, tl.trans(b_t), acc_t, IS_FP32, PRECISION)
-        if APPLY_NORM:
-            a_s32 = a_s.to(tl.float32)
-            b_s32 = b_s.to(tl.float32)
-            a_t32 = a_t.to(tl.float32)
-            b_t32 = b_t.to(tl.float32)
-            sq_si += tl.sum(a_s32 * a_s32, axis=1)
-            sq_sj += tl.sum(b_s32 * b_s32, axis=1)
-            sq_ti += tl.sum(a_t32 * a_t32, axis=1)
-            sq_tj += tl.sum(b_t32 * b_t32, axis=1)
-
-    if APPLY_NORM:
-        # F.normalize semantics: x / max(|x|, eps).
-        r_si = 1.0 / tl.maximum(tl.sqrt(sq_si), eps)
-        r_sj = 1.0 / tl.maximum(tl.sqrt(sq_sj), eps)
-        r_ti = 1.0 / tl.maximum(tl.sqrt(sq_ti), eps)
-        r_tj = 1.0 / tl.maximum(tl.sqrt(sq_tj), eps)
-        gs = acc_s * r_si[:, None] * r_sj[None, :]
-        gt = acc_t * r_ti[:, None] * r_tj[None, :]
-    else:
-        gs = acc_s
-        gt = acc_t
-    # where(x < 0, 0, x) rather than maximum: NaN must propagate as in the reference.
-    gs_c = gs
-    gt_c = gt
-    if CLAMP_S:
-        gs_c = tl.where(gs < 0.0, 0.0, gs)
-    if CLAMP_T:
-        gt_c = tl.where(gt < 0.0, 0.0, gt)
-    valid = mi[:, None] & mj[None, :]
-    err = tl.where(valid, gs_c - gt_c, 0.0)
-    # Off-diagonal tiles stand for themselves and their transpose.
-    weight = tl.where(i == j, 1.0, 2.0)
-    tl.store(PART + g * num_pairs + pid, tl.sum(tl.sum(err * err, axis=1), axis=0) * weight)
-
-    dtype = S.dtype.element_ty
-    if GRAD_S:
-        w = err
-        if CLAMP_S:
-            w = tl.where(gs < 0.0, 0.0, w)
-        if APPLY_NORM:
-            w_rows = w * r_sj[None, :]  # multiplies raw S_j rows -> Ŝ_j
-            w_cols = w * r_si[:, None]
-        else:
-            w_rows = w
-            w_cols = w
-        _scatter_grad(S, GS, g, rows_i, rows_j, mi, mj, i, j, P, D, stride_sg, stride_sp, stride_sd,
-                      w_rows.to(dtype), tl.trans(w_cols).to(dtype), scale, IS_FP32, PRECISION, BLOCK, BLOCK_K)
-    if GRAD_T:
-        w = -err
-        if CLAMP_T:
-            w = tl.where(gt < 0.0, 0.0, w)
-        if APPLY_NORM:
-            w_rows = w * r_tj[None, :]
-            w_cols = w * r_ti[:, None]
-        else:
-            w_rows = w
-            w_cols = w
-        _scatter_grad(T, GT, g, rows_i, rows_j, mi, mj, i, j, P, D, stride_tg, stride_tp, stride_td,
-                      w_rows.to(dtype), tl.trans(w_cols).to(dtype), scale, IS_FP32, PRECISION, BLOCK, BLOCK_K)
+    ldy = 2 * Dp
+    pp2 = Pp.to(tl.int64) * Pp
+    part = tl.zeros((BLOCK,), dtype=tl.float32)
+    # Persistent: program pid takes work items pid, pid + nprog, ... (item = group x upper-triangle tile pair).
+    for w in range(pid, n_items, nprog):
+        g = w // pairs
+        i, j = _tile_pair(w - g * pairs)
+        g = g.to(tl.int64)
+        rows_i = (i * BLOCK + offs).to(tl.int64)
+        rows_j = (j * BLOCK + offs).to(tl.int64)
+        y_i = Y + g * Pp * ldy + rows_i[:, None] * ldy + cols[None, :]
+        y_j = Y + g * Pp * ldy + rows_j[:, None] * ldy + cols[None, :]
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, Dp, BLOCK_K):  # Gs_ij = Ŝ_i Ŝ_jᵀ
+            acc = mma(tl.load(y_i + k0), tl.trans(tl.load(y_j + k0)), acc, IS_FP32, PRECISION)
+        gs = acc
+        if CLAMP_S or CLAMP_T:  # the clamps need Gs and Gt apart: a second chain
+            acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+            for k0 in range(Dp, 2 * Dp, BLOCK_K):
+                acc = mma(tl.load(y_i + k0), tl.trans(tl.load(y_j + k0)), acc, IS_FP32, PRECISION)
+            gt = acc
+            # where(x < 0, 0, x) rather than maximum: NaN must propagate as in the reference.
+            gs_c = tl.where(gs < 0.0, 0.0, gs) if CLAMP_S else gs
+            gt_c = tl.where(gt < 0.0, 0.0, gt) if CLAMP_T else gt
+            err = gs_c - gt_c
+        else:  # one chain over the 2·Dp columns: -(-Gs + T̂_i T̂_jᵀ) = Gs - Gt
+            acc = -acc
+            for k0 in range(Dp, 2 * Dp, BLOCK_K):
+                acc = mma(tl.load(y_i + k0), tl.trans(tl.load(y_j + k0)), acc, IS_FP32, PRECISION)
+            err = -acc
+        # Padding rows and columns are zero in Y, so err is 0 there. Off-diagonal tiles stand for their transpose.
+        sq = err * err
+        part += tl.sum(sq, axis=1) * tl.where(i == j, 1.0, 2.0)
+        if ROWSUMS:
+            # x̂_a·(dL/dx̂_a) ∝ Σ_b E'_ab Gs_ab (student), Σ_b E''_ab Gt_ab (teacher): row sums for rows i go to slot
+            # j, column sums for rows j to slot i. Done before the stores so that Gs (and Gt) die early.
+            if CLAMP_S or CLAMP_T:
+                ps = (tl.where(gs < 0.0, 0.0, err) if CLAMP_S else err) * gs
+                pt = (tl.where(gt < 0.0, 0.0, err) if CLAMP_T else err) * gt
+            else:
+                ps = err * gs
+                pt = ps - sq  # E·Gt = E·(Gs - E)
+            rs = RS + g * 2 * nb * Pp
+            tl.store(rs + j * Pp + rows_i, tl.sum(ps, axis=1))
+            tl.store(rs + (nb + j) * Pp + rows_i, tl.sum(pt, axis=1))
+            if i != j:
+                tl.store(rs + i * Pp + rows_j, tl.sum(ps, axis=0))
+                tl.store(rs + (nb + i) * Pp + rows_j, tl.sum(pt, axis=0))
+        e_base = E + g * NUM_E * pp2
+        e_ij = rows_i[:, None] * Pp + rows_j[None, :]
+        e_ji = rows_j[:, None] * Pp + rows_i[None, :]
+        if STORE_S:
+            e_s = ((tl.where(gs < 0.0, 0.0, err) if CLAMP_S else err) * e_scale).to(E.dtype.element_ty)
+            tl.store(e_base + e_ij, e_s)
+            if i != j:
+                tl.store(e_base + e_ji, tl.trans(e_s))
+        if STORE_T:
+            e_t = ((tl.where(gt < 0.0, 0.0, err) if CLAMP_T else err) * e_scale).to(E.dtype.element_ty)
+            tl.store(e_base + T_SLOT * pp2 + e_ij, e_t)
+            if i != j:
+                tl.store(e_base + T_SLOT * pp2 + e_ji, tl.trans(e_t))
+    tl.store(PART + pid, tl.sum(part, axis=0))
 
 
 @triton.jit
-def _scatter_grad(X, GX, g, rows_i, rows_j, mi, mj, i, j, P, D, stride_g, stride_p, stride_d,
-                  w_ij, w_ji, scale, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    # GX[rows_i] += scale * w_ij @ X[rows_j];  off the diagonal also GX[rows_j] += scale * w_ji @ X[rows_i].
-    cols = tl.arange(0, BLOCK_K)
-    x_i = X + g * stride_g + rows_i[:, None] * stride_p
-    x_j = X + g * stride_g + rows_j[:, None] * stride_p
-    gx_i = GX + g * P * D + rows_i[:, None] * D
-    gx_j = GX + g * P * D + rows_j[:, None] * D
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + cols
-        mk = k < D
-        xj = tl.load(x_j + k[None, :] * stride_d, mask=mj[:, None] & mk[None, :], other=0.0)
-        upd = mma(w_ij, xj, tl.zeros((BLOCK, BLOCK_K), dtype=tl.float32), IS_FP32, PRECISION) * scale
-        # relaxed: only a later kernel reads GX; the default acq_rel wraps each one in fences (SASS).
-        tl.atomic_add(gx_i + k[None, :], upd, mask=mi[:, None] & mk[None, :], sem="relaxed")
-        if i != j:
-            xi = tl.load(x_i + k[None, :] * stride_d, mask=mi[:, None] & mk[None, :], other=0.0)
-            upd = mma(w_ji, xi, tl.zeros((BLOCK, BLOCK_K), dtype=tl.float32), IS_FP32, PRECISION) * scale
-            tl.atomic_add(gx_j + k[None, :], upd, mask=mj[:, None] & mk[None, :], sem="relaxed")
-
-
-@triton.jit
-def _gram_norm_bwd_kernel(
-    X, GXH, OUT, R, D,
-    stride_r, stride_d,
-    eps,
-    APPLY_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+def _gram_bwd_kernel(
+    Y, E, RS, NRM, X, OUT,
+    P, Pp, D, Dp, nb, n_chunks, side, e_slot, NUM_E,
+    stride_xg, stride_xp, stride_xd,
+    scale, e_scale, eps,
+    APPLY_NORM: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # x̂ = x / max(|x|, eps):  dx = (g - x̂ (x̂·g)) / |x|  if |x| > eps,  else g / eps.
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    mr = rows < R
-    cols = tl.arange(0, BLOCK_D)
-    x_ptr = X + rows[:, None] * stride_r
-    g_ptr = GXH + rows[:, None] * D
-    o_ptr = OUT + rows[:, None] * D
+    # One program per (group, row block, column chunk), flattened on grid axis 0 (the chunk fastest, so programs that
+    # share a row block of E' run together). g = scale · E'_i: · Y[:, side half] over the chunk; then the normalize
+    # backward dx = (g - x̂ (x̂·g)) / max(|x|, eps), with x̂·g = scale · Σ_slots RS. OUT is (G, P, D) contiguous.
+    # E' is stored times e_scale (see gram_fwd_triton).
+    pid = tl.program_id(0)
+    rb = pid // n_chunks
+    c = pid - rb * n_chunks
+    n_rb = Pp // BLOCK_M
+    g = (rb // n_rb).to(tl.int64)
+    i = rb - (rb // n_rb) * n_rb
+    rows = (i * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    ks = tl.arange(0, BLOCK_N)
+    dcols = c * BLOCK_D + tl.arange(0, BLOCK_D)
+    e_ptr = E + (g * NUM_E + e_slot) * Pp * Pp + rows[:, None] * Pp + ks[None, :]
+    y_ptr = Y + g * Pp * 2 * Dp + ks[:, None].to(tl.int64) * (2 * Dp) + side * Dp + dcols[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for _ in range(0, Pp, BLOCK_N):
+        acc = mma(tl.load(e_ptr), tl.load(y_ptr), acc, IS_FP32, PRECISION)
+        e_ptr += BLOCK_N
+        y_ptr += BLOCK_N * 2 * Dp
+    gh = acc * (scale / e_scale)
+    mr = rows < P
+    m = mr[:, None] & (dcols < D)[None, :]
     if APPLY_NORM:
-        sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        xg = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_D):
-            k = k0 + cols
-            m = mr[:, None] & (k < D)[None, :]
-            x = tl.load(x_ptr + k[None, :] * stride_d, mask=m, other=0.0).to(tl.float32)
-            gh = tl.load(g_ptr + k[None, :], mask=m, other=0.0)
-            sq += tl.sum(x * x, axis=1)
-            xg += tl.sum(x * gh, axis=1)
-        norm = tl.sqrt(sq)
+        proj = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        rs = RS + (g * 2 + side) * nb * Pp + rows
+        for s in range(0, nb):  # a fixed order: the same bits on every run
+            proj += tl.load(rs + s * Pp)
+        norm = tl.load(NRM + (g * 2 + side) * Pp + rows)
         r = 1.0 / tl.maximum(norm, eps)
         # Below eps the clamp is active and the norm carries no gradient.
-        proj = tl.where(norm > eps, xg * r * r * r, 0.0)
-    for k0 in range(0, D, BLOCK_D):
-        k = k0 + cols
-        m = mr[:, None] & (k < D)[None, :]
-        gh = tl.load(g_ptr + k[None, :], mask=m, other=0.0)
-        if APPLY_NORM:
-            x = tl.load(x_ptr + k[None, :] * stride_d, mask=m, other=0.0).to(tl.float32)
-            gx = gh * r[:, None] - x * proj[:, None]
-        else:
-            gx = gh
-        tl.store(o_ptr + k[None, :], gx.to(OUT.dtype.element_ty), mask=m)
+        proj = tl.where(norm > eps, proj * scale, 0.0)
+        x = tl.load(X + g * stride_xg + rows[:, None] * stride_xp + dcols[None, :] * stride_xd, mask=m, other=0.0)
+        gx = (gh - (x.to(tl.float32) * r[:, None]) * proj[:, None]) * r[:, None]
+    else:
+        gx = gh
+    tl.store(OUT + g * P * D + rows[:, None] * D + dcols[None, :], gx.to(OUT.dtype.element_ty), mask=m)
 
 
 def _sm(t):
@@ -205,66 +232,144 @@ def _sm(t):
     return 10 * major + minor
 
 
-def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee", sm=90):
-    """(BLOCK, BLOCK_K, num_warps, num_stages) of the forward kernel."""
+def _num_sms(t):
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 4
+
+
+def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee", sm=90, clamp=False):
+    """Tiles: dict(BLOCK (fwd tile and bwd rows), BLOCK_K (fwd K step), BLOCK_N (bwd K step over P), BLOCK_D (bwd
+    output columns), and num_warps / num_stages of each kernel)."""
     if on_cpu:
         # The interpreter pays per program and per op, not per element: few, large tiles (tl.dot needs >= 16).
-        return max(16, min(128, triton.next_power_of_2(P))), max(16, min(128, triton.next_power_of_2(D))), 4, 1
-    # From compiles for sm_90 and sm_80 (tests/kernels/triton_compile.py reports registers and spills): IEEE fp32
-    # products run on FMA units with their operands in registers, so 64-wide K slices at 4 warps spilled about 7 KB
-    # per thread; 16-wide slices at 8 warps do not. TF32 at 8 warps does not spill either; 16-bit inputs on sm_90 fit
-    # at 4 warps. Every choice fits in an A100's 163 KB of shared memory per block.
+        b = max(16, min(128, triton.next_power_of_2(P)))
+        k = max(16, min(128, triton.next_power_of_2(D)))
+        return dict(BLOCK=b, BLOCK_K=k, BLOCK_N=b, BLOCK_D=k, fwd=(4, 1), bwd=(4, 1))
+    # From compiles for sm_90 (tests/kernels/triton_compile.py: registers, spills, shared memory, wgmma):
+    # 16-bit and TF32 operands take 128-wide wgmma tiles at 8 warps; IEEE fp32 products run on FMA units with their
+    # operands in registers, so they keep 64-wide tiles and 16-wide K slices (wider ones spilled); sm_80/86/89
+    # (mma.sync) keep 64-wide tiles. Clamping keeps Gs, Gt and E live at once: 128-wide tiles spilled (16 B/thread
+    # bf16, 96 B TF32), so it takes 64-wide ones. On the IEEE FMA path 2 stages spilled 8 B (clamping forward on
+    # Triton 3.9, gradient on 3.6); 1 stage does not.
     if is_fp32 and precision == "ieee":
-        k_cap, warps, stages = 16, 8, 2
-    elif is_fp32:  # 3 stages need 192 KB with both gradients: more than an A100 block has
-        k_cap, warps, stages = (64 if sm >= 90 else 32), 8, 2
+        b, k, d, fwd, bwd = 64, 16, 64, (8, 1 if clamp else 2), (8, 1)
     elif sm >= 90:
-        k_cap, warps, stages = 64, 4, 3
-    else:  # mma.sync layouts (sm_80/86/89): 64-wide slices spilled up to 1.8 KB/thread at 4 warps, 32 at 8 do not
-        k_cap, warps, stages = 32, 8, 3
-    return max(16, min(64, triton.next_power_of_2(P))), max(16, min(k_cap, triton.next_power_of_2(D))), warps, stages
+        k = 32 if is_fp32 else 64
+        # 128 unless it pads P by over 10 % more than 64 would (P = 261: 384 rows against 320).
+        b = 128 if triton.cdiv(P, 128) * 128 <= 1.1 * triton.cdiv(P, 64) * 64 and not clamp else 64
+        d, fwd, bwd = 128, (8 if b == 128 else 4, 3), (8, 3)
+    else:
+        b, k, d, fwd, bwd = 64, 32, 64, (8, 3), (8, 3)
+    b = min(b, max(16, triton.next_power_of_2(P)))
+    return dict(BLOCK=b, BLOCK_K=k, BLOCK_N=min(b, k if k >= 32 else 32), BLOCK_D=d, fwd=fwd, bwd=bwd)
 
 
-def _norm_backward(x, g_hat, apply_norm, eps):
-    """(G, P, D) strided x, contiguous fp32 gradient w.r.t. x̂ -> contiguous gradient w.r.t. x in x.dtype."""
-    G, P, D = x.shape
-    out = torch.empty((G, P, D), device=x.device, dtype=x.dtype)
-    x2 = x.reshape(G * P, D)  # a view whenever the group/row strides allow it
-    R = G * P
-    BLOCK_R, BLOCK_D = 16, max(16, min(128, triton.next_power_of_2(D)))
-    _gram_norm_bwd_kernel[(triton.cdiv(R, BLOCK_R),)](
-        x2, g_hat, out, R, D, x2.stride(0), x2.stride(1), eps,
-        APPLY_NORM=apply_norm, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-    )
-    return out
+def _compute_dtype(dtype, apply_norm, tf32=False):
+    """The dtype Y and E' are stored in: the input's, except
+    - fp16 without normalisation: raw Gram entries, and |x| itself, can pass fp16's 65504; fp32 holds them (and
+      TF32 products of fp16 values are exact);
+    - fp32 with normalisation where the products may run in TF32 (torch's allow_tf32): fp16, which keeps TF32's
+      10-bit mantissa, holds |x̂| <= 1 and |E'| <= 2 (stored times E_SCALE), and runs wgmma at twice TF32's rate
+      with half the bytes."""
+    if dtype == torch.float16 and not apply_norm:
+        return torch.float32
+    if dtype == torch.float32 and apply_norm and tf32:
+        return torch.float16
+    return dtype
 
 
-def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1e-12):
+PROLOGUE_ONE_PASS_MAX = 8192  # widest padded row the prologue holds in registers (64 fp32 per thread at 4 warps)
+
+
+def _prologue_blocks(Dp):
+    """(BLOCK_R, BLOCK_D, ONE_PASS) of the prologue: whole rows, 4096 elements per program, when they fit."""
+    width = max(16, triton.next_power_of_2(Dp))
+    if width <= PROLOGUE_ONE_PASS_MAX:
+        return max(1, min(16, 4096 // width)), width, True
+    return 16, 128, False
+
+
+def _grids(G, P, D, cfg, programs, grad_sides):
+    """Padded sizes and the three launch grids; every grid is 1-D on axis 0 (up to 2^31 - 1 programs), so G and the
+    tile counts never meet the 65535 limit of axes 1 and 2."""
+    BLOCK = cfg["BLOCK"]
+    step = max(cfg["BLOCK_K"], cfg["BLOCK_D"])
+    Pp = triton.cdiv(P, BLOCK) * BLOCK
+    Dp = triton.cdiv(D, step) * step
+    nb = Pp // BLOCK
+    pairs = nb * (nb + 1) // 2
+    n_items = G * pairs
+    n_chunks = Dp // cfg["BLOCK_D"]
+    prologue = _prologue_blocks(Dp)
+    grids = dict(prologue=(triton.cdiv(G * Pp, prologue[0]),), fwd=(max(1, min(n_items, programs)),),
+                 bwd=(G * (Pp // BLOCK) * n_chunks,) if grad_sides else None)
+    for grid in grids.values():
+        if grid is not None and grid[0] > GRID_AXIS0_MAX:
+            raise ValueError(f"gram_loss: {grid[0]} programs exceed the CUDA grid limit (G={G}, P={P}, D={D})")
+    return dict(Pp=Pp, Dp=Dp, nb=nb, pairs=pairs, n_items=n_items, n_chunks=n_chunks, grids=grids, prologue=prologue)
+
+
+def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1e-12, programs=None):
     """Loss and gradients of the Gram loss for (G, P, D) student s and teacher t of one dtype.
 
     Returns (loss fp32 scalar, grad_s or empty, grad_t or empty); gradients are for a loss weight of 1.
+    programs: size of the persistent forward grid (default: what fits on the GPU at once, PROGRAMS_PER_SM).
     """
     G, P, D = s.shape
+    dev = s.device
     is_fp32, precision = dot_precision(s)
-    BLOCK, BLOCK_K, num_warps, num_stages = _block_sizes(P, D, s.device.type == "cpu", is_fp32, precision, _sm(s))
-    nb = triton.cdiv(P, BLOCK)
-    num_pairs = nb * (nb + 1) // 2
-    partial = torch.empty((G, num_pairs), device=s.device, dtype=torch.float32)
-    acc_s = torch.zeros((G, P, D), device=s.device, dtype=torch.float32) if grad_s else partial
-    acc_t = torch.zeros((G, P, D), device=s.device, dtype=torch.float32) if grad_t else partial
-    M = G * P * P
-    _gram_fwd_kernel[(num_pairs, G)](
-        s, t, acc_s, acc_t, partial,
-        P, D,
-        s.stride(0), s.stride(1), s.stride(2),
-        t.stride(0), t.stride(1), t.stride(2),
-        4.0 / M, eps,
-        APPLY_NORM=apply_norm, CLAMP_S=clamp_s, CLAMP_T=clamp_t, GRAD_S=grad_s, GRAD_T=grad_t,
-        IS_FP32=is_fp32, PRECISION=precision, BLOCK=BLOCK, BLOCK_K=BLOCK_K,
-        num_warps=num_warps, num_stages=num_stages,
+    cdtype = _compute_dtype(s.dtype, apply_norm, precision == "tf32")
+    if cdtype == torch.float16:
+        is_fp32, precision = False, "ieee"
+    elif cdtype != s.dtype:  # fp16 values in fp32: TF32 keeps them exactly
+        is_fp32, precision = True, ("tf32" if _sm(s) >= 80 else "ieee")
+    # |E'| <= 2 with normalisation: stored times 2^14 in fp16 (at most 32768 < 65504), so that the small entries of a
+    # student close to its teacher stay normal numbers (fp16 goes subnormal below 6e-5) and keep 10 mantissa bits.
+    e_scale = E_SCALE if cdtype == torch.float16 else 1.0
+    cfg = _block_sizes(P, D, dev.type == "cpu", is_fp32, precision, _sm(s), clamp_s or clamp_t)
+    programs = programs or _num_sms(s) * PROGRAMS_PER_SM.get(cfg["BLOCK"], 2)
+    lay = _grids(G, P, D, cfg, programs, grad_s or grad_t)
+    Pp, Dp, nb = lay["Pp"], lay["Dp"], lay["nb"]
+
+    Y = torch.empty((G, Pp, 2 * Dp), device=dev, dtype=cdtype)
+    nrm = torch.empty((G, 2, Pp), device=dev, dtype=torch.float32) if apply_norm else Y
+    _gram_prologue_kernel[lay["grids"]["prologue"]](
+        s, t, Y, nrm, G * Pp, P, Pp, D, Dp,
+        s.stride(0), s.stride(1), s.stride(2), t.stride(0), t.stride(1), t.stride(2), eps,
+        APPLY_NORM=apply_norm, ONE_PASS=lay["prologue"][2], BLOCK_R=lay["prologue"][0], BLOCK_D=lay["prologue"][1],
     )
+
+    # E' slots: one matrix serves both gradients unless a clamp makes E' and E'' differ.
+    separate = (clamp_s or clamp_t) and grad_s and grad_t
+    t_slot = 1 if separate else 0
+    num_e = 2 if separate else 1
+    store_t = grad_t and (separate or not grad_s)
+    need_e = grad_s or grad_t
+    E = torch.empty((G, num_e, Pp, Pp) if need_e else (1,), device=dev, dtype=cdtype)
+    rowsums = apply_norm and need_e
+    RS = torch.empty((G, 2, nb, Pp) if rowsums else (1,), device=dev, dtype=torch.float32)
+    fwd_grid = lay["grids"]["fwd"]
+    part = torch.empty(fwd_grid, device=dev, dtype=torch.float32)
+    _gram_fwd_kernel[fwd_grid](
+        Y, E, RS, part, lay["n_items"], lay["pairs"], nb, Pp, Dp, e_scale,
+        CLAMP_S=clamp_s, CLAMP_T=clamp_t, STORE_S=grad_s, STORE_T=store_t, T_SLOT=t_slot, NUM_E=num_e,
+        ROWSUMS=rowsums, IS_FP32=is_fp32, PRECISION=precision, BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["fwd"][0], num_stages=cfg["fwd"][1],
+    )
+    M = G * P * P
     # Summing the partials in float64 keeps the loss accurate when M reaches billions of entries.
-    loss = (partial.sum(dtype=torch.float64) / M).to(torch.float32)
-    gs = _norm_backward(s, acc_s, apply_norm, eps) if grad_s else s.new_empty(0)
-    gt = _norm_backward(t, acc_t, apply_norm, eps) if grad_t else t.new_empty(0)
+    loss = (part.sum(dtype=torch.float64) / M).to(torch.float32)
+
+    def grad(x, side, slot, sign):
+        out = torch.empty((G, P, D), device=dev, dtype=x.dtype)
+        _gram_bwd_kernel[lay["grids"]["bwd"]](
+            Y, E, RS, nrm, x, out, P, Pp, D, Dp, nb, lay["n_chunks"], side, slot, num_e,
+            x.stride(0), x.stride(1), x.stride(2), sign * 4.0 / M, e_scale, eps,
+            APPLY_NORM=apply_norm, IS_FP32=is_fp32, PRECISION=precision,
+            BLOCK_M=cfg["BLOCK"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["bwd"][0], num_stages=cfg["bwd"][1],
+        )
+        return out
+
+    gs = grad(s, 0, 0, 1.0) if grad_s else s.new_empty(0)
+    gt = grad(t, 1, t_slot, -1.0) if grad_t else t.new_empty(0)
     return loss, gs, gt

@@ -19,7 +19,9 @@ def test_every_benchmark_shape_and_backend_is_modelled():
     ops = {(op, backend) for op, _, _, _, backend, *_ in ROWS}
     assert {op for op, _ in ops} == {"gram_loss", "koleo_loss", "rope_attention", "dino_head_loss", "ibot_head_loss"}
     assert {b for op, b in ops if op == "rope_attention"} == set(roofline.ATTENTION_BACKENDS)
-    assert len(ROWS) == 2 * (4 * 6 + 5 * 5 + 20 * 8 + 2 * 4 + 2 * 4)  # 2 passes x (shapes x backends) per op
+    expected = sum(len(shapes) * len(backends) for _, backends, shapes, _ in roofline.benchmark_cases())
+    assert len(ROWS) == 2 * expected  # 2 passes x (shapes x backends) per op
+    assert {b for op, b in ops if op == "gram_loss"} == set(roofline.GRAM_BACKENDS)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r[0]}-{r[1]}-{r[3]}-{r[4]}".replace(" ", ""))

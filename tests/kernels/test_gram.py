@@ -194,6 +194,130 @@ def test_triton_loss_scales_gradient(triton_cpu):
     _assert_close(s1.grad, s2.grad, RTOL[torch.float32], "scaled grad")
 
 
+# ---- the Triton design: prologue, persistent tile pairs, deterministic gradient ----------------------------------
+def _small_tiles(monkeypatch):
+    # 16-wide tiles everywhere, so small inputs take many tiles, pairs and column chunks.
+    from dinov3_kernels._triton import gram as tg
+
+    cfg = dict(BLOCK=16, BLOCK_K=16, BLOCK_N=16, BLOCK_D=16, fwd=(4, 1), bwd=(4, 1))
+    monkeypatch.setattr(tg, "_block_sizes", lambda *a, **k: cfg)
+    return tg
+
+
+def _kernel_vs_reference(tg, s, t, opts, grad_t, programs, rtol):
+    clamp_s = opts.get("remove_neg", False)
+    clamp_t = clamp_s or opts.get("remove_only_teacher_neg", False)
+    apply_norm = opts.get("apply_norm", True)
+    loss, gs, gt = tg.gram_fwd_triton(s, t, apply_norm=apply_norm, clamp_s=clamp_s, clamp_t=clamp_t, grad_s=True,
+                                      grad_t=grad_t, programs=programs)
+    ref, rs, rt = _run(gram_loss_reference, s.double(), t.double(), **opts)
+    _assert_close(loss, ref, rtol, "loss")
+    _assert_close(gs, rs, rtol, "student grad")
+    if grad_t:
+        _assert_close(gt, rt, rtol, "teacher grad")
+    else:
+        assert gt.numel() == 0
+
+
+@pytest.mark.parametrize("opts", OPTIONS[:4], ids=str)
+def test_triton_many_tiles_persistent_loop(triton_cpu, monkeypatch, opts):
+    # P = 40 -> 3 row blocks (the last ragged), 6 tile pairs (3 diagonal) per group, 12 over 2 groups, run by 5
+    # programs (each loops over 2-3 pairs); D = 20 -> 2 column chunks per side, the last one padded. The prologue
+    # takes its two-pass path (rows wider than PROLOGUE_ONE_PASS_MAX) here, its one-pass path everywhere else.
+    tg = _small_tiles(monkeypatch)
+    monkeypatch.setattr(tg, "PROLOGUE_ONE_PASS_MAX", 16)
+    s, t = _features(2, 40, 20, related=False)
+    _kernel_vs_reference(tg, s, t, opts, grad_t=True, programs=5, rtol=RTOL[torch.float32])
+
+
+def test_triton_off_diagonal_tiles_only(triton_cpu, monkeypatch):
+    # Student = teacher except in rows 16..31: E is non-zero only in tile row/column 1 (pairs (0,1), (1,1), (1,2)),
+    # so a wrong weight for off-diagonal pairs or a missing transposed E' store shows in the loss and the gradient.
+    tg = _small_tiles(monkeypatch)
+    s, t = _features(1, 48, 20)
+    s[:, :16] = t[:, :16]
+    s[:, 32:] = t[:, 32:]
+    _kernel_vs_reference(tg, s, t, dict(), grad_t=False, programs=1, rtol=RTOL[torch.float32])
+
+
+def test_triton_fp16_zero_row_has_finite_gradients(triton_cpu):
+    # fp16 input with a zero row: 1/max(|x|, eps) = 1e12 there. The weights of the gradient GEMM are E' in the
+    # compute dtype (|E'| <= 2 after normalisation); scaling them by 1/|x| before a cast to fp16 (the old design)
+    # overflowed to inf, and inf x 0 made every gradient NaN.
+    from dinov3_kernels._triton import gram as tg
+
+    s, t = _features(2, 20, 8, torch.float16)
+    s[0, 3] = 0.0
+    loss, gs, gt = tg.gram_fwd_triton(s, t, apply_norm=True, clamp_s=False, clamp_t=False, grad_s=True, grad_t=True)
+    ref, rs, rt = _run(gram_loss_reference, s.double(), t.double())
+    keep = torch.ones(2, 20, dtype=torch.bool)
+    keep[0, 3] = False  # its own gradient is g / eps, past fp16's range in the reference too
+    assert torch.isfinite(gs[keep]).all() and torch.isfinite(gt).all()
+    _assert_close(loss, ref, RTOL[torch.float16], "loss")
+    _assert_close(gs[keep], rs[keep], RTOL[torch.float16], "student grad")
+    _assert_close(gt, rt, RTOL[torch.float16], "teacher grad")
+
+
+def test_triton_fp16_without_norm_computes_in_fp32(triton_cpu):
+    # Raw fp16 features, one row of norm 300: E_00 = 9e4 is past fp16's 65504, so E' cannot be stored in fp16
+    # (the old design cast it to fp16: inf), while every gradient entry still fits.
+    from dinov3_kernels._triton import gram as tg
+
+    assert tg._compute_dtype(torch.float16, apply_norm=False) == torch.float32
+    assert tg._compute_dtype(torch.float16, apply_norm=True) == torch.float16
+    assert tg._compute_dtype(torch.bfloat16, apply_norm=False) == torch.bfloat16
+    s, t = _features(1, 64, 8, torch.float64, related=False)
+    s[0, 0] = 300 * s[0, 0] / s[0, 0].norm()
+    s, t = s.half(), t.half()
+    loss, gs, gt = tg.gram_fwd_triton(s, t, apply_norm=False, clamp_s=False, clamp_t=False, grad_s=True, grad_t=True)
+    ref, rs, rt = _run(gram_loss_reference, s.double(), t.double(), apply_norm=False)
+    assert rs.abs().max() < 65504 / 2
+    _assert_close(loss, ref, RTOL[torch.float16], "loss")
+    _assert_close(gs, rs, RTOL[torch.float16], "student grad")
+    _assert_close(gt, rt, RTOL[torch.float16], "teacher grad")
+
+
+def test_triton_fp32_under_tf32_computes_in_fp16(triton_cpu, monkeypatch):
+    # Where torch would run fp32 products in TF32, Ŝ, T̂ and E' are stored in fp16: TF32's 10-bit mantissa, so the
+    # error is TF32's (its tolerance), at twice the rate and half the bytes.
+    from dinov3_kernels._triton import gram as tg
+
+    assert tg._compute_dtype(torch.float32, apply_norm=True, tf32=True) == torch.float16
+    assert tg._compute_dtype(torch.float32, apply_norm=False, tf32=True) == torch.float32
+    assert tg._compute_dtype(torch.float32, apply_norm=True, tf32=False) == torch.float32
+    monkeypatch.setattr(tg, "dot_precision", lambda x: (x.dtype == torch.float32, "tf32"))
+    s, t = _features(2, 30, 16)
+    for opts in (dict(), dict(remove_neg=True)):
+        _kernel_vs_reference(tg, s, t, opts, grad_t=True, programs=None, rtol=RTOL["tf32"])
+
+
+def test_triton_grids_stay_within_cuda_limits():
+    # Every launch is 1-D on grid axis 0 (up to 2^31 - 1), so G never lands on axes 1/2 (65535).
+    from dinov3_kernels._triton import gram as tg
+
+    cfg = tg._block_sizes(1024, 1024, False, False, "ieee", 90)  # bf16 on sm_90
+    lay = tg._grids(100_000, 1024, 1024, cfg, programs=264, grad_sides=True)
+    assert all(len(g) == 1 for g in lay["grids"].values())
+    assert lay["grids"]["fwd"] == (264,) and lay["n_items"] == 100_000 * lay["pairs"]
+    assert lay["grids"]["bwd"][0] == 100_000 * lay["nb"] * lay["n_chunks"] > 65535
+    assert lay["grids"]["prologue"][0] * lay["prologue"][0] >= 100_000 * lay["Pp"]
+    with pytest.raises(ValueError, match="grid limit"):
+        tg._grids(2**20, 2**16, 64, cfg, programs=264, grad_sides=True)
+
+
+def test_triton_block_sizes_use_wide_tiles_on_sm90():
+    from dinov3_kernels._triton import gram as tg
+
+    for is_fp32, precision in ((False, "ieee"), (True, "tf32")):
+        cfg = tg._block_sizes(1024, 1024, False, is_fp32, precision, 90)
+        assert cfg["BLOCK"] == 128 and cfg["BLOCK_D"] == 128
+        # The padded sizes are whole tiles of every kernel.
+        lay = tg._grids(2, 1000, 1000, cfg, 8, True)
+        assert lay["Pp"] % cfg["BLOCK"] == 0 and lay["Pp"] % cfg["BLOCK_N"] == 0
+        assert lay["Dp"] % cfg["BLOCK_K"] == 0 and lay["Dp"] % cfg["BLOCK_D"] == 0
+    assert tg._block_sizes(261, 1024, False, False, "ieee", 90)["BLOCK"] == 64  # 320 padded rows, not 384
+
+
 # ---- the factored form |SᵀS|² - 2|SᵀT|² + |TᵀT|² --------------------------------------------------------------
 @pytest.mark.parametrize("opts", [dict(), dict(apply_norm=False), dict(img_level=False)], ids=str)
 def test_factored_matches_reference(triton_cpu, opts):
@@ -404,18 +528,40 @@ def test_gpu_deterministic_loss():
 
 
 
-def test_deterministic_mode_refuses_the_atomic_backends(triton_cpu):
-    # The Triton and CUDA Gram kernels scatter the gradient with float atomics (order-dependent rounding).
-    s, t = _features(1, 16, 8)
+def test_deterministic_mode_runs_the_triton_kernels(triton_cpu):
+    # The Triton kernels have no atomics: deterministic mode accepts them, and the result is the same bits.
+    s, t = _features(1, 20, 8)
+    free = _run(lambda a, b: gram_loss(a, b, backend="triton", method="tiled"), s, t)
     torch.use_deterministic_algorithms(True)
     try:
-        with pytest.raises(BackendUnavailableError, match="use_deterministic_algorithms"):
-            gram_loss(s, t, backend="triton")
-        ref = gram_loss(s, t, backend="reference")  # the deterministic path still runs
+        strict = _run(lambda a, b: gram_loss(a, b, backend="triton", method="tiled"), s, t)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert torch.isfinite(ref)
-    gram_loss(s, t, backend="triton")  # and the kernel is back once the mode is off
+    for a, b in zip(free, strict):
+        assert torch.equal(a, b)
+
+
+def test_gram_declares_only_the_cuda_kernel_atomic(monkeypatch):
+    # What gram_loss tells choose_backend; under deterministic mode that keeps "triton" and refuses "cuda".
+    seen = {}
+    real = _backend.choose_backend
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_backend, "choose_backend", spy)
+    s, t = _features(1, 4, 3)
+    gram_loss(s, t, backend="reference")
+    assert seen["atomics"] == ("cuda",)
+    monkeypatch.setattr(_backend, "why_not", lambda backend, tensors, op_check=None: None)  # as if on a GPU
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert real("triton", (s, t), atomics=seen["atomics"]) == "triton"
+        with pytest.raises(BackendUnavailableError, match="use_deterministic_algorithms"):
+            real("cuda", (s, t), atomics=seen["atomics"])
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_auto_skips_atomic_backends_in_deterministic_mode(monkeypatch):
@@ -431,3 +577,87 @@ def test_auto_skips_atomic_backends_in_deterministic_mode(monkeypatch):
         assert _backend.choose_backend("auto", (x,), atomics=("cuda", "triton")) == "reference"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+# ---- the composed backend (batched GEMMs over [Ŝ | T̂]) --------------------------------------------------------------
+@pytest.mark.parametrize("B,N,D", [(1, 1, 3), (3, 7, 5), (2, 197, 24), (1, 257, 13)])
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_composed_float64_matches_reference(B, N, D, opts):
+    s, t = _features(B, N, D, torch.float64)
+    _check_against_reference(s, t, "composed", 1e-12, method="tiled", **opts)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("teacher_grad", [True, False])
+def test_composed_float32(opts, teacher_grad):
+    s, t = _features(3, 37, 20)
+    _check_against_reference(s, t, "composed", RTOL[torch.float32], teacher_grad, method="tiled", **opts)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(remove_neg=True)], ids=str)
+def test_composed_zero_and_tiny_rows(opts):
+    # |x| <= eps takes F.normalize's linear branch (x / eps, gradient g / eps): no projection there.
+    s, t = _features(2, 20, 8, torch.float64)
+    s[0, 3] = 0.0
+    s[1, 4] = 1e-14
+    t[0, 5] = 0.0
+    _check_against_reference(s, t, "composed", 1e-12, method="tiled", **opts)
+
+
+def test_composed_non_contiguous_inputs_not_modified():
+    base_s, base_t = _features(2, 30, 16)
+    s = base_s.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)  # row stride 1, column stride P
+    t = base_t.repeat(1, 1, 2)[..., ::2]  # column stride 2
+    before = (s.detach().clone(), t.clone())
+    loss = gram_loss(s, t, backend="composed", method="tiled", remove_neg=True)
+    loss.backward()
+    assert torch.equal(s.detach(), before[0]) and torch.equal(t, before[1])
+    ref, rs, _ = _run(gram_loss_reference, before[0].double(), before[1].double(), False, remove_neg=True)
+    _assert_close(loss.detach(), ref, RTOL[torch.float32], "loss")
+    _assert_close(s.grad, rs, RTOL[torch.float32], "student grad")
+
+
+def test_composed_bfloat16_forms_the_difference_before_rounding():
+    # Student close to the teacher: on unit rows the Gram matrices differ by ~3e-3, below bf16's resolution of entries
+    # near 1. E = [Ŝ | T̂]·[Ŝ | -T̂]ᵀ forms the difference in the GEMM's fp32 accumulator and rounds once; subtracting
+    # two bf16 Gram matrices loses it (checked below, so the test tells the two apart). The inputs are exactly
+    # representable bf16 unit rows, so the only error left is the backend's own.
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 64, 32, generator=g, dtype=torch.float64)
+    s = t + 0.003 * torch.randn(2, 64, 32, generator=g, dtype=torch.float64)
+    sh, th = F.normalize(s, dim=-1).bfloat16(), F.normalize(t, dim=-1).bfloat16()
+    ref = gram_loss_reference(sh.double(), th.double(), apply_norm=False)
+    got = gram_loss(sh, th, backend="composed", method="tiled", apply_norm=False).double()
+    naive = ((sh @ sh.transpose(1, 2)) - (th @ th.transpose(1, 2))).double().square().mean()
+    assert abs(got - ref) <= 1e-3 * ref, (got, ref)
+    assert abs(naive - ref) > 0.05 * ref, (naive, ref)  # the subtract-after-rounding form is far off here
+
+
+def test_composed_opcheck_and_compile():
+    s, t = _features(2, 20, 8)
+    s.requires_grad_(True)
+    for flags in ((True, False, False, True, True), (False, True, True, True, False)):
+        apply_norm, clamp_s, clamp_t, grad_s, grad_t = flags
+        torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_fwd.default,
+                              (s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t, "composed", "tiled"))
+    compiled = torch.compile(lambda a, b: gram_loss(a, b, backend="composed", remove_neg=True), fullgraph=True,
+                             backend="aot_eager")
+    got = _run(lambda a, b: compiled(a, b), s, t)
+    want = _run(lambda a, b: gram_loss_reference(a, b, remove_neg=True), s.double(), t.double())
+    for g_, w in zip(got, want):
+        _assert_close(g_, w, RTOL[torch.float32], "compiled composed")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_gpu_composed_against_reference(dtype, opts):
+    torch_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    s, t = _features(4, 257, 384, torch_dtype, "cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        _check_against_reference(s, t, "composed", RTOL[dtype if dtype == "tf32" else torch_dtype], method="tiled",
+                                 **opts)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
