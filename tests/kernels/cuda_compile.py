@@ -246,8 +246,8 @@ def main(argv=None) -> int:
                if nvcc else "no nvcc")
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":!benchmarks/results"], capture_output=True, text=True).stdout.strip()  # reports aside
     report = {"meta": {"arch": ARCH, "date": time.strftime("%Y-%m-%d"), "commit": commit + ("-dirty" if dirty else ""),
                        "nvcc": version, "command": "python tests/kernels/cuda_compile.py " + " ".join(
                            argv if argv is not None else sys.argv[1:]), "seconds": round(seconds, 1),
