@@ -12,6 +12,8 @@ bf16 as the official trainer's blocks run (the TF32 flag, on as in training, cha
   sdpa_flash, sdpa_cudnn SDPA without RoPE through its flash and cuDNN backends: the floor a fused kernel should reach
   flash_attn             flash-attn (when installed) on the packed qkv without RoPE, another floor
   flash_attn+apply_rope  our apply_rope kernel, then flash-attn (the best unfused path)
+  composed               dinov3_kernels.rope_attention(backend="composed"): one Triton pass from qkv to rotated q, k, v,
+                         SDPA (PyTorch picks flash / cuDNN / efficient), one pass back to the packed gradient
   triton, cuda           dinov3_kernels.rope_attention
 
 FLOPs: forward 4·B·H·N²·D (two matmuls); backward 2.5x forward, so forward+backward 3.5·(4·B·H·N²·D).
@@ -109,7 +111,7 @@ def providers(qkv, H, settings):
         "cuDNN attention needs a CUDA GPU"
     if settings.gpu:
         out.update(_flash_providers(H))
-    for backend in ("triton", "cuda"):
+    for backend in ("composed", "triton", "cuda"):
         reason = why_not(backend, (qkv,))
         out[backend] = reason or (lambda be: lambda x, s, c: rope_attention(x, s, c, num_heads=H, backend=be))(
             backend)
@@ -161,7 +163,7 @@ def run(settings: common.Settings, cases=None, dtype=torch.bfloat16) -> list:
     common.add_speedups(records, "official")
     common.add_speedups(records, "sdpa_flash")
     for r in records:
-        if settings.gpu and r.backend in ("triton", "cuda") and r.mode == "fwd+bwd" and r.median_ms:
+        if settings.gpu and r.backend in ("composed", "triton", "cuda") and r.mode == "fwd+bwd" and r.median_ms:
             r.note = _goal(r.params["N"], r.extra.get("speedup_vs_official"), r.extra.get("speedup_vs_sdpa_flash"))
     return records
 

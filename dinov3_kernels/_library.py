@@ -58,6 +58,16 @@ def _koleo_loss_bwd_fake(grad, search, indices, dist, norm, offset, n, eps, back
     return torch.empty_like(search, memory_format=torch.contiguous_format)
 
 
+# The composed backend's neighbour search (no gradient): indices (n, topk) int64 into search of the topk rows most
+# cosine-similar to each query row search[offset + i], itself excluded, ties to the lowest index.
+LIB.define("nearest_neighbors(Tensor search, int offset, int n, int topk, float eps) -> Tensor")
+
+
+@torch.library.register_fake("dinov3_kernels::nearest_neighbors")
+def _nearest_neighbors_fake(search, offset, n, topk, eps):
+    return search.new_empty((n, topk), dtype=torch.int64)
+
+
 # ---- dino_head_loss / ibot_head_loss -------------------------------------------------------------------------------
 # Logits are recomputed from features z (N, d) and prototypes W (K, d), never stored. backend: "triton" | "composed".
 # Per prototype k: (max_n x_nk, Σ_n exp(x_nk - max)), x = scale · z Wᵀ + col_bias_k + row_bias_n; (K,) fp32 each. An
@@ -121,6 +131,31 @@ LIB.define(
     "apply_rope(Tensor q, Tensor k, Tensor sin, Tensor cos, int num_prefix_tokens, bool inverse, str backend) "
     "-> (Tensor, Tensor)"
 )
+
+# The composed backend's passes around SDPA. Split: packed qkv (B, N, 3C) -> q, k, v (B, heads, N, Dh) contiguous,
+# q and k rotated on their patch tokens; merge (its backward): dq, dk, dv -> d qkv (B, N, 3C) contiguous, the
+# transposed rotation on dq and dk. backend: "triton" (one Triton pass each) | "reference" (plain PyTorch, any dtype).
+LIB.define(
+    "rope_qkv_split(Tensor qkv, Tensor sin, Tensor cos, int num_heads, int num_prefix_tokens, str backend) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "rope_qkv_merge(Tensor dq, Tensor dk, Tensor dv, Tensor sin, Tensor cos, int num_prefix_tokens, str backend) "
+    "-> Tensor"
+)
+
+
+@torch.library.register_fake("dinov3_kernels::rope_qkv_split")
+def _rope_qkv_split_fake(qkv, sin, cos, num_heads, num_prefix_tokens, backend):
+    B, N, C3 = qkv.shape
+    shape = (B, num_heads, N, C3 // (3 * num_heads))
+    return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
+
+
+@torch.library.register_fake("dinov3_kernels::rope_qkv_merge")
+def _rope_qkv_merge_fake(dq, dk, dv, sin, cos, num_prefix_tokens, backend):
+    B, H, N, Dh = dq.shape
+    return dq.new_empty((B, N, 3 * H * Dh))
 
 
 @torch.library.register_fake("dinov3_kernels::rope_attention_fwd")

@@ -5,9 +5,14 @@ reference (the spec) -> input checks -> kernels and autograd -> public functions
 The official path: split the qkv linear's output (B, N, 3C) into q, k, v (B, heads, N, Dh); cast q and k to the RoPE
 dtype (sin.dtype), rotate the patch tokens (all but the first num_prefix_tokens = N - H·W: CLS and registers) with
 x·cos + rotate_half(x)·sin, cast back; scaled_dot_product_attention (scale Dh^-0.5, no mask); back to (B, N, C).
-The kernels read qkv in place, rotate q and k tiles as they load them, never write the rotated q/k or the N×N scores,
-and write the gradient straight into the packed (B, N, 3C) layout. They compute RoPE in float32 whatever sin.dtype is
+The kernels read qkv in place, never write the N×N scores, and write the gradient straight into the packed (B, N, 3C)
+layout; the Triton kernels rotate the tensor they re-read (K forward, Q backward) once into a scratch and the other
+as they load it, the CUDA kernels rotate both as they load them. They compute RoPE in float32 whatever sin.dtype is
 (the official default); sin and cos are treated as constants (no gradient), as the official module's buffers are.
+
+The "composed" backend is the yardstick built from PyTorch: one pass (Triton on CUDA) from the packed qkv to rotated
+q, k and v in (B, heads, N, Dh), torch's scaled_dot_product_attention (flash / cuDNN / memory-efficient, PyTorch's
+choice) with its own backward, and one pass applying the inverse rotation while assembling the packed gradient.
 
 sin/cos may also be given as (H·W, head_dim/2) tables, meaning both halves of the head dim share their angles, which
 is how the DINOv3 RoPE module builds them (its (H·W, head_dim) tables are two copies side by side): the kernels then
@@ -21,7 +26,8 @@ import torch.nn.functional as F
 
 from . import _backend, _library  # noqa: F401  (_library defines the op schemas)
 
-__all__ = ["rope_attention", "rope_attention_reference", "apply_rope", "apply_rope_reference"]
+__all__ = ["rope_attention", "rope_attention_reference", "apply_rope", "apply_rope_reference",
+           "rope_qkv_split_reference", "rope_qkv_merge_reference"]
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
@@ -67,6 +73,51 @@ def rope_attention_reference(qkv, sin, cos, *, num_heads, num_prefix_tokens=None
     q, k = apply_rope_reference(q, k, sin, cos, num_prefix_tokens)
     x = F.scaled_dot_product_attention(q, k, v)
     return x.transpose(1, 2).reshape(B, N, C)
+
+
+# ---- 1b. the composed backend: one pass to rotated q, k, v, then SDPA, then one pass back ---------------------------
+def rope_qkv_split_reference(qkv, sin, cos, num_heads, num_prefix_tokens):
+    """Packed qkv (B, N, 3C) -> (q, k, v), each (B, heads, N, Dh) contiguous, q and k rotated as the reference does
+    (in sin.dtype, cast back). The plain-PyTorch form of the composed backend's first pass (Triton on CUDA)."""
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
+    q, k = apply_rope_reference(q, k, sin, cos, num_prefix_tokens)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def rope_qkv_merge_reference(dq, dk, dv, sin, cos, num_prefix_tokens):
+    """The split's backward: dq, dk, dv (B, heads, N, Dh) -> d qkv (B, N, 3C) contiguous. rope(x) = x·cos +
+    rotate_half(x)·sin is linear, so its gradient is g·cos + rotate_halfᵀ(g·sin), rotate_halfᵀ(y₁, y₂) = (y₂, -y₁)."""
+    B, H, N, Dh = dq.shape
+    sin, cos = _full_table(sin, Dh), _full_table(cos, Dh)
+
+    def unrotate(g):
+        y = g.to(sin.dtype)
+        p = y[..., num_prefix_tokens:, :]
+        ps1, ps2 = (p * sin).chunk(2, dim=-1)
+        y = torch.cat((y[..., :num_prefix_tokens, :], p * cos + torch.cat((ps2, -ps1), dim=-1)), dim=-2)
+        return y.to(g.dtype)
+
+    # (3, B, H, N, Dh) -> (B, N, 3, H, Dh): the packed layout of the qkv linear's output.
+    return torch.stack((unrotate(dq), unrotate(dk), dv)).permute(1, 3, 0, 2, 4).reshape(B, N, 3 * H * Dh)
+
+
+def _rotate_with_triton(qkv):
+    """The composed backend rotates with its Triton pass wherever the triton backend could run on qkv."""
+    return qkv.dtype in KERNEL_DTYPES and _backend.why_not("triton", (qkv,)) is None
+
+
+def _rope_attention_composed(qkv, sin, cos, num_heads, num_prefix_tokens):
+    """One pass qkv -> rotated q, k and v (B, heads, N, Dh); torch's SDPA (it picks flash, cuDNN, memory-efficient
+    or math for the shape and dtype) with its own backward; one pass assembling d qkv with the inverse rotation."""
+    B, N, C3 = qkv.shape
+    rotate = "triton" if _rotate_with_triton(qkv) else "reference"
+    if rotate == "triton":
+        if qkv.stride(-1) != 1:
+            qkv = qkv.contiguous()
+        sin, cos = _kernel_rope(sin, cos)
+    q, k, v = torch.ops.dinov3_kernels.rope_qkv_split(qkv, sin, cos, num_heads, num_prefix_tokens, rotate)
+    out = F.scaled_dot_product_attention(q, k, v)  # scale Dh^-0.5, as the official path
+    return out.transpose(1, 2).reshape(B, N, C3 // 3)
 
 
 # ---- 2. input checks (public boundary) ---------------------------------------------------------------------------
@@ -139,11 +190,15 @@ def _check_apply_rope_inputs(q, k, sin, cos, num_prefix_tokens):
     return _check_rope(op, sin, cos, q.shape[2], q.shape[3], num_prefix_tokens, q.device)
 
 
-def _op_check(x, sin, cos, head_dim, cuda_kernel):
+def _op_check(x, sin, cos, head_dim, cuda_kernel, composed=False):
     # head_dim None: the kernel takes any even head dim (no tl.dot on it).
     def check(backend):
         if backend == "composed":
-            return "there is no composed backend for this op yet"
+            if not composed:
+                return "there is no composed backend for this op (rope_attention has one)"
+            if torch.is_grad_enabled() and (sin.requires_grad or cos.requires_grad):
+                return "sin/cos require grad, but the composed backend's rotation passes treat them as constants"
+            return None  # any dtype and head dim: plain PyTorch rotation where the Triton pass cannot run, and SDPA
         if x.dtype not in KERNEL_DTYPES:
             return f"dtype {x.dtype} is not supported by the {backend} kernels (float32, float16, bfloat16)"
         if torch.is_grad_enabled() and (sin.requires_grad or cos.requires_grad):
@@ -247,6 +302,45 @@ torch.library.register_autograd("dinov3_kernels::apply_rope", _apply_rope_backwa
                                 setup_context=_apply_rope_setup_context)
 
 
+def _rope_qkv_split_impl(qkv, sin, cos, num_heads, num_prefix_tokens, backend):
+    if backend == "triton":
+        from ._triton.attention import rope_qkv_split_triton
+
+        return rope_qkv_split_triton(qkv, sin, cos, num_heads, num_prefix_tokens)
+    return rope_qkv_split_reference(qkv, sin, cos, num_heads, num_prefix_tokens)
+
+
+def _rope_qkv_merge_impl(dq, dk, dv, sin, cos, num_prefix_tokens, backend):
+    if backend == "triton":
+        from ._triton.attention import rope_qkv_merge_triton
+
+        dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
+        return rope_qkv_merge_triton(dq, dk, dv, sin, cos, num_prefix_tokens)
+    return rope_qkv_merge_reference(dq, dk, dv, sin, cos, num_prefix_tokens)
+
+
+torch.library.register_kernel("dinov3_kernels::rope_qkv_split", ("cpu", "cuda"), _rope_qkv_split_impl)
+torch.library.register_kernel("dinov3_kernels::rope_qkv_merge", ("cpu", "cuda"), _rope_qkv_merge_impl)
+
+
+def _rope_qkv_split_setup_context(ctx, inputs, output):
+    _, sin, cos, _, num_prefix_tokens, backend = inputs
+    ctx.save_for_backward(sin, cos)
+    ctx.args = (num_prefix_tokens, backend)
+
+
+def _rope_qkv_split_backward(ctx, dq, dk, dv):
+    sin, cos = ctx.saved_tensors
+    q_like = dq if dq is not None else dk if dk is not None else dv
+    dq, dk, dv = (g if g is not None else torch.zeros_like(q_like) for g in (dq, dk, dv))
+    dqkv = torch.ops.dinov3_kernels.rope_qkv_merge(dq, dk, dv, sin, cos, *ctx.args)
+    return dqkv, None, None, None, None, None
+
+
+torch.library.register_autograd("dinov3_kernels::rope_qkv_split", _rope_qkv_split_backward,
+                                setup_context=_rope_qkv_split_setup_context)
+
+
 def _kernel_rope(sin, cos):
     return sin.to(torch.float32).contiguous(), cos.to(torch.float32).contiguous()
 
@@ -257,20 +351,25 @@ def rope_attention(qkv, sin, cos, *, num_heads, num_prefix_tokens=None, backend=
 
     qkv: (B, N, 3C), the qkv linear's output, C = num_heads·head_dim, read in place (only a last-dim stride other
     than 1 costs a copy). sin, cos: (H·W, head_dim) from the RoPE module, or (H·W, head_dim/2) when both halves
-    share their angles (true of the DINOv3 RoPE module's tables: passing sin[:, :head_dim // 2] halves the table
-    traffic); the last H·W tokens are rotated, the first num_prefix_tokens (default N - H·W; must agree) are not. Returns (B, N, C) in qkv.dtype, the layout the output
-    projection takes; the gradient flows to qkv in the same packed layout. backend: "auto" | "reference" | "triton" |
-    "cuda". Kernels: float32/float16/bfloat16; head_dim a multiple of 16 up to 256 (triton), 64 or 128 (cuda).
+    share their angles (what the DINOv3 model passes, from RopePositionEmbedding.tables: half the table traffic);
+    the last H·W tokens are rotated, the first num_prefix_tokens (default N - H·W; must agree) are not. Returns
+    (B, N, C) in qkv.dtype, the layout the output projection takes; the gradient flows to qkv in the same packed
+    layout. backend: "auto" | "reference" | "composed" | "triton" | "cuda". "composed": one pass (Triton on CUDA,
+    PyTorch elsewhere) from qkv to rotated q, k, v, then torch's scaled_dot_product_attention, and one pass back to
+    the packed gradient; any dtype and head dim. Kernels: float32/float16/bfloat16; head_dim a multiple of 16 up to
+    256 (triton), 64 or 128 (cuda).
     """
     if not torch.compiler.is_compiling():
         num_prefix_tokens = _check_attention_inputs(qkv, sin, cos, num_heads, num_prefix_tokens)
     elif num_prefix_tokens is None:
         num_prefix_tokens = qkv.shape[1] - sin.shape[0]
     head_dim = qkv.shape[-1] // (3 * num_heads)
-    chosen = _backend.choose_backend(backend, (qkv,), _op_check(qkv, sin, cos, head_dim, True), "rope_attention",
-                                    atomics=("cuda",), size=qkv.shape[1])  # the CUDA backward adds dQ with atomics
+    chosen = _backend.choose_backend(backend, (qkv,), _op_check(qkv, sin, cos, head_dim, True, composed=True),
+                                     "rope_attention", atomics=("cuda", "triton"), size=qkv.shape[1])  # dQ atomics
     if chosen == "reference":
         return rope_attention_reference(qkv, sin, cos, num_heads=num_heads, num_prefix_tokens=num_prefix_tokens)
+    if chosen == "composed":
+        return _rope_attention_composed(qkv, sin, cos, num_heads, num_prefix_tokens)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     sin32, cos32 = _kernel_rope(sin, cos)

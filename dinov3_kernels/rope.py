@@ -3,6 +3,10 @@
 Same constructor, buffer and outputs as the official DINOv3 ``RopePositionEmbedding``:
 ``forward(H=, W=)`` returns ``(sin, cos)``, each ``(H*W, head_dim)`` in the rotate-half layout
 (angles for the y axis then the x axis, ``head_dim // 4`` frequencies each, the block tiled twice).
+
+``tables(H=, W=, count=)`` returns the tied half tables ``(H*W, head_dim/2)`` (the two halves of ``forward``'s
+tables are equal), optionally ``count`` of them with independent training augmentations drawn in one pass: what the
+model computes once per forward instead of once per block, and what the attention kernels read.
 """
 
 from __future__ import annotations
@@ -158,11 +162,61 @@ class RopePositionEmbedding(nn.Module):
     # Name used by the official DinoVisionTransformer.init_weights.
     _init_weights = reset_parameters
 
-    def forward(self, *, H: int, W: int) -> tuple[Tensor, Tensor]:
+    @property
+    def augments(self) -> bool:
+        """True when a training-mode call draws random coordinate augmentations (shift, jitter or rescale)."""
+        return self.training and any(
+            v is not None for v in (self.shift_coords, self.jitter_coords, self.rescale_coords))
+
+    @staticmethod
+    def _check_hw(H, W) -> None:
         for name, v in (("H", H), ("W", W)):
             # SymInt: H and W read off a traced input (torch.export / ONNX with dynamic height and width).
             if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+    def tables(self, *, H: int, W: int, count: int | None = None) -> tuple[Tensor, Tensor]:
+        """Tied half tables: ``(sin, cos)``, each ``(H*W, head_dim/2)``, equal to either half of ``forward``'s.
+
+        ``count``: ``(count, H*W, head_dim/2)`` tables instead, computed in one pass; in training with augmentation
+        each gets its own draw (what ``count`` successive ``forward`` calls give, one per block as official), drawn
+        as all shifts, then all jitters, then all rescales; otherwise they are one table expanded (no copy). With
+        ``count=None`` the draws and values are those of one ``forward`` call.
+        """
+        self._check_hw(H, W)
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError(f"count must be a positive int or None, got {count!r}")
+        dd = {"dtype": self.dtype, "device": self.periods.device}
+        coords = rope_patch_coords(H, W, self.normalize_coords, **dd)  # (HW, 2)
+        n = 1 if count is None else count
+        if self.augments:
+            coords = self._augment(coords, n, dd)  # (n, HW, 2)
+        # angle[p, a, f] = 2 pi coord[p, a] / period[f], layout (y freqs, x freqs): one half of forward's table.
+        angles = (2 * math.pi * coords[..., None] / self.periods).flatten(-2, -1)  # ([n,] HW, head_dim/2)
+        sin, cos = torch.sin(angles), torch.cos(angles)
+        if count is None:
+            return (sin[0], cos[0]) if sin.dim() == 3 else (sin, cos)
+        if sin.dim() == 2:
+            return sin.expand(count, *sin.shape), cos.expand(count, *cos.shape)
+        return sin, cos
+
+    def _augment(self, coords: Tensor, n: int, dd: dict) -> Tensor:
+        """(HW, 2) coordinates -> (n, HW, 2) with n independent draws of shift, jitter and rescale (in that order)."""
+        coords = coords.expand(n, *coords.shape)
+        if self.shift_coords is not None:
+            shift = torch.empty(n, 2, **dd).uniform_(-self.shift_coords, self.shift_coords)
+            coords = coords + shift[:, None, :]
+        if self.jitter_coords is not None:
+            log_j = math.log(self.jitter_coords)
+            coords = coords * torch.empty(n, 2, **dd).uniform_(-log_j, log_j).exp()[:, None, :]
+        if self.rescale_coords is not None:
+            log_r = math.log(self.rescale_coords)
+            coords = coords * torch.empty(n, 1, **dd).uniform_(-log_r, log_r).exp()[:, None, :]
+        return coords
+
+    def forward(self, *, H: int, W: int) -> tuple[Tensor, Tensor]:
+        """The official (sin, cos), each (H*W, head_dim): the half tables of ``tables`` side by side."""
+        self._check_hw(H, W)
         dd = {"dtype": self.dtype, "device": self.periods.device}
         coords = rope_patch_coords(H, W, self.normalize_coords, **dd)  # (HW, 2)
         if self.training:

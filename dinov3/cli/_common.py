@@ -283,8 +283,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, compute: bool = True) -> 
     parser.add_argument("--arch", default=None,
                         help="model size, needed when the checkpoint does not say it: vit_small, vit_small_plus, "
                              "vit_base, vit_large, vit_large_plus, vit_huge_plus, vit_7b (or vits16, vitb16, ...), or "
-                             "a size dinov3-train builds (vit_tiny); with a checkpoint that says its model, it must "
-                             "agree with the weights")
+                             "a size dinov3-train builds (vit_tiny, vit_nano); with a checkpoint that says its model, "
+                             "it must agree with the weights")
     parser.add_argument("--model-kwargs", default=None,
                         help='JSON of DinoVisionTransformer keyword overrides, e.g. \'{"attn_backend": "reference"}\'')
     if compute:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 # that have no fused attention op (ONNX).
 ATTN_BACKENDS = ("auto", "reference", "fused", "math")
 
+# (sin, cos) of one crop: (H·W, head_dim) tables, or the tied (H·W, head_dim/2) halves the model computes.
 Rope = tuple[Tensor, Tensor]
 
 
@@ -180,8 +181,11 @@ def rope_rotate_half(x: Tensor) -> Tensor:
 def apply_rope_eager(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
     """Rotate the last sin.shape[-2] tokens of q, k (B, h, N, d); earlier (prefix) tokens pass unchanged.
 
-    Computed in sin's dtype and cast back, as official (the released models use fp32 RoPE).
+    Computed in sin's dtype and cast back, as official (the released models use fp32 RoPE). sin/cos: (H·W, d) or
+    the tied half tables (H·W, d/2) the model passes, expanded here to the official full tables (same values).
     """
+    if sin.shape[-1] * 2 == q.shape[-1]:
+        sin, cos = torch.cat((sin, sin), dim=-1), torch.cat((cos, cos), dim=-1)
     n_patch = sin.shape[-2]
     prefix = q.shape[-2] - n_patch
     if prefix < 0:

@@ -190,8 +190,20 @@ class DinoVisionTransformer(nn.Module):
         parts.append(x)
         return torch.cat(parts, dim=1), (H, W)
 
-    def _rope(self, hw: tuple[int, int]):
-        return self.rope_embed(H=hw[0], W=hw[1])
+    def _rope_tables(self, hws: Sequence[tuple[int, int]]) -> list[list[tuple[Tensor, Tensor]]]:
+        """RoPE (sin, cos) per block and crop, computed once per forward: [block][crop] -> tied (H·W, Dh/2) tables.
+
+        The official model calls its RoPE module in every block (about a dozen tiny launches each). In eval the tables
+        are the same for every block; in training with coordinate augmentation each block has its own draw (official),
+        and the depth tables of one crop come from one batched call (its draws are ordered shifts, jitters, rescales
+        over the blocks, not block by block: the same distribution, another order of random numbers).
+        """
+        depth = len(self.blocks)
+        per_crop = [self.rope_embed.tables(H=h, W=w, count=depth if self.rope_embed.augments else None)
+                    for h, w in hws]
+        if not self.rope_embed.augments:
+            return [per_crop] * depth
+        return [[(sin[i], cos[i]) for sin, cos in per_crop] for i in range(depth)]
 
     # -------------------------------------------------------------------------------------- forward
     def forward_features_list(self, x_list: Sequence[Tensor], masks_list: Sequence[Tensor | None]) -> list[dict]:
@@ -206,10 +218,9 @@ class DinoVisionTransformer(nn.Module):
             t, hw = self.prepare_tokens_with_masks(x, m)
             xs.append(t)
             hws.append(hw)
-        # In training each block draws its own RoPE augmentation (official); in eval the tables are shared.
-        shared = None if self.training else [self._rope(hw) for hw in hws]
-        for blk in self.blocks:
-            xs = blk(xs, shared if shared is not None else [self._rope(hw) for hw in hws])
+        ropes = self._rope_tables(hws)
+        for blk, rope in zip(self.blocks, ropes):
+            xs = blk(xs, rope)
         n_prefix = self.n_storage_tokens + 1
         outputs = []
         for idx, (x, masks) in enumerate(zip(xs, masks_list)):
@@ -266,9 +277,9 @@ class DinoVisionTransformer(nn.Module):
                 raise ValueError(f"block indices must be in [0, {total - 1}], got {list(n)}")
             n_take = len(take)
         out = []
-        shared = None if self.training else self._rope(hw)
+        ropes = self._rope_tables([hw])
         for i, blk in enumerate(self.blocks):
-            x = blk(x, shared if shared is not None else self._rope(hw))
+            x = blk(x, ropes[i][0])
             if i in take:
                 out.append(x)
         if len(out) != n_take:

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "of dinov3-train, a training checkpoint (its EMA teacher) or a dinov3-export file. The "
                         "model is the one the "
                         "weights hold; heads, optimizer and schedules start fresh, after a head warm-up with the "
-                        "backbone frozen (train.head_warmup_iters). Not --resume, which continues one run exactly")
+                        "backbone frozen (train.head_warmup_iters); the *-highres stages take a training checkpoint "
+                        "and its heads too (student.pretrained_heads). Not --resume, which continues one run exactly")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in OUTPUT: its checkpoints, metrics, config and backbone are deleted")
     p.add_argument("--allow-config-change", action="store_true",
@@ -88,7 +89,11 @@ def resolve_config(args):
         if args.config is None:
             raise ConfigError("--config is required" + (" (--resume found no checkpoint to take it from)"
                                                         if args.resume else ""))
-        return load_config(args.config, args.overrides), None
+        cfg = load_config(args.config, args.overrides)
+        if cfg["student"]["pretrained_heads"] and not cfg["student"]["pretrained_weights"]:
+            raise ConfigError(f"--config {args.config} continues a run (student.pretrained_heads=true): give its "
+                              "training checkpoint with --init-from")
+        return cfg, None
     path, ckpt = state
     saved = config_from_text(ckpt["config"])
     cfg, changes = resume_config(saved, args.overrides, iteration=int(ckpt["iteration"]),

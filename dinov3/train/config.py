@@ -36,6 +36,8 @@ def parse_value(text: str):
 
 # DinoVisionTransformer sizes (embed_dim, depth, num_heads, ffn_ratio) as in the official model factories.
 ARCHS: dict[str, dict[str, Any]] = {
+    # Smaller than the smallest released size: students for distillation (nano) and CPU-minute runs (tiny).
+    "vit_nano": dict(embed_dim=32, depth=2, num_heads=2, ffn_ratio=2.0),
     "vit_tiny": dict(embed_dim=64, depth=2, num_heads=2, ffn_ratio=2.0),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=4.0),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0),
@@ -70,6 +72,10 @@ DEFAULTS: dict[str, Any] = {
         # schedules start fresh): official .pth/.safetensors, a Hugging Face DINOv3ViTModel folder or safetensors
         # file, a dinov3-train backbone.pth or checkpoint. The model is then the one the weights hold. Not --resume.
         "pretrained_weights": None,
+        # With pretrained_weights a dinov3-train training checkpoint: also take its EMA teacher's DINO and iBOT heads
+        # into the student and teacher heads (the official student.resume_from_teacher_chkpt), so no head warm-up
+        # is needed. The high-resolution recipes (*-highres) set it.
+        "pretrained_heads": False,
     },
     "dino": {
         "loss_weight": 1.0,
@@ -131,9 +137,14 @@ DEFAULTS: dict[str, Any] = {
         "global_crops_scale": [0.32, 1.0],
         "local_crops_number": 8,
         "local_crops_scale": [0.05, 0.32],
+        # Each of the three sizes is a number or a list (official high-resolution adaptation): entry i of the lists
+        # is one resolution (global, local, Gram-teacher crop size), drawn for a whole iteration (every rank the
+        # same) with probability global_local_crop_pairs_ratios[i] (null: all equal); a number stands for every
+        # entry. See dinov3/train/highres.py.
         "global_crops_size": 224,
         "local_crops_size": 96,
         "gram_teacher_crops_size": None,
+        "global_local_crop_pairs_ratios": None,
         "gram_teacher_no_distortions": True,
         "horizontal_flips": True,
         "rgb_mean": [0.485, 0.456, 0.406],
@@ -181,8 +192,9 @@ DEFAULTS: dict[str, Any] = {
         "probe_images": 4,
         "probe_size": 0,
         # Head warm-up: for this many first iterations the student backbone is frozen while the fresh heads train
-        # (the teacher heads follow by EMA). null: 0 without student.pretrained_weights, else the rule of
-        # head_warmup_iters() below. Then the backbone's lr may ramp up linearly from 0 over backbone_lr_ramp_iters
+        # (the teacher heads follow by EMA). null: 0 without student.pretrained_weights (or with
+        # student.pretrained_heads), else the rule of head_warmup_iters() below. Then the backbone's lr may ramp up
+        # linearly from 0 over backbone_lr_ramp_iters
         # (measured: no gain at tiny scale, so 0).
         "head_warmup_iters": None,
         "backbone_lr_ramp_iters": 0,
@@ -220,6 +232,31 @@ DEFAULTS: dict[str, Any] = {
         "teacher_temp": {"kind": "constant", "start": 0.04, "peak": 0.07, "end": 0.07, "warmup_iters": 3000},
     },
     "checkpointing": {"period": 1000, "max_to_keep": 3},
+    # Training the student from a frozen teacher (dinov3/train/distill.py). The teacher is never saved into
+    # checkpoints: they hold its path and sha256, and --resume refuses a teacher file that changed.
+    "distillation": {
+        "enabled": False,
+        # One of our training checkpoints (backbone + DINO/iBOT heads), or backbone weights only: an official
+        # .pth/.safetensors, a Hugging Face DINOv3ViTModel folder, a dinov3-train backbone.pth.
+        "teacher": None,
+        # "heads": the teacher's DINO/iBOT heads give the targets of the student's heads (official
+        # ssl_meta_arch.py with distillation.enabled; needs a training checkpoint); "features": the student's CLS
+        # and patch tokens regress the teacher's backbone tokens; "auto": heads when the file has them.
+        "mode": "auto",
+        # Head distillation: the student's global crops masked as in pretraining (iBOT then predicts the teacher's
+        # assignments of patches the student does not see). Official: false, the student sees them unmasked.
+        "mask_student": False,
+        # Feature distillation: the loss between the student's projected tokens and the teacher's.
+        "loss": "cosine",  # "cosine" (1 - cos), "smooth_l1" or "l2" (mean squared error per element)
+        "smooth_l1_beta": 1.0,
+        # Weights of the student's global-crop CLS vs the teacher's (same view), the local crops' CLS vs the
+        # teacher's global CLS (every pair, as DINO's cross-view term) and the global crops' patch tokens vs the
+        # teacher's (resized over the patch grid when the grids differ).
+        "cls_loss_weight": 1.0,
+        "local_cls_loss_weight": 1.0,
+        "patch_loss_weight": 1.0,
+        "patch_resize_method": "bilinear",
+    },
 }
 
 
@@ -247,6 +284,50 @@ def _recipe(arch: str, batch: int, lr: float, drop_path: float, gram_crops: int 
                                                 "warmup_iters": 150000, "cosine_iters": 1000}},
         "checkpointing": {"period": 2500},
     }
+
+
+# Official dinov3_vit7b16_high_res_adapt.yaml (after dinov3_vit7b16_gram_anchor.yaml), entry by entry: global crops of
+# 512 px (30 %) or 768 px (70 %), the local crops paired with them 112/112/168/224/336 px, the Gram teacher at 1.5x
+# the global crop (768/1152 px).
+HIGHRES_RATIOS = [0.3, 0.3, 0.3, 0.05, 0.05]
+
+
+def _highres(base: dict, *, global_sizes: list[int], local_sizes: list[int], gram_sizes: list[int], batch: int,
+             iterations: int, ramp_iters: int, lr: float, momentum: float, period: int) -> dict:
+    """The high-resolution adaptation stage on top of a recipe (README, "High-resolution adaptation"). Everything
+    here is the official dinov3_vit7b16_high_res_adapt.yaml (HR) where it differs from the Gram-anchoring config it
+    continues; the counts and sizes are scaled per recipe by the caller."""
+    return deep_merge(base, {
+        # HR: student.resume_from_teacher_chkpt, the teacher's backbone and heads (the heads need no warm-up).
+        "student": {"pretrained_heads": True},
+        # HR: mixed resolutions, one per iteration (CombinedDataLoader, GLOBAL_HOMOGENEOUS).
+        "crops": {"global_crops_size": global_sizes, "local_crops_size": local_sizes,
+                  "gram_teacher_crops_size": gram_sizes, "global_local_crop_pairs_ratios": list(HIGHRES_RATIOS)},
+        # HR: batch_size_per_gpu 8 where the Gram phase had 16 (halved); 30 epochs of 1000 iterations.
+        "train": {"batch_size_per_gpu": batch, "iterations": iterations},
+        # HR: freeze_last_layer_epochs 0 (the heads come trained).
+        "optim": {"freeze_last_layer_iters": 0},
+        "schedules": {
+            # HR: lr start 0, peak 0, end 1.25e-5, cosine_epochs 10 of 30: a cosine ramp 0 -> end over the first
+            # third, then constant. 1.25e-5 = 0.25x the pretraining lr 5e-5 (0.42x the Gram phase's 3e-5).
+            "lr": {"kind": "cosine", "start": 0.0, "peak": 0.0, "end": lr, "warmup_iters": 0,
+                   "cosine_iters": ramp_iters},
+            # HR: teacher temperature 0.07 from the start (no warm-up), momentum constant.
+            "teacher_temp": {"kind": "constant", "start": 0.07, "peak": 0.07, "end": 0.07, "warmup_iters": 0},
+            "momentum": {"kind": "constant", "start": momentum, "peak": momentum, "end": momentum,
+                         "warmup_iters": 0},
+        },
+        # HR: Gram anchoring on from the first iteration, against a fixed Gram teacher (rep_update false; ours is
+        # the starting weights, official gram.ckpt the Gram-anchored teacher), weight 1.5 constant; the lr and the
+        # momentum are given above, so no Gram-phase multiplier.
+        "gram": {"use_loss": True, "start_iter": 0, "rep_update": False, "loss_weight": 1.5,
+                 "loss_weight_schedule": None, "teacher_momentum": None, "lr_multiplier": 1.0},
+        # HR: local-crop DINO weight 0.5 constant (the value the Gram phase had ramped it to).
+        "dino": {"local_loss_weight_schedule": {"kind": "constant", "start": 0.5, "peak": 0.5, "end": 0.5,
+                                                "warmup_iters": 0, "cosine_iters": None}},
+        # HR: checkpointing.period 250.
+        "checkpointing": {"period": period},
+    })
 
 
 BUILTIN: dict[str, dict[str, Any]] = {
@@ -303,6 +384,27 @@ def deep_merge(base: dict, update: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+# High-resolution adaptation (`--config NAME-highres --init-from CHECKPOINT`). The ViT recipes pretrain at the official
+# 256 px, so they take the official sizes as they are; their 200k iterations are 1/6 of the official 1.2M, so the
+# stage's 30k iterations (10k of lr ramp) become 5000 (1667); lr 0.25x the recipe's. tiny pretrains at 32 px (256 / 8):
+# global 64/96, Gram 96/144, local 112/168/224/336 / 8 rounded to its patch 8 (16/16/24/32/40); 100 iterations (the
+# official stage is 2.5 % of the pretraining's length, 5 of tiny's 200: too few to move), a third of them the ramp;
+# its EMA momentum 0.99 (0.999 has a time constant of 1000 iterations, ten times the stage); lr 0.25x its peak 1e-3.
+# Official local 168 px is 10.5 patches of 16: its patch embedding drops the last 8 px, ours refuses sizes that are not
+# a multiple of the patch, so 160 (the same 10 x 10 patches).
+_OFFICIAL_HR = dict(global_sizes=[512, 768, 768, 768, 768], local_sizes=[112, 112, 160, 224, 336],
+                    gram_sizes=[768, 1152, 1152, 1152, 1152], iterations=5000, ramp_iters=1667, momentum=0.999,
+                    period=250)
+BUILTIN.update({
+    "tiny-highres": _highres(BUILTIN["tiny"], global_sizes=[64, 96, 96, 96, 96], local_sizes=[16, 16, 24, 32, 40],
+                             gram_sizes=[96, 144, 144, 144, 144], batch=8, iterations=100, ramp_iters=33,
+                             lr=2.5e-4, momentum=0.99, period=25),
+    "vits16-highres": _highres(BUILTIN["vits16"], batch=32, lr=5.0e-5, **_OFFICIAL_HR),
+    "vitb16-highres": _highres(BUILTIN["vitb16"], batch=32, lr=3.75e-5, **_OFFICIAL_HR),
+    "vitl16-highres": _highres(BUILTIN["vitl16"], batch=16, lr=2.5e-5, **_OFFICIAL_HR),
+})
 
 
 def apply_override(cfg: dict, item: str) -> None:
@@ -376,6 +478,10 @@ def load_config(config: str | dict | None = None, overrides: list[str] | tuple[s
 
         cfg = adopt_pretrained_model(cfg, base)
         validate_config(cfg)
+        if cfg["student"]["pretrained_heads"]:  # refused now, before a run folder is made, if the file has none
+            from .pretrained import read_pretrained_heads
+
+            read_pretrained_heads(cfg["student"]["pretrained_weights"])
     return cfg
 
 
@@ -388,7 +494,7 @@ def head_warmup_iters(cfg: dict) -> tuple[int, int]:
     warmup = t["head_warmup_iters"]
     if warmup is None:
         warmup = 0
-        if cfg["student"]["pretrained_weights"]:
+        if cfg["student"]["pretrained_weights"] and not cfg["student"]["pretrained_heads"]:
             momentum = float(cfg["schedules"]["momentum"].get("start", cfg["schedules"]["momentum"]["peak"]))
             warmup = int(cfg["optim"]["freeze_last_layer_iters"]) + round(1 / max(1 - momentum, 1e-4))
     return int(warmup), int(t["backbone_lr_ramp_iters"])
@@ -408,7 +514,12 @@ NULLABLE: dict[str, Any] = {
     "gram.teacher_momentum": float,
     "student.pretrained_weights": str,
     "train.head_warmup_iters": int,
+    "distillation.teacher": str,
 }
+# Crop sizes: a number or a list of numbers (one per resolution, crops.global_local_crop_pairs_ratios); the Gram
+# size may also be null. The ratios: null, a number or a list.
+SIZE_LISTS = {"crops.global_crops_size": int, "crops.local_crops_size": int, "crops.gram_teacher_crops_size": int,
+              "crops.global_local_crop_pairs_ratios": float}
 # A schedule: {kind, start, peak, end, warmup_iters, cosine_iters}; peak is required, the others optional.
 SCHEDULE_KEYS: dict[str, Any] = {"kind": str, "start": float, "peak": float, "end": float, "warmup_iters": int,
                                  "cosine_iters": int}
@@ -428,6 +539,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.kernel_backend": ("auto", "reference", "triton", "cuda"),
     "train.head_loss_backend": ("fused", "official"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
+    "distillation.mode": ("auto", "heads", "features"),
+    "distillation.loss": ("cosine", "smooth_l1", "l2"),
+    "distillation.patch_resize_method": ("bilinear", "bicubic", "nearest", "area"),
 }
 
 
@@ -510,7 +624,24 @@ def _check_model_kwargs(path: str, kwargs) -> None:
             _check_scalar(f"{path}.{key}", value, type(defaults[key]), nullable=True)
 
 
+def _check_number_or_list(path: str, value, kind) -> None:
+    nullable = path in ("crops.gram_teacher_crops_size", "crops.global_local_crop_pairs_ratios")
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{path}: expected {_type_name(kind)} or a non-empty list of them, got []")
+        for i, v in enumerate(value):
+            _check_scalar(f"{path}[{i}]", v, kind, nullable=False)
+        return
+    try:
+        _check_scalar(path, value, kind, nullable=nullable)
+    except ConfigError:
+        raise ConfigError(f"{path}: expected {_type_name(kind)}{' or null' if nullable else ''} or a list of them "
+                          f"(one per resolution), got {_describe(value)}") from None
+
+
 def _check_tree(path: str, value, default) -> None:
+    if path in SIZE_LISTS:
+        return _check_number_or_list(path, value, SIZE_LISTS[path])
     if path == MODEL_KWARGS:
         return _check_model_kwargs(path, value)
     if path in SCHEDULE_SECTIONS:
@@ -562,13 +693,28 @@ def validate_config(cfg: dict) -> None:
     p = s["patch_size"]
     need("student.patch_size", p >= 1, "must be >= 1")
     need("student.drop_path_rate", 0 <= s["drop_path_rate"] < 1, "must be in [0, 1)")
-    for name in ("global_crops_size", "local_crops_size", "gram_teacher_crops_size"):
-        if c[name] is not None:
-            need(f"crops.{name}", c[name] >= p and c[name] % p == 0,
-                 f"must be a positive multiple of student.patch_size={p}")
-    if c["gram_teacher_crops_size"] is not None:
-        need("crops.gram_teacher_crops_size", c["gram_teacher_crops_size"] >= c["global_crops_size"],
-             f"must be at least crops.global_crops_size={c['global_crops_size']}")
+    lengths = {name: len(c[name]) for name in ("global_crops_size", "local_crops_size", "gram_teacher_crops_size",
+                                                "global_local_crop_pairs_ratios") if isinstance(c[name], list)}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError("the crop-size lists must have one entry per resolution, the same number each: "
+                          + ", ".join(f"crops.{k} has {n}" for k, n in lengths.items()))
+    from .highres import crop_resolutions
+
+    for res in crop_resolutions(cfg):
+        for name, size in (("global_crops_size", res.global_size), ("local_crops_size", res.local_size),
+                           ("gram_teacher_crops_size", res.gram_size)):
+            if size is not None:
+                need(f"crops.{name}", size >= p and size % p == 0,
+                     f"must be a positive multiple of student.patch_size={p}" + (" (each entry)" if lengths else ""))
+        if res.gram_size is not None:
+            need("crops.gram_teacher_crops_size", res.gram_size >= res.global_size,
+                 f"must be at least crops.global_crops_size={c['global_crops_size']}"
+                 + (" (entry by entry)" if lengths else ""))
+    ratios = c["global_local_crop_pairs_ratios"]
+    if ratios is not None:
+        ratios = ratios if isinstance(ratios, list) else [ratios]
+        need("crops.global_local_crop_pairs_ratios", all(r >= 0 for r in ratios) and sum(ratios) > 0,
+             "must be >= 0, not all 0")
     need("crops.local_crops_number", c["local_crops_number"] >= 1, "must be >= 1 (DINOv3 always uses local crops)")
     for name in ("global_crops_scale", "local_crops_scale"):
         lo, hi = c[name]
@@ -614,7 +760,7 @@ def validate_config(cfg: dict) -> None:
     need("train.probe_every", t["probe_every"] >= 0, "must be >= 0 (0 turns the probes off)")
     need("train.probe_images", t["probe_images"] >= 1, "must be >= 1")
     need("train.probe_size", t["probe_size"] == 0 or (t["probe_size"] >= p and t["probe_size"] % p == 0),
-         f"must be 0 (twice crops.global_crops_size) or a positive multiple of student.patch_size={p}")
+         f"must be 0 (twice the largest crops.global_crops_size) or a positive multiple of student.patch_size={p}")
     hl = cfg["health"]
     need("health.dino_log_k_margin", hl["dino_log_k_margin"] >= 0, "must be >= 0")
     need("health.patience", hl["patience"] >= 1, "must be >= 1")
@@ -653,6 +799,16 @@ def validate_config(cfg: dict) -> None:
         if g["tokens_used"] != "all":
             need("gram.img_level", not g["img_level"],
                  "gram.tokens_used 'masked'/'unmasked' needs gram.img_level=false (as official DINOv3)")
+    ds = cfg["distillation"]
+    if ds["enabled"]:
+        need("distillation.teacher", bool(ds["teacher"]), "distillation.enabled=true needs the teacher's weights "
+             "(a training checkpoint for the head targets, or backbone weights for feature distillation)")
+        need("student.pretrained_weights", not s["pretrained_weights"],
+             "a distilled student starts from scratch (as official DINOv3): drop student.pretrained_weights "
+             "(--init-from), or distillation.enabled")
+        for name in ("cls_loss_weight", "local_cls_loss_weight", "patch_loss_weight"):
+            need(f"distillation.{name}", ds[name] >= 0, "must be >= 0")
+        need("distillation.smooth_l1_beta", ds["smooth_l1_beta"] > 0, "must be > 0")
     cp = cfg["checkpointing"]
     need("checkpointing.period", cp["period"] >= 1, "must be >= 1")
     need("checkpointing.max_to_keep", cp["max_to_keep"] >= 0, "must be >= 0 (0 keeps every checkpoint)")
@@ -662,7 +818,9 @@ def backbone_kwargs(cfg: dict) -> dict:
     """The DinoVisionTransformer keyword arguments for this config (also written to backbone.json)."""
     s = cfg["student"]
     kw = dict(ARCHS[s["arch"]])
-    kw.update(img_size=int(cfg["crops"]["global_crops_size"]), patch_size=int(s["patch_size"]))
+    g = cfg["crops"]["global_crops_size"]
+    # Several resolutions: the largest, as the official build_model_from_cfg (RoPE needs no image size anyway).
+    kw.update(img_size=int(max(g) if isinstance(g, list) else g), patch_size=int(s["patch_size"]))
     kw.update(copy.deepcopy(s.get("model_kwargs") or {}))
     return kw
 

@@ -99,12 +99,13 @@ class CropSpec:
     fast_decode: bool = True
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "CropSpec":
-        c = cfg["crops"]
-        return cls(int(c["global_crops_size"]), int(c["local_crops_size"]), int(c["local_crops_number"]),
-                   tuple(c["global_crops_scale"]), tuple(c["local_crops_scale"]),
-                   None if c["gram_teacher_crops_size"] is None else int(c["gram_teacher_crops_size"]),
-                   bool(c["horizontal_flips"]))
+    def from_config(cls, cfg: dict, resolution: int = 0) -> "CropSpec":
+        """The crops of one of the config's resolutions (dinov3/train/highres.py; pretraining has one)."""
+        from .highres import crop_resolutions
+
+        c, r = cfg["crops"], crop_resolutions(cfg)[resolution]
+        return cls(r.global_size, r.local_size, int(c["local_crops_number"]), tuple(c["global_crops_scale"]),
+                   tuple(c["local_crops_scale"]), r.gram_size, bool(c["horizontal_flips"]))
 
 
 def crop_plan(width: int, height: int, spec: CropSpec, rng: random.Random, *, gram: bool = True) -> list[tuple]:
@@ -183,13 +184,15 @@ def load_multi_crop(path: str, spec: CropSpec, rng: random.Random, *,
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Every image under a folder, no labels. Items are addressed by ``(index, seed, gram)`` (``gram``: build the
-    Gram-teacher crops too; ``(index, seed)`` builds them); a file that cannot be decoded is replaced by the next
-    readable one and ``(path, reason)`` is returned in ``skipped`` (so batches keep their size)."""
+    Gram-teacher crops too; ``(index, seed)`` builds them) or ``(index, seed, gram, resolution)`` (the crops of
+    ``specs[resolution]``); a file that cannot be decoded is replaced by the next readable one and ``(path, reason)``
+    is returned in ``skipped`` (so batches keep their size)."""
 
-    def __init__(self, root: str, spec: CropSpec):
+    def __init__(self, root: str, spec: CropSpec, specs: list[CropSpec] | None = None):
         self.root = root
         self.paths = find_images(root)
         self.spec = spec
+        self.specs = list(specs) if specs else [spec]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -197,11 +200,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple) -> dict:
         index, seed, *rest = item
         gram = bool(rest[0]) if rest else True
+        spec = self.specs[rest[1]] if len(rest) > 1 else self.spec
         skipped = []
         for attempt in range(len(self.paths)):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
-                crops = load_multi_crop(path, self.spec, random.Random(seed), gram=gram)
+                crops = load_multi_crop(path, spec, random.Random(seed), gram=gram)
             except UnreadableImage as exc:
                 skipped.append((path, exc.reason))
                 continue
@@ -213,16 +217,20 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     """Infinite stream of per-rank batches of ``(index, seed, gram)``. Global sample position
     ``p = (iteration * world + rank) * batch + slot`` walks through one seeded permutation per epoch, so starting at
     any iteration reproduces the uninterrupted stream exactly. ``gram`` is true from iteration ``gram_from`` on (never
-    when it is None): the Gram-teacher crops are built only for the Gram phase."""
+    when it is None): the Gram-teacher crops are built only for the Gram phase. With ``resolution_of`` (iteration ->
+    resolution index, the same on every rank: highres.ResolutionSchedule) the items carry the iteration's resolution
+    as a fourth field."""
 
     def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 start_iter: int = 0, end_iter: int | None = None, gram_from: int | None = None):
+                 start_iter: int = 0, end_iter: int | None = None, gram_from: int | None = None,
+                 resolution_of=None):
         if n < 1 or batch_size < 1:
             raise ValueError("sampler needs a non-empty dataset and batch_size >= 1")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.start_iter, self.end_iter = start_iter, end_iter
         self.gram_from = gram_from
+        self.resolution_of = resolution_of
         self._epoch, self._perm = -1, None
 
     def _index(self, position: int) -> int:
@@ -235,7 +243,9 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     def batch(self, it: int) -> list[tuple[int, int]]:
         base = (it * self.world_size + self.rank) * self.batch_size
         gram = self.gram_from is not None and it >= self.gram_from
-        return [(self._index(base + k), _mix(self.seed, 0x5A11, base + k), gram) for k in range(self.batch_size)]
+        extra = () if self.resolution_of is None else (self.resolution_of(it),)
+        return [(self._index(base + k), _mix(self.seed, 0x5A11, base + k), gram, *extra)
+                for k in range(self.batch_size)]
 
     def __iter__(self):
         it = self.start_iter
@@ -250,13 +260,23 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
 
 class MultiCropCollate:
-    """Stacks crops crop-major ((n_crops * B, 3, S, S), as official) and draws the iBOT masks for the global crops."""
+    """Stacks crops crop-major ((n_crops * B, 3, S, S), as official) and draws the iBOT masks for the global crops.
+    With ``patch_size`` the masks are drawn on the patch grid of each batch's global crops (several resolutions:
+    officially each resolution's loader has its own mask generator for its grid); else on ``grid``."""
 
-    def __init__(self, *, n_tokens: int, grid: tuple[int, int], ratio_min_max, probability: float, seed: int):
+    def __init__(self, *, n_tokens: int, grid: tuple[int, int], ratio_min_max, probability: float, seed: int,
+                 patch_size: int | None = None):
         self.n_tokens, self.ratio, self.probability = n_tokens, tuple(ratio_min_max), float(probability)
-        # At most half the grid per rectangle, as the official trainer configures its generator.
-        self.generator = BlockMaskGenerator(grid, max_num_patches=0.5 * grid[0] * grid[1])
+        self.patch_size = patch_size
+        self.generators: dict[tuple[int, int], BlockMaskGenerator] = {}
+        self.generator = self._generator(grid)
         self.seed = seed
+
+    def _generator(self, grid: tuple[int, int]) -> BlockMaskGenerator:
+        if grid not in self.generators:
+            # At most half the grid per rectangle, as the official trainer configures its generator.
+            self.generators[grid] = BlockMaskGenerator(grid, max_num_patches=0.5 * grid[0] * grid[1])
+        return self.generators[grid]
 
     def __call__(self, samples: list[dict]) -> dict:
         # The mask RNG is keyed on the first sample's seed, which the sampler derives from the (iteration, rank)
@@ -272,7 +292,12 @@ class MultiCropCollate:
         if samples[0]["crops"]["gram"]:
             batch["gram_crops"] = torch.stack([s["crops"]["gram"][i] for i in range(n_global) for s in samples])
         rng = random.Random(_mix(self.seed, 0x3A5C, key))
-        masks = sample_masks(len(batch["global_crops"]), self.n_tokens, self.generator, ratio_min_max=self.ratio,
+        n_tokens, generator = self.n_tokens, self.generator
+        if self.patch_size is not None:
+            side = batch["global_crops"].shape[-2:]
+            grid = (side[0] // self.patch_size, side[1] // self.patch_size)
+            n_tokens, generator = grid[0] * grid[1], self._generator(grid)
+        masks = sample_masks(len(batch["global_crops"]), n_tokens, generator, ratio_min_max=self.ratio,
                              probability=self.probability, rng=rng)
         batch.update(mask_batch_fields(masks))
         return batch
@@ -303,16 +328,23 @@ def _ignore_sigint(_worker_id: int) -> None:
 
 def build_loader(cfg: dict, *, root: str, rank: int, world_size: int, start_iter: int, end_iter: int,
                  pin_memory: bool = False):
-    spec = CropSpec.from_config(cfg)
-    dataset = ImageFolderDataset(root, spec)
+    from .highres import ResolutionSchedule, crop_resolutions
+
+    specs = [CropSpec.from_config(cfg, i) for i in range(len(crop_resolutions(cfg)))]
+    spec = specs[0]
+    dataset = ImageFolderDataset(root, spec, specs)
     seed = int(cfg["train"]["seed"])
     g = cfg["gram"]
+    several = len(specs) > 1  # mixed resolutions (high-resolution adaptation): one per iteration, same on all ranks
     sampler = ResumableBatchSampler(len(dataset), int(cfg["train"]["batch_size_per_gpu"]), seed=seed, rank=rank,
                                     world_size=world_size, start_iter=start_iter, end_iter=end_iter,
-                                    gram_from=int(g["start_iter"]) if g["use_loss"] else None)
-    grid = spec.global_size // int(cfg["student"]["patch_size"])
+                                    gram_from=int(g["start_iter"]) if g["use_loss"] else None,
+                                    resolution_of=ResolutionSchedule.from_config(cfg) if several else None)
+    patch = int(cfg["student"]["patch_size"])
+    grid = spec.global_size // patch
     collate = MultiCropCollate(n_tokens=grid * grid, grid=(grid, grid), ratio_min_max=cfg["ibot"]["mask_ratio_min_max"],
-                               probability=cfg["ibot"]["mask_sample_probability"], seed=seed)
+                               probability=cfg["ibot"]["mask_sample_probability"], seed=seed,
+                               patch_size=patch if several else None)
     workers = int(cfg["train"]["num_workers"])
     loader = torch.utils.data.DataLoader(_SeedTaggingDataset(dataset), batch_sampler=sampler, collate_fn=collate,
                                          num_workers=workers, pin_memory=pin_memory,

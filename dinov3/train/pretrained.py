@@ -241,3 +241,38 @@ def load_into_arch(arch, cfg: dict) -> PretrainedBackbone:
     logger.info("student, EMA teacher%s backbones loaded from %s", " and Gram teacher" if arch.gram_teacher else "",
                 os.fspath(path))
     return weights
+
+
+def read_pretrained_heads(path: str) -> dict[str, torch.Tensor]:
+    """The EMA teacher's ``dino_head.*`` and ``ibot_head.*`` tensors of a dinov3-train training checkpoint; a
+    ConfigError naming the way out for any other file (released weights and backbone.pth hold no heads)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a folder, a safetensors file, ...: not a training checkpoint
+        state = None
+    model = state.get("model") if isinstance(state, dict) else None
+    heads = {k[len("teacher."):]: v for k, v in (model or {}).items()
+             if k.startswith(("teacher.dino_head.", "teacher.ibot_head."))}
+    if not heads:
+        raise ConfigError(f"student.pretrained_heads=true: {path} holds no DINO/iBOT heads (not a dinov3-train "
+                          "training checkpoint): give one (OUTPUT/checkpoints/checkpoint_*.pth), or set "
+                          "student.pretrained_heads=false to start fresh heads after a head warm-up")
+    return heads
+
+
+def load_heads_into_arch(arch, cfg: dict) -> None:
+    """student.pretrained_heads: the DINO and iBOT heads of the EMA teacher of the training checkpoint
+    student.pretrained_weights, into the student and teacher heads (the official student.resume_from_teacher_chkpt
+    loads the teacher's backbone and heads into the student, then the EMA teacher <- student)."""
+    path = cfg["student"]["pretrained_weights"]
+    heads = read_pretrained_heads(path)
+    for net in (arch.student, arch.teacher):
+        for name in ("dino_head", "ibot_head"):
+            sub = {k[len(name) + 1:]: v for k, v in heads.items() if k.startswith(name + ".")}
+            try:
+                getattr(net, name).load_state_dict(sub)
+            except RuntimeError as exc:
+                raise ConfigError(f"student.pretrained_heads: the {name} of {path} does not fit the config's "
+                                  f"({name.split('_')[0]}.head_* keys): {str(exc).strip().splitlines()[-1].strip()}"
+                                  ) from None
+    logger.info("student and EMA teacher heads loaded from %s", os.fspath(path))

@@ -98,7 +98,8 @@ class Probes:
         if int(t["probe_every"]) <= 0:
             return None
         patch = int(cfg["student"]["patch_size"])
-        size = int(t["probe_size"]) or 2 * int(cfg["crops"]["global_crops_size"])
+        g = cfg["crops"]["global_crops_size"]
+        size = int(t["probe_size"]) or 2 * int(max(g) if isinstance(g, list) else g)
         n = int(t["probe_images"])
         probe_dir = os.path.join(output_dir, PROBE_DIR)
         kw = dict(size=size, patch_size=patch, mean=cfg["crops"]["rgb_mean"], std=cfg["crops"]["rgb_std"],

@@ -35,13 +35,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class StudentNet(nn.Module):
     """Backbone + DINO head + iBOT head; one ``forward`` does the whole student pass so DDP/FSDP can wrap it."""
 
-    def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module):
+    def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module,
+                 distill_proj: nn.Module | None = None):
         super().__init__()
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
+        self.distill_proj = distill_proj  # feature distillation only (distill.py)
 
     def forward(self, global_crops, local_crops, masks, mask_indices, head_losses=None):
         g, lo = self.backbone.forward_features([global_crops, local_crops], masks=[masks, None])
         g_cls, l_cls, g_patch = g["x_norm_clstoken"], lo["x_norm_clstoken"], g["x_norm_patchtokens"]
+        if self.distill_proj is not None:  # feature distillation: no heads, the tokens through the projection
+            return {"g_cls": g_cls, "g_patch": g_patch, **self.distill_proj(g_cls, l_cls, g_patch)}
         masked_patches = torch.index_select(g_patch.flatten(0, 1), 0, mask_indices)  # (M, D)
         if head_losses is not None:  # fused losses on the bottleneck codes, inside forward (FSDP: weights unsharded)
             return {"g_cls": g_cls, "g_patch": g_patch, "head_losses": head_losses(
@@ -56,9 +60,11 @@ class StudentNet(nn.Module):
 class TeacherNet(nn.Module):
     """Same modules as :class:`StudentNet` (so their parameters zip one to one for the EMA); sees global crops only."""
 
-    def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module):
+    def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module,
+                 distill_proj: nn.Module | None = None):
         super().__init__()
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
+        self.distill_proj = distill_proj  # the EMA of the student's (unused by the forward)
 
     def forward(self, global_crops, mask_indices, features=False):
         out = self.backbone.forward_features(global_crops)
@@ -70,6 +76,18 @@ class TeacherNet(nn.Module):
                     "ibot_W": self.ibot_head.prototypes()}
         return {"cls": cls, "patch": patch, "cls_logits": self.dino_head(cls),
                 "ibot_logits": self.ibot_head(masked_patches)}
+
+
+def make_heads(cfg: dict, embed_dim: int) -> tuple[DINOHead, DINOHead]:
+    """The DINO and iBOT heads of ``cfg`` on a backbone of width ``embed_dim``."""
+    d, ib = cfg["dino"], cfg["ibot"]
+    dino = DINOHead(embed_dim, int(d["head_n_prototypes"]), nlayers=int(d["head_nlayers"]),
+                    hidden_dim=int(d["head_hidden_dim"]), bottleneck_dim=int(d["head_bottleneck_dim"]),
+                    weight_norm=bool(d["head_weight_norm"]), init_std=float(d["head_init_std"]))
+    ibot = DINOHead(embed_dim, int(ib["head_n_prototypes"]), nlayers=int(ib["head_nlayers"]),
+                    hidden_dim=int(ib["head_hidden_dim"]), bottleneck_dim=int(ib["head_bottleneck_dim"]),
+                    weight_norm=bool(ib["head_weight_norm"]), init_std=float(ib["head_init_std"]))
+    return dino, ibot
 
 
 def _make_koleo(cfg: dict, distributed: bool, backend: str) -> nn.Module:
@@ -96,21 +114,30 @@ class SSLMetaArch(nn.Module):
         self.backbone_kwargs = kw
         attn = s["attn_backend"]
 
-        def heads():
-            dino = DINOHead(kw["embed_dim"], int(d["head_n_prototypes"]), nlayers=int(d["head_nlayers"]),
-                            hidden_dim=int(d["head_hidden_dim"]), bottleneck_dim=int(d["head_bottleneck_dim"]),
-                            weight_norm=bool(d["head_weight_norm"]), init_std=float(d["head_init_std"]))
-            ibot = DINOHead(kw["embed_dim"], int(ib["head_n_prototypes"]), nlayers=int(ib["head_nlayers"]),
-                            hidden_dim=int(ib["head_hidden_dim"]), bottleneck_dim=int(ib["head_bottleneck_dim"]),
-                            weight_norm=bool(ib["head_weight_norm"]), init_std=float(ib["head_init_std"]))
-            return dino, ibot
+        # Distillation (distill.py): the frozen teacher lives outside the module tree, so never in a state dict.
+        self.distiller = None
+        features = False
+        if cfg["distillation"]["enabled"]:
+            from .distill import Distiller
+
+            self.distiller = Distiller(cfg)
+            features = self.distiller.mode == "features"
+
+        def heads():  # feature distillation trains no heads
+            return (nn.Identity(), nn.Identity()) if features else make_heads(cfg, kw["embed_dim"])
+
+        def proj():
+            return self.distiller.make_projection(kw["embed_dim"]) if features else None
 
         student_backbone = DinoVisionTransformer(**{**kw, "drop_path_rate": float(s["drop_path_rate"])},
                                                  attn_backend=attn)
-        self.student = StudentNet(student_backbone, *heads())
-        self.teacher = TeacherNet(DinoVisionTransformer(**kw, attn_backend=attn), *heads())
+        self.student = StudentNet(student_backbone, *heads(), proj())
+        self.teacher = TeacherNet(DinoVisionTransformer(**kw, attn_backend=attn), *heads(), proj())
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+        self.distill_masks = self.distiller is not None and not features and cfg["distillation"]["mask_student"]
+        if self.distiller is not None and not self.distill_masks:  # unmasked student (official): no mask token
+            self.student.backbone.mask_token.requires_grad_(False)
 
         self.gram_use_loss = bool(g["use_loss"])
         self.gram_teacher = None
@@ -198,9 +225,19 @@ class SSLMetaArch(nn.Module):
         g_terms = n_g * (n_g - 1) if ignore_diag else n_g * n_g
         l_terms = n_g * n_l
 
-        with torch.no_grad(), autocast():
-            t = self.teacher(gl, mask_indices, features=fused)
+        distill = self.distiller
         losses: dict[str, torch.Tensor] = {}
+        if distill is not None and distill.mode == "features":
+            t = distill.teacher_features(gl, autocast)
+            with autocast():
+                st = student_forward(gl, lo, None, mask_indices)
+            total, losses = distill.feature_losses(st, t, n_global=n_g, crop_size=gl.shape[-1],
+                                                   student_patch=int(cfg["student"]["patch_size"]))
+            return self._finish_step(total, losses, batch, st, n_g, iteration, autocast, None if health else False)
+        if distill is not None and not self.distill_masks:  # head distillation: unmasked student (official)
+            masks = None
+        with torch.no_grad(), autocast():
+            t = (self.teacher if distill is None else distill.teacher)(gl, mask_indices, features=fused)
         if fused:
             codes = {}
             # The centers the targets are taken against (the fused softmax-centering call moves them).
@@ -238,18 +275,30 @@ class SSLMetaArch(nn.Module):
             losses["dino_local_crops_loss"] = self.dino_loss(st["l_logits"].unflatten(0, (n_l, B)), cls_probs)
             losses["dino_global_crops_loss"] = self.dino_loss(st["g_logits"].unflatten(0, (n_g, B)), cls_probs,
                                                               ignore_diagonal=ignore_diag)
-            losses["ibot_loss"] = self.ibot_loss.forward_masked(st["ibot_logits"], patch_probs, masks=masks,
+            losses["ibot_loss"] = self.ibot_loss.forward_masked(st["ibot_logits"], patch_probs, masks=batch["masks"],
                                                                 masks_weight=batch["masks_weight"])
         dino_w = float(cfg["dino"]["loss_weight"])
         local_w = self.local_weight_schedule(iteration) if self.local_weight_schedule else 1.0
         total = (dino_w * l_terms / (g_terms + l_terms) * local_w * losses["dino_local_crops_loss"]
                  + dino_w * g_terms / (g_terms + l_terms) * losses["dino_global_crops_loss"])
+        total = total + float(cfg["ibot"]["loss_weight"]) * losses["ibot_loss"]
+        if health:
+            teacher_cls, teacher_patch = ((t["cls"], t["patch"]) if distill is None  # distilling: the student's
+                                          else (st["g_cls"].detach(), st["g_patch"].detach()))
+            health_terms = health_metrics(
+                dino_targets=cls_probs, dino_student_logits=[st["g_logits"].detach(), st["l_logits"].detach()],
+                dino_student_temp=self.dino_loss.student_temp, ibot_targets=patch_probs,
+                ibot_student_logits=st["ibot_logits"].detach(), ibot_student_temp=self.ibot_loss.student_temp,
+                teacher_cls=teacher_cls, teacher_patch=teacher_patch, n_global=n_g)
+        return self._finish_step(total, losses, batch, st, n_g, iteration, autocast, health and health_terms)
 
-        g_cls = st["g_cls"].float().unflatten(0, (n_g, B))
+    def _finish_step(self, total, losses, batch, st, n_g, iteration, autocast, health):
+        """The terms every stage shares (KoLeo on the student, the Gram term), ``backward()``, and the returned
+        (total, terms); ``health``: False or this step's health metrics (None: take them from the student)."""
+        cfg = self.cfg
+        g_cls = st["g_cls"].float().unflatten(0, (n_g, -1))
         losses["koleo_loss"] = sum(self.koleo_loss(x) for x in g_cls) / n_g
         total = total + float(cfg["dino"]["koleo_loss_weight"]) * n_g * losses["koleo_loss"]
-
-        total = total + float(cfg["ibot"]["loss_weight"]) * losses["ibot_loss"]
 
         if self.gram_active(iteration):
             gram_w = (self.gram_weight_schedule(iteration) if self.gram_weight_schedule
@@ -261,12 +310,14 @@ class SSLMetaArch(nn.Module):
             total = total + gram_w * losses["gram_loss"]
 
         total.backward()
+        if self.distiller is not None:  # FSDP: after the step, as its prototypes may be among the targets' inputs
+            self.distiller.reshard()
+        if health is None:
+            from .distill import student_health
+
+            health = student_health(st["g_cls"], st["g_patch"], n_g)
         if health:
-            losses.update(health_metrics(
-                dino_targets=cls_probs, dino_student_logits=[st["g_logits"].detach(), st["l_logits"].detach()],
-                dino_student_temp=self.dino_loss.student_temp, ibot_targets=patch_probs,
-                ibot_student_logits=st["ibot_logits"].detach(), ibot_student_temp=self.ibot_loss.student_temp,
-                teacher_cls=t["cls"], teacher_patch=t["patch"], n_global=n_g))
+            losses.update(health)
         return total.detach(), {k: v.detach() for k, v in losses.items()}
 
     def _teacher_targets(self, cls_logits, ibot_logits, batch, teacher_temp, centering, centers=None):

@@ -154,6 +154,10 @@ class Trainer:
         random.seed(seed)
 
         world = self.dist.world_size
+        if resume_state is not None and cfg["distillation"]["enabled"]:  # the teacher must be the run's own
+            from .distill import check_teacher_record, teacher_record_of
+
+            check_teacher_record(cfg, teacher_record_of(resume_state[1]))
         self.arch = SSLMetaArch(cfg, distributed=world > 1)
         self.parallel = cfg["train"]["parallel"] if world > 1 else "none"
         # The Gram teacher waits on the CPU until its phase (it goes to the device once the resume point says so);
@@ -162,15 +166,24 @@ class Trainer:
         for name, child in self.arch.named_children():
             if name != "gram_teacher" or self.parallel == "fsdp":
                 child.to(self.device)
+        if self.arch.distiller is not None and self.parallel != "fsdp":
+            self.arch.distiller.to(self.device)
         g = cfg["gram"]
+        if cfg["student"]["pretrained_heads"] and not cfg["student"]["pretrained_weights"]:
+            raise ConfigError("student.pretrained_heads=true continues a run: give its training checkpoint with "
+                              "--init-from (student.pretrained_weights)")
         if cfg["student"]["pretrained_weights"] and resume_state is None:
-            from .pretrained import load_into_arch
+            from .pretrained import load_heads_into_arch, load_into_arch
 
             load_into_arch(self.arch, cfg)
+            if cfg["student"]["pretrained_heads"]:
+                load_heads_into_arch(self.arch, cfg)
         if g["use_loss"] and g["ckpt"]:
             self._load_gram_checkpoint(g["ckpt"])
         if cfg["train"]["compile"]:
-            for m in (self.arch.student.backbone, self.arch.teacher.backbone, self.arch.gram_teacher):
+            distiller = self.arch.distiller
+            for m in (self.arch.student.backbone, self.arch.teacher.backbone, self.arch.gram_teacher,
+                      None if distiller is None else getattr(distiller.teacher, "backbone", distiller.teacher)):
                 if m is not None:
                     for blk in m.blocks:
                         blk.compile()
@@ -260,6 +273,8 @@ class Trainer:
             for blk in backbone.blocks:
                 fully_shard(blk, mp_policy=mp)
             fully_shard(root, mp_policy=mp)
+        if self.arch.distiller is not None:
+            self.arch.distiller.to(self.device).shard(mp)
 
     def _gram_teacher_to(self, device: torch.device) -> None:
         if self.arch.gram_teacher is not None and self.parallel != "fsdp":
@@ -335,6 +350,8 @@ class Trainer:
                 "skipped_files": sorted(self.skipped_files),
                 "config": dump_config(self.cfg),
             }
+            if self.arch.distiller is not None:  # the teacher's path and hash, never its weights
+                state["distillation"] = self.arch.distiller.record()
             path = save_checkpoint(state, self.ckpt_dir, iteration, int(self.cfg["checkpointing"]["max_to_keep"]))
             logger.info("checkpoint %s written (%.1f MB)", path, os.path.getsize(path) / 1e6)
         if self.dist.world_size > 1:
@@ -470,6 +487,10 @@ class Trainer:
         period = int(cfg["checkpointing"]["period"])
         imgs_per_step = int(cfg["train"]["batch_size_per_gpu"]) * self.dist.world_size
         clip = float(cfg["optim"]["clip_grad"] or 0.0)
+        # The parts whose gradient norm is clipped (feature distillation: no heads, maybe a projection).
+        clipped = [n for n in ("backbone", "dino_head", "ibot_head", "distill_proj")
+                   if getattr(arch.student, n) is not None
+                   and any(p.requires_grad for p in getattr(arch.student, n).parameters())]
         last_row: dict = {}
         nan_streak = 0
         start_time = tick = time.perf_counter()
@@ -507,7 +528,7 @@ class Trainer:
                     for p in arch.student.backbone.parameters():
                         p.grad = None
                 if clip > 0:
-                    for name in ("backbone", "dino_head", "ibot_head"):
+                    for name in clipped:
                         norm = torch.nn.utils.clip_grad_norm_(getattr(arch.student, name).parameters(), max_norm=clip)
                         metrics[f"{name}_grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
                 self.optimizer.step()
@@ -521,6 +542,9 @@ class Trainer:
                     arch.gram_num_updates += 1
 
                 metrics["total_loss"] = total
+                # Averaged over the ranks like the losses: a size none of the resolutions has would show that the
+                # ranks trained on different ones (they draw the same: dinov3/train/highres.py).
+                metrics["global_crops_size"] = torch.tensor(float(batch["global_crops"].shape[-1]))
                 # A signal seen by any rank stops every rank after this same iteration (the flag rides along with
                 # the metrics' all-reduce).
                 for s in _StopSignals.SIGNALS:

@@ -8,13 +8,16 @@ registers) are patches and get RoPE on q and k, with sin/cos row n - P:
 
 computed in fp32 and cast back to the input dtype (as the official eager path does), then softmax(q kᵀ·scale) v.
 
-Each tile is loaded as its two halves, so the rotation is elementwise and q kᵀ = q₁ k₁ᵀ + q₂ k₂ᵀ is two dots; a q
-tile is rotated once per program and a k tile once per load. Half tiles are padded to a power of two >= 16 (the
-smallest tl.dot), which is what allows any head dim that is a multiple of 16.
+Each tile is loaded as its two halves, so the rotation is elementwise and q kᵀ = q₁ k₁ᵀ + q₂ k₂ᵀ is two dots. The
+tensor a kernel re-reads tile after tile is rotated once into a (B, H, N, Dh) scratch by a row-wise pass (K in the
+forward, Q in the backward); the tile a program owns is rotated as it is loaded. Half tiles are padded to a power of
+two >= 16 (the smallest tl.dot), which is what allows any head dim that is a multiple of 16.
 
 Forward: online softmax in base 2 and the natural-log logsumexp per row, lse = log Σ_j exp(s_ij·scale), saved for
-backward as (B, H, N) fp32. Backward: Delta_i = Σ_d dO_id·O_id, then one pass per k tile (dK, dV) and one per q
-tile (dQ), with dS = P∘(dP - Delta). The gradients of the rotated q and k go through the transposed rotation
+backward as (B, H, N) fp32. Backward (FlashAttention-2): Delta_i = Σ_d dO_id·O_id (in the Q rotation pass), then one
+program per k tile computing dK and dV and adding its share of dQ into an fp32 accumulator with relaxed atomics,
+with dS = P∘(dP - Delta), and a finishing pass for dQ. The gradients of the rotated q and k go through the transposed
+rotation
 
     d x₁ = g₁·cos₁ + g₂·sin₂,  d x₂ = g₂·cos₂ - g₁·sin₁
 
@@ -90,10 +93,44 @@ def _store_unrotated(ptr, g1, g2, mrow, cols, SIN, COS, rows, N, num_prefix, HAL
     tl.store(ptr + HALF + cols[None, :], d2.to(dtype), mask=m)
 
 
+# ---- K (forward) / Q (backward) rotated once into a scratch --------------------------------------------------------
+@triton.jit
+def _rope_attention_rotate_kernel(
+    QKV, SIN, COS, DST, OUT, DOUT, DELTA,
+    stride_b, stride_n, stride_ob, stride_on, stride_db, stride_dn,
+    N, H, C, num_prefix, which,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
+    WITH_DELTA: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Rotates q (which = 0) or k (which = 1) of the packed qkv once into a (B, H, N, Dh) scratch that the attention
+    # kernel re-reads tile after tile (instead of re-rotating them, with their sin/cos rows, on every pass).
+    # WITH_DELTA (backward): also Delta_i = Σ_d dO_id·O_id = Σ_j P_ij dP_ij, the row term of the softmax backward.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles): B·H on the axis that takes 2^31 - 1 programs
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r64 = rows.to(tl.int64)[:, None]
+    mrow = rows < N
+    cols = tl.arange(0, BLOCK_H)
+    x1, x2 = _load_rotated(QKV + b * stride_b + r64 * stride_n + which * C + h * HEAD_DIM, mrow, cols, SIN, COS,
+                           rows, N, num_prefix, HALF, HEAD_DIM, TIED)
+    m = mrow[:, None] & (cols < HALF)[None, :]
+    dst = DST + bh * N * HEAD_DIM + r64 * HEAD_DIM
+    tl.store(dst + cols[None, :], x1, mask=m)
+    tl.store(dst + HALF + cols[None, :], x2, mask=m)
+    if WITH_DELTA:
+        cols_d = tl.arange(0, BLOCK_D)
+        md = mrow[:, None] & (cols_d < HEAD_DIM)[None, :]
+        o = tl.load(OUT + b * stride_ob + r64 * stride_on + h * HEAD_DIM + cols_d[None, :], mask=md, other=0.0)
+        do = tl.load(DOUT + b * stride_db + r64 * stride_dn + h * HEAD_DIM + cols_d[None, :], mask=md, other=0.0)
+        tl.store(DELTA + bh * N + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=mrow)
+
+
 # ---- forward -----------------------------------------------------------------------------------------------------
 @triton.jit
 def _rope_attention_fwd_kernel(
-    QKV, SIN, COS, OUT, LSE,
+    QKV, KROT, SIN, COS, OUT, LSE,
     stride_b, stride_n, stride_ob, stride_on,
     N, H, C, num_prefix, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
@@ -101,17 +138,24 @@ def _rope_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (tiles, H, B): each axis within CUDA's limits
-    b = (bh // H).to(tl.int64)
+    # 1-D grid, q tiles fastest: the programs in flight share the K and V of a few heads (L2 reuse), and
+    # tiles·B·H may reach 2^31 - 1 (a grid axis for B would stop at 65535).
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_tiles
+    bh = (pid // n_tiles).to(tl.int64)
+    b = bh // H
     h = bh % H
     base = QKV + b * stride_b + h * HEAD_DIM
+    krot = KROT + bh * N * HEAD_DIM
     cols_h = tl.arange(0, BLOCK_H)
     cols_d = tl.arange(0, BLOCK_D)
+    mcol_h = cols_h < HALF
     mcol_d = cols_d < HEAD_DIM
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mrow = rows < N
+    # q is rotated once per program, as it loads; k comes pre-rotated from the scratch.
     q1, q2 = _load_rotated(base + rows.to(tl.int64)[:, None] * stride_n, mrow, cols_h, SIN, COS, rows, N,
                            num_prefix, HALF, HEAD_DIM, TIED)
 
@@ -123,9 +167,11 @@ def _rope_attention_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         mkey = keys < N
-        krow = keys.to(tl.int64)[:, None] * stride_n
-        k1, k2 = _load_rotated(base + C + krow, mkey, cols_h, SIN, COS, keys, N, num_prefix, HALF, HEAD_DIM,
-                               TIED)
+        k64 = keys.to(tl.int64)[:, None]
+        mk = mkey[:, None] & mcol_h[None, :]
+        k1 = tl.load(krot + k64 * HEAD_DIM + cols_h[None, :], mask=mk, other=0.0)
+        k2 = tl.load(krot + k64 * HEAD_DIM + HALF + cols_h[None, :], mask=mk, other=0.0)
+        v = tl.load(base + 2 * C + k64 * stride_n + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
         s = mma(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
         s = mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
         s = tl.where(mkey[None, :], s * qk_scale, float("-inf"))
@@ -133,61 +179,43 @@ def _rope_attention_fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(base + 2 * C + krow + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], IS_FP32, PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, None]
     o_ptr = OUT + b * stride_ob + rows.to(tl.int64)[:, None] * stride_on + h * HEAD_DIM + cols_d[None, :]
     tl.store(o_ptr, acc.to(OUT.dtype.element_ty), mask=mrow[:, None] & mcol_d[None, :])
-    tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=mrow)
+    tl.store(LSE + bh * N + rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=mrow)
 
 
 # ---- backward ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _rope_attention_bwd_delta_kernel(
-    OUT, DOUT, DELTA,
-    stride_ob, stride_on, stride_db, stride_dn,
-    N, H,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    # Delta_i = Σ_d dO_id·O_id = Σ_j P_ij dP_ij, the row term of the softmax backward.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (tiles, H, B): each axis within CUDA's limits
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    m = (rows < N)[:, None] & (cols < HEAD_DIM)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    o = tl.load(OUT + b * stride_ob + r64 * stride_on + h * HEAD_DIM + cols[None, :], mask=m, other=0.0)
-    do = tl.load(DOUT + b * stride_db + r64 * stride_dn + h * HEAD_DIM + cols[None, :], mask=m, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * N + rows, delta, mask=rows < N)
-
-
-@triton.jit
-def _rope_attention_bwd_dkdv_kernel(
-    QKV, SIN, COS, DOUT, LSE, DELTA, DQKV,
+def _rope_attention_bwd_kernel(
+    QKV, QROT, SIN, COS, DOUT, LSE, DELTA, DQ_ACC, DQKV,
     stride_b, stride_n, stride_db, stride_dn, stride_gb, stride_gn,
     N, H, C, num_prefix, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
     IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program owns BLOCK_N keys and sweeps all queries, in the transposed frame (keys on rows):
-    # dV = Pᵀ dO,  dSᵀ = Pᵀ∘(V dOᵀ - Delta),  dK_rot = scale·dSᵀ Q_rot.
+    # FlashAttention-2 backward: one program owns BLOCK_N keys and sweeps all queries, in the transposed frame:
+    # dV = Pᵀ dO,  dSᵀ = Pᵀ∘(V dOᵀ - Delta),  dK_rot = scale·dSᵀ Q_rot,  and dQ_rot += scale·dS K_rot added into an
+    # fp32 (B, H, N, Dh) accumulator with relaxed atomics (the finishing pass rotates it back): 10·N²·Dh FLOPs and one
+    # exp per score, where separate dK/dV and dQ passes recompute P twice (14·N²·Dh).
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (tiles, H, B): each axis within CUDA's limits
-    b = (bh // H).to(tl.int64)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_tiles
+    bh = (pid // n_tiles).to(tl.int64)
+    b = bh // H
     h = bh % H
     base = QKV + b * stride_b + h * HEAD_DIM
     do_base = DOUT + b * stride_db + h * HEAD_DIM
-    lse_base = LSE + bh.to(tl.int64) * N
-    delta_base = DELTA + bh.to(tl.int64) * N
+    qrot = QROT + bh * N * HEAD_DIM
+    dq_acc = DQ_ACC + bh * N * HEAD_DIM
     cols_h = tl.arange(0, BLOCK_H)
     cols_d = tl.arange(0, BLOCK_D)
+    mcol_h = cols_h < HALF
     mcol_d = cols_d < HEAD_DIM
 
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -204,20 +232,27 @@ def _rope_attention_bwd_dkdv_kernel(
         rows = start_m + tl.arange(0, BLOCK_M)
         mrow = rows < N
         r64 = rows.to(tl.int64)[:, None]
-        q1, q2 = _load_rotated(base + r64 * stride_n, mrow, cols_h, SIN, COS, rows, N, num_prefix, HALF,
-                               HEAD_DIM, TIED)
+        mq = mrow[:, None] & mcol_h[None, :]
+        q1 = tl.load(qrot + r64 * HEAD_DIM + cols_h[None, :], mask=mq, other=0.0)
+        q2 = tl.load(qrot + r64 * HEAD_DIM + HALF + cols_h[None, :], mask=mq, other=0.0)
         do = tl.load(do_base + r64 * stride_dn + cols_d[None, :], mask=mrow[:, None] & mcol_d[None, :], other=0.0)
-        lse = tl.load(lse_base + rows, mask=mrow, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_base + rows, mask=mrow, other=0.0)
+        lse = tl.load(LSE + bh * N + rows, mask=mrow, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * N + rows, mask=mrow, other=0.0)
         st = mma(k1, tl.trans(q1), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), IS_FP32, PRECISION)
         st = mma(k2, tl.trans(q2), st, IS_FP32, PRECISION)
-        # Padding queries would read lse = 0 and contribute 2^s: zero them.
-        pt = tl.where(mrow[None, :], tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
+        # Padding queries would read lse = 0 and padding keys score 0: zero both.
+        pt = tl.where(mkey[:, None] & mrow[None, :], tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
         dv = mma(pt.to(do.dtype), do, dv, IS_FP32, PRECISION)
         dpt = mma(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), IS_FP32, PRECISION)
         dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
         dk1 = mma(dst, q1, dk1, IS_FP32, PRECISION)
         dk2 = mma(dst, q2, dk2, IS_FP32, PRECISION)
+        ds = tl.trans(dst)
+        dq1 = mma(ds, k1, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IS_FP32, PRECISION)
+        dq2 = mma(ds, k2, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IS_FP32, PRECISION)
+        # Relaxed: the finishing pass, a later launch, is the only reader (no fences around the REDs).
+        tl.atomic_add(dq_acc + r64 * HEAD_DIM + cols_h[None, :], dq1, mask=mq, sem="relaxed")
+        tl.atomic_add(dq_acc + r64 * HEAD_DIM + HALF + cols_h[None, :], dq2, mask=mq, sem="relaxed")
 
     g_base = DQKV + b * stride_gb + krow * stride_gn + h * HEAD_DIM
     _store_unrotated(g_base + C, dk1 * sm_scale, dk2 * sm_scale, mkey, cols_h, SIN, COS, keys, N, num_prefix,
@@ -227,54 +262,26 @@ def _rope_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _rope_attention_bwd_dq_kernel(
-    QKV, SIN, COS, DOUT, LSE, DELTA, DQKV,
-    stride_b, stride_n, stride_db, stride_dn, stride_gb, stride_gn,
-    N, H, C, num_prefix, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
-    IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DQ_ACC, SIN, COS, DQKV,
+    stride_gb, stride_gn,
+    N, H, num_prefix, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, TIED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program owns BLOCK_M queries and sweeps all keys: dQ_rot = scale·(P∘(dO Vᵀ - Delta)) K_rot.
+    # Finishing pass: dQ = scale·Rᵀ(dQ_rot accumulated in fp32) into the packed gradient's q third.
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (tiles, H, B): each axis within CUDA's limits
-    b = (bh // H).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles)
+    b = bh // H
     h = bh % H
-    base = QKV + b * stride_b + h * HEAD_DIM
-    cols_h = tl.arange(0, BLOCK_H)
-    cols_d = tl.arange(0, BLOCK_D)
-    mcol_d = cols_d < HEAD_DIM
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mrow = rows < N
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r64 = rows.to(tl.int64)[:, None]
-    q1, q2 = _load_rotated(base + r64 * stride_n, mrow, cols_h, SIN, COS, rows, N, num_prefix, HALF, HEAD_DIM,
-                           TIED)
-    do = tl.load(DOUT + b * stride_db + r64 * stride_dn + h * HEAD_DIM + cols_d[None, :],
-                 mask=mrow[:, None] & mcol_d[None, :], other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=mrow, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=mrow, other=0.0)
-
-    dq1 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    dq2 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        mkey = keys < N
-        krow = keys.to(tl.int64)[:, None] * stride_n
-        k1, k2 = _load_rotated(base + C + krow, mkey, cols_h, SIN, COS, keys, N, num_prefix, HALF, HEAD_DIM,
-                               TIED)
-        v = tl.load(base + 2 * C + krow + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
-        s = mma(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
-        s = mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
-        p = tl.where(mkey[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-        dp = mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
-        ds = (p * (dp - delta[:, None])).to(k1.dtype)
-        dq1 = mma(ds, k1, dq1, IS_FP32, PRECISION)
-        dq2 = mma(ds, k2, dq2, IS_FP32, PRECISION)
-
-    g_base = DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM
-    _store_unrotated(g_base, dq1 * sm_scale, dq2 * sm_scale, mrow, cols_h, SIN, COS, rows, N, num_prefix,
-                     HALF, HEAD_DIM, TIED)
+    mrow = rows < N
+    cols = tl.arange(0, BLOCK_H)
+    m = mrow[:, None] & (cols < HALF)[None, :]
+    acc = DQ_ACC + bh * N * HEAD_DIM + r64 * HEAD_DIM
+    g1 = tl.load(acc + cols[None, :], mask=m, other=0.0) * sm_scale
+    g2 = tl.load(acc + HALF + cols[None, :], mask=m, other=0.0) * sm_scale
+    _store_unrotated(DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM, g1, g2, mrow, cols, SIN, COS, rows, N,
+                     num_prefix, HALF, HEAD_DIM, TIED)
 
 
 # ---- apply_rope --------------------------------------------------------------------------------------------------
@@ -289,11 +296,10 @@ def _apply_rope_kernel(
     # q and k of one (b, h) and BLOCK_N tokens share their sin/cos rows: one load of the coefficients for both.
     # INVERSE applies the transposed rotation (the backward of the forward one).
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (tiles, H, B): each axis within CUDA's limits
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles): B·H on the axis that takes 2^31 - 1 programs
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_H)
     c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
     m = (rows < N)[:, None] & (cols < HALF)[None, :]
@@ -324,52 +330,149 @@ def _apply_rope_kernel(
         tl.store(dst + o_off + HALF, y2.to(dst.dtype.element_ty), mask=m)
 
 
+# ---- the composed backend's passes (qkv -> rotated q, k, v for SDPA, and back) -----------------------------------
+@triton.jit
+def _rope_qkv_split_kernel(
+    QKV, SIN, COS, Q, K, V,
+    stride_b, stride_n,
+    N, H, C, num_prefix,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Packed qkv (B, N, 3C) -> q, k (rotated, fp32 math cast back as official) and v, each (B, H, N, Dh) contiguous:
+    # one read and one write of every element, the sin/cos rows loaded once for q and k.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles): B·H on the axis that takes 2^31 - 1 programs
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r64 = rows.to(tl.int64)[:, None]
+    mrow = rows < N
+    cols = tl.arange(0, BLOCK_H)
+    cols_d = tl.arange(0, BLOCK_D)
+    m = mrow[:, None] & (cols < HALF)[None, :]
+    md = mrow[:, None] & (cols_d < HEAD_DIM)[None, :]
+    src = QKV + b * stride_b + r64 * stride_n + h * HEAD_DIM
+    dst = bh * N * HEAD_DIM + r64 * HEAD_DIM
+    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
+    for which in tl.static_range(2):
+        x1 = tl.load(src + which * C + cols[None, :], mask=m, other=0.0)
+        x2 = tl.load(src + which * C + HALF + cols[None, :], mask=m, other=0.0)
+        a1 = x1.to(tl.float32)
+        a2 = x2.to(tl.float32)
+        y1 = tl.where(rot[:, None], (a1 * c1 - a2 * s1).to(x1.dtype), x1)
+        y2 = tl.where(rot[:, None], (a2 * c2 + a1 * s2).to(x2.dtype), x2)
+        if which == 0:
+            out = Q
+        else:
+            out = K
+        tl.store(out + dst + cols[None, :], y1, mask=m)
+        tl.store(out + dst + HALF + cols[None, :], y2, mask=m)
+    v = tl.load(src + 2 * C + cols_d[None, :], mask=md, other=0.0)
+    tl.store(V + dst + cols_d[None, :], v, mask=md)
+
+
+@triton.jit
+def _rope_qkv_merge_kernel(
+    DQ, DK, DV, SIN, COS, DQKV,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, stride_gb, stride_gn,
+    N, H, C, num_prefix,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Backward of the split: dq, dk, dv (B, H, N, Dh) (any strides, last 1) -> the packed (B, N, 3C) gradient, with
+    # the transposed rotation on dq and dk (d x1 = g1·cos1 + g2·sin2, d x2 = g2·cos2 - g1·sin1, in fp32).
+    HALF: tl.constexpr = HEAD_DIM // 2
+    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r64 = rows.to(tl.int64)[:, None]
+    mrow = rows < N
+    cols = tl.arange(0, BLOCK_H)
+    cols_d = tl.arange(0, BLOCK_D)
+    m = mrow[:, None] & (cols < HALF)[None, :]
+    md = mrow[:, None] & (cols_d < HEAD_DIM)[None, :]
+    dst = DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM
+    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
+    for which in tl.static_range(2):
+        if which == 0:
+            src = DQ + b * sq_b + h * sq_h + r64 * sq_n
+        else:
+            src = DK + b * sk_b + h * sk_h + r64 * sk_n
+        g1 = tl.load(src + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        g2 = tl.load(src + HALF + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        d1 = tl.where(rot[:, None], g1 * c1 + g2 * s2, g1)
+        d2 = tl.where(rot[:, None], g2 * c2 - g1 * s1, g2)
+        tl.store(dst + which * C + cols[None, :], d1.to(DQKV.dtype.element_ty), mask=m)
+        tl.store(dst + which * C + HALF + cols[None, :], d2.to(DQKV.dtype.element_ty), mask=m)
+    dv = tl.load(DV + b * sv_b + h * sv_h + r64 * sv_n + cols_d[None, :], mask=md, other=0.0)
+    tl.store(dst + 2 * C + cols_d[None, :], dv.to(DQKV.dtype.element_ty), mask=md)
+
+
 # ---- launchers ---------------------------------------------------------------------------------------------------
 def _configs(pairs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
 
 
-# Candidates per width of one q/k/v row in bytes (BLOCK_D x element size), so that every candidate fits in an H100's
-# 227 KB of shared memory per block and spills little or nothing: widths above 128 bytes take 8 warps (half the
-# registers per thread) and smaller tiles or fewer stages. Each (BLOCK_M, BLOCK_N, num_warps, num_stages) set was
-# chosen from a compile for sm_90 with Triton 3.9 (tests/kernels/triton_compile.py reports shared memory, registers
-# and spill stack per config); the autotuner times what is left on the device.
+# Candidates per width of one q/k/v row in bytes (BLOCK_D x element size: 128 = bf16 Dh 64, 256 = bf16 Dh 128 or fp32
+# Dh 64, 512 = bf16 Dh 256 or fp32 Dh 128, 1024 = fp32 Dh 256), as (BLOCK_M, BLOCK_N, num_warps, num_stages). Kept
+# from a compile for sm_90 with Triton 3.9 (tests/kernels/triton_compile.py: shared memory, registers, spill stack,
+# wgmma vs mma.sync per config) where a candidate fits the 227 KB of shared memory with no spill and every tl.dot is
+# a wgmma: BLOCK_M and BLOCK_N at least 64 per warpgroup (4 warps), and num_stages >= 2 (loads of the next K/V or
+# Q/dO tile in flight while the current one's wgmmas run) except where two stages do not fit. Where no candidate is
+# both spill-free and wgmma (backward at 512 and 1024 bytes, forward at 1024), the spill-free mma.sync one is kept.
+# The autotuner times what is left on the device.
 _FWD = {
-    128: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 2)],
-    256: [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
-    512: [(64, 32, 8, 2), (32, 32, 8, 2), (64, 64, 8, 1), (32, 32, 8, 1)],
-    1024: [(32, 32, 8, 1), (16, 32, 8, 1)],
+    128: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3)],
+    256: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3)],
+    512: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+    1024: [(64, 32, 8, 2), (64, 64, 8, 1)],
 }
 _BWD = {
-    128: [(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)],
-    256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2)],
-    512: [(16, 32, 8, 1), (32, 32, 8, 1), (32, 32, 8, 2)],
-    1024: [(16, 32, 8, 1), (32, 32, 8, 1), (16, 16, 4, 1)],
+    128: [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2)],  # (64, 64, 4, 3) spills on Triton 3.6 (stack 32)
+    256: [(64, 64, 8, 2)],  # stack 0 on Triton 3.9; 104 bytes of spill for fp32 (TF32) on Triton 3.6, none better
+    512: [(32, 32, 8, 2)],
+    1024: [(32, 32, 8, 1)],
 }
 
 
-def _by_width(table):
-    """(all configs, prune function keeping those of the launch's row width)."""
+# IEEE fp32 (TF32 off) has no tensor-core dot: its tl.dots are FMA loops that hold more in registers, so it takes
+# smaller tiles: the spill-free ones of a sweep at Dh 64 (256-byte rows) and Dh 128 (Triton 3.9, sm_90); Dh 256
+# takes the Dh 128 list (not compiled here).
+_FWD_IEEE = {
+    256: [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+    1024: [(32, 32, 4, 2)],
+}
+_BWD_IEEE = {
+    256: [(32, 32, 8, 2)],
+    1024: [(16, 32, 8, 1), (16, 16, 4, 2)],
+}
+
+
+def _by_width(table, ieee_table):
+    """(all configs, prune function keeping those of the launch's row width and, for fp32, precision)."""
     groups = {width: _configs(pairs) for width, pairs in table.items()}
+    ieee = {width: _configs(pairs) for width, pairs in ieee_table.items()}
 
     def prune(configs, named_args, **kwargs):
         meta = {**named_args, **kwargs}
         width = meta["BLOCK_D"] * (4 if meta["IS_FP32"] else 2)
-        return groups[min(w for w in groups if w >= width)]
+        pick = ieee if meta["IS_FP32"] and meta.get("PRECISION") == "ieee" else groups
+        return pick[min(w for w in pick if w >= width)]
 
-    return [c for group in groups.values() for c in group], prune
+    return [c for g in (groups, ieee) for group in g.values() for c in group], prune
 
 
 # The key includes N because vision sequence lengths are few and fixed.
 _KEY = ["N", "HEAD_DIM", "IS_FP32", "PRECISION"]
-_FWD_CONFIGS, _fwd_prune = _by_width(_FWD)
-_BWD_CONFIGS, _bwd_prune = _by_width(_BWD)
+_FWD_CONFIGS, _fwd_prune = _by_width(_FWD, _FWD_IEEE)
+_BWD_CONFIGS, _bwd_prune = _by_width(_BWD, _BWD_IEEE)
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fwd_prune})(
     _rope_attention_fwd_kernel)
-_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _bwd_prune})(
-    _rope_attention_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _bwd_prune})(
-    _rope_attention_bwd_dq_kernel)
+# The backward's autotuning reruns it: the dQ accumulator it adds into is zeroed before each trial.
+_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _bwd_prune},
+                             reset_to_zero=["DQ_ACC"])(_rope_attention_bwd_kernel)
 
 
 def _cpu_blocks(N):
@@ -394,28 +497,63 @@ def _dims(head_dim):
     return max(16, triton.next_power_of_2(half)), max(16, triton.next_power_of_2(head_dim))
 
 
+MAX_PROGRAMS = 2**31 - 1  # a CUDA grid's x axis; y and z stop at 65535
+
+
+def _grid(N, B, H, block):
+    """1-D grid of the attention kernels: ceil(N / block) tiles per (batch, head), tiles fastest."""
+    programs = triton.cdiv(N, block) * B * H
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"rope_attention (triton): {programs} programs (B={B}, heads={H}, N={N}, tiles of {block}) "
+                         f"exceed a CUDA grid's {MAX_PROGRAMS}")
+    return (programs,)
+
+
 def _launch(tuned, raw, tile, N, B, H, on_cpu, *args, **meta):
-    """Grid (tiles, heads, batch): one program per `tile`-sized block of the N tokens, per head and batch entry."""
+    """One program per `tile`-sized block of the N tokens, per head and batch entry (see _grid)."""
     if on_cpu:
         blocks = _cpu_blocks(N)
-        raw[(triton.cdiv(N, blocks[tile]), H, B)](*args, **meta, **blocks)
+        raw[_grid(N, B, H, blocks[tile])](*args, **meta, **blocks)
     else:
-        tuned[lambda m: (triton.cdiv(N, m[tile]), H, B)](*args, **meta)
+        tuned[lambda m: _grid(N, B, H, m[tile])](*args, **meta)
+
+
+def _rotate_once(qkv, sin, cos, num_heads, num_prefix_tokens, which, out=None, dout=None):
+    """q (which=0) or k (which=1) of the packed qkv, rotated, as a (B, H, N, Dh) scratch in qkv.dtype; with out and
+    dout also Delta (B, H, N) fp32 (the backward's row term)."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    Dh = C // num_heads
+    rot = torch.empty((B, num_heads, N, Dh), device=qkv.device, dtype=qkv.dtype)
+    with_delta = out is not None
+    delta = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32) if with_delta else rot
+    out, dout = (out, dout) if with_delta else (rot[0, 0], rot[0, 0])
+    block_n = _row_block(qkv)
+    block_h, block_d = _dims(Dh)
+    _rope_attention_rotate_kernel[_split_grid(B, num_heads, N, block_n)](
+        qkv, sin, cos, rot, out, dout, delta, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+        dout.stride(0), dout.stride(1), N, num_heads, C, num_prefix_tokens, which,
+        HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), WITH_DELTA=with_delta, BLOCK_N=block_n,
+        num_warps=4,
+    )
+    return (rot, delta) if with_delta else rot
 
 
 def rope_attention_fwd_triton(qkv, sin, cos, num_heads, num_prefix_tokens, scale):
     """(B, N, 3C) packed qkv (last-dim stride 1), fp32 contiguous sin/cos of (H·W, Dh) or, with tied halves,
     (H·W, Dh/2) ->
-    (out (B, N, C) in qkv.dtype, lse (B, num_heads, N) fp32, natural-log logsumexp of the scaled scores)."""
+    (out (B, N, C) in qkv.dtype, lse (B, num_heads, N) fp32, natural-log logsumexp of the scaled scores).
+    K is rotated once into a (B, H, N, Dh) scratch; q is rotated as each program loads it."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     Dh = C // num_heads
+    krot = _rotate_once(qkv, sin, cos, num_heads, num_prefix_tokens, 1)
     out = torch.empty((B, N, C), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32)
     is_fp32, precision = dot_precision(qkv)
     block_h, block_d = _dims(Dh)
     _launch(_fwd_tuned, _rope_attention_fwd_kernel, "BLOCK_M", N, B, num_heads, not qkv.is_cuda,
-            qkv, sin, cos, out, lse,
+            qkv, krot, sin, cos, out, lse,
             qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
             N, num_heads, C, num_prefix_tokens, scale * LOG2E,
             HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), IS_FP32=is_fp32,
@@ -424,27 +562,30 @@ def rope_attention_fwd_triton(qkv, sin, cos, num_heads, num_prefix_tokens, scale
 
 
 def rope_attention_bwd_triton(qkv, sin, cos, out, lse, dout, num_heads, num_prefix_tokens, scale):
-    """Gradient w.r.t. the packed qkv, (B, N, 3C) contiguous in qkv.dtype, for output gradient dout (B, N, C)."""
+    """Gradient w.r.t. the packed qkv, (B, N, 3C) contiguous in qkv.dtype, for output gradient dout (B, N, C).
+
+    Q rotated once into a scratch (with Delta in the same pass), one FA2-style kernel per K tile (dK, dV stored, dQ
+    added into an fp32 accumulator with relaxed atomics: run-to-run rounding differs in dQ), a finishing pass for dQ.
+    """
     B, N, C3 = qkv.shape
     C = C3 // 3
     Dh = C // num_heads
+    qrot, delta = _rotate_once(qkv, sin, cos, num_heads, num_prefix_tokens, 0, out, dout)
     dqkv = torch.empty((B, N, C3), device=qkv.device, dtype=qkv.dtype)
-    delta = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32)
+    dq_acc = torch.zeros((B, num_heads, N, Dh), device=qkv.device, dtype=torch.float32)
     is_fp32, precision = dot_precision(qkv)
     block_h, block_d = _dims(Dh)
-    block_delta = _row_block(qkv)
-    _rope_attention_bwd_delta_kernel[(triton.cdiv(N, block_delta), num_heads, B)](
-        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), N, num_heads,
-        HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_delta,
-    )
-    args = (qkv, sin, cos, dout, lse, delta, dqkv,
+    tied = _tied(sin, Dh)
+    _launch(_bwd_tuned, _rope_attention_bwd_kernel, "BLOCK_N", N, B, num_heads, not qkv.is_cuda,
+            qkv, qrot, sin, cos, dout, lse, delta, dq_acc, dqkv,
             qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
-            N, num_heads, C, num_prefix_tokens, scale, scale * LOG2E)
-    meta = dict(HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), IS_FP32=is_fp32,
-                PRECISION=precision)
-    on_cpu = not qkv.is_cuda
-    _launch(_dkdv_tuned, _rope_attention_bwd_dkdv_kernel, "BLOCK_N", N, B, num_heads, on_cpu, *args, **meta)
-    _launch(_dq_tuned, _rope_attention_bwd_dq_kernel, "BLOCK_M", N, B, num_heads, on_cpu, *args, **meta)
+            N, num_heads, C, num_prefix_tokens, scale, scale * LOG2E,
+            HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=tied, IS_FP32=is_fp32, PRECISION=precision)
+    block_n = _row_block(qkv)
+    _rope_attention_bwd_dq_kernel[_split_grid(B, num_heads, N, block_n)](
+        dq_acc, sin, cos, dqkv, dqkv.stride(0), dqkv.stride(1), N, num_heads, num_prefix_tokens, scale,
+        HEAD_DIM=Dh, BLOCK_H=block_h, TIED=tied, BLOCK_N=block_n, num_warps=4,
+    )
     return dqkv
 
 
@@ -455,9 +596,51 @@ def apply_rope_triton(q, k, sin, cos, num_prefix_tokens, inverse=False):
     qo = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     ko = torch.empty((B, H, N, Dh), device=k.device, dtype=k.dtype)
     block_n = _row_block(q)
-    _apply_rope_kernel[(triton.cdiv(N, block_n), H, B)](
+    _apply_rope_kernel[_split_grid(B, H, N, block_n)](
         q, k, qo, ko, sin, cos, *q.stride(), *k.stride(), N, H, num_prefix_tokens,
         INVERSE=inverse, HEAD_DIM=Dh, TIED=_tied(sin, Dh), BLOCK_H=max(16, triton.next_power_of_2(Dh // 2)),
         BLOCK_N=block_n, num_warps=4,
     )
     return qo, ko
+
+
+def _split_grid(B, H, N, block_n):
+    """(B·H, token tiles): B·H on axis 0 (up to 2^31 - 1 programs); the tiles on axis 1 (at most 65535)."""
+    tiles = triton.cdiv(N, block_n)
+    if B * H > MAX_PROGRAMS:
+        raise ValueError(f"rope_attention: B·heads = {B * H} programs exceed a CUDA grid's {MAX_PROGRAMS}")
+    if tiles > 65535:
+        raise ValueError(f"rope_attention: {N} tokens need {tiles} tiles of {block_n} rows, more than the 65535 a "
+                         "CUDA grid's second axis takes")
+    return (B * H, tiles)
+
+
+def rope_qkv_split_triton(qkv, sin, cos, num_heads, num_prefix_tokens):
+    """Packed qkv (B, N, 3C), last-dim stride 1 -> (q, k, v), each (B, heads, N, Dh) contiguous in qkv.dtype, q and k
+    rotated on their patch tokens (fp32 math). sin/cos: fp32 contiguous (H·W, Dh) or tied (H·W, Dh/2)."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    Dh = C // num_heads
+    q, k, v = (torch.empty((B, num_heads, N, Dh), device=qkv.device, dtype=qkv.dtype) for _ in range(3))
+    block_n = _row_block(qkv)
+    block_h, block_d = _dims(Dh)
+    _rope_qkv_split_kernel[_split_grid(B, num_heads, N, block_n)](
+        qkv, sin, cos, q, k, v, qkv.stride(0), qkv.stride(1), N, num_heads, C, num_prefix_tokens,
+        HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), BLOCK_N=block_n, num_warps=4,
+    )
+    return q, k, v
+
+
+def rope_qkv_merge_triton(dq, dk, dv, sin, cos, num_prefix_tokens):
+    """dq, dk, dv (B, heads, N, Dh), last-dim stride 1 -> the packed gradient (B, N, 3C) contiguous in dq.dtype."""
+    B, H, N, Dh = dq.shape
+    C = H * Dh
+    dqkv = torch.empty((B, N, 3 * C), device=dq.device, dtype=dq.dtype)
+    block_n = _row_block(dq)
+    block_h, block_d = _dims(Dh)
+    _rope_qkv_merge_kernel[_split_grid(B, H, N, block_n)](
+        dq, dk, dv, sin, cos, dqkv, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        dqkv.stride(0), dqkv.stride(1), N, H, C, num_prefix_tokens,
+        HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), BLOCK_N=block_n, num_warps=4,
+    )
+    return dqkv

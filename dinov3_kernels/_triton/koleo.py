@@ -6,11 +6,17 @@ Search set S (M, D) of raw features, query rows S[offset : offset + n], u = s / 
     d_ik     = |u_i - u_nn_k(i) + pdist_eps|                 (torch.nn.PairwiseDistance(2, eps=pdist_eps))
     loss     = -1/(nK) Σ_ik log(d_ik + eps)
 
-Two launches: `_koleo_norm_kernel` writes |s| for every row of S (M floats) and zeroes the arrival counter;
-`_koleo_search_kernel` runs one program per BLOCK_M query rows, tiles u_i·u_jᵀ over the whole search set and keeps
-each row's K best in registers (no n×M matrix anywhere), then gathers the K neighbours, computes d_ik exactly from
-the rows (not from 2 - 2cos, which cancels for close pairs) and its share of the loss. The last program to arrive
-sums the per-program partials in a fixed order, so the loss is deterministic.
+Forward, four launches, no atomics, deterministic:
+  `_koleo_norm_kernel`    |s| for every row of S (M floats);
+  `_koleo_search_kernel`  grid (query tiles, search splits): each program scores its BLOCK_M query rows against one
+                          contiguous split of the search set in (BLOCK_M, BLOCK_N) tiles on the tensor cores and keeps
+                          each row's KC best (score, index) in registers; no n×M matrix anywhere. Splitting the set
+                          keeps ~2 programs per SM when n is small. fp32 input is searched in TF32 with KC = K + 8
+                          candidates (RERANK), 16-bit input (exact products, fp32 accumulation) with KC = K;
+  `_koleo_merge_kernel`   per query row: the KC best of the splits' candidates (ties to the lowest index), their
+                          exact fp32 similarities from the rows when re-ranking, the K best of those, then d_ik from
+                          the rows (not from 2 - 2cos, which cancels for close pairs) and the tile's share of the loss;
+  `_koleo_sum_kernel`     the tiles' partial sums in a fixed order (one program).
 """
 
 import torch
@@ -19,9 +25,13 @@ import triton.language as tl
 
 from ._common import dot_precision, mma
 
+RERANK_EXTRA = 8  # candidates the TF32 search keeps beyond K for the exact re-ranking
+MAX_MERGE_WIDTH = 512  # splits x KCP candidates per row in the merge kernel's register tile
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
+
 
 @triton.jit
-def _koleo_norm_kernel(S, NORM, COUNTER, M, D, stride_m, stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _koleo_norm_kernel(S, NORM, M, D, stride_m, stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     mr = rows < M
@@ -33,39 +43,39 @@ def _koleo_norm_kernel(S, NORM, COUNTER, M, D, stride_m, stride_d, BLOCK_R: tl.c
                     other=0.0).to(tl.float32)
         sq += tl.sum(x * x, axis=1)
     tl.store(NORM + rows, tl.sqrt(sq), mask=mr)
-    if pid == 0:
-        tl.store(COUNTER, 0)
 
 
 @triton.jit
 def _koleo_search_kernel(
-    S, NORM, IDX, DIST, PART, COUNTER, LOSS,
-    n, M, D, offset,
-    stride_m, stride_d,
-    eps, pdist_eps, scale,
-    TOPK: tl.constexpr, KP: tl.constexpr,
+    S, NORM, CAND_V, CAND_I,
+    n, M, D, offset, cols_per_split,
+    stride_m, stride_d, eps,
+    KC: tl.constexpr, KCP: tl.constexpr,
     IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query row i; its search index is offset + i
     mr = rows < n
     grows = (offset + rows).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
-    slots = tl.arange(0, KP)
+    slots = tl.arange(0, KCP)
     big = 2147483647
     r_i = 1.0 / tl.maximum(tl.load(NORM + grows, mask=mr, other=1.0), eps)
     q_ptr = S + grows[:, None] * stride_m
+    j_lo = split * cols_per_split
+    j_hi = tl.minimum(M, j_lo + cols_per_split)
 
-    # Running top-K per row, unsorted: (value, index). Empty slots hold (-inf, M): any real candidate beats them and
-    # an index of M marks "no neighbour". Padding slots (>= TOPK) hold +inf so they are never the worst slot.
-    pad = slots[None, :] >= TOPK
-    best_v = tl.where(pad, float("inf"), tl.full((BLOCK_M, KP), float("-inf"), tl.float32))
-    best_i = tl.where(pad, -1, tl.full((BLOCK_M, KP), M, tl.int32))
+    # Running top-KC per row, unsorted: (value, index). Empty slots hold (-inf, M): any real candidate beats them and
+    # an index of M marks "no candidate". Padding slots (>= KC) hold +inf so they are never the worst slot.
+    pad = slots[None, :] >= KC
+    best_v = tl.where(pad, float("inf"), tl.full((BLOCK_M, KCP), float("-inf"), tl.float32))
+    best_i = tl.where(pad, -1, tl.full((BLOCK_M, KCP), M, tl.int32))
 
-    for j0 in range(0, M, BLOCK_N):
+    for j0 in range(j_lo, j_hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        mc = cols < M
+        mc = cols < j_hi
         c_ptr = S + cols[:, None].to(tl.int64) * stride_m
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
@@ -82,99 +92,237 @@ def _koleo_search_kernel(
         # index) and "strictly greater than the worst held value" is the whole test. Most tiles change nothing.
         worst = tl.min(best_v, axis=1)
         if tl.max((tl.max(sim, axis=1) > worst).to(tl.int32), axis=0) > 0:
-            for _t in tl.static_range(TOPK):
+            for _t in tl.static_range(KC):
                 v = tl.max(sim, axis=1)
                 c = tl.min(tl.where(sim == v[:, None], cols[None, :], big), axis=1)
                 wv = tl.min(best_v, axis=1)
                 # Among equal worst values the highest index is the worst.
                 wi = tl.max(tl.where(best_v == wv[:, None], best_i, -1), axis=1)
-                ws = tl.min(tl.where((best_v == wv[:, None]) & (best_i == wi[:, None]), slots[None, :], KP), axis=1)
+                ws = tl.min(tl.where((best_v == wv[:, None]) & (best_i == wi[:, None]), slots[None, :], KCP), axis=1)
                 put = (v > wv)[:, None] & (slots[None, :] == ws[:, None])
                 best_v = tl.where(put, v[:, None], best_v)
                 best_i = tl.where(put, c[:, None], best_i)
                 sim = tl.where(cols[None, :] == c[:, None], float("-inf"), sim)
 
-    # Emit the K neighbours best first; each extracted slot becomes (-inf, big) so it is never picked again.
-    best_v = tl.where(pad, float("-inf"), best_v)
-    best_i = tl.where(pad, big, best_i)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # (n, splits, KCP) candidates; the merge kernel reads the first KC slots of each split.
+    out = (rows.to(tl.int64) * tl.num_programs(1) + split) * KCP
+    m2 = mr[:, None] & (slots[None, :] < KC)
+    tl.store(CAND_V + out[:, None] + slots[None, :], best_v, mask=m2)
+    tl.store(CAND_I + out[:, None] + slots[None, :], best_i, mask=m2)
+
+
+@triton.jit
+def _koleo_merge_kernel(
+    S, NORM, CAND_V, CAND_I, IDX, DIST, PART,
+    n, M, D, offset,
+    stride_m, stride_d,
+    eps, pdist_eps,
+    SPLITS: tl.constexpr, TOPK: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, WIDTH: tl.constexpr,
+    RERANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    mr = rows < n
+    grows = (offset + rows).to(tl.int64)
+    big = 2147483647
+    slots = tl.arange(0, KCP)
+    w = tl.arange(0, WIDTH)
+    m2 = mr[:, None] & ((w < SPLITS * KCP) & (w % KCP < KC))[None, :]
+    base = rows.to(tl.int64)[:, None] * (SPLITS * KCP) + w[None, :]
+    cv = tl.load(CAND_V + base, mask=m2, other=float("-inf"))
+    ci = tl.load(CAND_I + base, mask=m2, other=M)
+    d_i = tl.maximum(tl.load(NORM + grows, mask=mr, other=1.0), eps)
+    q_ptr = S + grows[:, None] * stride_m
+
+    # The splits hold disjoint column ranges, so indices are unique (but for the empty marker M). The KC best by search
+    # score, ties to the lowest index; re-ranked by their exact fp32 similarity from the rows when RERANK.
+    sel_v = tl.full((BLOCK_R, KCP), float("-inf"), tl.float32)
+    sel_i = tl.full((BLOCK_R, KCP), M, tl.int32)
+    for t in tl.static_range(KC):
+        v = tl.max(cv, axis=1)
+        c = tl.min(tl.where(cv == v[:, None], ci, big), axis=1)
+        cv = tl.where(ci == c[:, None], float("-inf"), cv)
+        if RERANK:
+            found = c < M
+            j = tl.where(found, c, 0).to(tl.int64)
+            d_j = tl.maximum(tl.load(NORM + j, mask=mr, other=1.0), eps)
+            dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_P):
+                k = k0 + tl.arange(0, BLOCK_P)
+                mk = mr[:, None] & (k < D)[None, :]
+                xi = tl.load(q_ptr + k[None, :] * stride_d, mask=mk, other=0.0).to(tl.float32)
+                xj = tl.load(S + j[:, None] * stride_m + k[None, :] * stride_d, mask=mk, other=0.0).to(tl.float32)
+                dot += tl.sum(xi * xj, axis=1)
+            v = tl.where(found, dot / d_i / d_j, float("-inf"))
+        sel_v = tl.where(slots[None, :] == t, v[:, None], sel_v)
+        sel_i = tl.where(slots[None, :] == t, c[:, None], sel_i)
+
+    # The K best, best first (ties to the lowest index); d_ik from the rows.
+    row_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for t in tl.static_range(TOPK):
-        v = tl.max(best_v, axis=1)
-        c = tl.min(tl.where(best_v == v[:, None], best_i, big), axis=1)
-        s = tl.min(tl.where((best_v == v[:, None]) & (best_i == c[:, None]), slots[None, :], KP), axis=1)
-        taken = slots[None, :] == s[:, None]
-        best_v = tl.where(taken, float("-inf"), best_v)
-        best_i = tl.where(taken, big, best_i)
+        v = tl.max(sel_v, axis=1)
+        c = tl.min(tl.where(sel_v == v[:, None], sel_i, big), axis=1)
+        sel_v = tl.where(sel_i == c[:, None], float("-inf"), sel_v)
         found = c < M  # false only when the similarities were NaN
         j = tl.where(found, c, 0).to(tl.int64)
-        d_i = tl.maximum(tl.load(NORM + grows, mask=mr, other=1.0), eps)
         d_j = tl.maximum(tl.load(NORM + j, mask=mr, other=1.0), eps)
-        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_P):
             k = k0 + tl.arange(0, BLOCK_P)
-            m2 = mr[:, None] & (k < D)[None, :]
-            xi = tl.load(q_ptr + k[None, :] * stride_d, mask=m2, other=0.0).to(tl.float32)
-            xj = tl.load(S + j[:, None] * stride_m + k[None, :] * stride_d, mask=m2, other=0.0).to(tl.float32)
+            mk = mr[:, None] & (k < D)[None, :]
+            xi = tl.load(q_ptr + k[None, :] * stride_d, mask=mk, other=0.0).to(tl.float32)
+            xj = tl.load(S + j[:, None] * stride_m + k[None, :] * stride_d, mask=mk, other=0.0).to(tl.float32)
             # Division, as F.normalize does: duplicate rows give exactly u_i - u_j = 0.
-            diff = tl.where(m2, xi / d_i[:, None] - xj / d_j[:, None] + pdist_eps, 0.0)
+            diff = tl.where(mk, xi / d_i[:, None] - xj / d_j[:, None] + pdist_eps, 0.0)
             sq += tl.sum(diff * diff, axis=1)
         dist = tl.where(found, tl.sqrt(sq), float("nan"))
         tl.store(IDX + rows.to(tl.int64) * TOPK + t, j, mask=mr)
         tl.store(DIST + rows.to(tl.int64) * TOPK + t, dist, mask=mr)
         row_sum += tl.where(mr, tl.log(dist + eps), 0.0)
-
     tl.store(PART + pid, tl.sum(row_sum, axis=0))
-    # acq_rel: the partial above is visible before the count; the last arrival reduces all partials in order.
-    num = tl.num_programs(0)
-    if tl.atomic_add(COUNTER, 1) == num - 1:
-        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for p0 in range(0, num, BLOCK_M):
-            p = p0 + tl.arange(0, BLOCK_M)
-            total += tl.load(PART + p, mask=p < num, other=0.0, cache_modifier=".cg")
-        tl.store(LOSS, -tl.sum(total, axis=0) * scale)
+
+
+@triton.jit
+def _koleo_sum_kernel(PART, LOSS, num, scale, BLOCK: tl.constexpr):
+    # One program: the partials in a fixed order, so the loss is the same on every run.
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p0 in range(0, num, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        total += tl.load(PART + p, mask=p < num, other=0.0)
+    tl.store(LOSS, -tl.sum(total, axis=0) * scale)
 
 
 def _block_sizes(n, D, on_cpu, is_fp32):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs the search aims for, spare candidates of the fp32 search)."""
     if on_cpu:
-        # The interpreter pays per program and per op: small tiles that still satisfy tl.dot (>= 16).
+        # The interpreter pays per program and per op: small tiles that still satisfy tl.dot (>= 16), one split, and
+        # no spare candidates (its tl.dot computes TF32 in fp32: no TF32 error to absorb; each slot costs time).
         block_m = max(16, min(64, triton.next_power_of_2(n)))
-        return block_m, 64, max(16, min(64, triton.next_power_of_2(D))), max(16, min(128, triton.next_power_of_2(D)))
-    block_m = 64 if n >= 64 * 132 else 32  # at least about one program per SM on an H100
+        return (block_m, 64, max(16, min(64, triton.next_power_of_2(D))),
+                max(16, min(128, triton.next_power_of_2(D))), 1, 0)
+    # wgmma needs 64 query rows per warpgroup (BLOCK_M = 32 compiled to mma.sync). Each (query tile, search tile)
+    # pair loads both tiles from L2, n·M·d·(1/BLOCK_M + 1/BLOCK_N) elements in all, so 128-wide search tiles. Large n
+    # (L2-bound): 128 x 128 over 8 warps (~245 regs, 1 CTA/SM), the fewest bytes a 128x128 fp32 accumulator allows;
+    # smaller n: 64 x 128 over 4 warps (~240 regs, 72 KB smem: 2 CTAs/SM) and twice the programs. The search splits
+    # fill the SMs when n is small (2 programs per SM).
     block_k = 32 if is_fp32 else 64
-    return block_m, 64, max(16, min(block_k, triton.next_power_of_2(D))), max(16, min(128, triton.next_power_of_2(D)))
+    return (128 if n >= 64 * 132 else 64, 128, max(16, min(block_k, triton.next_power_of_2(D))),
+            max(16, min(128, triton.next_power_of_2(D))), 2 * 132, RERANK_EXTRA)
 
 
-def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps):
-    """(loss fp32 scalar, indices (n, topk) int64, distances (n, topk) fp32, norms (M,) fp32); see module doc."""
+def _search_warps(block_m):
+    return 8 if block_m >= 128 else 4  # wgmma: one warpgroup (4 warps) per 64 rows
+
+
+def _search_grid(n, M, block_m, block_n, kcp, programs, splits=None):
+    """(query tiles, search splits, columns per split) of the search launch. Tiles go on grid axis 0 (2^31 - 1);
+    splits on axis 1 (at most MAX_GRID_YZ = 65535, and at most MAX_MERGE_WIDTH / kcp for the merge's tile)."""
+    tiles = triton.cdiv(n, block_m)
+    col_tiles = triton.cdiv(M, block_n)
+    if splits is None:
+        splits = triton.cdiv(programs, tiles)
+    splits = max(1, min(splits, col_tiles, MAX_MERGE_WIDTH // kcp, MAX_GRID_YZ))
+    cols_per_split = triton.cdiv(col_tiles, splits) * block_n
+    splits = triton.cdiv(M, cols_per_split)  # none empty
+    if tiles > 2**31 - 1:
+        raise ValueError(f"koleo_loss: {n} query rows need {tiles} programs, above the grid limit 2^31 - 1")
+    return tiles, splits, cols_per_split
+
+
+def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra=None):
+    """(loss fp32 scalar, indices (n, topk) int64, distances (n, topk) fp32, norms (M,) fp32); see module doc.
+    `splits` forces the number of search splits, `extra` the spare candidates of the fp32 search (tests); by default
+    both come from _block_sizes."""
     M, D = search.shape
     dev = search.device
     on_cpu = dev.type == "cpu"
     is_fp32, precision = dot_precision(search)
-    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P = _block_sizes(n, D, on_cpu, is_fp32)
+    rerank = is_fp32  # fp32: TF32 search, exact re-ranking
+    if rerank:
+        precision = "tf32"
+    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs, default_extra = _block_sizes(n, D, on_cpu, is_fp32)
+    extra = default_extra if extra is None else extra
+    kc = min(topk + extra, M - 1) if rerank else topk
+    kcp = max(2, triton.next_power_of_2(kc))
+    if BLOCK_M == 128 and kcp > 16:  # 128 rows x 32 slots of top-k state would spill at 8 warps (255 regs at 16)
+        BLOCK_M = 64
     norm = torch.empty(M, device=dev, dtype=torch.float32)
-    counter = torch.empty(1, device=dev, dtype=torch.int32)
     BLOCK_R, BLOCK_D = 16, max(16, min(128, triton.next_power_of_2(D)))
     _koleo_norm_kernel[(triton.cdiv(M, BLOCK_R),)](
-        search, norm, counter, M, D, search.stride(0), search.stride(1), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        search, norm, M, D, search.stride(0), search.stride(1), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
     )
-    grid = triton.cdiv(n, BLOCK_M)
+    tiles, n_splits, cols_per_split = _search_grid(n, M, BLOCK_M, BLOCK_N, kcp, programs, splits)
+    cand_v = torch.empty((n, n_splits, kcp), device=dev, dtype=torch.float32)
+    cand_i = torch.empty((n, n_splits, kcp), device=dev, dtype=torch.int32)
+    _koleo_search_kernel[(tiles, n_splits)](
+        search, norm, cand_v, cand_i,
+        n, M, D, offset, cols_per_split,
+        search.stride(0), search.stride(1), eps,
+        KC=kc, KCP=kcp, IS_FP32=is_fp32, PRECISION=precision,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        num_warps=_search_warps(BLOCK_M),
+    )
+    loss, idx, dist = koleo_merge_triton(search, norm, cand_v, cand_i, offset, n, topk, kc, rerank, eps, pdist_eps,
+                                         BLOCK_P)
+    return loss, idx, dist, norm
+
+
+def koleo_merge_triton(search, norm, cand_v, cand_i, offset, n, topk, kc, rerank, eps, pdist_eps, block_p=None):
+    """(loss, indices, distances) from the search's candidates (n, splits, KCP) (score, index); see module doc."""
+    M, D = search.shape
+    dev = search.device
+    n_splits, kcp = cand_v.shape[1], cand_v.shape[2]
     idx = torch.empty((n, topk), device=dev, dtype=torch.int64)
     dist = torch.empty((n, topk), device=dev, dtype=torch.float32)
-    partial = torch.empty(grid, device=dev, dtype=torch.float32)
-    loss = torch.empty((), device=dev, dtype=torch.float32)
-    _koleo_search_kernel[(grid,)](
-        search, norm, idx, dist, partial, counter, loss,
-        n, M, D, offset,
-        search.stride(0), search.stride(1),
-        eps, pdist_eps, 1.0 / (n * topk),
-        TOPK=topk, KP=max(2, triton.next_power_of_2(topk)),
-        IS_FP32=is_fp32, PRECISION=precision,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P,
-        # 64 query rows keep 64 running top-k lists: at 4 warps fp32 spilled ~370 bytes/thread on sm_90, 8 warps do
-        # not (tests/kernels/triton_compile.py).
-        num_warps=8 if BLOCK_M >= 64 else 4,
+    MERGE_R = 8 if kcp <= 16 else 4  # 8 rows x 32 slots (topk > 8 in fp32) spilled 16 bytes on sm_90
+    merge_tiles = triton.cdiv(n, MERGE_R)
+    partial = torch.empty(merge_tiles, device=dev, dtype=torch.float32)
+    _koleo_merge_kernel[(merge_tiles,)](
+        search, norm, cand_v, cand_i, idx, dist, partial,
+        n, M, D, offset, search.stride(0), search.stride(1), eps, pdist_eps,
+        SPLITS=n_splits, TOPK=topk, KC=kc, KCP=kcp, WIDTH=max(16, triton.next_power_of_2(n_splits * kcp)),
+        RERANK=rerank, BLOCK_R=MERGE_R, BLOCK_P=block_p or max(16, min(128, triton.next_power_of_2(D))),
     )
-    return loss, idx, dist, norm
+    loss = torch.empty((), device=dev, dtype=torch.float32)
+    _koleo_sum_kernel[(1,)](partial, loss, merge_tiles, 1.0 / (n * topk), BLOCK=256)
+    return loss, idx, dist
+
+
+@triton.jit
+def _koleo_candidate_dots_kernel(U, CAND, OUT, n, K, D, offset, stride_m, stride_d,
+                                 KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # OUT[i, c] = u_(offset + i) · u_CAND[i, c] in fp32 FMA (IEEE): the composed backend's exact re-ranking, one read
+    # of each candidate row instead of torch's gather, product and sum passes.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mr = rows < n
+    c = tl.arange(0, KP)
+    mc = mr[:, None] & (c < K)[None, :]
+    cand = tl.load(CAND + rows.to(tl.int64)[:, None] * K + c[None, :], mask=mc, other=0)  # (BLOCK_R, KP)
+    q_ptr = U + (offset + rows).to(tl.int64) * stride_m
+    c_ptr = U + cand.to(tl.int64) * stride_m
+    acc = tl.zeros((BLOCK_R, KP), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        k = k0 + tl.arange(0, BLOCK_D)
+        mk = k < D
+        q = tl.load(q_ptr[:, None] + k[None, :] * stride_d, mask=mr[:, None] & mk[None, :], other=0.0)
+        x = tl.load(c_ptr[:, :, None] + k[None, None, :] * stride_d, mask=mc[:, :, None] & mk[None, None, :],
+                    other=0.0)
+        acc += tl.sum(q[:, None, :] * x, axis=2)
+    tl.store(OUT + rows.to(tl.int64)[:, None] * K + c[None, :], acc, mask=mc)
+
+
+def candidate_dots_triton(u, offset, n, cand):
+    """(n, K) fp32: u[offset + i] · u[cand[i, c]] for the normalised fp32 set u (M, D) and candidates (n, K)."""
+    K = cand.shape[1]
+    D = u.shape[1]
+    out = torch.empty((n, K), device=u.device, dtype=torch.float32)
+    KP = max(2, triton.next_power_of_2(K))
+    BLOCK_R = max(1, 64 // KP)
+    BLOCK_D = max(16, min(64, triton.next_power_of_2(D)))
+    _koleo_candidate_dots_kernel[(triton.cdiv(n, BLOCK_R),)](
+        u, cand.contiguous(), out, n, K, D, offset, u.stride(0), u.stride(1), KP=KP, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+    )
+    return out
 
 
 @triton.jit

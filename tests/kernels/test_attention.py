@@ -260,6 +260,95 @@ def test_triton_apply_rope_double_backward(triton_cpu):
     torch.testing.assert_close(hq.double(), hq64, rtol=1e-5, atol=1e-5)
 
 
+# ---- composed backend: one pass to rotated q, k, v; SDPA; one pass back ---------------------------------------
+@pytest.mark.parametrize("prefix,hw,Dh,tied", [
+    (0, 1, 64, True), (1, 0, 64, False), (PREFIX, 2, 80, True), (PREFIX, 2, 128, False),
+    (1, 196, 80, False), (1, 196, 64, True), (1, 256, 128, True), (PREFIX, 256, 64, False), (PREFIX, 256, 80, True),
+])
+def test_composed_against_float64_reference(prefix, hw, Dh, tied):
+    # N = 1, 1, 7, 197, 257, 261 tokens; float64 runs the plain-PyTorch passes around SDPA (and its backward).
+    B, H = (2, 2) if hw < 100 else (1, 1)
+    N = prefix + hw
+    qkv = _qkv(B, N, H, Dh, torch.float64)
+    sin, cos = _rope(hw, Dh, torch.float64, tied=tied)
+    if tied and hw:  # the (H·W, Dh/2) half tables the model passes
+        sin, cos = sin[:, :Dh // 2].contiguous(), cos[:, :Dh // 2].contiguous()
+    dout = torch.randn(B, N, H * Dh, dtype=torch.float64)
+    got = _out_and_grad(lambda x: rope_attention(x, sin, cos, num_heads=H, backend="composed"), qkv, dout)
+    want = _out_and_grad(lambda x: rope_attention_reference(x, sin, cos, num_heads=H), qkv, dout)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float64 and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_composed_merge_is_the_transposed_split():
+    # <split(x), g> = <x, merge(g)> for the linear map split (float64): the backward pass is the exact adjoint.
+    from dinov3_kernels.attention import rope_qkv_merge_reference, rope_qkv_split_reference
+
+    B, N, H, Dh, prefix = 2, PREFIX + 6, 3, 16, PREFIX
+    x = _qkv(B, N, H, Dh, torch.float64)
+    sin, cos = _rope(6, Dh, torch.float64, tied=False)
+    gs = torch.randn(3, B, H, N, Dh, dtype=torch.float64)
+    lhs = sum((a * b).sum() for a, b in zip(rope_qkv_split_reference(x, sin, cos, H, prefix), gs))
+    rhs = (x * rope_qkv_merge_reference(*gs, sin, cos, prefix)).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("Dh,tied,prefix", [(48, True, PREFIX), (64, False, 1), (16, False, 0)])
+def test_triton_split_and_merge_passes(triton_cpu, Dh, tied, prefix):
+    # The Triton passes of the composed backend (interpreter, fp32) against the plain-PyTorch ones in float64, on a
+    # strided qkv (rows of a wider buffer) and strided gradients; 35 tokens = several 16-row tiles, a ragged edge.
+    from dinov3_kernels._triton.attention import rope_qkv_merge_triton, rope_qkv_split_triton
+    from dinov3_kernels.attention import rope_qkv_merge_reference, rope_qkv_split_reference
+
+    B, H, hw = 2, 2, 35 - prefix
+    N = prefix + hw
+    qkv = _qkv(B, N, H, Dh + 8)[..., :3 * H * Dh]
+    sin, cos = _rope(hw, Dh, tied=tied)
+    if tied:
+        sin, cos = sin[:, :Dh // 2].contiguous(), cos[:, :Dh // 2].contiguous()
+    got = rope_qkv_split_triton(qkv, sin, cos, H, prefix)
+    want = rope_qkv_split_reference(qkv.double(), sin.double(), cos.double(), H, prefix)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.is_contiguous() and g.shape == (B, H, N, Dh)
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-6)
+    assert torch.equal(got[2], qkv.view(B, N, 3, H, Dh)[:, :, 2].transpose(1, 2))  # v: a copy, bit for bit
+    gs = [torch.randn(B, N, H, Dh).transpose(1, 2) for _ in range(3)]  # SDPA-like (B, H, N, Dh) strided views
+    merged = rope_qkv_merge_triton(*gs, sin, cos, prefix)
+    want = rope_qkv_merge_reference(*(g.double() for g in gs), sin.double(), cos.double(), prefix)
+    assert merged.shape == qkv.shape and merged.is_contiguous()
+    torch.testing.assert_close(merged.double(), want, rtol=0, atol=1e-6)
+
+
+def test_composed_triton_end_to_end(triton_cpu, monkeypatch):
+    # fp32 on CPU under the interpreter: the Triton passes around SDPA, with the 2x rule; tied and untied tables.
+    from dinov3_kernels._triton import attention as tri
+
+    calls = []
+    for name in ("rope_qkv_split_triton", "rope_qkv_merge_triton"):
+        fn = getattr(tri, name)
+        monkeypatch.setattr(tri, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    H, Dh, hw = 2, 32, 15
+    qkv = _qkv(2, PREFIX + hw, H, Dh)
+    sin, cos = _rope(hw, Dh)
+    _check_attention(qkv, sin[:, :Dh // 2].contiguous(), cos[:, :Dh // 2].contiguous(), H, "composed")
+    _check_attention(qkv, *_rope(hw, Dh, tied=False), H, "composed")
+    assert calls == ["rope_qkv_split_triton", "rope_qkv_merge_triton"] * 2
+
+
+def test_triton_grids_fold_batch_and_heads():
+    # No grid puts B on an axis limited to 65535 programs: the attention kernels use one axis (tiles·B·H, up to
+    # 2^31 - 1), the row-wise passes (B·H, tiles); beyond either limit the launcher raises a clear error.
+    from dinov3_kernels._triton.attention import MAX_PROGRAMS, _grid, _split_grid
+
+    assert _split_grid(70000, 16, 261, 64) == (70000 * 16, 5)
+    assert _grid(261, 70000, 16, 128) == (3 * 70000 * 16,)
+    with pytest.raises(ValueError, match="65535"):
+        _split_grid(1, 1, 65536 * 16 + 1, 16)
+    with pytest.raises(ValueError, match="exceed"):
+        _grid(1029, MAX_PROGRAMS // 16, 16, 64)
+
+
 # ---- registration: opcheck and torch.compile -----------------------------------------------------------------
 def test_opcheck(triton_cpu):
     B, H, Dh, hw = 1, 1, 16, 6
@@ -275,6 +364,10 @@ def test_opcheck(triton_cpu):
                           (qkv.detach(), sin, cos, out, lse, dout, H, PREFIX, Dh ** -0.5, "triton"))
     q, k = torch.randn(2, B, H, N, Dh, requires_grad=True)
     torch.library.opcheck(ops.apply_rope.default, (q, k, sin, cos, PREFIX, False, "triton"))
+    # The composed backend's passes: Triton split (its autograd runs the merge), plain-PyTorch merge.
+    torch.library.opcheck(ops.rope_qkv_split.default, (qkv, sin, cos, H, PREFIX, "triton"))
+    torch.library.opcheck(ops.rope_qkv_merge.default, (q.detach(), k.detach(), q.detach(), sin, cos, PREFIX,
+                                                       "reference"))
 
 
 def test_torch_compile_fullgraph(triton_cpu):
@@ -284,15 +377,16 @@ def test_torch_compile_fullgraph(triton_cpu):
     sin, cos = _rope(hw, Dh)
     dout = torch.randn(B, N, H * Dh)
 
-    def f(x):
-        return rope_attention(x, sin, cos, num_heads=H, backend="triton") * 2.0
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got = _out_and_grad(compiled, qkv, dout)
     want = _out_and_grad(lambda x: 2.0 * rope_attention_reference(x, sin.double(), cos.double(), num_heads=H),
                          qkv.double(), dout.double())
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.double(), w, rtol=0, atol=2e-5)
+    for backend in ("triton", "composed"):
+        def f(x, backend=backend):
+            return rope_attention(x, sin, cos, num_heads=H, backend=backend) * 2.0
+
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        got = _out_and_grad(compiled, qkv, dout)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, rtol=0, atol=2e-5)
 
 
 # ---- backend choice ------------------------------------------------------------------------------------------
@@ -316,6 +410,27 @@ def test_backend_choice(monkeypatch, triton_cpu):
     q, k = torch.randn(2, 1, 1, PREFIX + 6, 40)
     with pytest.raises(BackendUnavailableError, match="no CUDA kernel|not built|CUDA tensors"):
         apply_rope(q, k, sin, cos, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="no composed backend"):
+        apply_rope(q, k, sin, cos, backend="composed")
+    # composed takes any head dim and dtype (head_dim 40 and float64 here).
+    torch.testing.assert_close(rope_attention(qkv.double(), sin.double(), cos.double(), num_heads=1,
+                                              backend="composed"),
+                               rope_attention_reference(qkv.double(), sin.double(), cos.double(), num_heads=1))
+
+
+def test_deterministic_mode_refuses_the_atomic_backward(monkeypatch, triton_cpu):
+    # The triton (and cuda) backward adds dQ with fp32 atomics: refused under deterministic algorithms; composed runs.
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    qkv = _qkv(1, PREFIX + 6, 1, 16)
+    sin, cos = _rope(6, 16)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(BackendUnavailableError, match="atomics"):
+            rope_attention(qkv, sin, cos, num_heads=1, backend="triton")
+        torch.testing.assert_close(rope_attention(qkv, sin, cos, num_heads=1, backend="composed"),
+                                   rope_attention_reference(qkv, sin, cos, num_heads=1), rtol=0, atol=1e-5)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_sin_cos_requiring_grad(monkeypatch, triton_cpu):
@@ -325,8 +440,9 @@ def test_sin_cos_requiring_grad(monkeypatch, triton_cpu):
     qkv = _qkv(1, PREFIX + 6, 1, 16)
     sin, cos = _rope(6, 16)
     sin.requires_grad_(True)
-    with pytest.raises(BackendUnavailableError, match="sin/cos"):
-        rope_attention(qkv, sin, cos, num_heads=1, backend="triton")
+    for backend in ("triton", "composed"):
+        with pytest.raises(BackendUnavailableError, match="sin/cos"):
+            rope_attention(qkv, sin, cos, num_heads=1, backend=backend)
     rope_attention(qkv, sin, cos, num_heads=1).sum().backward()
     assert sin.grad is not None and sin.grad.abs().sum() > 0
     with torch.no_grad():
@@ -392,7 +508,7 @@ def _require_backend(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "composed"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32", "tf32"])
 @pytest.mark.parametrize("Dh,H", [(64, 6), (128, 2)])
 @pytest.mark.parametrize("N", [201, 261, 1029, 4101])
@@ -440,12 +556,15 @@ def test_gpu_auto_and_deterministic():
         C = 384
         for out, dqkv in runs[1:]:
             assert torch.equal(out, runs[0][0]), backend
-            if backend == "cuda":
-                # dQ is summed over key tiles with fp32 atomics (order not fixed); dK and dV have one owner each.
-                assert torch.equal(dqkv[..., C:], runs[0][1][..., C:]), backend
-                torch.testing.assert_close(dqkv[..., :C], runs[0][1][..., :C], rtol=1e-2, atol=1e-2)
-            else:
-                assert torch.equal(dqkv, runs[0][1]), backend
+            # dQ is summed over key tiles with fp32 atomics (order not fixed); dK and dV have one owner each.
+            assert torch.equal(dqkv[..., C:], runs[0][1][..., C:]), backend
+            torch.testing.assert_close(dqkv[..., :C], runs[0][1][..., :C], rtol=1e-2, atol=1e-2)
+    torch.use_deterministic_algorithms(True)
+    try:  # auto passes over the atomic backends, to composed (or the reference)
+        assert _backend.choose_backend("auto", (qkv,), None, "rope_attention", atomics=("cuda", "triton"),
+                                       size=1029) in ("composed", "reference")
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_triton_autotune_candidates_by_row_width():
@@ -455,8 +574,8 @@ def test_triton_autotune_candidates_by_row_width():
     pytest.importorskip("triton")
     from dinov3_kernels._triton import attention as tri
 
-    def biggest(prune, configs, block_d, is_fp32):
-        kept = prune(configs, {}, BLOCK_D=block_d, IS_FP32=is_fp32, HEAD_DIM=block_d)
+    def biggest(prune, configs, block_d, is_fp32, precision="tf32"):
+        kept = prune(configs, {}, BLOCK_D=block_d, IS_FP32=is_fp32, HEAD_DIM=block_d, PRECISION=precision)
         assert kept and all(c in configs for c in kept)
         return max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages for c in kept)
 
@@ -466,5 +585,7 @@ def test_triton_autotune_candidates_by_row_width():
             block_d = max(16, 1 << (head_dim - 1).bit_length())
             for is_fp32 in (False, True):
                 sizes.append((block_d * (4 if is_fp32 else 2), biggest(prune, configs, block_d, is_fp32)))
+            # IEEE fp32 (FMA dots, more registers) never gets larger tiles than TF32 at the same width.
+            assert biggest(prune, configs, block_d, True, "ieee") <= biggest(prune, configs, block_d, True)
         sizes.sort()
         assert all(a[1] >= b[1] for a, b in zip(sizes, sizes[1:]) if a[0] < b[0])

@@ -216,3 +216,45 @@ def test_meta_device():
     assert rope.periods.is_meta
     sin, cos = rope(H=2, W=3)
     assert sin.shape == (6, 16) and sin.is_meta
+
+
+# ---- tied half tables (what the model computes once per forward) ---------------------------------------------
+AUG = dict(shift_coords=0.2, jitter_coords=1.5, rescale_coords=1.4)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_tables_are_one_half_of_forward(train):
+    """tables() equals either half of forward()'s (H·W, Dh) tables exactly, with the same draws in training."""
+    rope = RopePositionEmbedding(96, num_heads=2, **AUG).train(train)  # Dh 48: Dh/4 = 12 frequencies
+    torch.manual_seed(3)
+    sin, cos = rope(H=3, W=5)
+    torch.manual_seed(3)
+    hs, hc = rope.tables(H=3, W=5)
+    assert hs.shape == hc.shape == (15, 24)
+    for full, half in ((sin, hs), (cos, hc)):
+        assert torch.equal(full[:, :24], half) and torch.equal(full[:, 24:], half)
+
+
+def test_tables_count_draws_one_augmentation_per_table():
+    """count=n: n tables, each the formula at its own (shift, jitter, rescale), drawn as all shifts, then all
+    jitters, then all rescales (redrawn here from the same seed); eval: one table repeated."""
+    s, j, r = AUG["shift_coords"], AUG["jitter_coords"], AUG["rescale_coords"]
+    rope = RopePositionEmbedding(32, num_heads=2, dtype=torch.float64, **AUG).train()
+    torch.manual_seed(7)
+    sin, cos = rope.tables(H=3, W=2, count=4)
+    assert sin.shape == cos.shape == (4, 6, 8)
+    torch.manual_seed(7)
+    shift = torch.empty(4, 2, dtype=torch.float64).uniform_(-s, s)
+    jitter = torch.empty(4, 2, dtype=torch.float64).uniform_(-math.log(j), math.log(j)).exp()
+    rescale = torch.empty(4, 1, dtype=torch.float64).uniform_(-math.log(r), math.log(r)).exp()
+    for i in range(4):
+        esin, ecos = formula_sincos(3, 2, 16, periods=base_periods(16, 100.0), mode="separate",
+                                    shift=shift[i].tolist(), jitter=jitter[i].tolist(), rescale=rescale[i].item())
+        torch.testing.assert_close(sin[i], esin[:, :8], rtol=0, atol=1e-12)
+        torch.testing.assert_close(cos[i], ecos[:, :8], rtol=0, atol=1e-12)
+    assert not torch.equal(sin[0], sin[1])
+    esin, ecos = rope.eval().tables(H=3, W=2)
+    es, ec = rope.tables(H=3, W=2, count=4)
+    assert es.shape == (4, 6, 8) and all(torch.equal(es[i], esin) and torch.equal(ec[i], ecos) for i in range(4))
+    with pytest.raises(ValueError, match="count"):
+        rope.tables(H=3, W=2, count=0)

@@ -27,9 +27,10 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "dinov3_kernels",
 # Every @triton.jit kernel the launchers start (the helpers they call inline are compiled inside them).
 KERNELS = {
     "_gram_prologue_kernel", "_gram_fwd_kernel", "_gram_bwd_kernel",
-    "_koleo_norm_kernel", "_koleo_search_kernel", "_koleo_bwd_kernel", "_koleo_norm_bwd_kernel",
-    "_rope_attention_fwd_kernel", "_rope_attention_bwd_delta_kernel", "_rope_attention_bwd_dkdv_kernel",
-    "_rope_attention_bwd_dq_kernel", "_apply_rope_kernel",
+    "_koleo_norm_kernel", "_koleo_search_kernel", "_koleo_merge_kernel", "_koleo_sum_kernel", "_koleo_bwd_kernel",
+    "_koleo_norm_bwd_kernel", "_koleo_candidate_dots_kernel",
+    "_rope_attention_rotate_kernel", "_rope_attention_fwd_kernel", "_rope_attention_bwd_kernel",
+    "_rope_attention_bwd_dq_kernel", "_apply_rope_kernel", "_rope_qkv_split_kernel", "_rope_qkv_merge_kernel",
     "_head_col_lse_kernel", "_head_row_lse_kernel", "_head_ce_fwd_kernel", "_head_ce_bwd_dz_kernel",
     "_head_ce_bwd_dw_kernel",
 }
@@ -55,14 +56,19 @@ def test_every_triton_kernel_compiles_for_sm90(quick_compile):
     for dtype in ("bf16", "fp32"):  # each dtype reached every op
         assert {op for op, dt, _ in compiled if dt == dtype} == {"gram", "koleo", "attention", "head"}, r.stdout
     # The gradient scatters are relaxed atomics (a later kernel reads them): bare REDs in the SASS, with none of the
-    # MEMBAR.ALL.GPU fences an acq_rel atomic gets. (The KoLeo search's one completion counter keeps acq_rel.)
-    scatter = re.findall(r"^ok sm_90 .*?(_koleo_bwd_kernel) .* atomics (\d+) fences (\d+)", r.stdout, re.M)
+    # MEMBAR.ALL.GPU fences an acq_rel atomic gets. The KoLeo forward has no atomics at all (a merge kernel and a
+    # fixed-order sum instead of a completion counter).
+    scatter = re.findall(r"^ok sm_90 .*?(_koleo_bwd_kernel|_rope_attention_bwd_kernel) .* atomics (\d+) fences (\d+)",
+                         r.stdout, re.M)
     # The Gram kernels are deterministic: no atomics at all.
     gram = re.findall(r"^ok sm_90 +gram .*?(_gram_\w+_kernel) .* atomics (\d+) fences (\d+)", r.stdout, re.M)
     if "atomics" in r.stdout:  # cuobjdump found (Triton ships one)
-        assert {name for name, _, _ in scatter} == {"_koleo_bwd_kernel"}, r.stdout
+        assert {name for name, _, _ in scatter} == {"_koleo_bwd_kernel", "_rope_attention_bwd_kernel"}, r.stdout
         assert all(int(a) > 0 and int(f) == 0 for _, a, f in scatter), scatter
         assert gram and all(int(a) == 0 and int(f) == 0 for _, a, f in gram), gram
+        koleo_fwd = re.findall(r"^ok sm_90 .*?_koleo_(?:norm|search|merge|sum)_kernel .* atomics (\d+) fences (\d+)",
+                               r.stdout, re.M)
+        assert koleo_fwd and all(a == "0" and f == "0" for a, f in koleo_fwd), koleo_fwd
 
 
 def _source_kernels() -> set:

@@ -187,6 +187,7 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
             idx.zero_()
             dist.fill_(1.0)
             koleo.koleo_bwd_triton(torch.ones(()), x, idx, dist, norm, 0, n, 1e-8, 1e-8)
+            koleo.candidate_dots_triton(x.float(), 0, n, torch.zeros((n, topk + 8), dtype=torch.int64))  # composed
 
         _CONTEXT.update(op="head", head_dim=None)
         # DINO (10 student crops against 2 teacher crops of 7 images) at the bottleneck widths of the official
@@ -212,10 +213,12 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
             cos = torch.randn(hw, Dh)
             out, lse = attention.rope_attention_fwd_triton(qkv, sin, cos, H, prefix, Dh ** -0.5)
             attention.rope_attention_bwd_triton(qkv, sin, cos, out, lse, torch.randn_like(out), H, prefix, Dh ** -0.5)
-            if Dh == 64:  # apply_rope, with tied sin/cos halves
+            if Dh == 64:  # apply_rope and the composed backend's passes, with tied sin/cos halves
                 q = torch.randn(1, H, N, Dh).to(dtype)
-                attention.apply_rope_triton(q, q.clone(), sin[:, : Dh // 2].contiguous(),
-                                            cos[:, : Dh // 2].contiguous(), prefix)
+                half_sin, half_cos = sin[:, : Dh // 2].contiguous(), cos[:, : Dh // 2].contiguous()
+                attention.apply_rope_triton(q, q.clone(), half_sin, half_cos, prefix)
+                attention.rope_qkv_split_triton(qkv, half_sin, half_cos, H, prefix)
+                attention.rope_qkv_merge_triton(q, q.clone(), q.clone(), half_sin, half_cos, prefix)
 
 
 def _check(arch: int, smem_limit: int) -> list[dict]:

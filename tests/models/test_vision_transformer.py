@@ -266,6 +266,52 @@ def test_rope_augmentation_only_in_training():
     assert not torch.allclose(t1, t2) and not torch.allclose(t1, e1)
 
 
+def test_rope_tables_computed_once_per_forward(monkeypatch):
+    """One RoPE computation per crop and forward (not per block), tied (H·W, Dh/2) tables reaching the attention;
+    in training with augmentation each block still gets its own draw."""
+    m = tiny(depth=3, pos_embed_rope_shift_coords=0.5, layerscale_init=1.0)
+    calls, seen = [], []
+    tables = m.rope_embed.tables
+
+    def counted(**kw):
+        calls.append(kw)
+        return tables(**kw)
+
+    monkeypatch.setattr(m.rope_embed, "tables", counted)
+    monkeypatch.setattr(m.rope_embed, "forward", lambda **kw: pytest.fail("per-block RoPE computation"))
+    for blk in m.blocks:
+        orig = blk.attn.compute_attention
+        monkeypatch.setattr(blk.attn, "compute_attention",
+                            lambda qkv, rope, orig=orig: seen.append(rope) or orig(qkv, rope))
+    crops = [torch.randn(2, 3, 16, 24), torch.randn(2, 3, 8, 8)]
+    with torch.no_grad():
+        m.eval()(crops, is_training=True)
+        assert [c.get("count") for c in calls] == [None, None] and len(seen) == 3 * 2
+        assert seen[0][0].shape == (6, 8) and seen[1][0].shape == (1, 8)  # tied halves of Dh = 16
+        assert all(seen[i][0] is seen[0][0] for i in range(0, 6, 2))  # shared by the blocks
+        calls.clear(), seen.clear()
+        m.train()(crops, is_training=True)
+        assert [c.get("count") for c in calls] == [3, 3] and len(seen) == 6
+        assert not torch.equal(seen[0][0], seen[2][0]) and not torch.equal(seen[2][0], seen[4][0])
+        calls.clear()
+        m.eval().get_intermediate_layers(crops[0], n=2)
+        assert len(calls) == 1
+
+
+def test_eval_outputs_identical_to_per_block_official_tables():
+    """The tied tables computed once give bit-identical outputs to the official per-block full (H·W, Dh) tables."""
+    torch.manual_seed(0)
+    m = tiny(depth=2, n_storage_tokens=2, layerscale_init=1.0).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        x = torch.randn(2, 3, 16, 24)
+        t, (H, W) = m.prepare_tokens_with_masks(x)
+        for blk in m.blocks:
+            t = blk(t, m.rope_embed(H=H, W=W))
+        assert torch.equal(m.forward_features(x)["x_prenorm"], t)
+
+
 def test_drop_path_matches_official_subset_rule():
     """Each branch is added to a random subset of max(int(B(1-p)), 1) samples, scaled by B / subset."""
     torch.manual_seed(0)
