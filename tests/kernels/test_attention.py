@@ -421,6 +421,7 @@ def test_backend_choice(monkeypatch, triton_cpu):
 def test_deterministic_mode_refuses_the_atomic_backward(monkeypatch, triton_cpu):
     # The triton (and cuda) backward adds dQ with fp32 atomics: refused under deterministic algorithms; composed runs.
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    _backend.refresh_env()
     qkv = _qkv(1, PREFIX + 6, 1, 16)
     sin, cos = _rope(6, 16)
     torch.use_deterministic_algorithms(True)
