@@ -186,21 +186,15 @@ REDESIGN = "being redesigned (issue 14 point 3)"
 # Triton kernels at their default configs. Kernels without tl.dot, or with IEEE fp32 dots only, need no entry for
 # tensor_cores: the check reads the dots from the TTIR and does not apply to them.
 TRITON_ALLOW = [
-    {"kernel": "_koleo_search_kernel", "property": "tensor_cores", "dtypes": ("bf16", "fp16", "tf32"),
-     "reason": "BLOCK_M=32 below n=8448: wgmma needs 64 rows per warpgroup, so mma.sync; " + REDESIGN},
-    {"kernel": "_koleo_search_kernel", "property": "no_fenced_atomics", "max": 1,
-     "reason": "one acq_rel completion counter per program: the release makes the program's partial loss visible "
-               "before it is counted, and the last program sums the partials in order (deterministic); one fence "
-               "per program, not per element"},
-    {"kernel": "_koleo_search_kernel", "property": "no_spills", "dtypes": ("fp32", "bf16", "fp16"),
-     "reason": "16 B of stack: the IEEE fp32 FMA search at BLOCK_M=64 (n >= 8448), and with Triton 3.6 also the "
-               "16-bit search at BLOCK_M=32; " + REDESIGN},
-    {"kernel": "_rope_attention_(fwd|bwd_delta|bwd_dkdv)_kernel", "property": "no_spills",
-     "reason": "the forward with K re-rotated per Q tile (fp32: FMA dots, 400-744 B stack) and the split dK/dV "
-               "backward (8-3608 B) keep too much live; the Delta pass spills 8 B in fp32; " + REDESIGN},
-    {"kernel": "_rope_attention_bwd_(dkdv|dq)_kernel", "property": "tensor_cores",
-     "reason": "backward tiles with 16 or 32 rows (dK/dV products over BLOCK_N=32 keys, dQ over BLOCK_M=16 queries) "
-               "are below the 64 rows of a wgmma warpgroup tile, so mma.sync (bf16 at Dh 128, TF32); " + REDESIGN},
+    # The KoLeo and attention entries of the kernels before the issue-14 rewrites (mma.sync KoLeo search at BLOCK_M=32,
+    # its acq_rel completion counter, attention spills and sub-64-row backward tiles) matched nothing after the
+    # rewrites merged and were removed. What remains of the rewritten attention backward:
+    {"kernel": "_rope_attention_bwd_kernel", "property": "tensor_cores", "dtypes": ("tf32",), "head_dims": (128,),
+     "reason": "TF32 at Dh 128: the default 32x32 tiles (BLOCK_M = BLOCK_N = 32, 8 warps) are below the 64 rows of a "
+               "wgmma warpgroup tile, so mma.sync (HMMA.1688.TF32); " + REDESIGN},
+    {"kernel": "_rope_attention_bwd_kernel", "property": "no_spills", "dtypes": ("tf32",), "head_dims": (64,),
+     "reason": "TF32 at Dh 64 with Triton 3.6 only: 104 B of stack at 255 registers (8 warps, 64x64 tiles); 3.9 does "
+               "not spill; " + REDESIGN},
 ]
 
 # CUDA kernels (every instantiation in csrc/*.cu, sm_90a), matched against the demangled name.
