@@ -22,6 +22,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
 
 // DINOV3_LAUNCH(grid, block, smem, stream, kernel)(args...) is kernel<<<grid, block, smem, stream>>>(args...); the
 // host emulation (tests/kernels/cuda_emu.h) runs the blocks on CPU threads instead and throws on misuse itself.
@@ -863,14 +866,25 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_dq_f32_kernel(co
 
 // ---- launchers ---------------------------------------------------------------------------------------------------
 
+// Opts a kernel into more than 48 KB of dynamic shared memory. The attribute belongs to the function on the current
+// device and persists for the process, so it is set once per (kernel, device) (and again only for a larger size), not
+// on every call: cudaFuncSetAttribute takes a driver lock on each call (issue 14 point 6).
 template <typename Kernel>
 void set_smem(Kernel kernel, size_t bytes) {
 #if defined(DINOV3_HOST_EMULATION)
   (void)kernel;
   (void)bytes;
 #else
-  if (bytes > 48 * 1024)
-    DINOV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (bytes <= 48 * 1024) return;
+  int device = 0;
+  DINOV3_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> opted_in;  // (kernel, device) -> bytes allowed
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& allowed = opted_in[{reinterpret_cast<const void*>(kernel), device}];
+  if (bytes <= allowed) return;
+  DINOV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  allowed = bytes;
 #endif
 }
 

@@ -60,8 +60,24 @@ TRITON_UNAVAILABLE: Optional[str] = _probe_triton()
 CUDA_EXT, CUDA_EXT_UNAVAILABLE = _probe_cuda_ext()
 
 
+def _read_env() -> tuple[str, bool]:
+    return os.environ.get(ENV_VAR, "auto"), os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# DINOV3_KERNELS_BACKEND and TRITON_INTERPRET are read once, at import, not on every call: an os.environ lookup costs
+# about a microsecond, several per op call. (Triton itself reads TRITON_INTERPRET once, when @triton.jit defines the
+# kernels.) Code that changes either variable in a running process, tests included, calls refresh_env() afterwards.
+_ENV_BACKEND, _TRITON_INTERPRET = _read_env()
+
+
+def refresh_env() -> None:
+    """Re-reads DINOV3_KERNELS_BACKEND and TRITON_INTERPRET from os.environ (they are read once, at import)."""
+    global _ENV_BACKEND, _TRITON_INTERPRET
+    _ENV_BACKEND, _TRITON_INTERPRET = _read_env()
+
+
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _TRITON_INTERPRET
 
 
 def cuda_ext():
@@ -72,7 +88,8 @@ def cuda_ext():
 
 
 def env_backend() -> str:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    """The backend DINOV3_KERNELS_BACKEND asks for ("auto" if unset), as read at import or by refresh_env()."""
+    value = _ENV_BACKEND.strip().lower() or "auto"
     if value != "auto" and value not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={value!r}: expected one of auto, {', '.join(BACKENDS)}")
     return value

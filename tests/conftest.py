@@ -34,3 +34,13 @@ def triton_cpu():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _backend_env():
+    """dinov3_kernels reads DINOV3_KERNELS_BACKEND and TRITON_INTERPRET once (a test that changes them calls
+    _backend.refresh_env()); re-read after every test, once monkeypatch has restored them, so no value leaks."""
+    yield
+    from dinov3_kernels import _backend
+
+    _backend.refresh_env()

@@ -392,6 +392,7 @@ def test_torch_compile_fullgraph(triton_cpu):
 # ---- backend choice ------------------------------------------------------------------------------------------
 def test_backend_choice(monkeypatch, triton_cpu):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    _backend.refresh_env()
     qkv = _qkv(1, PREFIX + 6, 1, 40)
     sin, cos = _rope(6, 40)
     # head_dim 40 is no multiple of 16: explicit triton raises, auto (CPU) is the reference.
@@ -420,6 +421,7 @@ def test_backend_choice(monkeypatch, triton_cpu):
 def test_deterministic_mode_refuses_the_atomic_backward(monkeypatch, triton_cpu):
     # The triton (and cuda) backward adds dQ with fp32 atomics: refused under deterministic algorithms; composed runs.
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    _backend.refresh_env()
     qkv = _qkv(1, PREFIX + 6, 1, 16)
     sin, cos = _rope(6, 16)
     torch.use_deterministic_algorithms(True)
@@ -435,6 +437,7 @@ def test_deterministic_mode_refuses_the_atomic_backward(monkeypatch, triton_cpu)
 def test_sin_cos_requiring_grad(monkeypatch, triton_cpu):
     # The kernels treat sin/cos as constants: an explicit kernel request refuses, auto keeps their gradient.
     monkeypatch.setenv(_backend.ENV_VAR, "auto")
+    _backend.refresh_env()
     qkv = _qkv(1, PREFIX + 6, 1, 16)
     sin, cos = _rope(6, 16)
     sin.requires_grad_(True)

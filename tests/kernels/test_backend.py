@@ -116,3 +116,25 @@ def test_the_public_functions_ask_the_table_with_their_op_name_and_size(monkeypa
     assert seen[:5] == [("gram_loss", N), ("gram_loss", B * N), ("koleo_loss", 9), ("rope_attention", N),
                         ("apply_rope", N)], seen
     assert {op for op, _ in seen} <= set(OPS) and ("dino_head_loss", 6) in seen, seen
+
+
+def test_environment_is_read_once_and_on_refresh(monkeypatch):
+    # Dispatch reads DINOV3_KERNELS_BACKEND and TRITON_INTERPRET from a snapshot (os.environ costs ~1 us a lookup per
+    # call): a change shows only after refresh_env(). The conftest re-reads after every test.
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _backend.refresh_env()
+    assert _backend.env_backend() == "auto" and _backend.triton_interpret()
+    monkeypatch.setenv(_backend.ENV_VAR, "Reference")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _backend.env_backend() == "auto" and _backend.triton_interpret()  # the snapshot, not os.environ
+    _backend.refresh_env()
+    assert _backend.env_backend() == "reference" and not _backend.triton_interpret()
+    x = torch.randn(2, 3)
+    assert _backend.choose_backend("auto", (x,)) == "reference"
+    with pytest.raises(_backend.BackendUnavailableError, match="TRITON_INTERPRET"):
+        _backend.choose_backend("triton", (x,))
+    monkeypatch.setenv(_backend.ENV_VAR, "bogus")
+    _backend.refresh_env()
+    with pytest.raises(ValueError, match="DINOV3_KERNELS_BACKEND='bogus'"):
+        _backend.choose_backend("auto", (x,))

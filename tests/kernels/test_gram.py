@@ -419,6 +419,7 @@ def test_module_rejects_both_clamps():
 # ---- backend choice ------------------------------------------------------------------------------------------
 def test_auto_is_reference_on_cpu(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    _backend.refresh_env()
     s, t = _features(1, 5, 3)
     assert _backend.choose_backend("auto", (s, t)) == "reference"
 
@@ -426,8 +427,10 @@ def test_auto_is_reference_on_cpu(monkeypatch):
 def test_env_override(monkeypatch, triton_cpu):
     s, t = _features(1, 5, 3)
     monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    _backend.refresh_env()
     assert _backend.choose_backend("auto", (s, t)) == "triton"
     monkeypatch.setenv(_backend.ENV_VAR, "bogus")
+    _backend.refresh_env()
     with pytest.raises(ValueError, match="DINOV3_KERNELS_BACKEND"):
         gram_loss(s, t)
 
@@ -438,9 +441,11 @@ def test_explicit_backend_errors(monkeypatch):
         with pytest.raises(BackendUnavailableError, match="cuda"):
             gram_loss(s, t, backend="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _backend.refresh_env()
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
         gram_loss(s, t, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _backend.refresh_env()
     with pytest.raises(BackendUnavailableError, match="float32"):
         gram_loss(s.double(), t.double(), backend="triton")
     with pytest.raises(ValueError, match="unknown backend"):

@@ -382,6 +382,7 @@ def test_torch_compile_fullgraph(triton_cpu):
 # ---- backend choice and bad input --------------------------------------------------------------------------------
 def test_backend_choice(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    _backend.refresh_env()
     x = torch.randn(3, 4)
     assert head_loss._choose_backend("auto", (x,), torch.float32, "op") == "composed"
     assert head_loss._choose_backend("auto", (x,), torch.float64, "op") == "reference"
@@ -390,6 +391,7 @@ def test_backend_choice(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="float64"):
         head_loss._choose_backend("composed", (x,), torch.float64, "op")
     monkeypatch.setenv(_backend.ENV_VAR, "reference")
+    _backend.refresh_env()
     assert head_loss._choose_backend("auto", (x,), torch.float32, "op") == "reference"
 
 

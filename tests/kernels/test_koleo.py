@@ -489,6 +489,7 @@ def test_torch_compile_fullgraph(triton_cpu):
 # ---- backend choice ------------------------------------------------------------------------------------------
 def test_auto_is_reference_on_cpu(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    _backend.refresh_env()
     x = torch.randn(6, 3)
     assert _backend.choose_backend("auto", (x,)) == "reference"
     torch.testing.assert_close(koleo_loss(x), koleo_loss_reference(x))

@@ -2,10 +2,16 @@
 (see triton_compile.py).
 
 The interpreter tests check what the kernels compute; this checks what only a real compile checks (tl.dot shape and
-dtype rules, layouts, the PTX and ptxas stages). It runs in a subprocess because the test session has set
-TRITON_INTERPRET=1, under which triton.jit builds interpreted functions.
+dtype rules, layouts, the PTX and ptxas stages) and what the machine code of each launch's default configuration must
+have (compile_checks.py: wgmma for 16-bit/TF32 dots, no spills, fits an SM, no fenced atomics; the allow-list there
+says which kernel lacks what, and why). It runs in a subprocess because the test session has set TRITON_INTERPRET=1,
+under which triton.jit builds interpreted functions. One compile (CI's --quick subset: bf16, fp32 and TF32, head dim
+64, the first autotune candidate) serves every test here.
 """
 
+import ast
+import glob
+import json
 import os
 import re
 import subprocess
@@ -16,6 +22,7 @@ import pytest
 pytest.importorskip("triton")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "dinov3_kernels", "_triton")
 
 # Every @triton.jit kernel the launchers start (the helpers they call inline are compiled inside them).
 KERNELS = {
@@ -29,12 +36,20 @@ KERNELS = {
 }
 
 
-def test_every_triton_kernel_compiles_for_sm90():
+@pytest.fixture(scope="module")
+def quick_compile(tmp_path_factory):
+    """(the finished process, the JSON report) of one `triton_compile.py --quick --arch 90` run."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile.py"), "--quick", "--arch", "90"],
-                       capture_output=True, text=True, env=env, timeout=1500)
+    path = tmp_path_factory.mktemp("triton_compile") / "report.json"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile.py"), "--quick", "--arch", "90", "--json",
+                        str(path)], capture_output=True, text=True, env=env, timeout=1500)
     if r.returncode != 0 and "libcuda" in r.stderr and "ptxas" not in r.stderr:
         pytest.skip(f"this Triton build cannot compile for CUDA here: {r.stderr[-300:]}")
+    return r, (json.loads(path.read_text()) if path.exists() else None)
+
+
+def test_every_triton_kernel_compiles_for_sm90(quick_compile):
+    r, _ = quick_compile
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     compiled = re.findall(r"^ok sm_90 +(\w+) +(\w+) +(\w+)", r.stdout, re.M)
     assert {name for _, _, name in compiled} == KERNELS, r.stdout
@@ -54,6 +69,37 @@ def test_every_triton_kernel_compiles_for_sm90():
         koleo_fwd = re.findall(r"^ok sm_90 .*?_koleo_(?:norm|search|merge|sum)_kernel .* atomics (\d+) fences (\d+)",
                                r.stdout, re.M)
         assert koleo_fwd and all(a == "0" and f == "0" for a, f in koleo_fwd), koleo_fwd
+
+
+def _source_kernels() -> set:
+    """Every @triton.jit function named *_kernel in dinov3_kernels/_triton: the entry points the launchers start (the
+    other jit functions are helpers compiled inside them). Read from the source, so a new kernel needs no list here."""
+    found = set()
+    for path in glob.glob(os.path.join(PACKAGE, "*.py")):
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
+                    "jit" in ast.unparse(d) for d in node.decorator_list):
+                found.add(node.name)
+    return found
+
+
+def test_default_configs_have_the_compile_properties(quick_compile):
+    r, report = quick_compile
+    assert report is not None, r.stdout[-2000:] + r.stderr[-4000:]
+    kernels = report["kernels"]
+    assert {k["name"] for k in kernels} == _source_kernels(), "a kernel in the source was not compiled (or vice versa)"
+    if not report["meta"]["cuobjdump"]:
+        pytest.skip("no cuobjdump (Triton ships one): the SASS could not be read")
+    defaults = [k for k in kernels if k["default"]]
+    assert {k["name"] for k in defaults} == _source_kernels()
+    failures = [f"{k['name']} ({k['dtype']}, Dh {k['head_dim']}, {k['blocks']}, warps {k['warps']}): {p} {s}"
+                for k in defaults for p, s in k["status"].items() if s.startswith("FAIL")]
+    assert not failures, "\n".join(failures) + "\n(fix the kernel, or allow it in compile_checks.py with the reason)"
+    # The checks looked at something: 16-bit and TF32 dots were found and held to wgmma.
+    for dtype in ("bf16", "tf32"):
+        assert any(k["dtype"] == dtype and k["status"]["tensor_cores"] == "ok" for k in defaults), dtype
+    assert all(k["hgmma"] == 0 and k["hmma"] == 0 for k in kernels if k["needs_tensor_cores"] is None)
+    assert all(k["ctas_per_sm"] >= 1 for k in defaults)
 
 
 @pytest.mark.parametrize("args, interpret, message", [
