@@ -323,9 +323,11 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     FA2/cuDNN and Triton (ours, since the FA2-style redesign; before it Triton ran separate dK/dV and dQ passes,
     14·N²·D and 2 exps). Tiles assumed: Triton BM=128 forward, 64x64 backward; CUDA and the others 64 (FA2 forward:
     128). RoPE sin/cos are the tied (HW, D/2) fp32 tables: 4·D bytes per token per load, from L2 (shared by all
-    heads). The CUDA kernel re-rotates K on every q-tile pass (tables read ceil(N/64) times per token). Triton rotates
-    K once into a (B, H, N, D) scratch (forward) and Q once (backward, in the pass that computes Delta), so its tables
-    are read a fixed number of times per token (q and k once each forward; q, k and the dQ finishing pass backward),
+    heads); the CUDA kernels read them as passed since issue 14 (before, the glue expanded them to (HW, D) with two
+    cat launches per call, 8·D bytes per load). The CUDA kernel re-rotates K on every q-tile pass (tables read
+    ceil(N/64) times per token). Triton rotates K once into a (B, H, N, D) scratch (forward) and Q once (backward,
+    in the pass that computes Delta), so its tables are read a fixed number of times per token (q and k once each
+    forward; q, k and the dQ finishing pass backward),
     for 2 element moves of scratch traffic per rotated tensor, an fp32 dQ accumulator (zeroed, added to, read) and
     one launch more each way. SDPA on the strided q/k/v views of qkv adds the copies of out (forward) and of the
     packed gradient (backward). The official path adds the eager RoPE chain, ~68 bytes per element of q and of k each way; compile

@@ -3,6 +3,9 @@
 //
 //   element (b, n, which, h, d) of qkv sits at b*stride_b + n*stride_n + which*C + h*Dh + d
 //   x' = x * cos[p] + rotate_half(x) * sin[p],  p = n - num_prefix (n >= num_prefix only),
+//   sin/cos fp32 (H*W, Dh) tables, or tied (H*W, Dh/2) tables when both halves of the head dim share their angles
+//   (the DINOv3 RoPE tables): entry (p, d) sits at p * tab_ld + (d < Dh/2 ? d : d - Dh/2 + tab_hi), where
+//   (tab_ld, tab_hi) = (Dh, Dh/2) for full tables and (Dh/2, 0) for tied ones (half the table bytes per token).
 //   rotate_half(x) = concat(-x[Dh/2:], x[:Dh/2]); rotated in fp32, rounded to the input dtype (as the official code)
 //   out (B, N, C) = softmax(scale * Q' K'^T) V,   lse (B, H, N) = natural-log logsumexp of scale * Q' K'^T
 //
@@ -147,10 +150,12 @@ __device__ __forceinline__ float4 ld_f4(const float* p) { return *reinterpret_ca
 
 // Copies rows [row0, row0 + R) of one head's q, k (ROTATE) or v into a shared tile (R x D, row pitch LD); rows at
 // or past N are zero. `g` points at (b, n = 0, which, h, d = 0). 16-byte vectors: 8 elements of each half-row.
+// Tables: row pitch tab_ld, second-half columns at + tab_hi (see the top of the file); a tied table (tab_hi == 0,
+// uniform across the CTA) reads each angle once and uses it for both halves.
 template <typename T, int D, int LD, int R, bool ROTATE>
 __device__ __forceinline__ void load_tile(T* __restrict__ s, const T* __restrict__ g, int64_t stride_n, int row0,
                                           int N, int num_prefix, const float* __restrict__ sin_tab,
-                                          const float* __restrict__ cos_tab) {
+                                          const float* __restrict__ cos_tab, int tab_ld, int tab_hi) {
   constexpr int HALF = D / 2;
   constexpr int CH = HALF / 8;
   for (int i = threadIdx.x; i < R * CH; i += kThreads) {
@@ -162,16 +167,24 @@ __device__ __forceinline__ void load_tile(T* __restrict__ s, const T* __restrict
       lo = *reinterpret_cast<const uint4*>(src);
       hi = *reinterpret_cast<const uint4*>(src + HALF);
       if (ROTATE && n >= num_prefix) {
-        const int64_t row = static_cast<int64_t>(n - num_prefix) * D;
+        const int64_t row = static_cast<int64_t>(n - num_prefix) * tab_ld;
         float c1[8], c2[8], s1[8], s2[8];
         *reinterpret_cast<float4*>(c1) = ld_f4(cos_tab + row + c);
         *reinterpret_cast<float4*>(c1 + 4) = ld_f4(cos_tab + row + c + 4);
-        *reinterpret_cast<float4*>(c2) = ld_f4(cos_tab + row + HALF + c);
-        *reinterpret_cast<float4*>(c2 + 4) = ld_f4(cos_tab + row + HALF + c + 4);
         *reinterpret_cast<float4*>(s1) = ld_f4(sin_tab + row + c);
         *reinterpret_cast<float4*>(s1 + 4) = ld_f4(sin_tab + row + c + 4);
-        *reinterpret_cast<float4*>(s2) = ld_f4(sin_tab + row + HALF + c);
-        *reinterpret_cast<float4*>(s2 + 4) = ld_f4(sin_tab + row + HALF + c + 4);
+        if (tab_hi != 0) {
+          *reinterpret_cast<float4*>(c2) = ld_f4(cos_tab + row + tab_hi + c);
+          *reinterpret_cast<float4*>(c2 + 4) = ld_f4(cos_tab + row + tab_hi + c + 4);
+          *reinterpret_cast<float4*>(s2) = ld_f4(sin_tab + row + tab_hi + c);
+          *reinterpret_cast<float4*>(s2 + 4) = ld_f4(sin_tab + row + tab_hi + c + 4);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            c2[e] = c1[e];
+            s2[e] = s1[e];
+          }
+        }
         uint32_t* l32 = reinterpret_cast<uint32_t*>(&lo);
         uint32_t* h32 = reinterpret_cast<uint32_t*>(&hi);
 #pragma unroll
@@ -198,6 +211,7 @@ struct FwdParams {
   void* out;   // (B, N, C) contiguous
   float* lse;  // (B, H, N) contiguous
   int N, H, num_prefix;
+  int tab_ld, tab_hi;  // sin/cos row pitch and second-half column offset: (Dh, Dh/2) full, (Dh/2, 0) tied
   int64_t stride_b, stride_n;
   float scale;
 };
@@ -220,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_fwd_kernel(const Fwd
   const T* v_g = q_g + 2 * C;
 
   // Q' tile -> shared -> A fragments kept in registers for the whole key loop.
-  load_tile<T, D, LD, BM, true>(k_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos);
+  load_tile<T, D, LD, BM, true>(k_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
   __syncthreads();
   uint32_t q_frag[KS][4];
 #pragma unroll
@@ -236,8 +250,8 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_fwd_kernel(const Fwd
   const float scale_log2 = p.scale * kLog2e;
 
   for (int n0 = 0; n0 < N; n0 += BN) {
-    load_tile<T, D, LD, BN, true>(k_s, k_g, p.stride_n, n0, N, p.num_prefix, p.sin, p.cos);
-    load_tile<T, D, LD, BN, false>(v_s, v_g, p.stride_n, n0, N, 0, nullptr, nullptr);
+    load_tile<T, D, LD, BN, true>(k_s, k_g, p.stride_n, n0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
+    load_tile<T, D, LD, BN, false>(v_s, v_g, p.stride_n, n0, N, 0, nullptr, nullptr, 0, 0);
     __syncthreads();
 
     // S = Q' K'^T (16 x 64 per warp)
@@ -340,6 +354,7 @@ struct BwdParams {
   float* dq_accum;    // (B, N, C) fp32 workspace, zeroed: sum over keys of dS K' (unscaled, not un-rotated)
   void* dqkv;         // (B, N, 3C) contiguous
   int N, H, num_prefix;
+  int tab_ld, tab_hi;  // sin/cos row pitch and second-half column offset: (Dh, Dh/2) full, (Dh/2, 0) tied
   int64_t stride_b, stride_n;
   float scale;
 };
@@ -365,12 +380,13 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_delta_kernel(con
   }
 }
 
-// Inverse RoPE (the transpose of the rotation) of one (d, d + Dh/2) pair of a gradient:
+// Inverse RoPE (the transpose of the rotation) of one (d, d + Dh/2) pair of a gradient, h = Dh/2:
 //   dx[d] = y[d] cos[d] + y[d+h] sin[d+h],   dx[d+h] = y[d+h] cos[d+h] - y[d] sin[d]
+// with table entry d + h of a row at column d + tab_hi (tab_hi = 0: tied table).
 __device__ __forceinline__ void rope_transpose(float& y1, float& y2, const float* sin_row, const float* cos_row,
-                                               int d, int half) {
-  const float a = y1 * cos_row[d] + y2 * sin_row[d + half];
-  const float c = y2 * cos_row[d + half] - y1 * sin_row[d];
+                                               int d, int tab_hi) {
+  const float a = y1 * cos_row[d] + y2 * sin_row[d + tab_hi];
+  const float c = y2 * cos_row[d + tab_hi] - y1 * sin_row[d];
   y1 = a;
   y2 = c;
 }
@@ -390,8 +406,8 @@ __global__ void __launch_bounds__(256) _rope_attention_bwd_dq_kernel(const BwdPa
     const float* src = p.dq_accum + bn * C + h * D;
     float y1 = src[d] * p.scale, y2 = src[d + HALF] * p.scale;
     if (n >= p.num_prefix) {
-      const int64_t off = static_cast<int64_t>(n - p.num_prefix) * D;
-      rope_transpose(y1, y2, p.sin + off, p.cos + off, d, HALF);
+      const int64_t off = static_cast<int64_t>(n - p.num_prefix) * p.tab_ld;
+      rope_transpose(y1, y2, p.sin + off, p.cos + off, d, p.tab_hi);
     }
     T* dst = static_cast<T*>(p.dqkv) + bn * 3 * C + h * D;
     dst[d] = from_float<T>(y1);
@@ -443,8 +459,8 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_kernel(const Bwd
   float* dq_g = p.dq_accum + static_cast<int64_t>(b) * N * C + h * D;
   const float scale_log2 = p.scale * kLog2e;
 
-  load_tile<T, D, LD, BN, true>(k_s, k_g, p.stride_n, n0, N, p.num_prefix, p.sin, p.cos);
-  load_tile<T, D, LD, BN, false>(v_s, v_g, p.stride_n, n0, N, 0, nullptr, nullptr);
+  load_tile<T, D, LD, BN, true>(k_s, k_g, p.stride_n, n0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
+  load_tile<T, D, LD, BN, false>(v_s, v_g, p.stride_n, n0, N, 0, nullptr, nullptr, 0, 0);
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -458,8 +474,8 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_kernel(const Bwd
   for (int r = 0; r < 2; ++r) key_ok[r] = n0 + key_row + g + 8 * r < N;
 
   for (int m0 = 0; m0 < N; m0 += BM) {
-    load_tile<T, D, LD, BM, true>(q_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos);
-    load_tile<T, D, LD, BM, false>(do_s, do_g, C, m0, N, 0, nullptr, nullptr);
+    load_tile<T, D, LD, BM, true>(q_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
+    load_tile<T, D, LD, BM, false>(do_s, do_g, C, m0, N, 0, nullptr, nullptr, 0, 0);
     for (int i = threadIdx.x; i < BM; i += kThreads) {
       const bool ok = m0 + i < N;
       lse_s[i] = ok ? lse_g[m0 + i] * kLog2e : INFINITY;
@@ -573,7 +589,7 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_kernel(const Bwd
     if (n >= N) continue;
     const int64_t off = static_cast<int64_t>(n) * 3 * C;
     const bool rot = n >= p.num_prefix;
-    const int64_t tab = static_cast<int64_t>(n - p.num_prefix) * D;
+    const int64_t tab = static_cast<int64_t>(n - p.num_prefix) * p.tab_ld;
 #pragma unroll
     for (int i = 0; i < D / 16; ++i) {
       float y[2][2];
@@ -581,7 +597,7 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_kernel(const Bwd
       for (int e = 0; e < 2; ++e) {
         y[0][e] = dk[i][2 * r + e] * p.scale;
         y[1][e] = dk[i + D / 16][2 * r + e] * p.scale;
-        if (rot) rope_transpose(y[0][e], y[1][e], p.sin + tab, p.cos + tab, i * 8 + 2 * t + e, D / 2);
+        if (rot) rope_transpose(y[0][e], y[1][e], p.sin + tab, p.cos + tab, i * 8 + 2 * t + e, p.tab_hi);
       }
       *reinterpret_cast<uint32_t*>(dk_g + off + i * 8 + 2 * t) = pack2<T>(y[0][0], y[0][1]);
       *reinterpret_cast<uint32_t*>(dk_g + off + D / 2 + i * 8 + 2 * t) = pack2<T>(y[1][0], y[1][1]);
@@ -604,7 +620,7 @@ constexpr int kSimtTile = 32;                 // rows of the other side per step
 template <int D, int LD, int R, bool ROTATE>
 __device__ __forceinline__ void load_tile_f32(float* __restrict__ s, const float* __restrict__ g, int64_t stride_n,
                                               int row0, int N, int num_prefix, const float* __restrict__ sin_tab,
-                                              const float* __restrict__ cos_tab) {
+                                              const float* __restrict__ cos_tab, int tab_ld, int tab_hi) {
   constexpr int HALF = D / 2;
   for (int i = threadIdx.x; i < R * HALF; i += kThreads) {
     const int r = i / HALF, d = i % HALF;
@@ -615,9 +631,9 @@ __device__ __forceinline__ void load_tile_f32(float* __restrict__ s, const float
       x1 = src[d];
       x2 = src[d + HALF];
       if (ROTATE && n >= num_prefix) {
-        const int64_t row = static_cast<int64_t>(n - num_prefix) * D;
+        const int64_t row = static_cast<int64_t>(n - num_prefix) * tab_ld;
         const float y1 = x1 * cos_tab[row + d] - x2 * sin_tab[row + d];
-        const float y2 = x2 * cos_tab[row + d + HALF] + x1 * sin_tab[row + d + HALF];
+        const float y2 = x2 * cos_tab[row + tab_hi + d] + x1 * sin_tab[row + tab_hi + d];
         x1 = y1;
         x2 = y2;
       }
@@ -651,7 +667,7 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_fwd_f32_kernel(const
   const float* q_g = static_cast<const float*>(p.qkv) + b * p.stride_b + h * D;
   const float scale_log2 = p.scale * kLog2e;
 
-  load_tile_f32<D, D, kSimtBlock, true>(q_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos);
+  load_tile_f32<D, D, kSimtBlock, true>(q_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
   float o[kSimtRows][DL], m_run[kSimtRows], l_run[kSimtRows];
 #pragma unroll
   for (int r = 0; r < kSimtRows; ++r) {
@@ -662,8 +678,9 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_fwd_f32_kernel(const
   }
   for (int n0 = 0; n0 < N; n0 += kSimtTile) {
     __syncthreads();  // q_s ready / previous tile consumed
-    load_tile_f32<D, LD, kSimtTile, true>(k_s, q_g + C, p.stride_n, n0, N, p.num_prefix, p.sin, p.cos);
-    load_tile_f32<D, D, kSimtTile, false>(v_s, q_g + 2 * C, p.stride_n, n0, N, 0, nullptr, nullptr);
+    load_tile_f32<D, LD, kSimtTile, true>(k_s, q_g + C, p.stride_n, n0, N, p.num_prefix,
+        p.sin, p.cos, p.tab_ld, p.tab_hi);
+    load_tile_f32<D, D, kSimtTile, false>(v_s, q_g + 2 * C, p.stride_n, n0, N, 0, nullptr, nullptr, 0, 0);
     __syncthreads();
     const bool key_ok = n0 + lane < N;
 #pragma unroll
@@ -725,8 +742,9 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_dkdv_f32_kernel(
   const float* delta_g = p.delta + (static_cast<int64_t>(b) * p.H + h) * N;
   const float scale_log2 = p.scale * kLog2e;
 
-  load_tile_f32<D, D, kSimtBlock, true>(k_s, q_g + C, p.stride_n, n0, N, p.num_prefix, p.sin, p.cos);
-  load_tile_f32<D, D, kSimtBlock, false>(v_s, q_g + 2 * C, p.stride_n, n0, N, 0, nullptr, nullptr);
+  load_tile_f32<D, D, kSimtBlock, true>(k_s, q_g + C, p.stride_n, n0, N, p.num_prefix,
+      p.sin, p.cos, p.tab_ld, p.tab_hi);
+  load_tile_f32<D, D, kSimtBlock, false>(v_s, q_g + 2 * C, p.stride_n, n0, N, 0, nullptr, nullptr, 0, 0);
   float dk[kSimtRows][DL], dv[kSimtRows][DL];
 #pragma unroll
   for (int r = 0; r < kSimtRows; ++r)
@@ -735,8 +753,8 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_dkdv_f32_kernel(
 
   for (int m0 = 0; m0 < N; m0 += kSimtTile) {
     __syncthreads();
-    load_tile_f32<D, LD, kSimtTile, true>(q_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos);
-    load_tile_f32<D, LD, kSimtTile, false>(do_s, do_g, C, m0, N, 0, nullptr, nullptr);
+    load_tile_f32<D, LD, kSimtTile, true>(q_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
+    load_tile_f32<D, LD, kSimtTile, false>(do_s, do_g, C, m0, N, 0, nullptr, nullptr, 0, 0);
     if (threadIdx.x < kSimtTile) {
       const bool ok = m0 + threadIdx.x < N;
       lse_s[threadIdx.x] = ok ? lse_g[m0 + threadIdx.x] * kLog2e : INFINITY;
@@ -775,11 +793,11 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_dkdv_f32_kernel(
     const int n = n0 + warp * kSimtRows + r;
     if (n >= N) continue;
     const int64_t off = static_cast<int64_t>(n) * 3 * C;
-    const int64_t tab = static_cast<int64_t>(n - p.num_prefix) * D;
+    const int64_t tab = static_cast<int64_t>(n - p.num_prefix) * p.tab_ld;
 #pragma unroll
     for (int i = 0; i < HL; ++i) {
       float y1 = dk[r][i] * p.scale, y2 = dk[r][i + HL] * p.scale;
-      if (n >= p.num_prefix) rope_transpose(y1, y2, p.sin + tab, p.cos + tab, lane + 32 * i, D / 2);
+      if (n >= p.num_prefix) rope_transpose(y1, y2, p.sin + tab, p.cos + tab, lane + 32 * i, p.tab_hi);
       dk_g[off + lane + 32 * i] = y1;
       dk_g[off + lane + 32 * i + D / 2] = y2;
     }
@@ -811,8 +829,8 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_dq_f32_kernel(co
   const float* delta_g = p.delta + (static_cast<int64_t>(b) * p.H + h) * N;
   const float scale_log2 = p.scale * kLog2e;
 
-  load_tile_f32<D, D, kSimtBlock, true>(q_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos);
-  load_tile_f32<D, D, kSimtBlock, false>(do_s, do_g, C, m0, N, 0, nullptr, nullptr);
+  load_tile_f32<D, D, kSimtBlock, true>(q_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
+  load_tile_f32<D, D, kSimtBlock, false>(do_s, do_g, C, m0, N, 0, nullptr, nullptr, 0, 0);
   float dq[kSimtRows][DL], lse_r[kSimtRows], delta_r[kSimtRows];
 #pragma unroll
   for (int r = 0; r < kSimtRows; ++r) {
@@ -824,8 +842,9 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_dq_f32_kernel(co
   }
   for (int n0 = 0; n0 < N; n0 += kSimtTile) {
     __syncthreads();
-    load_tile_f32<D, LD, kSimtTile, true>(k_s, q_g + C, p.stride_n, n0, N, p.num_prefix, p.sin, p.cos);
-    load_tile_f32<D, LD, kSimtTile, false>(v_s, q_g + 2 * C, p.stride_n, n0, N, 0, nullptr, nullptr);
+    load_tile_f32<D, LD, kSimtTile, true>(k_s, q_g + C, p.stride_n, n0, N, p.num_prefix,
+        p.sin, p.cos, p.tab_ld, p.tab_hi);
+    load_tile_f32<D, LD, kSimtTile, false>(v_s, q_g + 2 * C, p.stride_n, n0, N, 0, nullptr, nullptr, 0, 0);
     __syncthreads();
     const bool key_ok = n0 + lane < N;
 #pragma unroll
@@ -853,11 +872,11 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_dq_f32_kernel(co
     const int n = m0 + warp * kSimtRows + r;
     if (n >= N) continue;
     const int64_t off = static_cast<int64_t>(n) * 3 * C;
-    const int64_t tab = static_cast<int64_t>(n - p.num_prefix) * D;
+    const int64_t tab = static_cast<int64_t>(n - p.num_prefix) * p.tab_ld;
 #pragma unroll
     for (int i = 0; i < HL; ++i) {
       float y1 = dq[r][i] * p.scale, y2 = dq[r][i + HL] * p.scale;
-      if (n >= p.num_prefix) rope_transpose(y1, y2, p.sin + tab, p.cos + tab, lane + 32 * i, D / 2);
+      if (n >= p.num_prefix) rope_transpose(y1, y2, p.sin + tab, p.cos + tab, lane + 32 * i, p.tab_hi);
       dq_g[off + lane + 32 * i] = y1;
       dq_g[off + lane + 32 * i + D / 2] = y2;
     }
@@ -888,7 +907,8 @@ void set_smem(Kernel kernel, size_t bytes) {
 #endif
 }
 
-void check_args(const char* fn, int64_t B, int64_t N, int64_t H, int64_t Dh, int64_t num_prefix, int dtype) {
+void check_args(const char* fn, int64_t B, int64_t N, int64_t H, int64_t Dh, int64_t num_prefix, int64_t tab_cols,
+                int dtype) {
   const std::string where = std::string(fn) + ": ";
   if (Dh != 64 && Dh != 128)
     throw std::invalid_argument(where + "head_dim " + std::to_string(Dh) + " is not supported (64 or 128)");
@@ -900,6 +920,16 @@ void check_args(const char* fn, int64_t B, int64_t N, int64_t H, int64_t Dh, int
   if (N >= (int64_t(1) << 31) - 128) throw std::invalid_argument(where + "N is too large");
   if (num_prefix < 0 || num_prefix > N)
     throw std::invalid_argument(where + "num_prefix_tokens must be in [0, N]");
+  if (tab_cols != Dh && tab_cols * 2 != Dh)
+    throw std::invalid_argument(where + "sin/cos tables must have head_dim or head_dim/2 (tied) columns, got " +
+                                std::to_string(tab_cols));
+}
+
+// (row pitch, second-half column offset) of a (H*W, tab_cols) table: full (Dh, Dh/2) or tied (Dh/2, 0).
+template <typename Params>
+void set_tables(Params& p, int64_t Dh, int64_t tab_cols) {
+  p.tab_ld = static_cast<int>(tab_cols);
+  p.tab_hi = tab_cols == Dh ? static_cast<int>(Dh / 2) : 0;
 }
 
 template <typename T, int D>
@@ -953,8 +983,9 @@ void launch_bwd_f32(const BwdParams& p, int B, cudaStream_t stream) {
 
 void rope_attention_fwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintptr_t cos, std::uintptr_t out,
                              std::uintptr_t lse, int64_t B, int64_t N, int64_t H, int64_t Dh, int64_t num_prefix,
-                             int64_t stride_b, int64_t stride_n, int dtype, float scale, std::uintptr_t stream) {
-  check_args("rope_attention_fwd_cuda", B, N, H, Dh, num_prefix, dtype);
+                             int64_t tab_cols, int64_t stride_b, int64_t stride_n, int dtype, float scale,
+                             std::uintptr_t stream) {
+  check_args("rope_attention_fwd_cuda", B, N, H, Dh, num_prefix, tab_cols, dtype);
   FwdParams p;
   p.qkv = reinterpret_cast<const void*>(qkv);
   p.sin = reinterpret_cast<const float*>(sin);
@@ -964,6 +995,7 @@ void rope_attention_fwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintpt
   p.N = static_cast<int>(N);
   p.H = static_cast<int>(H);
   p.num_prefix = static_cast<int>(num_prefix);
+  set_tables(p, Dh, tab_cols);
   p.stride_b = stride_b;
   p.stride_n = stride_n;
   p.scale = scale;
@@ -981,8 +1013,9 @@ void rope_attention_fwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintpt
 void rope_attention_bwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintptr_t cos, std::uintptr_t out,
                              std::uintptr_t lse, std::uintptr_t dout, std::uintptr_t dqkv, std::uintptr_t dq_accum,
                              std::uintptr_t delta, int64_t B, int64_t N, int64_t H, int64_t Dh, int64_t num_prefix,
-                             int64_t stride_b, int64_t stride_n, int dtype, float scale, std::uintptr_t stream) {
-  check_args("rope_attention_bwd_cuda", B, N, H, Dh, num_prefix, dtype);
+                             int64_t tab_cols, int64_t stride_b, int64_t stride_n, int dtype, float scale,
+                             std::uintptr_t stream) {
+  check_args("rope_attention_bwd_cuda", B, N, H, Dh, num_prefix, tab_cols, dtype);
   BwdParams p;
   p.qkv = reinterpret_cast<const void*>(qkv);
   p.sin = reinterpret_cast<const float*>(sin);
@@ -996,6 +1029,7 @@ void rope_attention_bwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintpt
   p.N = static_cast<int>(N);
   p.H = static_cast<int>(H);
   p.num_prefix = static_cast<int>(num_prefix);
+  set_tables(p, Dh, tab_cols);
   p.stride_b = stride_b;
   p.stride_n = stride_n;
   p.scale = scale;

@@ -224,17 +224,8 @@ def _attention_kernels(backend):
     if backend == "cuda":
         from ._cuda.attention import rope_attention_bwd_cuda, rope_attention_fwd_cuda
 
-        # The CUDA kernels take full (H·W, Dh) tables.
-        def fwd(qkv, sin, cos, num_heads, *args):
-            Dh = qkv.shape[-1] // (3 * num_heads)
-            return rope_attention_fwd_cuda(qkv, _full_table(sin, Dh), _full_table(cos, Dh), num_heads, *args)
-
-        def bwd(qkv, sin, cos, out, lse, dout, num_heads, *args):
-            Dh = qkv.shape[-1] // (3 * num_heads)
-            return rope_attention_bwd_cuda(qkv, _full_table(sin, Dh), _full_table(cos, Dh), out, lse, dout,
-                                           num_heads, *args)
-
-        return fwd, bwd
+        # Like the Triton kernels, they read tied (H·W, Dh/2) tables as they are and full (H·W, Dh) ones too.
+        return rope_attention_fwd_cuda, rope_attention_bwd_cuda
     raise ValueError(f"rope_attention: unknown kernel backend {backend!r}")
 
 

@@ -4,6 +4,9 @@ Contract (shared with the Triton backend and the op in dinov3_kernels/attention.
   rope_attention_fwd_cuda(qkv, sin, cos, num_heads, num_prefix_tokens, scale) -> (out (B, N, C), lse (B, H, N) fp32)
   rope_attention_bwd_cuda(qkv, sin, cos, out, lse, dout, num_heads, num_prefix_tokens, scale) -> dqkv (B, N, 3C)
 qkv is read in place (any batch/token strides, last stride 1); nothing the caller passes is written.
+sin, cos: float32 (N - num_prefix_tokens, head_dim), or tied (N - num_prefix_tokens, head_dim/2) tables when both halves
+of the head dim share their angles (what the DINOv3 model passes): the kernels read a tied table as it is (row pitch
+head_dim/2, column d mod head_dim/2), so each rotated token reads half the table bytes; nothing is expanded here.
 bfloat16/float16 run on tensor cores (fp32 accumulation); float32 runs an exact-fp32 SIMT path (no TF32).
 """
 
@@ -45,11 +48,14 @@ def _check(qkv, sin, cos, num_heads, num_prefix_tokens):
     for name, t in (("sin", sin), ("cos", cos)):
         if t.dtype != torch.float32:
             raise ValueError(f"rope_attention (cuda): {name} must be float32, got {t.dtype}")
-        if tuple(t.shape) != (N - num_prefix_tokens, head_dim):
+        if tuple(t.shape) not in ((N - num_prefix_tokens, head_dim), (N - num_prefix_tokens, head_dim // 2)):
             raise ValueError(
                 f"rope_attention (cuda): {name} must be (N - num_prefix_tokens, head_dim) = "
-                f"{(N - num_prefix_tokens, head_dim)}, got {tuple(t.shape)}"
+                f"{(N - num_prefix_tokens, head_dim)} or, tied, {(N - num_prefix_tokens, head_dim // 2)}, "
+                f"got {tuple(t.shape)}"
             )
+    if sin.shape != cos.shape:
+        raise ValueError(f"rope_attention (cuda): sin {tuple(sin.shape)} and cos {tuple(cos.shape)} differ in shape")
     _check_device(qkv, sin, cos)
     return B, N, num_heads, head_dim
 
@@ -90,7 +96,7 @@ def rope_attention_fwd_cuda(qkv, sin, cos, num_heads, num_prefix_tokens, scale):
     with torch.cuda.device(qkv.device):  # kernels launch on the current device
         C.rope_attention_fwd_cuda(
             qkv.data_ptr(), sin.data_ptr(), cos.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            B, N, H, Dh, num_prefix_tokens, qkv.stride(0), qkv.stride(1),
+            B, N, H, Dh, num_prefix_tokens, sin.shape[1], qkv.stride(0), qkv.stride(1),
             _backend.CUDA_DTYPE_CODES[qkv.dtype], float(scale), torch.cuda.current_stream().cuda_stream,
         )
     return out, lse
@@ -116,7 +122,7 @@ def rope_attention_bwd_cuda(qkv, sin, cos, out, lse, dout, num_heads, num_prefix
         C.rope_attention_bwd_cuda(
             qkv.data_ptr(), sin.data_ptr(), cos.data_ptr(), out.data_ptr(), lse.data_ptr(), dout.data_ptr(),
             dqkv.data_ptr(), dq_accum.data_ptr(), delta.data_ptr(),
-            B, N, H, Dh, num_prefix_tokens, qkv.stride(0), qkv.stride(1),
+            B, N, H, Dh, num_prefix_tokens, sin.shape[1], qkv.stride(0), qkv.stride(1),
             _backend.CUDA_DTYPE_CODES[qkv.dtype], float(scale), torch.cuda.current_stream().cuda_stream,
         )
     return dqkv

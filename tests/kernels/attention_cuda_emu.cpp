@@ -20,21 +20,21 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) 
 
 extern "C" {
 int emu_rope_attention_fwd(uintptr_t qkv, uintptr_t sin, uintptr_t cos, uintptr_t out, uintptr_t lse, long long B,
-                           long long N, long long H, long long Dh, long long num_prefix, long long stride_b,
-                           long long stride_n, int dtype, double scale, char* err, int errlen) {
+                           long long N, long long H, long long Dh, long long num_prefix, long long tab_cols,
+                           long long stride_b, long long stride_n, int dtype, double scale, char* err, int errlen) {
   return emu_guarded(err, errlen, [&] {
-    dinov3::rope_attention_fwd_cuda(qkv, sin, cos, out, lse, B, N, H, Dh, num_prefix, stride_b, stride_n, dtype,
-                                    static_cast<float>(scale), 0);
+    dinov3::rope_attention_fwd_cuda(qkv, sin, cos, out, lse, B, N, H, Dh, num_prefix, tab_cols, stride_b, stride_n,
+                                    dtype, static_cast<float>(scale), 0);
   });
 }
 
 int emu_rope_attention_bwd(uintptr_t qkv, uintptr_t sin, uintptr_t cos, uintptr_t out, uintptr_t lse, uintptr_t dout,
                            uintptr_t dqkv, uintptr_t dq_accum, uintptr_t delta, long long B, long long N, long long H,
-                           long long Dh, long long num_prefix, long long stride_b, long long stride_n, int dtype,
-                           double scale, char* err, int errlen) {
+                           long long Dh, long long num_prefix, long long tab_cols, long long stride_b,
+                           long long stride_n, int dtype, double scale, char* err, int errlen) {
   return emu_guarded(err, errlen, [&] {
     dinov3::rope_attention_bwd_cuda(qkv, sin, cos, out, lse, dout, dqkv, dq_accum, delta, B, N, H, Dh, num_prefix,
-                                    stride_b, stride_n, dtype, static_cast<float>(scale), 0);
+                                    tab_cols, stride_b, stride_n, dtype, static_cast<float>(scale), 0);
   });
 }
 }

@@ -27,7 +27,8 @@ from dinov3_kernels._cuda import attention as glue
 
 
 def _rope_tables(num_patches, head_dim, seed=0):
-    """Arbitrary sin/cos tables (the kernels take any; unequal halves catch a half-swapped table)."""
+    """Arbitrary sin/cos tables (the kernels take any; unequal halves catch a half-swapped table). head_dim here is
+    the table's width: pass Dh / 2 for tied tables (both halves of the head dim share their angles)."""
     g = torch.Generator().manual_seed(seed)
     angles = torch.rand(num_patches, head_dim, generator=g, dtype=torch.float64) * 6.0
     return torch.sin(angles).float(), torch.cos(angles).float()
@@ -42,6 +43,8 @@ def _reference64(qkv, sin, cos, num_heads, num_prefix):
     q, k, v = x.reshape(B, N, 3, num_heads, Dh).unbind(2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, Dh)
     s64, c64 = sin.double(), cos.double()
+    if s64.shape[-1] * 2 == Dh:  # tied (H·W, Dh/2) tables stand for both halves
+        s64, c64 = torch.cat((s64, s64), dim=-1), torch.cat((c64, c64), dim=-1)
 
     def rot(t):
         p = t[..., num_prefix:, :]
@@ -97,6 +100,13 @@ def test_glue_rejects_bad_shapes_and_cpu_tensors():
         glue.rope_attention_fwd_cuda(qkv, sin, cos, H, 9, 0.125)
     with pytest.raises(ValueError, match="CUDA device"):
         glue.rope_attention_fwd_cuda(qkv, sin, cos, H, 2, 0.125)
+    tied_sin, tied_cos = _rope_tables(N - 2, Dh // 2)
+    with pytest.raises(ValueError, match="CUDA device"):  # tied (N - prefix, Dh/2) tables pass the shape checks
+        glue.rope_attention_fwd_cuda(qkv, tied_sin, tied_cos, H, 2, 0.125)
+    with pytest.raises(ValueError, match="or, tied"):
+        glue.rope_attention_fwd_cuda(qkv, sin[:, :Dh // 2 + 1], cos[:, :Dh // 2 + 1], H, 2, 0.125)
+    with pytest.raises(ValueError, match="differ in shape"):
+        glue.rope_attention_fwd_cuda(qkv, tied_sin, cos, H, 2, 0.125)
     assert glue.unsupported_reason(qkv, H) is None
     assert "head_dim 48" in glue.unsupported_reason(torch.zeros(1, N, 3 * H * 48), H)
 
@@ -127,7 +137,7 @@ def test_launchers_reject_before_launch(fn, head_dim, dtype_code, match):
     C = _backend.CUDA_EXT
     n_ptrs = 5 if fn.endswith("fwd_cuda") else 9
     with pytest.raises(ValueError, match=match):
-        getattr(C, fn)(*([0] * n_ptrs), 1, 8, 1, head_dim, 0, 0, 0, dtype_code, 1.0, 0)
+        getattr(C, fn)(*([0] * n_ptrs), 1, 8, 1, head_dim, 0, head_dim, 0, 0, dtype_code, 1.0, 0)
 
 
 # ---- CPU: lane-level emulator of the tensor-core kernels ---------------------------------------------------------
@@ -409,8 +419,8 @@ class _EmulatedAttentionExtension:
     def __init__(self, lib):
         self.lib = lib
         P, L, I, D, S = ctypes.c_size_t, ctypes.c_longlong, ctypes.c_int, ctypes.c_double, ctypes.c_char_p
-        lib.emu_rope_attention_fwd.argtypes = [P] * 5 + [L] * 7 + [I, D, S, I]
-        lib.emu_rope_attention_bwd.argtypes = [P] * 9 + [L] * 7 + [I, D, S, I]
+        lib.emu_rope_attention_fwd.argtypes = [P] * 5 + [L] * 8 + [I, D, S, I]
+        lib.emu_rope_attention_bwd.argtypes = [P] * 9 + [L] * 8 + [I, D, S, I]
 
     def rope_attention_fwd_cuda(self, *args):
         _cuda_emu.call(self.lib.emu_rope_attention_fwd, *args[:-1])  # the last argument is the stream
@@ -440,12 +450,12 @@ def emulated_glue(emulated_attention_ext, monkeypatch):
 EMU_F32_RTOL = 2e-6
 
 
-def _emulated_case(glue_mod, dtype, D, N, num_prefix, H=1, token_pad=0, seed=0):
+def _emulated_case(glue_mod, dtype, D, N, num_prefix, H=1, token_pad=0, seed=0, tied=False):
     gen = torch.Generator().manual_seed(seed)
     C = H * D
     base = torch.randn(1, N, 3 * C + token_pad, generator=gen, dtype=torch.float64).to(dtype)
     qkv = base[:, :, :3 * C]  # token_pad > 0: a strided view, read in place
-    sin, cos = _rope_tables(N - num_prefix, D, seed=seed + 1)
+    sin, cos = _rope_tables(N - num_prefix, D // 2 if tied else D, seed=seed + 1)
     dout = torch.randn(1, N, C, generator=gen, dtype=torch.float64).to(dtype)
     before = qkv.clone()
     scale = D**-0.5
@@ -456,6 +466,13 @@ def _emulated_case(glue_mod, dtype, D, N, num_prefix, H=1, token_pad=0, seed=0):
     assert dqkv.shape == qkv.shape and dqkv.dtype == dtype
     for t in (out, lse, dqkv):
         assert torch.isfinite(t).all()
+    if tied:  # same products in the same order as with the full tables they stand for
+        full_sin, full_cos = torch.cat((sin, sin), dim=-1), torch.cat((cos, cos), dim=-1)
+        full_out, full_lse = glue_mod.rope_attention_fwd_cuda(qkv, full_sin, full_cos, H, num_prefix, scale)
+        full_dqkv = glue_mod.rope_attention_bwd_cuda(qkv, full_sin, full_cos, out, lse, dout, H, num_prefix, scale)
+        assert torch.equal(out, full_out) and torch.equal(lse, full_lse)
+        exact = slice(0, 3 * C) if dtype == torch.float32 else slice(C, 3 * C)  # 16-bit dQ: fp32 atomics, any order
+        assert torch.equal(dqkv[..., exact], full_dqkv[..., exact])
 
     ref_out, ref_lse, ref_grad = _reference64(qkv, sin, cos, H, num_prefix)
     ref_d = ref_grad(dout)
@@ -491,11 +508,41 @@ def test_emulated_cuda_strided_and_prefix_edges(emulated_glue, dtype):
     _emulated_case(emulated_glue, dtype, 64, 9, num_prefix=9, seed=5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D, N", [(64, 21), (128, 37)])
+def test_emulated_cuda_kernels_tied_tables(emulated_glue, dtype, D, N):
+    """Tied (H·W, Dh/2) tables read as they are (row pitch Dh/2, column d mod Dh/2), forward and backward, at both
+    head dims and odd N: against the float64 spec, and bit for bit against the full tables they stand for."""
+    _emulated_case(emulated_glue, dtype, D, N, num_prefix=4, H=1, seed=6, tied=True)
+
+
+def test_op_passes_tied_tables_to_the_cuda_kernels_unchanged(emulated_glue, emulated_attention_ext, monkeypatch):
+    """The op's CUDA glue hands the model's tied tables to the kernels as they are: no expansion, no copy."""
+    seen = []
+
+    def spy(*args):
+        seen.append(args)
+        return _EmulatedAttentionExtension.rope_attention_fwd_cuda(emulated_attention_ext, *args)
+
+    monkeypatch.setattr(emulated_attention_ext, "rope_attention_fwd_cuda", spy)
+    H, D, N, prefix = 1, 64, 9, 1
+    qkv = torch.randn(1, N, 3 * H * D)
+    sin, cos = _rope_tables(N - prefix, D // 2)
+    out, _ = torch.ops.dinov3_kernels.rope_attention_fwd(qkv, sin, cos, H, prefix, D**-0.5, "cuda")
+    (args,) = seen
+    assert args[1] == sin.data_ptr() and args[2] == cos.data_ptr()
+    assert args[10] == D // 2  # tab_cols
+    ref_out, _, _ = _reference64(qkv, sin, cos, H, prefix)
+    assert _err(out, ref_out) <= EMU_F32_RTOL * ref_out.abs().max().item()
+
+
 def test_emulated_launcher_rejects_bad_arguments(emulated_attention_ext):
     with pytest.raises(ValueError, match="head_dim 96"):
-        emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 5), 1, 8, 1, 96, 0, 0, 0, 2, 1.0, 0)
+        emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 5), 1, 8, 1, 96, 0, 96, 0, 0, 2, 1.0, 0)
     with pytest.raises(ValueError, match="dtype code 7"):
-        emulated_attention_ext.rope_attention_bwd_cuda(*([0] * 9), 1, 8, 1, 64, 0, 0, 0, 7, 1.0, 0)
+        emulated_attention_ext.rope_attention_bwd_cuda(*([0] * 9), 1, 8, 1, 64, 0, 64, 0, 0, 7, 1.0, 0)
+    with pytest.raises(ValueError, match="head_dim/2 \\(tied\\) columns, got 48"):
+        emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 5), 1, 8, 1, 64, 0, 48, 0, 0, 2, 1.0, 0)
 
 
 # ---- GPU: the compiled kernels -----------------------------------------------------------------------------------
@@ -514,7 +561,7 @@ def _err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def _gpu_case(dtype, D, N, num_prefix=5, B=2, H=3, qkv_view=False):
+def _gpu_case(dtype, D, N, num_prefix=5, B=2, H=3, qkv_view=False, tied=False):
     dev = "cuda"
     C = H * D
     if qkv_view:  # a (B, N, 3C) view with padded token stride, as a slice of a wider projection
@@ -522,7 +569,7 @@ def _gpu_case(dtype, D, N, num_prefix=5, B=2, H=3, qkv_view=False):
         qkv = base[:, :, 32:32 + 3 * C]
     else:
         qkv = torch.randn(B, N, 3 * C, device=dev, dtype=torch.float64).to(dtype)
-    sin, cos = (t.to(dev) for t in _rope_tables(N - num_prefix, D))
+    sin, cos = (t.to(dev) for t in _rope_tables(N - num_prefix, D // 2 if tied else D))
     return qkv, sin, cos
 
 
@@ -540,9 +587,10 @@ def _low_precision_reference(qkv, sin, cos, H, num_prefix, dout):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("N", [201, 261, 1029])
-def test_gpu_forward_backward_against_float64(dtype, D, N):
+@pytest.mark.parametrize("tied", [False, True])
+def test_gpu_forward_backward_against_float64(dtype, D, N, tied):
     H, num_prefix = 3, 5
-    qkv, sin, cos = _gpu_case(dtype, D, N, num_prefix, H=H, qkv_view=(N == 261))
+    qkv, sin, cos = _gpu_case(dtype, D, N, num_prefix, H=H, qkv_view=(N == 261), tied=tied)
     qkv_before = qkv.clone()
     scale = D**-0.5
     out, lse = glue.rope_attention_fwd_cuda(qkv, sin, cos, H, num_prefix, scale)
@@ -593,7 +641,7 @@ def test_gpu_public_op_backend_cuda(dtype):
     from dinov3_kernels.attention import rope_attention
 
     H, D, N, num_prefix = 3, 64, 201, 5
-    qkv, sin, cos = _gpu_case(dtype, D, N, num_prefix, B=2, H=H)
+    qkv, sin, cos = _gpu_case(dtype, D, N, num_prefix, B=2, H=H, tied=True)  # what the model passes
     x = qkv.clone().requires_grad_(True)
     out = rope_attention(x, sin, cos, num_heads=H, num_prefix_tokens=num_prefix, backend="cuda")
     dout = torch.randn_like(out)
