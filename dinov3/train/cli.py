@@ -93,6 +93,10 @@ def resolve_config(args):
         if cfg["student"]["pretrained_heads"] and not cfg["student"]["pretrained_weights"]:
             raise ConfigError(f"--config {args.config} continues a run (student.pretrained_heads=true): give its "
                               "training checkpoint with --init-from")
+        teacher = cfg["distillation"]["teacher"]
+        if cfg["distillation"]["enabled"] and (not teacher or not os.path.exists(teacher)):
+            # checked here, before the output folder is claimed (what needs the file read is checked by the trainer)
+            raise ConfigError(f"distillation.teacher={teacher}: no such file or folder")
         return cfg, None
     path, ckpt = state
     saved = config_from_text(ckpt["config"])

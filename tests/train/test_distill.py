@@ -302,6 +302,7 @@ def test_cli_errors_are_messages(teacher, image_dir, tmp_path, capsys):
     assert run("a", "distillation.enabled=true", f"distillation.teacher={tmp_path / 'missing.pth'}") == 2
     err = capsys.readouterr().err
     assert "dinov3-train: error: distillation.teacher=" in err and "no such file or folder" in err
+    assert not (tmp_path / "a").exists()  # refused before the output folder is made
     # head distillation compares per patch: another patch size is refused before any training
     assert run("b", "distillation.enabled=true", "distillation.mode=heads",
                f"distillation.teacher={teacher['checkpoint']}", "student.patch_size=4") == 2
