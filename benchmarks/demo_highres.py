@@ -158,7 +158,8 @@ def main(argv=None):
                   "global_local_crop_pairs_ratios": hr_cfg["crops"]["global_local_crop_pairs_ratios"],
                   "batch_size_per_gpu": hr_cfg["train"]["batch_size_per_gpu"], "overrides": hr,
                   "same_res_control": SAME_RES},
-        "pretrained_from": args.pretrained_from, "k": args.k, "probe_steps": args.probe_steps, "wall_minutes": round((time.time() - t_start) / 60, 2),
+        "pretrained_from": args.pretrained_from, "k": args.k, "probe_steps": args.probe_steps,
+        "wall_minutes": round((time.time() - t_start) / 60, 2),
     })
     print(json.dumps(result, indent=2))
     with open(os.path.join(args.workdir, "result.json"), "w") as f:

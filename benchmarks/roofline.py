@@ -132,7 +132,8 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       gradient); elementwise passes counted from _gram_fwd_factored (~29 passes over G·P·D fp32, ~14 over G·D²).
     composed (dinov3_kernels/gram.py _gram_fwd_composed): Ŝ and T̂ normalised into one [Ŝ | T̂] buffer (a norm read
       and a divide per tensor: 3 passes each). fp32: ŜŜᵀ written (G·P² fp32), then an in-place baddbmm reads and
-      rewrites it as E = ŜŜᵀ - T̂T̂ᵀ; 16-bit: [Ŝ | -T̂] built (4 passes) and ONE GEMM over 2D columns writes E (2 bytes).
+      rewrites it as E = ŜŜᵀ - T̂T̂ᵀ; 16-bit: [Ŝ | -T̂] built (4 passes) and ONE GEMM over 2D columns writes E
+      (2 bytes).
       The loss reads E once, the gradient GEMM E·Ŝ again; the normalize backward from the stored Ŝ and norms is 9
       passes over G·P·D fp32 (plus the 16-bit casts: 76 bytes per element in all for 16-bit input). The gradient is
       formed in "fwd"; "fwd+bwd" adds the scale by grad_output. E round-trips HBM whenever G·P² does not fit in L2
@@ -330,8 +331,8 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     forward; q, k and the dQ finishing pass backward),
     for 2 element moves of scratch traffic per rotated tensor, an fp32 dQ accumulator (zeroed, added to, read) and
     one launch more each way. SDPA on the strided q/k/v views of qkv adds the copies of out (forward) and of the
-    packed gradient (backward). The official path adds the eager RoPE chain, ~68 bytes per element of q and of k each way; compile
-    fuses it to ~8. HBM: K and V (and Q, dO in backward) of the heads in flight, re-read through L2 (see _hbm).
+    packed gradient (backward). The official path adds the eager RoPE chain, ~68 bytes per element of q and of k each
+    way; compile fuses it to ~8. HBM: K and V (and Q, dO in backward) of the heads in flight, re-read through L2 (see _hbm).
     composed (dinov3_kernels "composed"): SDPA's flash kernels (the FA2 counts) on contiguous rotated q, k, v written
     by one Triton pass over the packed qkv (reads 3 elements, writes 3 per token and head dim, plus the tied tables
     once per (batch, head) tile pass: 4·D bytes per token, from L2), and in backward one pass that reads dq, dk, dv and
@@ -612,7 +613,8 @@ def auto_table(existing: Optional[dict] = None) -> dict:
                     est = estimate(op, b, params, dtype, "fwd+bwd", True) if params else None
                     if est is not None:
                         ms[b] = round(predict(est, H200)["ms"], 4)
-                ref = estimate(op, REFERENCE_MODEL[op], params, dtype, "fwd+bwd", True) if op in REFERENCE_MODEL else None
+                ref = (estimate(op, REFERENCE_MODEL[op], params, dtype, "fwd+bwd", True)
+                       if op in REFERENCE_MODEL else None)
                 ref_ms = round(predict(ref, H200)["ms"], 4) if ref is not None else None
                 order = sorted(ms, key=ms.get) + [b for b in backends if b not in ms]
                 if ref_ms is not None and ms and ref_ms < min(ms.values()):

@@ -456,8 +456,8 @@ def dino_head_loss(student_z, teacher_z, student_prototypes, teacher_prototypes,
     ``(loss, updated center)`` returned. reduction="none" gives the (n_student_crops, B) per-student-row terms whose
     sum is the loss (e.g. to report global and local crops apart from one call). Float32 loss.
 
-    backend: "auto" (on CUDA tensors: the auto table's order, else "composed"; float64 takes the reference) | "triton" | "composed"
-    (token chunks with PyTorch GEMMs, bounded memory) | "reference" (the full logit matrices).
+    backend: "auto" (on CUDA tensors: the auto table's order, else "composed"; float64 takes the reference) |
+    "triton" | "composed" (token chunks with PyTorch GEMMs, bounded memory) | "reference" (the full logit matrices).
     """
     op = "dino_head_loss"
     if not torch.compiler.is_compiling():
