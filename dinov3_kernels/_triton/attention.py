@@ -529,7 +529,7 @@ _BWD = {
     128: [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2)],  # (64, 64, 4, 3) spills on Triton 3.6 (stack 32)
     256: [(64, 64, 8, 2)],  # TF32 Dh 64: stack 0 on both Triton versions since K comes pre-rotated (104 B before)
     512: [(32, 32, 8, 2)],  # bf16 Dh 256 (mma.sync): 64-row tiles spill 150-350 B
-    1024: [(32, 32, 8, 1)],  # TF32 Dh 256 (mma.sync); the split kernels spill here too (500-900 B)
+    1024: [(32, 32, 8, 1)],  # TF32 Dh 256 (mma.sync); the split kernels spill here too (80-930 B)
 }
 
 # The split backward, TF32 at 512-byte rows (fp32 Dh 128): every 64-row candidate of the single kernel spills (fp32
