@@ -10,14 +10,16 @@ computed in fp32 and cast back to the input dtype (as the official eager path do
 
 Each tile is loaded as its two halves, so the rotation is elementwise and q kᵀ = q₁ k₁ᵀ + q₂ k₂ᵀ is two dots. The
 tensor a kernel re-reads tile after tile is rotated once into a (B, H, N, Dh) scratch by a row-wise pass (K in the
-forward, Q in the backward); the tile a program owns is rotated as it is loaded. Half tiles are padded to a power of
-two >= 16 (the smallest tl.dot), which is what allows any head dim that is a multiple of 16.
+forward, Q and K in the backward); the forward's q tile, which its program owns, is rotated as it is loaded. Half
+tiles are padded to a power of two >= 16 (the smallest tl.dot), which is what allows any head dim that is a multiple
+of 16.
 
 Forward: online softmax in base 2 and the natural-log logsumexp per row, lse = log Σ_j exp(s_ij·scale), saved for
-backward as (B, H, N) fp32. Backward (FlashAttention-2): Delta_i = Σ_d dO_id·O_id (in the Q rotation pass), then one
-program per k tile computing dK and dV and adding its share of dQ into an fp32 accumulator with relaxed atomics,
-with dS = P∘(dP - Delta), and a finishing pass for dQ. The gradients of the rotated q and k go through the transposed
-rotation
+backward as (B, H, N) fp32. Backward (FlashAttention-2): Delta_i = Σ_d dO_id·O_id (in the Q/K rotation pass), then
+one program per k tile computing dK and dV and adding its share of dQ into an fp32 accumulator with relaxed atomics,
+with dS = P∘(dP - Delta), and a finishing pass for dQ; for TF32 at Dh 128, where that kernel cannot be both wgmma and
+spill-free, a dK/dV kernel per k tile and a dQ kernel per q tile instead (_BWD_SPLIT_KV). The gradients of the
+rotated q and k go through the transposed rotation
 
     d x₁ = g₁·cos₁ + g₂·sin₂,  d x₂ = g₂·cos₂ - g₁·sin₁
 
@@ -96,7 +98,7 @@ def _store_unrotated(ptr, g1, g2, mrow, cols, SIN, COS, rows, N, num_prefix, HAL
 # ---- K (forward) / Q (backward) rotated once into a scratch --------------------------------------------------------
 @triton.jit
 def _rope_attention_rotate_kernel(
-    QKV, SIN, COS, DST, OUT, DOUT, DELTA,
+    QKV, SIN, COS, DST, DST_K, OUT, DOUT, DELTA,
     stride_b, stride_n, stride_ob, stride_on, stride_db, stride_dn,
     N, H, C, num_prefix, which,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
@@ -104,7 +106,8 @@ def _rope_attention_rotate_kernel(
 ):
     # Rotates q (which = 0) or k (which = 1) of the packed qkv once into a (B, H, N, Dh) scratch that the attention
     # kernel re-reads tile after tile (instead of re-rotating them, with their sin/cos rows, on every pass).
-    # WITH_DELTA (backward): also Delta_i = Σ_d dO_id·O_id = Σ_j P_ij dP_ij, the row term of the softmax backward.
+    # WITH_DELTA (backward, which = 0): also k into DST_K, and Delta_i = Σ_d dO_id·O_id = Σ_j P_ij dP_ij, the row
+    # term of the softmax backward.
     HALF: tl.constexpr = HEAD_DIM // 2
     bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles): B·H on the axis that takes 2^31 - 1 programs
     b = bh // H
@@ -120,6 +123,11 @@ def _rope_attention_rotate_kernel(
     tl.store(dst + cols[None, :], x1, mask=m)
     tl.store(dst + HALF + cols[None, :], x2, mask=m)
     if WITH_DELTA:
+        k1, k2 = _load_rotated(QKV + b * stride_b + r64 * stride_n + C + h * HEAD_DIM, mrow, cols, SIN, COS,
+                               rows, N, num_prefix, HALF, HEAD_DIM, TIED)
+        dst_k = DST_K + bh * N * HEAD_DIM + r64 * HEAD_DIM
+        tl.store(dst_k + cols[None, :], k1, mask=m)
+        tl.store(dst_k + HALF + cols[None, :], k2, mask=m)
         cols_d = tl.arange(0, BLOCK_D)
         md = mrow[:, None] & (cols_d < HEAD_DIM)[None, :]
         o = tl.load(OUT + b * stride_ob + r64 * stride_on + h * HEAD_DIM + cols_d[None, :], mask=md, other=0.0)
@@ -191,17 +199,20 @@ def _rope_attention_fwd_kernel(
 # ---- backward ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _rope_attention_bwd_kernel(
-    QKV, QROT, SIN, COS, DOUT, LSE, DELTA, DQ_ACC, DQKV,
+    QKV, QROT, KROT, SIN, COS, DOUT, LSE, DELTA, DQ_ACC, DQKV,
     stride_b, stride_n, stride_db, stride_dn, stride_gb, stride_gn,
     N, H, C, num_prefix, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
-    IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    IS_FP32: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # FlashAttention-2 backward: one program owns BLOCK_N keys and sweeps all queries, in the transposed frame:
     # dV = Pᵀ dO,  dSᵀ = Pᵀ∘(V dOᵀ - Delta),  dK_rot = scale·dSᵀ Q_rot,  and dQ_rot += scale·dS K_rot added into an
     # fp32 (B, H, N, Dh) accumulator with relaxed atomics (the finishing pass rotates it back): 10·N²·Dh FLOPs and one
     # exp per score, where separate dK/dV and dQ passes recompute P twice (14·N²·Dh).
+    # K comes pre-rotated from a scratch (rotated with Q): rotating it on load here shared its sin/cos loads with the
+    # transposed rotation of dK at the end, which then stayed in registers across the loop (104 B of spill for TF32
+    # at Dh 64 on Triton 3.6). WITH_DQ=False: the dK/dV half of the split backward (_rope_attention_bwd_dkdv_kernel).
     HALF: tl.constexpr = HEAD_DIM // 2
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
@@ -212,6 +223,7 @@ def _rope_attention_bwd_kernel(
     base = QKV + b * stride_b + h * HEAD_DIM
     do_base = DOUT + b * stride_db + h * HEAD_DIM
     qrot = QROT + bh * N * HEAD_DIM
+    krot = KROT + bh * N * HEAD_DIM
     dq_acc = DQ_ACC + bh * N * HEAD_DIM
     cols_h = tl.arange(0, BLOCK_H)
     cols_d = tl.arange(0, BLOCK_D)
@@ -221,8 +233,9 @@ def _rope_attention_bwd_kernel(
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mkey = keys < N
     krow = keys.to(tl.int64)[:, None]
-    k1, k2 = _load_rotated(base + C + krow * stride_n, mkey, cols_h, SIN, COS, keys, N, num_prefix, HALF,
-                           HEAD_DIM, TIED)
+    mk = mkey[:, None] & mcol_h[None, :]
+    k1 = tl.load(krot + krow * HEAD_DIM + cols_h[None, :], mask=mk, other=0.0)
+    k2 = tl.load(krot + krow * HEAD_DIM + HALF + cols_h[None, :], mask=mk, other=0.0)
     v = tl.load(base + 2 * C + krow * stride_n + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
 
     dk1 = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
@@ -247,17 +260,19 @@ def _rope_attention_bwd_kernel(
         dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
         dk1 = mma(dst, q1, dk1, IS_FP32, PRECISION)
         dk2 = mma(dst, q2, dk2, IS_FP32, PRECISION)
-        ds = tl.trans(dst)
-        dq1 = mma(ds, k1, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IS_FP32, PRECISION)
-        dq2 = mma(ds, k2, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IS_FP32, PRECISION)
-        # Relaxed: the finishing pass, a later launch, is the only reader (no fences around the REDs).
-        tl.atomic_add(dq_acc + r64 * HEAD_DIM + cols_h[None, :], dq1, mask=mq, sem="relaxed")
-        tl.atomic_add(dq_acc + r64 * HEAD_DIM + HALF + cols_h[None, :], dq2, mask=mq, sem="relaxed")
+        if WITH_DQ:
+            ds = tl.trans(dst)
+            dq1 = mma(ds, k1, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IS_FP32, PRECISION)
+            dq2 = mma(ds, k2, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IS_FP32, PRECISION)
+            # Relaxed: the finishing pass, a later launch, is the only reader (no fences around the REDs).
+            tl.atomic_add(dq_acc + r64 * HEAD_DIM + cols_h[None, :], dq1, mask=mq, sem="relaxed")
+            tl.atomic_add(dq_acc + r64 * HEAD_DIM + HALF + cols_h[None, :], dq2, mask=mq, sem="relaxed")
 
+    # dV first: its registers are free before the sin/cos tiles of dK's transposed rotation load.
     g_base = DQKV + b * stride_gb + krow * stride_gn + h * HEAD_DIM
+    tl.store(g_base + 2 * C + cols_d[None, :], dv.to(DQKV.dtype.element_ty), mask=mkey[:, None] & mcol_d[None, :])
     _store_unrotated(g_base + C, dk1 * sm_scale, dk2 * sm_scale, mkey, cols_h, SIN, COS, keys, N, num_prefix,
                      HALF, HEAD_DIM, TIED)
-    tl.store(g_base + 2 * C + cols_d[None, :], dv.to(DQKV.dtype.element_ty), mask=mkey[:, None] & mcol_d[None, :])
 
 
 @triton.jit
@@ -282,6 +297,85 @@ def _rope_attention_bwd_dq_kernel(
     g2 = tl.load(acc + HALF + cols[None, :], mask=m, other=0.0) * sm_scale
     _store_unrotated(DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM, g1, g2, mrow, cols, SIN, COS, rows, N,
                      num_prefix, HALF, HEAD_DIM, TIED)
+
+
+@triton.jit
+def _rope_attention_bwd_dkdv_kernel(
+    QKV, QROT, KROT, SIN, COS, DOUT, LSE, DELTA, DQKV,
+    stride_b, stride_n, stride_db, stride_dn, stride_gb, stride_gn,
+    N, H, C, num_prefix, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
+    IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Split backward (see _BWD_SPLIT_KV), dK and dV half: the FA2 kernel's key-tile loop without the dQ products and
+    # atomics (DQ_ACC unused).
+    _rope_attention_bwd_kernel(QKV, QROT, KROT, SIN, COS, DOUT, LSE, DELTA, QROT, DQKV,
+                               stride_b, stride_n, stride_db, stride_dn, stride_gb, stride_gn,
+                               N, H, C, num_prefix, sm_scale, qk_scale,
+                               HEAD_DIM, BLOCK_H, BLOCK_D, TIED, IS_FP32, PRECISION, False, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _rope_attention_bwd_dq_tile_kernel(
+    QKV, QROT, KROT, SIN, COS, DOUT, LSE, DELTA, DQKV,
+    stride_b, stride_n, stride_db, stride_dn, stride_gb, stride_gn,
+    N, H, C, num_prefix, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
+    IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Split backward (see _BWD_SPLIT_KV), dQ half: one program owns BLOCK_M queries and sweeps all keys
+    # (FlashAttention-2's dQ loop): S = Q_rot K_rotᵀ, dS = P∘(dO Vᵀ - Delta), dQ_rot = scale·dS K_rot accumulated in
+    # registers and stored once, rotated back, into the q third of the packed gradient: no atomics, no fp32
+    # accumulator in memory, deterministic.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_tiles
+    bh = (pid // n_tiles).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    base = QKV + b * stride_b + h * HEAD_DIM
+    qrot = QROT + bh * N * HEAD_DIM
+    krot = KROT + bh * N * HEAD_DIM
+    cols_h = tl.arange(0, BLOCK_H)
+    cols_d = tl.arange(0, BLOCK_D)
+    mcol_h = cols_h < HALF
+    mcol_d = cols_d < HEAD_DIM
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mrow = rows < N
+    r64 = rows.to(tl.int64)[:, None]
+    mq = mrow[:, None] & mcol_h[None, :]
+    # Q (pre-rotated) and dO are read straight from memory, so they stay wgmma operands in shared memory.
+    q1 = tl.load(qrot + r64 * HEAD_DIM + cols_h[None, :], mask=mq, other=0.0)
+    q2 = tl.load(qrot + r64 * HEAD_DIM + HALF + cols_h[None, :], mask=mq, other=0.0)
+    do = tl.load(DOUT + b * stride_db + r64 * stride_dn + h * HEAD_DIM + cols_d[None, :],
+                 mask=mrow[:, None] & mcol_d[None, :], other=0.0)
+    lse = tl.load(LSE + bh * N + rows, mask=mrow, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * N + rows, mask=mrow, other=0.0)
+
+    dq1 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    dq2 = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        mkey = keys < N
+        k64 = keys.to(tl.int64)[:, None]
+        mk = mkey[:, None] & mcol_h[None, :]
+        k1 = tl.load(krot + k64 * HEAD_DIM + cols_h[None, :], mask=mk, other=0.0)
+        k2 = tl.load(krot + k64 * HEAD_DIM + HALF + cols_h[None, :], mask=mk, other=0.0)
+        v = tl.load(base + 2 * C + k64 * stride_n + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
+        s = mma(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
+        s = mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
+        p = tl.where(mrow[:, None] & mkey[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dp = mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
+        ds = (p * (dp - delta[:, None])).to(k1.dtype)
+        dq1 = mma(ds, k1, dq1, IS_FP32, PRECISION)
+        dq2 = mma(ds, k2, dq2, IS_FP32, PRECISION)
+
+    _store_unrotated(DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM, dq1 * sm_scale, dq2 * sm_scale, mrow,
+                     cols_h, SIN, COS, rows, N, num_prefix, HALF, HEAD_DIM, TIED)
 
 
 # ---- apply_rope --------------------------------------------------------------------------------------------------
@@ -421,8 +515,10 @@ def _configs(pairs):
 # wgmma vs mma.sync per config) where a candidate fits the 227 KB of shared memory with no spill and every tl.dot is
 # a wgmma: BLOCK_M and BLOCK_N at least 64 per warpgroup (4 warps), and num_stages >= 2 (loads of the next K/V or
 # Q/dO tile in flight while the current one's wgmmas run) except where two stages do not fit. Where no candidate is
-# both spill-free and wgmma (backward at 512 and 1024 bytes, forward at 1024), the spill-free mma.sync one is kept.
-# The autotuner times what is left on the device.
+# both spill-free and wgmma (forward at 1024 bytes; the single backward at 512 and 1024, which TF32 at 512 bytes
+# leaves for the split backward below), the spill-free mma.sync one is kept. The autotuner times what is left on the
+# device. Rechecked with Triton 3.6 and 3.9 after the backward's K moved to a pre-rotated scratch (default configs:
+# every dot a wgmma, stack 0 on both, for bf16 at Dh 64/128 and TF32 at Dh 64).
 _FWD = {
     128: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3)],
     256: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3)],
@@ -431,10 +527,20 @@ _FWD = {
 }
 _BWD = {
     128: [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2)],  # (64, 64, 4, 3) spills on Triton 3.6 (stack 32)
-    256: [(64, 64, 8, 2)],  # stack 0 on Triton 3.9; 104 bytes of spill for fp32 (TF32) on Triton 3.6, none better
-    512: [(32, 32, 8, 2)],
-    1024: [(32, 32, 8, 1)],
+    256: [(64, 64, 8, 2)],  # TF32 Dh 64: stack 0 on both Triton versions since K comes pre-rotated (104 B before)
+    512: [(32, 32, 8, 2)],  # bf16 Dh 256 (mma.sync): 64-row tiles spill 150-350 B
+    1024: [(32, 32, 8, 1)],  # TF32 Dh 256 (mma.sync); the split kernels spill here too (80-930 B)
 }
+
+# The split backward, TF32 at 512-byte rows (fp32 Dh 128): every 64-row candidate of the single kernel spills (fp32
+# accumulators dK, dV, dQ and the A operands wgmma takes from registers are twice the bytes of bf16: 130-400 B of
+# stack at 64x64, 8 warps, on both versions) and 32-row tiles make dQ (M = BLOCK_M) an mma.sync. Split into a dK/dV
+# kernel per key tile (the single kernel without dQ; 16 queries per step keep its register tiles small, the three
+# products of M = BLOCK_N = 64 stay wgmma) and a dQ kernel per query tile sweeping the keys (dQ = dS K of M =
+# BLOCK_M, stored once, no atomics), both wgmma with stack 0 on Triton 3.6 and 3.9 (compile for sm_90). Costs
+# 14·N²·Dh FLOPs against the single kernel's 10 (S and dP computed twice), on wgmma instead of mma.sync.
+_BWD_SPLIT_KV = {512: [(16, 64, 8, 2), (16, 64, 8, 3)]}
+_BWD_SPLIT_Q = {512: [(128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 1), (64, 32, 4, 2)]}
 
 
 # IEEE fp32 (TF32 off) has no tensor-core dot: its tl.dots are FMA loops that hold more in registers, so it takes
@@ -468,11 +574,17 @@ def _by_width(table, ieee_table):
 _KEY = ["N", "HEAD_DIM", "IS_FP32", "PRECISION"]
 _FWD_CONFIGS, _fwd_prune = _by_width(_FWD, _FWD_IEEE)
 _BWD_CONFIGS, _bwd_prune = _by_width(_BWD, _BWD_IEEE)
+_BWD_KV_CONFIGS, _bwd_kv_prune = _by_width(_BWD_SPLIT_KV, {})
+_BWD_Q_CONFIGS, _bwd_q_prune = _by_width(_BWD_SPLIT_Q, {})
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fwd_prune})(
     _rope_attention_fwd_kernel)
 # The backward's autotuning reruns it: the dQ accumulator it adds into is zeroed before each trial.
 _bwd_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _bwd_prune},
                              reset_to_zero=["DQ_ACC"])(_rope_attention_bwd_kernel)
+_bwd_dkdv_tuned = triton.autotune(_BWD_KV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _bwd_kv_prune})(
+    _rope_attention_bwd_dkdv_kernel)
+_bwd_dq_tuned = triton.autotune(_BWD_Q_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _bwd_q_prune})(
+    _rope_attention_bwd_dq_tile_kernel)
 
 
 def _cpu_blocks(N):
@@ -520,23 +632,25 @@ def _launch(tuned, raw, tile, N, B, H, on_cpu, *args, **meta):
 
 def _rotate_once(qkv, sin, cos, num_heads, num_prefix_tokens, which, out=None, dout=None):
     """q (which=0) or k (which=1) of the packed qkv, rotated, as a (B, H, N, Dh) scratch in qkv.dtype; with out and
-    dout also Delta (B, H, N) fp32 (the backward's row term)."""
+    dout (backward, which=0) (q rotated, k rotated, Delta (B, H, N) fp32, the backward's row term)."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     Dh = C // num_heads
     rot = torch.empty((B, num_heads, N, Dh), device=qkv.device, dtype=qkv.dtype)
     with_delta = out is not None
+    rot_k = torch.empty_like(rot) if with_delta else rot
     delta = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32) if with_delta else rot
     out, dout = (out, dout) if with_delta else (rot[0, 0], rot[0, 0])
     block_n = _row_block(qkv)
     block_h, block_d = _dims(Dh)
+    # Backward (q, k, o and dO rows in flight): 4 warps spill at fp32 Dh 128 (254 registers, 8 B), 8 at fp32 Dh 256.
     _rope_attention_rotate_kernel[_split_grid(B, num_heads, N, block_n)](
-        qkv, sin, cos, rot, out, dout, delta, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+        qkv, sin, cos, rot, rot_k, out, dout, delta, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         dout.stride(0), dout.stride(1), N, num_heads, C, num_prefix_tokens, which,
         HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), WITH_DELTA=with_delta, BLOCK_N=block_n,
-        num_warps=4,
+        num_warps=(16 if block_d * qkv.element_size() > 512 else 8) if with_delta else 4,
     )
-    return (rot, delta) if with_delta else rot
+    return (rot, rot_k, delta) if with_delta else rot
 
 
 def rope_attention_fwd_triton(qkv, sin, cos, num_heads, num_prefix_tokens, scale):
@@ -561,26 +675,40 @@ def rope_attention_fwd_triton(qkv, sin, cos, num_heads, num_prefix_tokens, scale
     return out, lse
 
 
+def _split_bwd(is_fp32, precision, block_d):
+    """Whether the backward runs split (a dK/dV and a dQ kernel, see _BWD_SPLIT_KV) instead of the single FA2 one."""
+    return is_fp32 and precision == "tf32" and block_d * 4 in _BWD_SPLIT_KV
+
+
 def rope_attention_bwd_triton(qkv, sin, cos, out, lse, dout, num_heads, num_prefix_tokens, scale):
     """Gradient w.r.t. the packed qkv, (B, N, 3C) contiguous in qkv.dtype, for output gradient dout (B, N, C).
 
-    Q rotated once into a scratch (with Delta in the same pass), one FA2-style kernel per K tile (dK, dV stored, dQ
-    added into an fp32 accumulator with relaxed atomics: run-to-run rounding differs in dQ), a finishing pass for dQ.
+    Q and K rotated once into scratches (with Delta in the same pass), then either one FA2-style kernel per K tile
+    (dK, dV stored, dQ added into an fp32 accumulator with relaxed atomics: run-to-run rounding differs in dQ) and a
+    finishing pass for dQ, or, where that kernel cannot be both wgmma and spill-free (_split_bwd), a dK/dV kernel
+    per K tile and a dQ kernel per Q tile (no atomics).
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
     Dh = C // num_heads
-    qrot, delta = _rotate_once(qkv, sin, cos, num_heads, num_prefix_tokens, 0, out, dout)
+    qrot, krot, delta = _rotate_once(qkv, sin, cos, num_heads, num_prefix_tokens, 0, out, dout)
     dqkv = torch.empty((B, N, C3), device=qkv.device, dtype=qkv.dtype)
-    dq_acc = torch.zeros((B, num_heads, N, Dh), device=qkv.device, dtype=torch.float32)
     is_fp32, precision = dot_precision(qkv)
     block_h, block_d = _dims(Dh)
     tied = _tied(sin, Dh)
-    _launch(_bwd_tuned, _rope_attention_bwd_kernel, "BLOCK_N", N, B, num_heads, not qkv.is_cuda,
-            qkv, qrot, sin, cos, dout, lse, delta, dq_acc, dqkv,
-            qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
-            N, num_heads, C, num_prefix_tokens, scale, scale * LOG2E,
-            HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=tied, IS_FP32=is_fp32, PRECISION=precision)
+    on_cpu = not qkv.is_cuda
+    args = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
+            N, num_heads, C, num_prefix_tokens, scale, scale * LOG2E)
+    meta = dict(HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=tied, IS_FP32=is_fp32, PRECISION=precision)
+    if _split_bwd(is_fp32, precision, block_d):
+        _launch(_bwd_dkdv_tuned, _rope_attention_bwd_dkdv_kernel, "BLOCK_N", N, B, num_heads, on_cpu,
+                qkv, qrot, krot, sin, cos, dout, lse, delta, dqkv, *args, **meta)
+        _launch(_bwd_dq_tuned, _rope_attention_bwd_dq_tile_kernel, "BLOCK_M", N, B, num_heads, on_cpu,
+                qkv, qrot, krot, sin, cos, dout, lse, delta, dqkv, *args, **meta)
+        return dqkv
+    dq_acc = torch.zeros((B, num_heads, N, Dh), device=qkv.device, dtype=torch.float32)
+    _launch(_bwd_tuned, _rope_attention_bwd_kernel, "BLOCK_N", N, B, num_heads, on_cpu,
+            qkv, qrot, krot, sin, cos, dout, lse, delta, dq_acc, dqkv, *args, WITH_DQ=True, **meta)
     block_n = _row_block(qkv)
     _rope_attention_bwd_dq_kernel[_split_grid(B, num_heads, N, block_n)](
         dq_acc, sin, cos, dqkv, dqkv.stride(0), dqkv.stride(1), N, num_heads, num_prefix_tokens, scale,

@@ -188,13 +188,8 @@ REDESIGN = "being redesigned (issue 14 point 3)"
 TRITON_ALLOW = [
     # The KoLeo and attention entries of the kernels before the issue-14 rewrites (mma.sync KoLeo search at BLOCK_M=32,
     # its acq_rel completion counter, attention spills and sub-64-row backward tiles) matched nothing after the
-    # rewrites merged and were removed. What remains of the rewritten attention backward:
-    {"kernel": "_rope_attention_bwd_kernel", "property": "tensor_cores", "dtypes": ("tf32",), "head_dims": (128,),
-     "reason": "TF32 at Dh 128: the default 32x32 tiles (BLOCK_M = BLOCK_N = 32, 8 warps) are below the 64 rows of a "
-               "wgmma warpgroup tile, so mma.sync (HMMA.1688.TF32); " + REDESIGN},
-    {"kernel": "_rope_attention_bwd_kernel", "property": "no_spills", "dtypes": ("tf32",), "head_dims": (64,),
-     "reason": "TF32 at Dh 64 with Triton 3.6 only: 104 B of stack at 255 registers (8 warps, 64x64 tiles); 3.9 does "
-               "not spill; " + REDESIGN},
+    # rewrites merged and were removed; so were the attention backward's TF32 entries (mma.sync at Dh 128, 104 B of
+    # spill at Dh 64 on Triton 3.6) once K came pre-rotated and TF32 at Dh 128 took the split backward.
 ]
 
 # CUDA kernels (every instantiation in csrc/*.cu, sm_90a), matched against the demangled name.

@@ -140,6 +140,34 @@ def test_triton_against_reference(triton_cpu, B, H, Dh, prefix, grid):
     _check_attention(qkv, sin, cos, H, "triton", prefix=prefix)
 
 
+@pytest.mark.parametrize("B,H,Dh,prefix,grid,tied", [
+    (2, 2, 32, PREFIX, (3, 5), True),
+    (1, 1, 16, 0, (1, 1), True),  # N = 1
+    (1, 2, 48, 1, (2, 3), False),  # N = 7, head dim not a power of two, untied sin/cos
+    (1, 1, 128, PREFIX, (3, 5), True),
+    (1, 1, 64, PREFIX, (14, 14), True),  # N = 201: several tiles of both kernels with ragged edges
+])
+def test_triton_split_backward(triton_cpu, monkeypatch, B, H, Dh, prefix, grid, tied):
+    # The split backward (dK/dV kernel + dQ kernel) runs on the GPU for TF32 at 512-byte rows only; forced here.
+    from dinov3_kernels._triton import attention as tri
+
+    launched = []
+    launch = tri._launch
+
+    def spy(tuned, raw, *args, **kwargs):
+        launched.append(raw.fn.__name__)
+        return launch(tuned, raw, *args, **kwargs)
+
+    monkeypatch.setattr(tri, "_split_bwd", lambda *a: True)
+    monkeypatch.setattr(tri, "_launch", spy)
+    hw = grid[0] * grid[1]
+    qkv = _qkv(B, prefix + hw, H, Dh)
+    sin, cos = _rope(hw, Dh, tied=tied)
+    _check_attention(qkv, sin, cos, H, "triton", prefix=prefix)
+    assert "_rope_attention_bwd_dkdv_kernel" in launched and "_rope_attention_bwd_dq_tile_kernel" in launched
+    assert "_rope_attention_bwd_kernel" not in launched
+
+
 def test_triton_untied_sin_cos(triton_cpu):
     # Halves with different angles and non-unit coefficients: the backward's transposed rotation must use the
     # sin of the other half.
@@ -590,3 +618,11 @@ def test_triton_autotune_candidates_by_row_width():
             assert biggest(prune, configs, block_d, True, "ieee") <= biggest(prune, configs, block_d, True)
         sizes.sort()
         assert all(a[1] >= b[1] for a, b in zip(sizes, sizes[1:]) if a[0] < b[0])
+    # The split backward serves TF32 at the widths its lists cover (fp32 Dh 128), and only TF32.
+    for head_dim in range(16, 257, 16):
+        block_d = max(16, 1 << (head_dim - 1).bit_length())
+        assert not tri._split_bwd(False, "ieee", block_d) and not tri._split_bwd(True, "ieee", block_d)
+        if tri._split_bwd(True, "tf32", block_d):
+            for prune, configs in ((tri._bwd_kv_prune, tri._BWD_KV_CONFIGS), (tri._bwd_q_prune, tri._BWD_Q_CONFIGS)):
+                biggest(prune, configs, block_d, True)
+    assert tri._split_bwd(True, "tf32", 128)

@@ -30,7 +30,8 @@ KERNELS = {
     "_koleo_norm_kernel", "_koleo_search_kernel", "_koleo_merge_kernel", "_koleo_sum_kernel", "_koleo_bwd_kernel",
     "_koleo_norm_bwd_kernel", "_koleo_candidate_dots_kernel",
     "_rope_attention_rotate_kernel", "_rope_attention_fwd_kernel", "_rope_attention_bwd_kernel",
-    "_rope_attention_bwd_dq_kernel", "_apply_rope_kernel", "_rope_qkv_split_kernel", "_rope_qkv_merge_kernel",
+    "_rope_attention_bwd_dq_kernel", "_rope_attention_bwd_dkdv_kernel", "_rope_attention_bwd_dq_tile_kernel",
+    "_apply_rope_kernel", "_rope_qkv_split_kernel", "_rope_qkv_merge_kernel",
     "_head_col_lse_kernel", "_head_row_lse_kernel", "_head_ce_fwd_kernel", "_head_ce_bwd_dz_kernel",
     "_head_ce_bwd_dw_kernel",
 }
