@@ -146,9 +146,11 @@ def _koleo_search_resident_kernel(
 ):
     # Query tile resident: its NUM_K = ceil(D / BLOCK_K) chunks are loaded once, as a tuple (a compile-time loop can
     # index it; a run-time one cannot), before the search loop; the compiler puts each chunk in shared memory there
-    # (local_alloc hoisted out of the loop) and every search tile's dots read it from shared memory. The K loop is
-    # unrolled, so the pipeliner prefetches whole search tiles (num_stages x BLOCK_N x NUM_K·BLOCK_K elements):
-    # the launcher takes this kernel only where that and the query tile fit shared memory (_block_sizes).
+    # (local_alloc hoisted out of the loop: the TTGIR and PTX of Triton 3.6 and 3.9 load and store the query tile
+    # before the loop, which holds only the search tiles' cp.async and the wgmma) and every search tile's dots read
+    # it from shared memory. The K loop is unrolled, so the pipeliner prefetches whole search tiles (num_stages x
+    # BLOCK_N x NUM_K·BLOCK_K elements): the launcher takes this kernel only where that and the query tile fit shared
+    # memory (_block_sizes).
     rows, mr, grows, r_i, j_lo, j_hi, best_v, best_i = _koleo_search_init(n, M, offset, cols_per_split, NORM, eps,
                                                                           KC, KCP, BLOCK_M)
     kk = tl.arange(0, BLOCK_K)
@@ -333,8 +335,10 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
     extra = default_extra if extra is None else extra
     kc = min(topk + extra, M - 1) if rerank else topk
     kcp = max(2, triton.next_power_of_2(kc))
-    if BLOCK_M == 128 and kcp > 16 and not resident:  # 128 rows x 32 slots of top-k state spill at 8 warps (255 regs
-        BLOCK_M = 64                                  # at 16) beside a 128 x 128 accumulator
+    # 128 rows x 32 slots of top-k state would spill at 8 warps beside a 128 x 128 accumulator (255 regs at 16 slots);
+    # beside the resident kernel's 128 x 64 one they take ~180 regs, no spill.
+    if BLOCK_M == 128 and kcp > 16 and not resident:
+        BLOCK_M = 64
     norm = torch.empty(M, device=dev, dtype=torch.float32)
     BLOCK_R, BLOCK_D = 16, max(16, min(128, triton.next_power_of_2(D)))
     _koleo_norm_kernel[(triton.cdiv(M, BLOCK_R),)](
