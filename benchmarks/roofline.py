@@ -237,6 +237,9 @@ KOLEO_BACKENDS = ("official_tf32", "official_fp32", "compile", "composed", "trit
 KOLEO_COMPOSED_EXTRA = 8  # dinov3_kernels.koleo.COMPOSED_EXTRA
 KOLEO_COMPOSED_BLOCK = 2**26  # dinov3_kernels.koleo.COMPOSED_BLOCK
 KOLEO_TRITON_EXTRA = 8  # dinov3_kernels._triton.koleo.RERANK_EXTRA
+# The widest d whose resident search tiles fit shared memory, per element size (dinov3_kernels._triton.koleo
+# ._block_sizes: a 128-row query tile and two 64-row search tiles within RESIDENT_SMEM = 200 KB).
+KOLEO_TRITON_RESIDENT_D = {2: 384, 4: 192}
 
 
 def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
@@ -248,8 +251,10 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     triton/cuda: a norm pass, then programs of BM query rows that stream the search set in BN-row tiles: CUDA one
       program per 64 rows over the whole set (BN = 64); Triton (since issue 14) BN = 128 and BM = 128 for
       n >= 64·132, else 64, times splits of the set, enough for 2 programs per SM (at most 32 splits for top-1 in
-      fp32, 256 for 16-bit), then a merge kernel and a fixed-order sum. Neither keeps the query tile resident: per
-      (query tile, search tile) both tiles come from L2, n·M·d·e·(1/BM + 1/BN) bytes (see _hbm).
+      fp32, 256 for 16-bit), then a merge kernel and a fixed-order sum. CUDA, and Triton where the tiles below do
+      not fit: per (query tile, search tile) both tiles come from L2, n·M·d·e·(1/BM + 1/BN) bytes (see _hbm).
+      Triton with the query tile resident (since issue 14, d <= KOLEO_TRITON_RESIDENT_D[e]: 384 in 16-bit, 192 in
+      fp32): BM = 128, BN = 64 at any n, each program reads its query tile once, n·M·d·e/BM + programs·BM·d·e.
       The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). CUDA's fp32 search runs IEEE
       FMA whatever the TF32 flag; Triton's fp32 search runs TF32 always, keeping 1 + 8 candidates that the merge
       re-ranks exactly (each candidate and neighbour row, and the query row with it, read once more: 2·(9 + 1)·n·d·4
@@ -290,7 +295,8 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         bm, bn, prec, programs = 64, 64, _precision(dtype, False), _cdiv(n, 64)
         merge, launches = 2 * nd * e, 2
     else:
-        bm, bn = (128 if n >= 64 * sms else 64), 128
+        resident = d <= KOLEO_TRITON_RESIDENT_D[e]
+        bm, bn = (128, 64) if resident else ((128 if n >= 64 * sms else 64), 128)
         prec = "bf16" if e == 2 else "tf32"
         kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA
         kcp = max(2, 1 << (kc - 1).bit_length())
@@ -298,7 +304,9 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         programs = _cdiv(n, bm) * splits
         merge, launches = 2 * (kc + 1) * nd * e + 2 * n * splits * kcp * 8, 4
     flops_exec = 2 * _cdiv(n, bm) * bm * _cdiv(n, bn) * bn * d
-    search = _cdiv(n, bm) * nd * e + _cdiv(n, bn) * nd * e  # the set per query tile, the query tile per search tile
+    resident = backend == "triton" and d <= KOLEO_TRITON_RESIDENT_D[e]
+    # The set per query tile; the query tile per search tile, or once per program when resident.
+    search = _cdiv(n, bm) * nd * e + (programs * bm * d * e if resident else _cdiv(n, bn) * nd * e)
     fwd_design = nd * e + search + merge
     bwd_design = 2 * nd * e + 2 * nd * 8 + 2 * nd * e + nd * 4 + nd * e
     design = fwd_design + (0 if mode == "fwd" else bwd_design)

@@ -12,7 +12,10 @@ Forward, four launches, no atomics, deterministic:
                           contiguous split of the search set in (BLOCK_M, BLOCK_N) tiles on the tensor cores and keeps
                           each row's KC best (score, index) in registers; no n×M matrix anywhere. Splitting the set
                           keeps ~2 programs per SM when n is small. fp32 input is searched in TF32 with KC = K + 8
-                          candidates (RERANK), 16-bit input (exact products, fp32 accumulation) with KC = K;
+                          candidates (RERANK), 16-bit input (exact products, fp32 accumulation) with KC = K.
+                          `_koleo_search_resident_kernel` is the same search with the query tile loaded once per
+                          program and kept in shared memory across the search tiles, where it and two search tiles
+                          fit (d <= 384 in 16-bit, 192 in fp32; the launcher picks, see _block_sizes);
   `_koleo_merge_kernel`   per query row: the KC best of the splits' candidates (ties to the lowest index), their
                           exact fp32 similarities from the rows when re-ranking, the K best of those, then d_ik from
                           the rows (not from 2 - 2cos, which cancels for close pairs) and the tile's share of the loss;
@@ -46,6 +49,63 @@ def _koleo_norm_kernel(S, NORM, M, D, stride_m, stride_d, BLOCK_R: tl.constexpr,
 
 
 @triton.jit
+def _koleo_search_init(n, M, offset, cols_per_split, NORM, eps, KC: tl.constexpr, KCP: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    """What both search kernels start from: this program's query rows, their 1/|s_i|, its split [j_lo, j_hi) and the
+    empty top-KC state."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # query row i; its search index is offset + i
+    mr = rows < n
+    grows = (offset + rows).to(tl.int64)
+    r_i = 1.0 / tl.maximum(tl.load(NORM + grows, mask=mr, other=1.0), eps)
+    j_lo = tl.program_id(1) * cols_per_split
+    j_hi = tl.minimum(M, j_lo + cols_per_split)
+    # Running top-KC per row, unsorted: (value, index). Empty slots hold (-inf, M): any real candidate beats them and
+    # an index of M marks "no candidate". Padding slots (>= KC) hold +inf so they are never the worst slot.
+    slots = tl.arange(0, KCP)
+    pad = slots[None, :] >= KC
+    best_v = tl.where(pad, float("inf"), tl.full((BLOCK_M, KCP), float("-inf"), tl.float32))
+    best_i = tl.where(pad, -1, tl.full((BLOCK_M, KCP), M, tl.int32))
+    return rows, mr, grows, r_i, j_lo, j_hi, best_v, best_i
+
+
+@triton.jit
+def _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC: tl.constexpr, KCP: tl.constexpr):
+    """The top-KC state after one (query tile, search tile) pair: acc = s_i·s_j over the tile, cols its indices j."""
+    big = 2147483647
+    slots = tl.arange(0, KCP)
+    r_j = 1.0 / tl.maximum(tl.load(NORM + cols, mask=mc, other=1.0), eps)
+    sim = acc * r_i[:, None] * r_j[None, :]
+    sim = tl.where(mc[None, :] & (cols[None, :] != grows[:, None]), sim, float("-inf"))
+
+    # Columns arrive in increasing order, so a candidate equal to a held value always loses (ties to the lowest
+    # index) and "strictly greater than the worst held value" is the whole test. Most tiles change nothing.
+    worst = tl.min(best_v, axis=1)
+    if tl.max((tl.max(sim, axis=1) > worst).to(tl.int32), axis=0) > 0:
+        for _t in tl.static_range(KC):
+            v = tl.max(sim, axis=1)
+            c = tl.min(tl.where(sim == v[:, None], cols[None, :], big), axis=1)
+            wv = tl.min(best_v, axis=1)
+            # Among equal worst values the highest index is the worst.
+            wi = tl.max(tl.where(best_v == wv[:, None], best_i, -1), axis=1)
+            ws = tl.min(tl.where((best_v == wv[:, None]) & (best_i == wi[:, None]), slots[None, :], KCP), axis=1)
+            put = (v > wv)[:, None] & (slots[None, :] == ws[:, None])
+            best_v = tl.where(put, v[:, None], best_v)
+            best_i = tl.where(put, c[:, None], best_i)
+            sim = tl.where(cols[None, :] == c[:, None], float("-inf"), sim)
+    return best_v, best_i
+
+
+@triton.jit
+def _koleo_search_store(CAND_V, CAND_I, rows, mr, best_v, best_i, KC: tl.constexpr, KCP: tl.constexpr):
+    # (n, splits, KCP) candidates; the merge kernel reads the first KC slots of each split.
+    slots = tl.arange(0, KCP)
+    out = (rows.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * KCP
+    m2 = mr[:, None] & (slots[None, :] < KC)
+    tl.store(CAND_V + out[:, None] + slots[None, :], best_v, mask=m2)
+    tl.store(CAND_I + out[:, None] + slots[None, :], best_i, mask=m2)
+
+
+@triton.jit
 def _koleo_search_kernel(
     S, NORM, CAND_V, CAND_I,
     n, M, D, offset, cols_per_split,
@@ -54,25 +114,12 @@ def _koleo_search_kernel(
     IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query row i; its search index is offset + i
-    mr = rows < n
-    grows = (offset + rows).to(tl.int64)
+    # Chunked: for every search tile, both the query and the search tile stream through in BLOCK_K-wide chunks (the
+    # query tile is re-read from L2 once per search tile). For any D.
+    rows, mr, grows, r_i, j_lo, j_hi, best_v, best_i = _koleo_search_init(n, M, offset, cols_per_split, NORM, eps,
+                                                                          KC, KCP, BLOCK_M)
     kk = tl.arange(0, BLOCK_K)
-    slots = tl.arange(0, KCP)
-    big = 2147483647
-    r_i = 1.0 / tl.maximum(tl.load(NORM + grows, mask=mr, other=1.0), eps)
     q_ptr = S + grows[:, None] * stride_m
-    j_lo = split * cols_per_split
-    j_hi = tl.minimum(M, j_lo + cols_per_split)
-
-    # Running top-KC per row, unsorted: (value, index). Empty slots hold (-inf, M): any real candidate beats them and
-    # an index of M marks "no candidate". Padding slots (>= KC) hold +inf so they are never the worst slot.
-    pad = slots[None, :] >= KC
-    best_v = tl.where(pad, float("inf"), tl.full((BLOCK_M, KCP), float("-inf"), tl.float32))
-    best_i = tl.where(pad, -1, tl.full((BLOCK_M, KCP), M, tl.int32))
-
     for j0 in range(j_lo, j_hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         mc = cols < j_hi
@@ -84,31 +131,45 @@ def _koleo_search_kernel(
             a = tl.load(q_ptr + k[None, :] * stride_d, mask=mr[:, None] & mk[None, :], other=0.0)
             b = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & mk[None, :], other=0.0)
             acc = mma(a, tl.trans(b), acc, IS_FP32, PRECISION)
-        r_j = 1.0 / tl.maximum(tl.load(NORM + cols, mask=mc, other=1.0), eps)
-        sim = acc * r_i[:, None] * r_j[None, :]
-        sim = tl.where(mc[None, :] & (cols[None, :] != grows[:, None]), sim, float("-inf"))
+        best_v, best_i = _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC, KCP)
+    _koleo_search_store(CAND_V, CAND_I, rows, mr, best_v, best_i, KC, KCP)
 
-        # Columns arrive in increasing order, so a candidate equal to a held value always loses (ties to the lowest
-        # index) and "strictly greater than the worst held value" is the whole test. Most tiles change nothing.
-        worst = tl.min(best_v, axis=1)
-        if tl.max((tl.max(sim, axis=1) > worst).to(tl.int32), axis=0) > 0:
-            for _t in tl.static_range(KC):
-                v = tl.max(sim, axis=1)
-                c = tl.min(tl.where(sim == v[:, None], cols[None, :], big), axis=1)
-                wv = tl.min(best_v, axis=1)
-                # Among equal worst values the highest index is the worst.
-                wi = tl.max(tl.where(best_v == wv[:, None], best_i, -1), axis=1)
-                ws = tl.min(tl.where((best_v == wv[:, None]) & (best_i == wi[:, None]), slots[None, :], KCP), axis=1)
-                put = (v > wv)[:, None] & (slots[None, :] == ws[:, None])
-                best_v = tl.where(put, v[:, None], best_v)
-                best_i = tl.where(put, c[:, None], best_i)
-                sim = tl.where(cols[None, :] == c[:, None], float("-inf"), sim)
 
-    # (n, splits, KCP) candidates; the merge kernel reads the first KC slots of each split.
-    out = (rows.to(tl.int64) * tl.num_programs(1) + split) * KCP
-    m2 = mr[:, None] & (slots[None, :] < KC)
-    tl.store(CAND_V + out[:, None] + slots[None, :], best_v, mask=m2)
-    tl.store(CAND_I + out[:, None] + slots[None, :], best_i, mask=m2)
+@triton.jit
+def _koleo_search_resident_kernel(
+    S, NORM, CAND_V, CAND_I,
+    n, M, D, offset, cols_per_split,
+    stride_m, stride_d, eps,
+    KC: tl.constexpr, KCP: tl.constexpr,
+    IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+):
+    # Query tile resident: its NUM_K = ceil(D / BLOCK_K) chunks are loaded once, as a tuple (a compile-time loop can
+    # index it; a run-time one cannot), before the search loop; the compiler puts each chunk in shared memory there
+    # (local_alloc hoisted out of the loop: the TTGIR and PTX of Triton 3.6 and 3.9 load and store the query tile
+    # before the loop, which holds only the search tiles' cp.async and the wgmma) and every search tile's dots read
+    # it from shared memory. The K loop is unrolled, so the pipeliner prefetches whole search tiles (num_stages x
+    # BLOCK_N x NUM_K·BLOCK_K elements): the launcher takes this kernel only where that and the query tile fit shared
+    # memory (_block_sizes).
+    rows, mr, grows, r_i, j_lo, j_hi, best_v, best_i = _koleo_search_init(n, M, offset, cols_per_split, NORM, eps,
+                                                                          KC, KCP, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    q_ptr = S + grows[:, None] * stride_m
+    q = ()
+    for kc in tl.static_range(NUM_K):
+        k = kc * BLOCK_K + kk
+        q = q + (tl.load(q_ptr + k[None, :] * stride_d, mask=mr[:, None] & (k < D)[None, :], other=0.0),)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        mc = cols < j_hi
+        c_ptr = S + cols[:, None].to(tl.int64) * stride_m
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kc in tl.static_range(NUM_K):
+            k = kc * BLOCK_K + kk
+            b = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & (k < D)[None, :], other=0.0)
+            acc = mma(q[kc], tl.trans(b), acc, IS_FP32, PRECISION)
+        best_v, best_i = _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC, KCP)
+    _koleo_search_store(CAND_V, CAND_I, rows, mr, best_v, best_i, KC, KCP)
 
 
 @triton.jit
@@ -192,22 +253,51 @@ def _koleo_sum_kernel(PART, LOSS, num, scale, BLOCK: tl.constexpr):
     tl.store(LOSS, -tl.sum(total, axis=0) * scale)
 
 
-def _block_sizes(n, D, on_cpu, is_fp32):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs the search aims for, spare candidates of the fp32 search)."""
+# Shared memory the resident search may plan for: the query tile plus RESIDENT_STAGES whole search tiles, below sm_90's
+# 227 KB per CTA with room for the compiler's scratch (the row reductions: a few hundred bytes).
+RESIDENT_SMEM = 200 * 1024
+RESIDENT_STAGES = 2
+
+
+def _resident_smem(D, block_m, block_n, block_k, elem):
+    """Bytes of shared memory the resident search's tiles take: the query tile once, the search tile per stage."""
+    return (block_m + RESIDENT_STAGES * block_n) * triton.cdiv(D, block_k) * block_k * elem
+
+
+def _block_sizes(n, D, on_cpu, is_fp32, resident=None):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs the search aims for, spare candidates of the fp32 search,
+    whether the search keeps the query tile resident). `resident` forces the kernel (tests); by default the resident
+    one wherever its GPU tiles fit shared memory (on the CPU too, so that the interpreter tests take the GPU's path)."""
+    # K chunks of 256 bytes per row in the resident kernel (128 elements in 16-bit, 64 in fp32), 128 in the other;
+    # half that where it pads d less (d = 160: 192, not 256).
+    res_k = max(16, min(64 if is_fp32 else 128, triton.next_power_of_2(D)))
+    if res_k > 16 and triton.cdiv(D, res_k) * res_k > triton.cdiv(D, res_k // 2) * (res_k // 2):
+        res_k //= 2
+    if resident is None:
+        resident = _resident_smem(D, 128, 64, res_k, 4 if is_fp32 else 2) <= RESIDENT_SMEM
+    block_p = max(16, min(128, triton.next_power_of_2(D)))
     if on_cpu:
         # The interpreter pays per program and per op: small tiles that still satisfy tl.dot (>= 16), one split, and
         # no spare candidates (its tl.dot computes TF32 in fp32: no TF32 error to absorb; each slot costs time).
         block_m = max(16, min(64, triton.next_power_of_2(n)))
-        return (block_m, 64, max(16, min(64, triton.next_power_of_2(D))),
-                max(16, min(128, triton.next_power_of_2(D))), 1, 0)
+        return block_m, 64, max(16, min(64, triton.next_power_of_2(D))), block_p, 1, 0, resident
+    if resident:
+        # Each program reads its query tile once and the search set once per query tile: n·M·d/BLOCK_M + programs·
+        # BLOCK_M·d elements from L2 (chunked: n·M·d·(1/BLOCK_M + 1/BLOCK_N)), a third of the chunked 64 x 128 tiles'
+        # traffic and half of the 128 x 128 ones'. 128 x 64 tiles over 8 warps (two wgmma warpgroups of 64 rows):
+        # the query tile and two 64-row search tiles fit up to d = 384 in 16-bit (192 KB: 1 CTA/SM, the same 8 warps
+        # per SM as two chunked 64 x 128 CTAs), d = 192 in fp32. A 64-row query tile would fit up to d = 576 but with
+        # half the warps per SM (2 chunked CTAs -> 1 resident) for 1.5x less traffic, so the chunked kernel keeps
+        # those. The pipeliner prefetches the next whole search tile while the current one is scored. The unrolled
+        # chunks' dots each end in a wgmma wait: 256-byte chunks (16-bit: 128 wide) halve those waits against 128.
+        return 128, 64, res_k, block_p, 2 * 132, RERANK_EXTRA, True
     # wgmma needs 64 query rows per warpgroup (BLOCK_M = 32 compiled to mma.sync). Each (query tile, search tile)
     # pair loads both tiles from L2, n·M·d·(1/BLOCK_M + 1/BLOCK_N) elements in all, so 128-wide search tiles. Large n
     # (L2-bound): 128 x 128 over 8 warps (~245 regs, 1 CTA/SM), the fewest bytes a 128x128 fp32 accumulator allows;
     # smaller n: 64 x 128 over 4 warps (~240 regs, 72 KB smem: 2 CTAs/SM) and twice the programs. The search splits
     # fill the SMs when n is small (2 programs per SM).
-    block_k = 32 if is_fp32 else 64
-    return (128 if n >= 64 * 132 else 64, 128, max(16, min(block_k, triton.next_power_of_2(D))),
-            max(16, min(128, triton.next_power_of_2(D))), 2 * 132, RERANK_EXTRA)
+    block_k = max(16, min(32 if is_fp32 else 64, triton.next_power_of_2(D)))
+    return 128 if n >= 64 * 132 else 64, 128, block_k, block_p, 2 * 132, RERANK_EXTRA, False
 
 
 def _search_warps(block_m):
@@ -229,10 +319,10 @@ def _search_grid(n, M, block_m, block_n, kcp, programs, splits=None):
     return tiles, splits, cols_per_split
 
 
-def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra=None):
+def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra=None, resident=None):
     """(loss fp32 scalar, indices (n, topk) int64, distances (n, topk) fp32, norms (M,) fp32); see module doc.
-    `splits` forces the number of search splits, `extra` the spare candidates of the fp32 search (tests); by default
-    both come from _block_sizes."""
+    `splits` forces the number of search splits, `extra` the spare candidates of the fp32 search, `resident` the
+    search kernel (tests); by default all three come from _block_sizes."""
     M, D = search.shape
     dev = search.device
     on_cpu = dev.type == "cpu"
@@ -240,11 +330,14 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
     rerank = is_fp32  # fp32: TF32 search, exact re-ranking
     if rerank:
         precision = "tf32"
-    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs, default_extra = _block_sizes(n, D, on_cpu, is_fp32)
+    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs, default_extra, resident = _block_sizes(n, D, on_cpu, is_fp32,
+                                                                                         resident)
     extra = default_extra if extra is None else extra
     kc = min(topk + extra, M - 1) if rerank else topk
     kcp = max(2, triton.next_power_of_2(kc))
-    if BLOCK_M == 128 and kcp > 16:  # 128 rows x 32 slots of top-k state would spill at 8 warps (255 regs at 16)
+    # 128 rows x 32 slots of top-k state would spill at 8 warps beside a 128 x 128 accumulator (255 regs at 16 slots);
+    # beside the resident kernel's 128 x 64 one they take ~180 regs, no spill.
+    if BLOCK_M == 128 and kcp > 16 and not resident:
         BLOCK_M = 64
     norm = torch.empty(M, device=dev, dtype=torch.float32)
     BLOCK_R, BLOCK_D = 16, max(16, min(128, triton.next_power_of_2(D)))
@@ -254,14 +347,17 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
     tiles, n_splits, cols_per_split = _search_grid(n, M, BLOCK_M, BLOCK_N, kcp, programs, splits)
     cand_v = torch.empty((n, n_splits, kcp), device=dev, dtype=torch.float32)
     cand_i = torch.empty((n, n_splits, kcp), device=dev, dtype=torch.int32)
-    _koleo_search_kernel[(tiles, n_splits)](
-        search, norm, cand_v, cand_i,
-        n, M, D, offset, cols_per_split,
-        search.stride(0), search.stride(1), eps,
-        KC=kc, KCP=kcp, IS_FP32=is_fp32, PRECISION=precision,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        num_warps=_search_warps(BLOCK_M),
-    )
+    args = (search, norm, cand_v, cand_i, n, M, D, offset, cols_per_split, search.stride(0), search.stride(1), eps)
+    meta = dict(KC=kc, KCP=kcp, IS_FP32=is_fp32, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                BLOCK_K=BLOCK_K, num_warps=_search_warps(BLOCK_M))
+    if resident:
+        if not on_cpu and _resident_smem(D, BLOCK_M, BLOCK_N, BLOCK_K, search.element_size()) > RESIDENT_SMEM:
+            raise ValueError(f"koleo_fwd_triton: the resident search does not fit shared memory at d = {D} "
+                             f"({search.dtype})")
+        _koleo_search_resident_kernel[(tiles, n_splits)](*args, NUM_K=triton.cdiv(D, BLOCK_K),
+                                                         num_stages=RESIDENT_STAGES, **meta)
+    else:
+        _koleo_search_kernel[(tiles, n_splits)](*args, **meta)
     loss, idx, dist = koleo_merge_triton(search, norm, cand_v, cand_i, offset, n, topk, kc, rerank, eps, pdist_eps,
                                          BLOCK_P)
     return loss, idx, dist, norm

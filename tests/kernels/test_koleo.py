@@ -170,12 +170,52 @@ def test_duplicate_rows_finite(triton_cpu):
         assert torch.isfinite(loss) and torch.isfinite(g).all()
 
 
-def _triton_fwd(x, topk, offset=0, n=None, splits=None):
+def _triton_fwd(x, topk, offset=0, n=None, splits=None, resident=None):
     from dinov3_kernels._triton.koleo import RERANK_EXTRA, koleo_fwd_triton
 
     # The GPU's spare candidates (the interpreter's default is none): the search keeps topk + 8 per split.
     return koleo_fwd_triton(x, offset, x.shape[0] - offset if n is None else n, topk, 1e-8, 1e-8, splits=splits,
-                            extra=RERANK_EXTRA)
+                            extra=RERANK_EXTRA, resident=resident)
+
+
+@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("M,offset,n,d,topk,splits", [(2, 0, 2, 5, 1, None), (40, 20, 1, 33, 3, None),
+                                                      (7, 0, 7, 150, 2, None), (197, 0, 197, 40, 3, 2),
+                                                      (150, 60, 16, 17, 2, 3)])
+def test_triton_resident_and_chunked_search(triton_cpu, resident, M, offset, n, d, topk, splits):
+    # Both search kernels (query tile resident across the search tiles, or streamed in chunks with every search
+    # tile) forced, whatever the launcher would pick: the same neighbours in order, ties to the lowest index, as the
+    # float64 reference's dense search; distances and loss as the reference's. d = 150 spans three 64-wide chunks
+    # (the interpreter's), the last one ragged; the others one padded chunk.
+    x = torch.randn(M, d)
+    x[M // 2] = x[0]  # a tie: the lower index wins
+    loss, idx, dist, _ = _triton_fwd(x, topk, offset=offset, n=n, splits=splits, resident=resident)
+    want = _reference_neighbors(x, topk, offset, n)
+    assert torch.equal(idx, want)
+    u = F.normalize(x.double(), dim=-1, eps=1e-8)
+    want_d = F.pairwise_distance(u[offset:offset + n].unsqueeze(1).expand(-1, topk, -1), u[want], eps=1e-8)
+    torch.testing.assert_close(dist.double(), want_d, rtol=1e-5, atol=1e-7)
+    _assert_close(loss, -torch.log(want_d + 1e-8).mean(), RTOL[torch.float32], f"loss (resident={resident})")
+
+
+def test_triton_search_kernel_choice():
+    # The resident search wherever its GPU tiles (128-row query tile + 2 x 64-row search tiles) fit shared memory:
+    # d <= 384 in 16-bit, d <= 192 in fp32; the chunked one beyond (ViT-B/L/7B widths); forcing overrides.
+    from dinov3_kernels._triton.koleo import RESIDENT_SMEM, _block_sizes, _resident_smem
+
+    def pick(d, fp32, n=4096, on_cpu=False, resident=None):
+        return _block_sizes(n, d, on_cpu, fp32, resident)
+
+    for d in (1, 100, 160, 384):
+        assert pick(d, False)[6] and pick(d, False)[:2] == (128, 64)
+    for d in (385, 768, 1024, 4096):
+        assert not pick(d, False)[6] and pick(d, False)[1] == 128
+    assert pick(192, True)[6] and not pick(193, True)[6] and not pick(384, True)[6]
+    assert pick(384, False, on_cpu=True)[6] and not pick(1024, False, on_cpu=True)[6]  # the interpreter follows
+    assert not pick(384, False, resident=False)[6] and pick(1024, True, on_cpu=True, resident=True)[6]
+    assert _resident_smem(384, 128, 64, 128, 2) == 196608 <= RESIDENT_SMEM < 227 * 1024
+    assert pick(384, False)[2] == 128 and pick(192, True)[2] == 64 and pick(1024, False)[2] == 64
+    assert pick(160, False)[2] == 64  # 3 x 64 columns, not 2 x 128
 
 
 def test_triton_search_splits_and_merge(triton_cpu):

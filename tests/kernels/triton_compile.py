@@ -150,7 +150,7 @@ def _install(arch: int, tf32: list[bool]):
     gram_blocks, koleo_blocks, attn_launch = gram._block_sizes, koleo._block_sizes, attention._launch
     gram._block_sizes = lambda P, D, on_cpu, *a: gram_blocks(P, D, False, *a)
     gram._sm = lambda t: arch
-    koleo._block_sizes = lambda n, D, on_cpu, is_fp32: koleo_blocks(n, D, False, is_fp32)
+    koleo._block_sizes = lambda n, D, on_cpu, is_fp32, *a: koleo_blocks(n, D, False, is_fp32, *a)
     attention._launch = lambda tuned, raw, tile, N, B, H, on_cpu, *a, **m: attn_launch(tuned, raw, tile, N, B, H,
                                                                                          False, *a, **m)
     attention._row_block = lambda t: 64
@@ -180,7 +180,9 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
             gram.gram_fwd_triton(s, t, apply_norm=False, clamp_s=True, clamp_t=True, grad_s=True, grad_t=True)
 
         _CONTEXT.update(op="koleo", head_dim=None)
-        koleo_shapes = ((64, 384, 1), (9000, 1024, 4)) if full else ((64, 384, 1), (9000, 384, 4))
+        # d <= 384 (16-bit) and d <= 192 (fp32) take the resident search, larger d the chunked one.
+        koleo_shapes = ((64, 384, 1), (64, 1024, 1), (9000, 1024, 4), (64, 160, 1))
+        koleo_shapes += ((9000, 384, 4),) if full else ()
         for n, D, topk in koleo_shapes if "koleo" in ops else ():
             x = torch.randn(n, D).to(dtype)
             loss, idx, dist, norm = koleo.koleo_fwd_triton(x, 0, n, topk, 1e-8, 1e-8)
