@@ -335,8 +335,9 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     heads); the CUDA kernels read them as passed since issue 14 (before, the glue expanded them to (HW, D) with two
     cat launches per call, 8·D bytes per load). The CUDA kernel re-rotates K on every q-tile pass (tables read
     ceil(N/64) times per token). Triton rotates K once into a (B, H, N, D) scratch (forward) and Q once (backward,
-    in the pass that computes Delta), so its tables are read a fixed number of times per token (q and k once each
-    forward; q, k and the dQ finishing pass backward),
+    with K, in the pass that computes Delta), so its tables are read a fixed number of times per token (q and k once
+    each forward; q, k and the dQ finishing pass backward); for fp32 input with TF32 at D >= 128 its backward is split
+    (dK/dV per k tile, dQ per 128-query tile: 14·N²·D FLOPs, no dQ atomics),
     for 2 element moves of scratch traffic per rotated tensor, an fp32 dQ accumulator (zeroed, added to, read) and
     one launch more each way. SDPA on the strided q/k/v views of qkv adds the copies of out (forward) and of the
     packed gradient (backward). The official path adds the eager RoPE chain, ~68 bytes per element of q and of k each
@@ -368,25 +369,35 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         fwd_design += 2 * table
         scratch += 2 * X * e  # K rotated: written once, read back (its nq reads are the K reads above)
     bwd_flops, bwd_exps, bwd_design = 0.0, 0.0, 0.0
+    split = False
     if mode != "fwd":
         nkb = _cdiv(N, bm_b)
         delta = 2 * X * e + BH * N * 4
         dkdv = 2 * X * e + nkb * (2 * X * e + BH * N * 8) + 2 * X * e
         dq = nkb * X * 8 + X * 4 + X * e  # fp32 atomics per k tile, then the finishing pass
         bwd_flops, bwd_exps = 10 * BH * N * N * D, exps
+        split = kernel == "triton" and e == 4 and prec == "tf32" and D >= 128
+        if split:
+            # Triton's split backward for TF32 at Dh 128 (the single kernel spills there): dK/dV per k tile without
+            # dQ, then dQ per 128-query tile re-reading K and V (and recomputing P: 14·N²·D FLOPs, 2 exps per
+            # score), dQ stored once, no fp32 accumulator and no finishing pass.
+            dq = _cdiv(N, 128) * 2 * X * e + 2 * X * e + BH * N * 8 + X * e
+            bwd_flops, bwd_exps = 14 * BH * N * N * D, 2 * exps
         bwd_design = delta + dkdv + dq
         if kernel == "cuda":
             bwd_design += table * (nkb + 1)
         elif kernel == "triton":
             bwd_design += 3 * table
-            scratch += 2 * X * e + X * 4  # Q rotated (written, read back), the accumulator zeroed
+            # Q and K rotated by the Delta pass (each written and read back); the dQ accumulator zeroed (single kernel).
+            scratch += 4 * X * e + (0 if split else X * 4)
     design = fwd_design + bwd_design
     heads_in_flight = min(BH, max(1, _cdiv(sms, nq)))
     per_head = N * D * e * (2 if mode == "fwd" else 4)
     hbm = _hbm(min_b + BH * N * (4 if mode == "fwd" else 12), design, heads_in_flight * per_head)
     launches = 1 if mode == "fwd" else 4  # backward: Delta, dK/dV, dQ (or the dQ finishing pass)
     if kernel == "triton":
-        launches += 1  # the rotate pass (forward); backward: rotate+Delta, zero dQ, main, finish
+        # the rotate pass (forward); backward: rotate+Delta, zero dQ, main, finish (split: rotate+Delta, dK/dV, dQ)
+        launches += 1 if mode == "fwd" or not split else 0
     extra = scratch
     if backend in ("official", "compile", "sdpa_flash", "sdpa_cudnn"):
         extra += 2 * X * e + (0 if mode == "fwd" else 2 * X * e + 6 * X * e)
