@@ -8,7 +8,8 @@ and on another image distribution, with and without the head warm-up; kNN accura
    backbone A, kNN accuracy a.
 2. From A, train `tiny` again for as many iterations with fresh heads, once per image domain and variant:
    - domains: "digits" (the same images) and "textured" (the same digits as dark ink on a light colour gradient
-     with faint stripes and noise, half of them inverted: another image distribution, generated here);
+     with faint stripes and noise, half of them inverted: another image distribution, generated here); on request
+     "textured-upright" (the same, none inverted: a smaller shift);
    - variants: "warm-up" (the defaults with pretrained weights: head warm-up with the backbone frozen, 180
      iterations in tiny), "no warm-up" (train.head_warmup_iters=0) and, on request, "warm-up 100"
      (train.head_warmup_iters=100), "warm-up + ramp" / "ramp 420" (then the backbone lr ramps up over 100 / 420
@@ -57,9 +58,9 @@ VARIANTS = {"warm-up": [], "no warm-up": ["train.head_warmup_iters=0"],
             "warm-up, no KoLeo": ["dino.koleo_loss_weight=0"]}
 
 
-def texturize(arrays: dict, seed: int = 1) -> dict:
-    """The digits as dark ink on a light background with a colour gradient, faint stripes and pixel noise (half of
-    them inverted: light on dark), in random colours: another image distribution, still legible."""
+def texturize(arrays: dict, seed: int = 1, invert: float = 0.5) -> dict:
+    """The digits as dark ink on a light background with a colour gradient, faint stripes and pixel noise (a fraction
+    `invert` of them inverted: light on dark), in random colours: another image distribution, still legible."""
     rng = np.random.default_rng(seed)
     out = {}
     for split, imgs in arrays.items():
@@ -76,7 +77,7 @@ def texturize(arrays: dict, seed: int = 1) -> dict:
             bg = light[0] * t + light[1] * (1 - t)
             bg = bg + 15 * np.sin(2 * np.pi * (x + y) * h / rng.uniform(4, 8))[..., None]
             im = bg * (1 - alpha) + ink * alpha + rng.normal(0, 8, (h, w, 3))
-            if rng.random() < 0.5:
+            if rng.random() < invert:
                 im = 255 - im
             res.append(np.clip(im, 0, 255).astype(np.uint8))
         out[split] = np.stack(res)
@@ -102,7 +103,7 @@ def main(argv=None):
     p.add_argument("--workdir", default="runs/demo_init_from")
     p.add_argument("--iterations", type=int, default=600, help="of the pretraining and of each continuation")
     p.add_argument("--pretrained", default=None, help="backbone A (a backbone.pth of `tiny`); default: train it")
-    p.add_argument("--domains", nargs="+", default=["digits", "textured"], choices=["digits", "textured"])
+    p.add_argument("--domains", nargs="+", default=["digits", "textured"], choices=["digits", "textured", "textured-upright"])
     p.add_argument("--variants", nargs="+", default=["warm-up", "no warm-up"], choices=list(VARIANTS))
     p.add_argument("--probes", type=int, default=6, help="checkpoints (kNN points) per continuation")
     p.add_argument("--k", type=int, default=20)
@@ -114,7 +115,11 @@ def main(argv=None):
     n = args.iterations
     arrays, labels = write_digits(os.path.join(args.workdir, "digits"), 32)
     domains = {"digits": arrays, "textured": texturize(arrays)}
-    save_split(os.path.join(args.workdir, "textured", "train"), domains["textured"]["train"])
+    if "textured-upright" in args.domains:
+        domains["textured-upright"] = texturize(arrays, invert=0.0)
+    for name in domains:
+        if name != "digits":
+            save_split(os.path.join(args.workdir, name, "train"), domains[name]["train"])
     base = [f"train.iterations={n}", "train.progress_bar=false", "train.log_every=50",
             f"gram.start_iter={int(n * 0.75)}"]
     cfg = load_config("tiny", base)
