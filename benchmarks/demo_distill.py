@@ -62,7 +62,8 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="suffix of the result file")
     p.add_argument("--recipe", nargs="*", default=RECIPE,
                    help="overrides of the `tiny` recipe for the teacher and every student (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", help="extra config overrides for the distilled students (key=value)")
+    p.add_argument("overrides", nargs="*",
+                   help="extra config overrides for the distilled students (key=value; after --recipe, put -- first)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -63,6 +63,21 @@ def _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF: tl.constexpr, HEAD_D
 
 
 @triton.jit
+def _kv_tile_scores(q1, q2, krot, v_base, keys, mkey, stride_n, cols_h, mcol_h, cols_d, mcol_d, HALF: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of a query-tile sweep (forward, and the dQ kernel of the split backward): its rotated K halves
+    from the scratch, its V from the packed qkv, and the scores S = q1 k1ᵀ + q2 k2ᵀ (fp32)."""
+    k64 = keys.to(tl.int64)[:, None]
+    mk = mkey[:, None] & mcol_h[None, :]
+    k1 = tl.load(krot + k64 * HEAD_DIM + cols_h[None, :], mask=mk, other=0.0)
+    k2 = tl.load(krot + k64 * HEAD_DIM + HALF + cols_h[None, :], mask=mk, other=0.0)
+    v = tl.load(v_base + k64 * stride_n + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
+    s = mma(q1, tl.trans(k1), tl.zeros((q1.shape[0], k1.shape[0]), dtype=tl.float32), IS_FP32, PRECISION)
+    s = mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
+    return k1, k2, v, s
+
+
+@triton.jit
 def _load_rotated(ptr, mrow, cols, SIN, COS, rows, N, num_prefix, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
                   TIED: tl.constexpr):
     """Loads the halves of a (BLOCK, Dh) tile (ptr: (BLOCK, 1) row pointers) and applies RoPE to patch rows.
@@ -175,13 +190,8 @@ def _rope_attention_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         mkey = keys < N
-        k64 = keys.to(tl.int64)[:, None]
-        mk = mkey[:, None] & mcol_h[None, :]
-        k1 = tl.load(krot + k64 * HEAD_DIM + cols_h[None, :], mask=mk, other=0.0)
-        k2 = tl.load(krot + k64 * HEAD_DIM + HALF + cols_h[None, :], mask=mk, other=0.0)
-        v = tl.load(base + 2 * C + k64 * stride_n + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
-        s = mma(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
-        s = mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
+        k1, k2, v, s = _kv_tile_scores(q1, q2, krot, base + 2 * C, keys, mkey, stride_n, cols_h, mcol_h, cols_d, mcol_d,
+                                       HALF, HEAD_DIM, IS_FP32, PRECISION)
         s = tl.where(mkey[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -361,13 +371,8 @@ def _rope_attention_bwd_dq_tile_kernel(
     for start_n in range(0, N, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         mkey = keys < N
-        k64 = keys.to(tl.int64)[:, None]
-        mk = mkey[:, None] & mcol_h[None, :]
-        k1 = tl.load(krot + k64 * HEAD_DIM + cols_h[None, :], mask=mk, other=0.0)
-        k2 = tl.load(krot + k64 * HEAD_DIM + HALF + cols_h[None, :], mask=mk, other=0.0)
-        v = tl.load(base + 2 * C + k64 * stride_n + cols_d[None, :], mask=mkey[:, None] & mcol_d[None, :], other=0.0)
-        s = mma(q1, tl.trans(k1), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
-        s = mma(q2, tl.trans(k2), s, IS_FP32, PRECISION)
+        k1, k2, v, s = _kv_tile_scores(q1, q2, krot, base + 2 * C, keys, mkey, stride_n, cols_h, mcol_h, cols_d, mcol_d,
+                                       HALF, HEAD_DIM, IS_FP32, PRECISION)
         p = tl.where(mrow[:, None] & mkey[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
         dp = mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IS_FP32, PRECISION)
         ds = (p * (dp - delta[:, None])).to(k1.dtype)
