@@ -26,7 +26,7 @@ from dinov3.eval.knn import extract_cls_features, knn_accuracy  # noqa: E402
 from dinov3.models import DinoVisionTransformer  # noqa: E402
 from dinov3.train.config import backbone_kwargs, load_config  # noqa: E402
 from dinov3.train.ssl_arch import SSLMetaArch  # noqa: E402
-from dinov3.train.trainer import train  # noqa: E402
+from dinov3.train.trainer import TrainingStopped, train  # noqa: E402
 
 
 def write_digits(root: str, size: int, seed: int = 0):
@@ -108,4 +108,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TrainingStopped as exc:  # Ctrl-C / SIGTERM: the run's checkpoint is written; say so, no traceback
+        sys.exit(f"demo_digits.py: {exc}")

@@ -33,7 +33,7 @@ from demo_init_from import load_backbone  # noqa: E402
 
 from dinov3.train.checkpoint import latest_checkpoint  # noqa: E402
 from dinov3.train.config import load_config  # noqa: E402
-from dinov3.train.trainer import train  # noqa: E402
+from dinov3.train.trainer import TrainingStopped, train  # noqa: E402
 
 # The `tiny` recipe's teacher temperature (0.04 -> 0.07, official) leaves this 2-block model's DINO head collapsed on
 # the digits: its CLS tokens start nearly equal (pairwise cosine 0.998), the Sinkhorn-Knopp targets are uniform from
@@ -121,4 +121,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TrainingStopped as exc:  # Ctrl-C / SIGTERM: the run's checkpoint is written; say so, no traceback
+        sys.exit(f"demo_distill.py: {exc}")

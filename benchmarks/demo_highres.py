@@ -37,7 +37,7 @@ from dinov3.eval.scenes import write_scenes  # noqa: E402
 from dinov3.models import DinoVisionTransformer  # noqa: E402
 from dinov3.train.checkpoint import list_checkpoints  # noqa: E402
 from dinov3.train.config import load_config  # noqa: E402
-from dinov3.train.trainer import train  # noqa: E402
+from dinov3.train.trainer import TrainingStopped, train  # noqa: E402
 
 # The control: the stage's schedule, losses and batch at the pretraining resolution of `tiny`.
 SAME_RES = ["crops.global_crops_size=32", "crops.local_crops_size=16", "crops.gram_teacher_crops_size=48",
@@ -168,4 +168,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TrainingStopped as exc:  # Ctrl-C / SIGTERM: the run's checkpoint is written; say so, no traceback
+        sys.exit(f"demo_highres.py: {exc}")

@@ -40,7 +40,7 @@ from dinov3.models import DinoVisionTransformer  # noqa: E402
 from dinov3.train.checkpoint import list_checkpoints  # noqa: E402
 from dinov3.train.config import load_config  # noqa: E402
 from dinov3.train.pretrained import read_pretrained  # noqa: E402
-from dinov3.train.trainer import train  # noqa: E402
+from dinov3.train.trainer import TrainingStopped, train  # noqa: E402
 
 VARIANTS = {"warm-up": [], "no warm-up": ["train.head_warmup_iters=0"],
             "warm-up 100": ["train.head_warmup_iters=100"],
@@ -165,4 +165,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TrainingStopped as exc:  # Ctrl-C / SIGTERM: the run's checkpoint is written; say so, no traceback
+        sys.exit(f"demo_init_from.py: {exc}")

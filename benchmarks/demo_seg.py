@@ -26,7 +26,7 @@ from dinov3.eval.scenes import write_scenes  # noqa: E402
 from dinov3.train.checkpoint import atomic_save  # noqa: E402
 from dinov3.train.config import backbone_kwargs, load_config  # noqa: E402
 from dinov3.train.ssl_arch import SSLMetaArch  # noqa: E402
-from dinov3.train.trainer import train  # noqa: E402
+from dinov3.train.trainer import TrainingStopped, train  # noqa: E402
 
 
 def seg_miou(checkpoint: str, scenes: str, size: int, out_json: str, steps: int) -> dict:
@@ -104,4 +104,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TrainingStopped as exc:  # Ctrl-C / SIGTERM: the run's checkpoint is written; say so, no traceback
+        sys.exit(f"demo_seg.py: {exc}")

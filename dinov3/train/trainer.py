@@ -119,6 +119,7 @@ class Trainer:
         self.ckpt_dir = os.path.join(output_dir, "checkpoints")
         self.lock: RunLock | None = None
         self.stopped_by_signal: int | None = None
+        self.stopped_at: int | None = None  # the iteration a signal stopped the run after (its checkpoint's)
         self.allow_config_change = allow_config_change
         try:
             self._claim_output(resume=resume or resume_state is not None, overwrite=overwrite)
@@ -595,7 +596,7 @@ class Trainer:
                     self.save(it + 1)
                     saved_at = it + 1
                 if stop_signum:
-                    self.stopped_by_signal = int(stop_signum)
+                    self.stopped_by_signal, self.stopped_at = int(stop_signum), it + 1
                     logger.warning("stopped by %s after iteration %d; checkpoint %s written",
                                    signal.Signals(self.stopped_by_signal).name, it + 1, saved_at)
                     break
@@ -618,13 +619,28 @@ class Trainer:
             self.dist.initialized_here = False
 
 
+class TrainingStopped(Exception):
+    """:func:`train` was stopped by SIGINT/SIGTERM: the step finished and a checkpoint was written, but the run did not
+    reach its end (no ``backbone.pth``). ``train(..., resume=True)`` with the same output folder continues it."""
+
+    def __init__(self, signum: int, iteration: int, output_dir: str):
+        self.signum, self.iteration, self.output_dir = signum, iteration, output_dir
+        super().__init__(f"training stopped by {signal.Signals(signum).name} after iteration {iteration}; the checkpoint "
+                         f"in {output_dir} continues it (train(..., resume=True), or dinov3-train --resume)")
+
+
 def train(cfg: dict, *, data_dir: str, output_dir: str, max_iters: int | None = None, resume: bool = False,
           device: str | None = None, overwrite: bool = False, allow_config_change: bool = False) -> dict:
-    """Runs :class:`Trainer` to the end (or ``max_iters``) and returns the last iteration's metrics."""
+    """Runs :class:`Trainer` to the end (or ``max_iters``) and returns the last iteration's metrics. A SIGINT/SIGTERM
+    stops it cleanly (the current step, then a checkpoint) and raises :class:`TrainingStopped`, so that a script does
+    not go on as if the run had finished."""
     trainer = Trainer(cfg, data_dir=data_dir, output_dir=output_dir, max_iters=max_iters, resume=resume, device=device,
                       overwrite=overwrite, allow_config_change=allow_config_change)
     try:
-        return trainer.train()
+        last = trainer.train()
+        if trainer.stopped_by_signal is not None:
+            raise TrainingStopped(trainer.stopped_by_signal, trainer.stopped_at, output_dir)
+        return last
     finally:
         trainer.close()
 

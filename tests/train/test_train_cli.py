@@ -213,6 +213,32 @@ def test_signal_finishes_the_step_checkpoints_and_prints_the_resume_command(imag
     assert [r["iteration"] for r in _rows(out)] == list(range(done[0] + 1))
 
 
+def test_train_function_raises_training_stopped_after_a_signal(image_dir, tmp_path):
+    """The Python API: a script calling train() must not carry on as if the run had finished (no backbone.pth): it
+    gets TrainingStopped with the iteration its checkpoint holds."""
+    out = str(tmp_path / "run")
+    script = (
+        "import json, sys\n"
+        "from dinov3.train import TrainingStopped, load_config, train\n"
+        f"cfg = load_config('tiny', {SLOW!r})\n"
+        "try:\n"
+        f"    train(cfg, data_dir={image_dir!r}, output_dir={out!r})\n"
+        "except TrainingStopped as exc:\n"
+        "    print(json.dumps({'signum': exc.signum, 'iteration': exc.iteration, 'message': str(exc)}))\n"
+        "    sys.exit(3)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _n_rows(out) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-3000:]
+    got = json.loads(stdout.strip().splitlines()[-1])
+    done = [i for i, _ in list_checkpoints(os.path.join(out, "checkpoints"))]
+    assert got["signum"] == signal.SIGTERM and done == [got["iteration"]]
+    assert "stopped by SIGTERM after iteration" in got["message"] and "resume=True" in got["message"]
+    assert not os.path.exists(os.path.join(out, "backbone.pth"))
+
+
 def test_second_signal_exits_at_once(image_dir, tmp_path):
     out = str(tmp_path / "run")
     proc = subprocess.Popen(_cmd(image_dir, out, *SLOW), env=cli_env(), stdout=subprocess.PIPE,
