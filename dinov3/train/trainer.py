@@ -555,12 +555,15 @@ class Trainer:
                 # ranks trained on different ones (they draw the same: dinov3/train/highres.py).
                 metrics["global_crops_size"] = torch.tensor(float(batch["global_crops"].shape[-1]))
                 # A signal seen by any rank stops every rank after this same iteration (the flag rides along with
-                # the metrics' all-reduce).
+                # the metrics' all-reduce). The decision is the reduced flags' alone: a signal that lands during the
+                # all-reduce counts from the next iteration on every rank (read once: rank 1 stopping on a flag
+                # rank 0 never saw would leave rank 0 waiting in the next collective).
+                signum_now = stop.signum
                 for s in _StopSignals.SIGNALS:
-                    metrics[f"_stop_{int(s)}"] = torch.tensor(float(stop.signum == s))
+                    metrics[f"_stop_{int(s)}"] = torch.tensor(float(signum_now == s))
                 reduced = self._reduce(metrics)
                 seen = [s for s in _StopSignals.SIGNALS if reduced.pop(f"_stop_{int(s)}") > 0]
-                stop_signum = stop.signum or (max(seen) if seen else 0)
+                stop_signum = max(seen) if seen else 0
                 if not math.isfinite(reduced["total_loss"]):
                     nan_streak += 1
                     logger.warning("non-finite loss at iteration %d: %s", it, reduced)

@@ -118,3 +118,46 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_iteration(image_dir, tm
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-4000:]
     assert [r["iteration"] for r in _rows(out)] == list(range(done[0] + 1))
+
+
+DRIVER = """
+import signal, sys
+from dinov3.train import trainer
+from dinov3.train.cli import main
+
+reduce, calls = trainer.Trainer._reduce, [0]
+
+
+def reduce_then_signal(self, values):
+    out = reduce(self, values)
+    if self.dist.rank == 1 and any(k.startswith("_stop_") for k in values):
+        calls[0] += 1
+        if calls[0] == 2:  # iteration 1's all-reduce has returned: the signal lands before its flags are read
+            signal.raise_signal(signal.SIGTERM)
+    return out
+
+
+trainer.Trainer._reduce = reduce_then_signal
+sys.exit(main())
+"""
+
+
+def test_signal_during_the_all_reduce_stops_every_rank_at_the_same_iteration(image_dir, tmp_path):
+    """SIGTERM reaching rank 1 between the metrics' all-reduce and the reading of its stop flags: rank 1 must not stop
+    on a flag rank 0 never saw (it would leave rank 0 in the next collective, and no checkpoint would be written).
+    Both ranks stop after the next iteration, and rank 0 writes its checkpoint."""
+    out, driver = str(tmp_path / "run"), tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.pop("WORLD_SIZE", None)
+    cmd = torchrun_cmd(2, str(driver), "--config", "tiny", "--data", image_dir, "--output", out, *OVERRIDES,
+                       "train.iterations=50", "train.log_every=1", "checkpointing.period=1000")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    err = proc.stderr
+    assert proc.returncode != 0, err[-3000:]  # the workers exit 143
+    assert "stopped by SIGTERM after iteration 3" in err, err[-4000:]
+    done = sorted(int(n[len("checkpoint_"):-len(".pth")]) for n in os.listdir(os.path.join(out, "checkpoints"))
+                  if n.startswith("checkpoint_"))
+    assert done == [3], (done, err[-3000:])
+    assert [r["iteration"] for r in _rows(out)] == [0, 1, 2]
