@@ -193,12 +193,15 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
       prologue: reads S and T once (whole rows in registers up to 8192 columns), writes Y = [Ŝ | T̂] (G·Pp·2·Dp·c)
         and the norms.
       forward: per upper-triangle pair one tile product over the 2·Dp columns (2·T²·2·Dp FLOPs; diagonal tiles in
-        full), loading Y_i and Y_j (2·T·2·Dp·c); writes E' for (i, j) and (j, i) (G·Pp²·c in all) and the row-sum
-        slots (2·2·T fp32 per pair side). HBM: Y of the groups in flight re-read through L2 (see _hbm), E' once.
-      gradient: one program per (row block, 128-column chunk) runs the GEMM E'_i:·Ŝ over Pp (2·Pp²·Dp FLOPs per
-        group): E' is re-read once per chunk (Dp/128 times) and Ŝ once per row block (Pp/T times), from L2 while a
-        group's E' and Y fit (see _hbm); then reads x and the row sums and writes the gradient in the input dtype.
-      "fwd+bwd" adds the scale by grad_output (read and write G·P·D). Launches: 3 kernels + ~3 small torch ops.
+        full), loading Y_i and Y_j (2·T·2·Dp·c); writes E' for the upper-triangle tiles only (G·pairs·T²·c) and the
+        row-sum slots (2·2·T fp32 per pair side). HBM: Y of the groups in flight re-read through L2 (see _hbm), E'
+        once. Y is freed at the end of the forward; E', the row sums and the norms are what autograd holds.
+      backward ("fwd+bwd" only): one program per (row block, 128-column chunk) runs the GEMM E'_i:·x̂ over Pp
+        (2·Pp²·Dp FLOPs per group), E'_i: read from the stored tiles (transposed left of the diagonal) once per chunk
+        (Dp/128 times) and x̂ once per row block (Pp/T times): from Y, kept in the compute dtype where Pp > Dp, else
+        rebuilt from the INPUT x (e bytes per element) and its norm; then reads x and the row sums and writes the
+        gradient, already multiplied by grad_output (no separate scale pass).
+      Launches: prologue + forward + ~3 small torch ops; the backward kernel.
     """
     e = 2 if dtype in ("bfloat16", "float16") else 4
     c = 2 if (e == 2 or prec == "tf32") else 4
@@ -213,23 +216,29 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
     flops_exec = G * (fwd_flops + bwd_flops)
     PD = G * P * D
     y_bytes = G * Pp * 2 * Dp * c
-    e_bytes = G * Pp * Pp * c
+    e_bytes = G * pairs * T * T * c
     rs_bytes = G * 2 * nb * Pp * 4
     prologue = 2 * PD * e + y_bytes + G * 2 * Pp * 4
     fwd = G * pairs * 2 * T * 2 * Dp * c + e_bytes + rs_bytes
-    grad = G * nb * n_chunks * Pp * (T + 128) * c + G * nb * n_chunks * nb * T * 4 + 2 * PD * e
-    scale = 0 if mode == "fwd" else 2 * PD * e
-    design = prologue + fwd + grad + scale
+    bwd = mode != "fwd"
+    if not bwd:
+        flops_exec = G * fwd_flops
+    # E'_i: (Pp·T elements) per program; x̂ (Pp x 128) per program: from the kept Y in the compute dtype where
+    # Pp > Dp, else rebuilt from x in the input dtype and the norms.
+    keep_y = Pp > Dp
+    xb = 128 * c if keep_y else 128 * e + 4
+    grad = (G * nb * n_chunks * Pp * (T * c + xb) + G * nb * n_chunks * nb * T * 4 + 2 * PD * e) if bwd else 0
+    design = prologue + fwd + grad
     # HBM per kernel: each byte once (inputs, Y written then read, E' written then read, row sums, x, gradient)
     # while the groups whose tiles are in flight keep their re-read set in L2 (forward: Y, with one 128-wide program
-    # per SM (1 CTA/SM at ~250 registers), 2 for 64-wide tiles; gradient: E' and the Ŝ half, 1 program per SM).
+    # per SM (1 CTA/SM at ~250 registers), 2 for 64-wide tiles; gradient: E' and x, 1 program per SM).
     fwd_groups = min(G, _cdiv(sms * (1 if T == 128 else 2), pairs))
     bwd_groups = min(G, _cdiv(sms, nb * n_chunks))
     hbm = (prologue
            + _hbm(y_bytes + e_bytes + rs_bytes, fwd, fwd_groups * Pp * 2 * Dp * c)
-           + _hbm(e_bytes + y_bytes // 2 + rs_bytes + 2 * PD * e, grad, bwd_groups * (Pp * Pp + Pp * Dp) * c)
-           + scale)
-    return Estimate(useful, flops_exec, prec, min_b, design, min(hbm, design), 0, 6 + (0 if mode == "fwd" else 1))
+           + (_hbm(e_bytes + (y_bytes // 2 if keep_y else PD * e) + rs_bytes + 2 * PD * e, grad,
+                   bwd_groups * (pairs * T * T * c + Pp * Dp * (c if keep_y else e))) if bwd else 0))
+    return Estimate(useful, flops_exec, prec, min_b, design, min(hbm, design), 0, 5 + (1 if bwd else 0))
 
 
 # ---- KoLeo loss ------------------------------------------------------------------------------------------------------

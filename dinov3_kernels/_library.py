@@ -32,6 +32,41 @@ def _gram_loss_fwd_fake(student, teacher, apply_norm, clamp_student, clamp_teach
     return loss, gs, gt
 
 
+# The Triton tiled form computes its gradient in the backward, not in the forward: the forward returns (loss, E' (its
+# upper-triangle tiles in the compute dtype), row-sum slots fp32, row norms fp32, Y = [Ŝ | T̂] or empty); the backward
+# reads Ŝ and T̂ from Y when it was kept (P > D), else rebuilds them from the inputs and the norms. Shapes come from
+# dinov3_kernels._triton.gram.saved_shapes.
+LIB.define(
+    "gram_loss_tiled_fwd(Tensor student, Tensor teacher, bool apply_norm, bool clamp_student, bool clamp_teacher, "
+    "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("dinov3_kernels::gram_loss_tiled_fwd")
+def _gram_loss_tiled_fwd_fake(student, teacher, apply_norm, clamp_student, clamp_teacher, grad_student, grad_teacher):
+    from ._triton.gram import saved_shapes
+
+    loss = student.new_empty((), dtype=torch.float32)
+    saved = saved_shapes(student, apply_norm, clamp_student, clamp_teacher, grad_student, grad_teacher)
+    return (loss,) + tuple(student.new_empty(shape, dtype=dtype) for shape, dtype in saved)
+
+
+# Gradients (grad · d loss/d student or empty, grad · d loss/d teacher or empty) from gram_loss_tiled_fwd's outputs.
+LIB.define(
+    "gram_loss_tiled_bwd(Tensor grad, Tensor student, Tensor teacher, Tensor e, Tensor rowsums, Tensor norms, "
+    "Tensor y, bool apply_norm, bool clamp_student, bool clamp_teacher, bool grad_student, bool grad_teacher) "
+    "-> (Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("dinov3_kernels::gram_loss_tiled_bwd")
+def _gram_loss_tiled_bwd_fake(grad, student, teacher, e, rowsums, norms, y, apply_norm, clamp_student, clamp_teacher,
+                              grad_student, grad_teacher):
+    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student else student.new_empty(0)
+    gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher else teacher.new_empty(0)
+    return gs, gt
+
+
 # ---- koleo_loss ------------------------------------------------------------------------------------------------
 # search (M, D) raw features; the n query rows are search[offset : offset + n]. Returns (loss, indices (n, topk)
 # int64 into search, distances (n, topk) fp32, row norms (M,) fp32); the last three are saved for the backward.

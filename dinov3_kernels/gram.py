@@ -260,6 +260,47 @@ def _gram_backward(ctx, grad_loss, _grad_gs, _grad_gt):
 torch.library.register_autograd("dinov3_kernels::gram_loss_fwd", _gram_backward, setup_context=_gram_setup_context)
 
 
+# The Triton tiled form: the gradient is computed in the backward from E' (upper-triangle tiles, compute dtype), the
+# row norms and the inputs (or the forward's [Ŝ | T̂] where P > D), so between forward and backward it holds E' (about
+# a quarter of the gradient's bytes at P = D with fp16 storage) instead of the gradient, and the incoming gradient is
+# applied inside the kernel.
+def _gram_tiled_fwd_impl(student, teacher, apply_norm, clamp_student, clamp_teacher, grad_student, grad_teacher):
+    from ._triton.gram import gram_triton_forward
+
+    return gram_triton_forward(student, teacher, apply_norm=apply_norm, clamp_s=clamp_student, clamp_t=clamp_teacher,
+                               grad_s=grad_student, grad_t=grad_teacher, eps=NORM_EPS)
+
+
+def _gram_tiled_bwd_impl(grad, student, teacher, e, rowsums, norms, y, apply_norm, clamp_student, clamp_teacher,
+                         grad_student, grad_teacher):
+    from ._triton.gram import gram_triton_backward
+
+    return gram_triton_backward(grad, student, teacher, e, rowsums, norms, y, apply_norm=apply_norm,
+                                clamp_s=clamp_student, clamp_t=clamp_teacher, grad_s=grad_student,
+                                grad_t=grad_teacher, eps=NORM_EPS)
+
+
+torch.library.register_kernel("dinov3_kernels::gram_loss_tiled_fwd", ("cpu", "cuda"), _gram_tiled_fwd_impl)
+torch.library.register_kernel("dinov3_kernels::gram_loss_tiled_bwd", ("cpu", "cuda"), _gram_tiled_bwd_impl)
+
+
+def _gram_tiled_setup_context(ctx, inputs, output):
+    student, teacher = inputs[0], inputs[1]
+    _, e, rowsums, norms, y = output
+    ctx.save_for_backward(student, teacher, e, rowsums, norms, y)
+    ctx.flags = inputs[2:]
+
+
+def _gram_tiled_backward(ctx, grad_loss, *_):
+    ds, dt = torch.ops.dinov3_kernels.gram_loss_tiled_bwd(grad_loss, *ctx.saved_tensors, *ctx.flags)
+    grad_student, grad_teacher = ctx.flags[3], ctx.flags[4]
+    return (ds if grad_student else None), (dt if grad_teacher else None), None, None, None, None, None
+
+
+torch.library.register_autograd("dinov3_kernels::gram_loss_tiled_fwd", _gram_tiled_backward,
+                                setup_context=_gram_tiled_setup_context)
+
+
 # ---- 4. public function and module -------------------------------------------------------------------------------
 def gram_loss(student, teacher, *, apply_norm=True, img_level=True, remove_neg=False, remove_only_teacher_neg=False,
               backend="auto", method="auto"):
@@ -287,9 +328,13 @@ def gram_loss(student, teacher, *, apply_norm=True, img_level=True, remove_neg=F
         s, t = student, teacher
     else:  # one group of B*N rows: a view for contiguous input, one copy otherwise
         s, t = student.reshape(1, -1, D), teacher.reshape(1, -1, D)
+    clamp_t = remove_neg or remove_only_teacher_neg
+    if chosen == "triton" and _choose_method(method, s, remove_neg or clamp_t) == "tiled":
+        loss = torch.ops.dinov3_kernels.gram_loss_tiled_fwd(s, t, apply_norm, remove_neg, clamp_t,
+                                                            student.requires_grad, teacher.requires_grad)[0]
+        return loss
     loss, _, _ = torch.ops.dinov3_kernels.gram_loss_fwd(
-        s, t, apply_norm, remove_neg, remove_neg or remove_only_teacher_neg,
-        student.requires_grad, teacher.requires_grad, chosen, method,
+        s, t, apply_norm, remove_neg, clamp_t, student.requires_grad, teacher.requires_grad, chosen, method,
     )
     return loss
 

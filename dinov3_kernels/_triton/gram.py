@@ -16,13 +16,18 @@ Three kernels, no atomics (the result does not depend on scheduling: determinist
    tile pairs of all groups: E_ij = [Ŝ_i | T̂_i]·[Ŝ_j | -T̂_j]ᵀ as one tl.dot chain over the 2·Dp columns (the
    accumulator's sign flips between the halves, so no -T̂ copy is stored) when not clamping, two chains when
    clamping. It adds the tile's share of the loss to a per-program partial, writes E' (and E'' when it differs) in
-   the compute dtype for both (i, j) and (j, i), and the per-tile row sums of E'∘Gs and E''∘Gt the normalize
-   backward needs (x̂_a·dL/dx̂_a = 4/M Σ_b E'_ab Gs_ab), each into its own slot: no cross-program reduction.
-3. `_gram_bwd_kernel`, one program per (group, row block i, column chunk): the GEMM dL/dx̂_i = ±4/M Σ_j E'_ij Y_j
-   with the fp32 accumulator in registers, then the normalize backward fused: dx = (g - x̂ (x̂·g)) / max(|x|, eps)
-   (the projection summed from the row-sum slots in a fixed order), written in the input dtype.
-No fp32 P×D accumulator and no atomics; the extra memory is Y, E' (P² per group in the compute dtype) and the row-sum
-slots (2·P²/BLOCK fp32 per group).
+   the compute dtype for the upper-triangle tile (i, j) only (E is symmetric), and the per-tile row sums of E'∘Gs
+   and E''∘Gt the normalize backward needs (x̂_a·dL/dx̂_a = 4/M Σ_b E'_ab Gs_ab), each into its own slot: no
+   cross-program reduction. The forward (gram_triton_forward) returns the loss and what the backward needs.
+3. `_gram_bwd_kernel`, in the backward (gram_triton_backward), one program per (group, row block i, column chunk):
+   the GEMM dL/dx̂_i = ±grad_loss·4/M Σ_j E'_ij x̂_j with the fp32 accumulator in registers, E'_ij read from the stored
+   tile (i, j) or, left of the diagonal, tile (j, i) transposed, and x̂_j rebuilt from the input and its norm (or read
+   from Y where Y was kept: P > D once padded, where E' outweighs it), then the normalize backward fused:
+   dx = (g - x̂ (x̂·g)) / max(|x|, eps) (the projection summed from the row-sum slots in a fixed order), written in the
+   input dtype; the incoming gradient is applied there, not by a separate pass.
+No fp32 P×D accumulator and no atomics. Memory: during the forward Y and E'; between forward and backward E' (about
+P²/2 per group in the compute dtype), the row-sum slots (2·P²/BLOCK fp32 per group) and the norms, plus Y where P > D;
+during the backward that and the gradient. The gradient is never held between forward and backward.
 """
 
 import torch
@@ -107,18 +112,19 @@ def _gram_fwd_kernel(
     ROWSUMS: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Y (G, Pp, 2·Dp); E (G, NUM_E, Pp, Pp) in Y's dtype; RS (G, 2, nb, Pp) fp32; PART (programs,) fp32.
+    # Y (G, Pp, 2·Dp); E (G, NUM_E, pairs, BLOCK, BLOCK) in Y's dtype: the upper-triangle tiles only, tile (i, j),
+    # i <= j, at pair index j(j+1)/2 + i; RS (G, 2, nb, Pp) fp32; PART (programs,) fp32.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK_K)
     ldy = 2 * Dp
-    pp2 = Pp.to(tl.int64) * Pp
     part = tl.zeros((BLOCK,), dtype=tl.float32)
     # Persistent: program pid takes work items pid, pid + nprog, ... (item = group x upper-triangle tile pair).
     for w in range(pid, n_items, nprog):
         g = w // pairs
-        i, j = _tile_pair(w - g * pairs)
+        q = w - g * pairs
+        i, j = _tile_pair(q)
         g = g.to(tl.int64)
         rows_i = (i * BLOCK + offs).to(tl.int64)
         rows_j = (j * BLOCK + offs).to(tl.int64)
@@ -160,51 +166,86 @@ def _gram_fwd_kernel(
             if i != j:
                 tl.store(rs + i * Pp + rows_j, tl.sum(ps, axis=0))
                 tl.store(rs + (nb + i) * Pp + rows_j, tl.sum(pt, axis=0))
-        e_base = E + g * NUM_E * pp2
-        e_ij = rows_i[:, None] * Pp + rows_j[None, :]
-        e_ji = rows_j[:, None] * Pp + rows_i[None, :]
+        # E is symmetric: only tile (i, j) is stored; the gradient reads it transposed for (j, i).
+        tile = (g * NUM_E * pairs + q) * (BLOCK * BLOCK) + offs[:, None] * BLOCK + offs[None, :]
         if STORE_S:
             e_s = ((tl.where(gs < 0.0, 0.0, err) if CLAMP_S else err) * e_scale).to(E.dtype.element_ty)
-            tl.store(e_base + e_ij, e_s)
-            if i != j:
-                tl.store(e_base + e_ji, tl.trans(e_s))
+            tl.store(E + tile, e_s)
         if STORE_T:
             e_t = ((tl.where(gt < 0.0, 0.0, err) if CLAMP_T else err) * e_scale).to(E.dtype.element_ty)
-            tl.store(e_base + T_SLOT * pp2 + e_ij, e_t)
-            if i != j:
-                tl.store(e_base + T_SLOT * pp2 + e_ji, tl.trans(e_t))
+            tl.store(E + T_SLOT * pairs * (BLOCK * BLOCK) + tile, e_t)
     tl.store(PART + pid, tl.sum(part, axis=0))
 
 
 @triton.jit
+def _x_hat_rows(X, NRM, g, k, dcols, P, Pp, D, side, stride_xg, stride_xp, stride_xd, eps,
+                APPLY_NORM: tl.constexpr, CDTYPE: tl.constexpr):
+    # Rows k of x̂ = x / max(|x|, eps) over columns dcols, from the input and the norms the prologue stored, rounded
+    # to the compute dtype exactly as the prologue rounds Ŝ and T̂ for the forward (zero outside P x D).
+    x = tl.load(X + g * stride_xg + k[:, None] * stride_xp + dcols[None, :] * stride_xd,
+                mask=(k < P)[:, None] & (dcols < D)[None, :], other=0.0).to(tl.float32)
+    if APPLY_NORM:
+        r = 1.0 / tl.maximum(tl.load(NRM + (g * 2 + side) * Pp + k), eps)
+        x = x * r[:, None]
+    return x.to(CDTYPE)
+
+
+@triton.jit
+def _x_hat_tile(X, Y, NRM, g, k, dcols, P, Pp, D, Dp, side, stride_xg, stride_xp, stride_xd, eps,
+                APPLY_NORM: tl.constexpr, FROM_Y: tl.constexpr, CDTYPE: tl.constexpr):
+    if FROM_Y:  # the forward's Y = [Ŝ | T̂], kept (padded: no masks)
+        return tl.load(Y + g * Pp * 2 * Dp + k[:, None] * (2 * Dp) + side * Dp + dcols[None, :])
+    else:
+        return _x_hat_rows(X, NRM, g, k, dcols, P, Pp, D, side, stride_xg, stride_xp, stride_xd, eps, APPLY_NORM,
+                           CDTYPE)
+
+
+@triton.jit
 def _gram_bwd_kernel(
-    Y, E, RS, NRM, X, OUT,
-    P, Pp, D, Dp, nb, n_chunks, side, e_slot, NUM_E,
+    E, RS, NRM, X, Y, OUT, GL,
+    P, Pp, D, Dp, nb, pairs, n_chunks, side, e_slot, NUM_E,
     stride_xg, stride_xp, stride_xd,
     scale, e_scale, eps,
-    APPLY_NORM: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    APPLY_NORM: tl.constexpr, FROM_Y: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (group, row block, column chunk), flattened on grid axis 0 (the chunk fastest, so programs that
-    # share a row block of E' run together). g = scale · E'_i: · Y[:, side half] over the chunk; then the normalize
-    # backward dx = (g - x̂ (x̂·g)) / max(|x|, eps), with x̂·g = scale · Σ_slots RS. OUT is (G, P, D) contiguous.
-    # E' is stored times e_scale (see gram_fwd_triton).
+    # share a row block of E' run together). g = grad_loss · scale · E'_i: · x̂[:, chunk], with E' read from the stored
+    # upper-triangle tiles (tile (j, i) transposed left of the diagonal) and x̂ rebuilt from x and its norm, or read
+    # from the forward's Y where it was kept (FROM_Y: see _layout); then the normalize backward
+    # dx = (g - x̂ (x̂·g)) / max(|x|, eps), with x̂·g = grad_loss · scale · Σ_slots RS. OUT is (G, P, D) contiguous.
+    # E' is stored times e_scale.
     pid = tl.program_id(0)
     rb = pid // n_chunks
     c = pid - rb * n_chunks
-    n_rb = Pp // BLOCK_M
-    g = (rb // n_rb).to(tl.int64)
-    i = rb - (rb // n_rb) * n_rb
-    rows = (i * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    g = (rb // nb).to(tl.int64)
+    i = rb - (rb // nb) * nb
+    loc = tl.arange(0, BLOCK_M)
+    rows = (i * BLOCK_M + loc).to(tl.int64)
     ks = tl.arange(0, BLOCK_N)
     dcols = c * BLOCK_D + tl.arange(0, BLOCK_D)
-    e_ptr = E + (g * NUM_E + e_slot) * Pp * Pp + rows[:, None] * Pp + ks[None, :]
-    y_ptr = Y + g * Pp * 2 * Dp + ks[:, None].to(tl.int64) * (2 * Dp) + side * Dp + dcols[None, :]
+    cdtype = E.dtype.element_ty
+    e_g = E + (g * NUM_E + e_slot) * pairs * (BLOCK_M * BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for _ in range(0, Pp, BLOCK_N):
-        acc = mma(tl.load(e_ptr), tl.load(y_ptr), acc, IS_FP32, PRECISION)
-        e_ptr += BLOCK_N
-        y_ptr += BLOCK_N * 2 * Dp
+    # Columns left of the diagonal block: E'_i,jt = (stored tile (jt, i))ᵀ, pair index i(i+1)/2 + jt.
+    for kk in range(0, i * BLOCK_M, BLOCK_N):
+        jt = kk // BLOCK_M
+        k0 = kk - jt * BLOCK_M
+        tile = e_g + (i * (i + 1) // 2 + jt).to(tl.int64) * (BLOCK_M * BLOCK_M)
+        a = tl.trans(tl.load(tile + (k0 + ks)[:, None] * BLOCK_M + loc[None, :]))
+        xb = _x_hat_tile(X, Y, NRM, g, (kk + ks).to(tl.int64), dcols, P, Pp, D, Dp, side, stride_xg, stride_xp,
+                         stride_xd, eps, APPLY_NORM, FROM_Y, cdtype)
+        acc = mma(a, xb, acc, IS_FP32, PRECISION)
+    # The diagonal block and right of it: stored tile (i, jt), pair index jt(jt+1)/2 + i.
+    for kk in range(i * BLOCK_M, Pp, BLOCK_N):
+        jt = kk // BLOCK_M
+        k0 = kk - jt * BLOCK_M
+        tile = e_g + (jt * (jt + 1) // 2 + i).to(tl.int64) * (BLOCK_M * BLOCK_M)
+        a = tl.load(tile + loc[:, None] * BLOCK_M + (k0 + ks)[None, :])
+        xb = _x_hat_tile(X, Y, NRM, g, (kk + ks).to(tl.int64), dcols, P, Pp, D, Dp, side, stride_xg, stride_xp,
+                         stride_xd, eps, APPLY_NORM, FROM_Y, cdtype)
+        acc = mma(a, xb, acc, IS_FP32, PRECISION)
+    scale = tl.load(GL) * scale  # the incoming gradient, read on the device (no host sync)
     gh = acc * (scale / e_scale)
     mr = rows < P
     m = mr[:, None] & (dcols < D)[None, :]
@@ -308,68 +349,130 @@ def _grids(G, P, D, cfg, programs, grad_sides):
     return dict(Pp=Pp, Dp=Dp, nb=nb, pairs=pairs, n_items=n_items, n_chunks=n_chunks, grids=grids, prologue=prologue)
 
 
-def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1e-12, programs=None):
-    """Loss and gradients of the Gram loss for (G, P, D) student s and teacher t of one dtype.
-
-    Returns (loss fp32 scalar, grad_s or empty, grad_t or empty); gradients are for a loss weight of 1.
-    programs: size of the persistent forward grid (default: what fits on the GPU at once, PROGRAMS_PER_SM).
-    """
-    G, P, D = s.shape
-    dev = s.device
+def _layout(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t):
+    """Everything the forward and backward launches and the saved tensors' shapes derive from, for (G, P, D) input s
+    (a real or a fake tensor): compute dtype and dot precision, tiles, padded sizes, grids, the E' slots."""
+    # int(): the tiles depend on the sizes, so under torch.compile's dynamic shapes this specialises on them.
+    G, P, D = (int(n) for n in s.shape)
     is_fp32, precision = dot_precision(s)
     cdtype = _compute_dtype(s.dtype, apply_norm, precision == "tf32")
     if cdtype == torch.float16:
         is_fp32, precision = False, "ieee"
     elif cdtype != s.dtype:  # fp16 values in fp32: TF32 keeps them exactly
         is_fp32, precision = True, ("tf32" if _sm(s) >= 80 else "ieee")
+    cfg = _block_sizes(P, D, s.device.type == "cpu", is_fp32, precision, _sm(s), clamp_s or clamp_t)
+    assert cfg["BLOCK"] % cfg["BLOCK_N"] == 0, cfg  # the gradient's K steps stay inside one stored tile
+    lay = dict(cdtype=cdtype, is_fp32=is_fp32, precision=precision, cfg=cfg)
+    # E' slots: one matrix serves both gradients unless a clamp makes E' and E'' differ.
+    separate = (clamp_s or clamp_t) and grad_s and grad_t
+    lay.update(t_slot=1 if separate else 0, num_e=2 if separate else 1, store_t=grad_t and (separate or not grad_s),
+               need_e=grad_s or grad_t)
+    lay["programs"] = _num_sms(s) * PROGRAMS_PER_SM.get(cfg["BLOCK"], 2)
+    lay.update(_grids(G, P, D, cfg, lay["programs"], grad_s or grad_t))
+    # The backward's GEMM reads x̂ once per row block. Where E' outweighs x (Pp > Dp) Y is kept for it: the memory
+    # is then E''s anyway, and x̂ re-read in the compute dtype costs half the bytes of fp32 x (predicted 1.91x ->
+    # 2.24x the official path at G=8, P=4096, D=1024); at Pp <= Dp x̂ is rebuilt from x, so that what autograd holds
+    # is E' alone (a quarter of the gradient's bytes at P = D in fp16).
+    lay["keep_y"] = lay["need_e"] and lay["Pp"] > lay["Dp"]
+    return lay
+
+
+def saved_shapes(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t):
+    """((shape, dtype) of E', of the row-sum slots, of the norms, of the kept Y) that gram_triton_forward returns for
+    input s: what the op's fake implementation allocates."""
+    G = int(s.shape[0])
+    lay = _layout(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t)
+    B, nb, Pp = lay["cfg"]["BLOCK"], lay["nb"], lay["Pp"]
+    e = (G, lay["num_e"], lay["pairs"], B, B) if lay["need_e"] else (0,)
+    rs = (G, 2, nb, Pp) if (apply_norm and lay["need_e"]) else (0,)
+    nrm = (G, 2, Pp) if apply_norm else (0,)
+    y = (G, Pp, 2 * lay["Dp"]) if lay["keep_y"] else (0,)
+    return (e, lay["cdtype"]), (rs, torch.float32), (nrm, torch.float32), (y, lay["cdtype"])
+
+
+def gram_triton_forward(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1e-12, programs=None):
+    """Loss of the Gram loss for (G, P, D) student s and teacher t of one dtype, and what its gradient needs.
+
+    Returns (loss fp32 scalar, E', row sums, norms, Y): E' (G, slots, pairs, BLOCK, BLOCK) the upper-triangle tiles of
+    the masked error in the compute dtype (empty when no gradient is asked for), the fp32 row-sum slots of the
+    normalize backward, the fp32 row norms (empty without normalisation) and Y = [Ŝ | T̂] where the backward reads it
+    (P > D once padded; empty otherwise, when it lives only during this call).
+    programs: size of the persistent forward grid (default: what fits on the GPU at once, PROGRAMS_PER_SM).
+    """
+    G, P, D = s.shape
+    dev = s.device
+    lay = _layout(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t)
+    cfg, cdtype, Pp, Dp, nb = lay["cfg"], lay["cdtype"], lay["Pp"], lay["Dp"], lay["nb"]
     # |E'| <= 2 with normalisation: stored times 2^14 in fp16 (at most 32768 < 65504), so that the small entries of a
     # student close to its teacher stay normal numbers (fp16 goes subnormal below 6e-5) and keep 10 mantissa bits.
     e_scale = E_SCALE if cdtype == torch.float16 else 1.0
-    cfg = _block_sizes(P, D, dev.type == "cpu", is_fp32, precision, _sm(s), clamp_s or clamp_t)
-    programs = programs or _num_sms(s) * PROGRAMS_PER_SM.get(cfg["BLOCK"], 2)
-    lay = _grids(G, P, D, cfg, programs, grad_s or grad_t)
-    Pp, Dp, nb = lay["Pp"], lay["Dp"], lay["nb"]
+    if programs is not None:
+        lay["grids"]["fwd"] = (max(1, min(lay["n_items"], programs)),)
+    (e_shape, _), (rs_shape, _), (nrm_shape, _), _ = saved_shapes(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t)
 
     Y = torch.empty((G, Pp, 2 * Dp), device=dev, dtype=cdtype)
-    nrm = torch.empty((G, 2, Pp), device=dev, dtype=torch.float32) if apply_norm else Y
+    nrm = torch.empty(nrm_shape, device=dev, dtype=torch.float32)
     _gram_prologue_kernel[lay["grids"]["prologue"]](
-        s, t, Y, nrm, G * Pp, P, Pp, D, Dp,
+        s, t, Y, nrm if apply_norm else Y, G * Pp, P, Pp, D, Dp,
         s.stride(0), s.stride(1), s.stride(2), t.stride(0), t.stride(1), t.stride(2), eps,
         APPLY_NORM=apply_norm, ONE_PASS=lay["prologue"][2], BLOCK_R=lay["prologue"][0], BLOCK_D=lay["prologue"][1],
     )
-
-    # E' slots: one matrix serves both gradients unless a clamp makes E' and E'' differ.
-    separate = (clamp_s or clamp_t) and grad_s and grad_t
-    t_slot = 1 if separate else 0
-    num_e = 2 if separate else 1
-    store_t = grad_t and (separate or not grad_s)
-    need_e = grad_s or grad_t
-    E = torch.empty((G, num_e, Pp, Pp) if need_e else (1,), device=dev, dtype=cdtype)
-    rowsums = apply_norm and need_e
-    RS = torch.empty((G, 2, nb, Pp) if rowsums else (1,), device=dev, dtype=torch.float32)
+    E = torch.empty(e_shape, device=dev, dtype=cdtype)
+    RS = torch.empty(rs_shape, device=dev, dtype=torch.float32)
     fwd_grid = lay["grids"]["fwd"]
     part = torch.empty(fwd_grid, device=dev, dtype=torch.float32)
     _gram_fwd_kernel[fwd_grid](
         Y, E, RS, part, lay["n_items"], lay["pairs"], nb, Pp, Dp, e_scale,
-        CLAMP_S=clamp_s, CLAMP_T=clamp_t, STORE_S=grad_s, STORE_T=store_t, T_SLOT=t_slot, NUM_E=num_e,
-        ROWSUMS=rowsums, IS_FP32=is_fp32, PRECISION=precision, BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["fwd"][0], num_stages=cfg["fwd"][1],
+        CLAMP_S=clamp_s, CLAMP_T=clamp_t, STORE_S=grad_s, STORE_T=lay["store_t"], T_SLOT=lay["t_slot"],
+        NUM_E=lay["num_e"], ROWSUMS=RS.numel() > 0, IS_FP32=lay["is_fp32"], PRECISION=lay["precision"],
+        BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["fwd"][0], num_stages=cfg["fwd"][1],
     )
+    if not lay["keep_y"]:
+        Y = Y.new_empty(0)
     M = G * P * P
     # Summing the partials in float64 keeps the loss accurate when M reaches billions of entries.
     loss = (part.sum(dtype=torch.float64) / M).to(torch.float32)
+    return loss, E, RS, nrm, Y
+
+
+def gram_triton_backward(grad_loss, s, t, E, RS, nrm, Y, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1e-12):
+    """(d loss/d s · grad_loss or empty, d loss/d t · grad_loss or empty) from gram_triton_forward's saved tensors
+    and the inputs themselves; grad_loss is a scalar tensor (read on the device)."""
+    G, P, D = s.shape
+    lay = _layout(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t)
+    if E.dtype != lay["cdtype"]:
+        raise RuntimeError(f"gram_loss backward: the saved E' is {E.dtype}, the forward's setting now gives "
+                           f"{lay['cdtype']} (torch.backends.cuda.matmul.allow_tf32 changed between forward and "
+                           f"backward?)")
+    cfg = lay["cfg"]
+    e_scale = E_SCALE if lay["cdtype"] == torch.float16 else 1.0
+    gl = grad_loss.detach().to(device=s.device, dtype=torch.float32).reshape(1)
+    M = G * P * P
 
     def grad(x, side, slot, sign):
-        out = torch.empty((G, P, D), device=dev, dtype=x.dtype)
+        out = torch.empty((G, P, D), device=s.device, dtype=x.dtype)
         _gram_bwd_kernel[lay["grids"]["bwd"]](
-            Y, E, RS, nrm, x, out, P, Pp, D, Dp, nb, lay["n_chunks"], side, slot, num_e,
+            E, RS if RS.numel() else gl, nrm if nrm.numel() else gl, x, Y if Y.numel() else E, out, gl,
+            P, lay["Pp"], D, lay["Dp"], lay["nb"], lay["pairs"], lay["n_chunks"], side, slot, lay["num_e"],
             x.stride(0), x.stride(1), x.stride(2), sign * 4.0 / M, e_scale, eps,
-            APPLY_NORM=apply_norm, IS_FP32=is_fp32, PRECISION=precision,
+            APPLY_NORM=apply_norm, FROM_Y=Y.numel() > 0, IS_FP32=lay["is_fp32"], PRECISION=lay["precision"],
             BLOCK_M=cfg["BLOCK"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["bwd"][0], num_stages=cfg["bwd"][1],
         )
         return out
 
     gs = grad(s, 0, 0, 1.0) if grad_s else s.new_empty(0)
-    gt = grad(t, 1, t_slot, -1.0) if grad_t else t.new_empty(0)
+    gt = grad(t, 1, lay["t_slot"], -1.0) if grad_t else t.new_empty(0)
+    return gs, gt
+
+
+def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1e-12, programs=None):
+    """(loss, grad_s or empty, grad_t or empty) for a loss weight of 1: the forward and backward in one call (the
+    contract of the other backends' gram_loss_fwd; tests and the compile report use it)."""
+    loss, E, RS, nrm, Y = gram_triton_forward(s, t, apply_norm=apply_norm, clamp_s=clamp_s, clamp_t=clamp_t,
+                                              grad_s=grad_s, grad_t=grad_t, eps=eps, programs=programs)
+    if not (grad_s or grad_t):
+        return loss, s.new_empty(0), t.new_empty(0)
+    gs, gt = gram_triton_backward(torch.ones((), device=s.device), s, t, E, RS, nrm, Y, apply_norm=apply_norm,
+                                  clamp_s=clamp_s, clamp_t=clamp_t, grad_s=grad_s, grad_t=grad_t, eps=eps)
     return loss, gs, gt

@@ -230,6 +230,17 @@ def test_triton_many_tiles_persistent_loop(triton_cpu, monkeypatch, opts):
     _kernel_vs_reference(tg, s, t, opts, grad_t=True, programs=5, rtol=RTOL[torch.float32])
 
 
+@pytest.mark.parametrize("opts", OPTIONS[:4], ids=str)
+def test_triton_many_tiles_gradient_from_the_inputs(triton_cpu, monkeypatch, opts):
+    # P = 20 < D = 40 (padded 32 < 48): the backward rebuilds x̂ from the inputs and the norms instead of reading the
+    # forward's Y (P > D, the test above); 2 row blocks (the second ragged), 3 column chunks, the last padded.
+    tg = _small_tiles(monkeypatch)
+    s, t = _features(2, 20, 40, related=False)
+    assert not tg._layout(s, True, False, False, True, True)["keep_y"]
+    assert tg._layout(s.transpose(1, 2), True, False, False, True, True)["keep_y"]
+    _kernel_vs_reference(tg, s, t, opts, grad_t=True, programs=3, rtol=RTOL[torch.float32])
+
+
 def test_triton_off_diagonal_tiles_only(triton_cpu, monkeypatch):
     # Student = teacher except in rows 16..31: E is non-zero only in tile row/column 1 (pairs (0,1), (1,1), (1,2)),
     # so a wrong weight for off-diagonal pairs or a missing transposed E' store shows in the loss and the gradient.
@@ -316,6 +327,93 @@ def test_triton_block_sizes_use_wide_tiles_on_sm90():
         assert lay["Pp"] % cfg["BLOCK"] == 0 and lay["Pp"] % cfg["BLOCK_N"] == 0
         assert lay["Dp"] % cfg["BLOCK_K"] == 0 and lay["Dp"] % cfg["BLOCK_D"] == 0
     assert tg._block_sizes(261, 1024, False, False, "ieee", 90)["BLOCK"] == 64  # 320 padded rows, not 384
+
+
+def _saved_bytes(fn, *inputs):
+    """Bytes that autograd holds between forward and backward for fn(*inputs), the inputs themselves excluded."""
+    held = []
+
+    def pack(x):
+        if not any(x is i for i in inputs):
+            held.append(x.numel() * x.element_size())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = fn(*inputs)
+    return sum(held), loss
+
+
+def test_triton_holds_only_e_upper_triangle_between_forward_and_backward(triton_cpu, monkeypatch):
+    # The tiled Triton form keeps, for the backward, E' as its upper-triangle tiles in the compute dtype (fp16 where
+    # torch runs fp32 products in TF32, emulated here), the row sums and the norms: not the gradient (G·P·D fp32),
+    # which the old design computed in the forward and held. P = 512 on the CPU's 128-wide tiles: 10 of 16 tiles.
+    from dinov3_kernels._triton import gram as tg
+
+    monkeypatch.setattr(tg, "dot_precision", lambda x: (x.dtype == torch.float32, "tf32"))
+    G, P, D = 2, 512, 512
+    s, t = _features(G, P, D)
+    s.requires_grad_(True)
+    grad_bytes = G * P * D * 4
+    held, loss = _saved_bytes(lambda a, b: gram_loss(a, b, backend="triton", method="tiled"), s, t)
+    e_bytes = G * 10 * 128 * 128 * 2
+    assert e_bytes <= held <= e_bytes + G * (2 * 4 * P + 2 * P) * 4  # + row-sum slots and norms
+    assert held < 0.35 * grad_bytes
+    ref_held, _ = _saved_bytes(lambda a, b: gram_loss_reference(a, b), s, t)
+    assert ref_held >= 3 * grad_bytes  # the official formulation: Ŝ and both P x P Gram matrices in fp32 (at P = D)
+    loss.backward()
+    want = _run(gram_loss_reference, s.double(), t.double(), teacher_grad=False)[1]
+    _assert_close(s.grad, want, RTOL["tf32"], "student grad")
+
+
+def test_triton_backward_twice_with_retain_graph(triton_cpu):
+    # The saved E' is read, never modified, by the backward: a second backward through the same graph adds the same
+    # gradient again (a gradient computed in the forward and scaled in place would not).
+    s, t = _features(2, 40, 12)
+    s.requires_grad_(True)
+    loss = 1.5 * gram_loss(s, t, backend="triton", method="tiled")
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward()
+    want = _run(lambda a, b: 1.5 * gram_loss_reference(a, b), s.double(), t.double(), teacher_grad=False)[1]
+    _assert_close(first, want, RTOL[torch.float32], "first backward")
+    _assert_close(s.grad, 2 * want, RTOL[torch.float32], "accumulated backward")
+
+
+def test_triton_saved_shapes_match_the_forward(triton_cpu, monkeypatch):
+    # What the fake implementation allocates (torch.compile, opcheck) is what the kernels return, for every
+    # combination of gradients and clamps (two E' slots when both gradients are asked for and a clamp splits them).
+    tg = _small_tiles(monkeypatch)
+    s, t = _features(2, 40, 20)
+    flag_sets = [(True, False, False, True, False), (True, True, True, True, True), (False, False, True, False, True),
+                 (True, False, False, False, False)]
+    for apply_norm, clamp_s, clamp_t, grad_s, grad_t in flag_sets:
+        out = tg.gram_triton_forward(s, t, apply_norm=apply_norm, clamp_s=clamp_s, clamp_t=clamp_t, grad_s=grad_s,
+                                     grad_t=grad_t)
+        want = tg.saved_shapes(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t)
+        assert [(tuple(x.shape), x.dtype) for x in out[1:]] == [(tuple(sh), dt) for sh, dt in want]
+        if grad_s or grad_t:
+            # 40 rows on 16-wide tiles: 3 row blocks, 6 upper-triangle tiles, not 9
+            assert out[1].shape[2:] == (6, 16, 16)
+            assert out[1].shape[1] == (2 if (clamp_s or clamp_t) and grad_s and grad_t else 1)
+            assert out[4].shape == (2, 48, 64)  # P > D: Y = [Ŝ | T̂] kept for the backward
+        else:
+            assert out[4].numel() == 0
+
+
+@pytest.mark.parametrize("flags", [(True, False, False, True, True), (False, True, True, True, False),
+                                   (True, False, True, False, True)])
+def test_opcheck_tiled_ops(triton_cpu, flags):
+    apply_norm, clamp_s, clamp_t, grad_s, grad_t = flags
+    s, t = _features(2, 20, 8)
+    s.requires_grad_(grad_s)
+    t.requires_grad_(grad_t)
+    torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_tiled_fwd.default,
+                          (s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t))
+    _, e, rs, nrm, y = torch.ops.dinov3_kernels.gram_loss_tiled_fwd(s.detach(), t.detach(), apply_norm, clamp_s,
+                                                                    clamp_t, grad_s, grad_t)
+    torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_tiled_bwd.default,
+                          (torch.tensor(0.5), s.detach(), t.detach(), e, rs, nrm, y, apply_norm, clamp_s, clamp_t,
+                           grad_s, grad_t))
 
 
 # ---- the factored form |SᵀS|² - 2|SᵀT|² + |TᵀT|² --------------------------------------------------------------
