@@ -400,22 +400,6 @@ def test_triton_saved_shapes_match_the_forward(triton_cpu, monkeypatch):
             assert out[4].numel() == 0
 
 
-@pytest.mark.parametrize("flags", [(True, False, False, True, True), (False, True, True, True, False),
-                                   (True, False, True, False, True)])
-def test_opcheck_tiled_ops(triton_cpu, flags):
-    apply_norm, clamp_s, clamp_t, grad_s, grad_t = flags
-    s, t = _features(2, 20, 8)
-    s.requires_grad_(grad_s)
-    t.requires_grad_(grad_t)
-    torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_tiled_fwd.default,
-                          (s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t))
-    _, e, rs, nrm, y = torch.ops.dinov3_kernels.gram_loss_tiled_fwd(s.detach(), t.detach(), apply_norm, clamp_s,
-                                                                    clamp_t, grad_s, grad_t)
-    torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_tiled_bwd.default,
-                          (torch.tensor(0.5), s.detach(), t.detach(), e, rs, nrm, y, apply_norm, clamp_s, clamp_t,
-                           grad_s, grad_t))
-
-
 # ---- the factored form |SᵀS|² - 2|SᵀT|² + |TᵀT|² --------------------------------------------------------------
 @pytest.mark.parametrize("opts", [dict(), dict(apply_norm=False), dict(img_level=False)], ids=str)
 def test_factored_matches_reference(triton_cpu, opts):
@@ -475,7 +459,8 @@ def test_auto_method_choice():
 
 
 # ---- registration: opcheck and torch.compile -----------------------------------------------------------------
-@pytest.mark.parametrize("flags", [(True, False, False, True, True), (False, True, True, True, False)])
+@pytest.mark.parametrize("flags", [(True, False, False, True, True), (False, True, True, True, False),
+                                   (True, False, True, False, True)])
 def test_opcheck(triton_cpu, flags):
     apply_norm, clamp_s, clamp_t, grad_s, grad_t = flags
     s, t = _features(2, 20, 8)
@@ -483,6 +468,14 @@ def test_opcheck(triton_cpu, flags):
     t.requires_grad_(grad_t)
     torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_fwd.default,
                           (s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t, "triton", "tiled"))
+    # The Triton tiled form's own pair (what gram_loss runs for backend="triton"): forward, then backward.
+    torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_tiled_fwd.default,
+                          (s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t))
+    saved = torch.ops.dinov3_kernels.gram_loss_tiled_fwd(s.detach(), t.detach(), apply_norm, clamp_s, clamp_t,
+                                                         grad_s, grad_t)[1:]
+    torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_tiled_bwd.default,
+                          (torch.tensor(0.5), s.detach(), t.detach(), *saved, apply_norm, clamp_s, clamp_t, grad_s,
+                           grad_t))
 
 
 def test_torch_compile_fullgraph(triton_cpu):
