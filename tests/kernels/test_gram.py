@@ -618,6 +618,29 @@ def test_gpu_deterministic_loss():
         assert len(vals) == 1, f"{backend}: loss changed between runs: {vals}"
 
 
+@pytest.mark.gpu
+def test_gpu_triton_memory_is_a_quarter_of_the_official_path():
+    # The memory goal, measured: peak CUDA memory above the inputs during forward + backward, fp32 features
+    # with TF32 on (as official training runs), P = D = 1024; the official formulation is the reference backend.
+    s, t = _features(8, 1024, 1024, torch.float32, "cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        peaks = {}
+        for backend in ("reference", "triton"):
+            x = s.detach().clone().requires_grad_(True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            gram_loss(x, t, backend=backend, method="tiled").backward()
+            torch.cuda.synchronize()
+            peaks[backend] = torch.cuda.max_memory_allocated() - base
+            del x
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert peaks["triton"] <= 0.25 * peaks["reference"], peaks
+
+
 
 def test_deterministic_mode_runs_the_triton_kernels(triton_cpu):
     # The Triton kernels have no atomics: deterministic mode accepts them, and the result is the same bits.
