@@ -286,13 +286,20 @@ torch.library.register_kernel("dinov3_kernels::gram_loss_tiled_bwd", ("cpu", "cu
 
 def _gram_tiled_setup_context(ctx, inputs, output):
     student, teacher = inputs[0], inputs[1]
+    grad_student, grad_teacher = inputs[5], inputs[6]
     _, e, rowsums, norms, y = output
-    ctx.save_for_backward(student, teacher, e, rowsums, norms, y)
+    # Only the side that gets a gradient is needed again (x̂ is rebuilt from it): a Gram teacher's features are not
+    # kept alive until the backward.
+    ctx.save_for_backward(student if grad_student else None, teacher if grad_teacher else None, e, rowsums, norms, y)
     ctx.flags = inputs[2:]
 
 
 def _gram_tiled_backward(ctx, grad_loss, *_):
-    ds, dt = torch.ops.dinov3_kernels.gram_loss_tiled_bwd(grad_loss, *ctx.saved_tensors, *ctx.flags)
+    student, teacher, *saved = ctx.saved_tensors
+    empty = saved[0].new_empty(0)
+    student = empty if student is None else student
+    teacher = empty if teacher is None else teacher
+    ds, dt = torch.ops.dinov3_kernels.gram_loss_tiled_bwd(grad_loss, student, teacher, *saved, *ctx.flags)
     grad_student, grad_teacher = ctx.flags[3], ctx.flags[4]
     return (ds if grad_student else None), (dt if grad_teacher else None), None, None, None, None, None
 

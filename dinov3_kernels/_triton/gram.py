@@ -437,20 +437,22 @@ def gram_triton_forward(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, e
 
 def gram_triton_backward(grad_loss, s, t, E, RS, nrm, Y, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1e-12):
     """(d loss/d s · grad_loss or empty, d loss/d t · grad_loss or empty) from gram_triton_forward's saved tensors
-    and the inputs themselves; grad_loss is a scalar tensor (read on the device)."""
-    G, P, D = s.shape
-    lay = _layout(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t)
+    and the inputs themselves (the one that gets no gradient may be passed empty); grad_loss is a scalar tensor
+    (read on the device)."""
+    ref = s if grad_s else t
+    G, P, D = ref.shape
+    lay = _layout(ref, apply_norm, clamp_s, clamp_t, grad_s, grad_t)
     if E.dtype != lay["cdtype"]:
         raise RuntimeError(f"gram_loss backward: the saved E' is {E.dtype}, the forward's setting now gives "
                            f"{lay['cdtype']} (torch.backends.cuda.matmul.allow_tf32 changed between forward and "
                            f"backward?)")
     cfg = lay["cfg"]
     e_scale = E_SCALE if lay["cdtype"] == torch.float16 else 1.0
-    gl = grad_loss.detach().to(device=s.device, dtype=torch.float32).reshape(1)
+    gl = grad_loss.detach().to(device=ref.device, dtype=torch.float32).reshape(1)
     M = G * P * P
 
     def grad(x, side, slot, sign):
-        out = torch.empty((G, P, D), device=s.device, dtype=x.dtype)
+        out = torch.empty((G, P, D), device=x.device, dtype=x.dtype)
         _gram_bwd_kernel[lay["grids"]["bwd"]](
             E, RS if RS.numel() else gl, nrm if nrm.numel() else gl, x, Y if Y.numel() else E, out, gl,
             P, lay["Pp"], D, lay["Dp"], lay["nb"], lay["pairs"], lay["n_chunks"], side, slot, lay["num_e"],

@@ -330,17 +330,21 @@ def test_triton_block_sizes_use_wide_tiles_on_sm90():
 
 
 def _saved_bytes(fn, *inputs):
-    """Bytes that autograd holds between forward and backward for fn(*inputs), the inputs themselves excluded."""
-    held = []
+    """(bytes that autograd holds between forward and backward for fn(*inputs), the inputs themselves excluded;
+    which inputs it holds; the output)."""
+    held, inputs_held = [], set()
 
     def pack(x):
-        if not any(x is i for i in inputs):
+        hit = [k for k, i in enumerate(inputs) if x is i]
+        if hit:
+            inputs_held.update(hit)
+        else:
             held.append(x.numel() * x.element_size())
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         loss = fn(*inputs)
-    return sum(held), loss
+    return sum(held), inputs_held, loss
 
 
 def test_triton_holds_only_e_upper_triangle_between_forward_and_backward(triton_cpu, monkeypatch):
@@ -354,11 +358,12 @@ def test_triton_holds_only_e_upper_triangle_between_forward_and_backward(triton_
     s, t = _features(G, P, D)
     s.requires_grad_(True)
     grad_bytes = G * P * D * 4
-    held, loss = _saved_bytes(lambda a, b: gram_loss(a, b, backend="triton", method="tiled"), s, t)
+    held, inputs_held, loss = _saved_bytes(lambda a, b: gram_loss(a, b, backend="triton", method="tiled"), s, t)
     e_bytes = G * 10 * 128 * 128 * 2
     assert e_bytes <= held <= e_bytes + G * (2 * 4 * P + 2 * P) * 4  # + row-sum slots and norms
     assert held < 0.35 * grad_bytes
-    ref_held, _ = _saved_bytes(lambda a, b: gram_loss_reference(a, b), s, t)
+    assert inputs_held == {0}  # the student (x̂ is rebuilt from it); not the teacher, which gets no gradient
+    ref_held, _, _ = _saved_bytes(lambda a, b: gram_loss_reference(a, b), s, t)
     assert ref_held >= 3 * grad_bytes  # the official formulation: Ŝ and both P x P Gram matrices in fp32 (at P = D)
     loss.backward()
     want = _run(gram_loss_reference, s.double(), t.double(), teacher_grad=False)[1]
@@ -377,6 +382,19 @@ def test_triton_backward_twice_with_retain_graph(triton_cpu):
     want = _run(lambda a, b: 1.5 * gram_loss_reference(a, b), s.double(), t.double(), teacher_grad=False)[1]
     _assert_close(first, want, RTOL[torch.float32], "first backward")
     _assert_close(s.grad, 2 * want, RTOL[torch.float32], "accumulated backward")
+
+
+def test_triton_gradient_for_the_teacher_alone(triton_cpu):
+    # Only the teacher requires grad: the student is then neither saved nor read by the backward.
+    s, t = _features(2, 30, 12)
+    t1 = t.clone().requires_grad_(True)
+    held, inputs_held, loss = _saved_bytes(lambda a, b: gram_loss(a, b, backend="triton", method="tiled",
+                                                                  remove_only_teacher_neg=True), s, t1)
+    assert inputs_held == {1}
+    loss.backward()
+    t2 = t.double().requires_grad_(True)
+    gram_loss_reference(s.double(), t2, remove_only_teacher_neg=True).backward()
+    _assert_close(t1.grad, t2.grad, RTOL[torch.float32], "teacher grad")
 
 
 def test_triton_saved_shapes_match_the_forward(triton_cpu, monkeypatch):
