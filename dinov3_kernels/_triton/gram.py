@@ -380,8 +380,10 @@ def _layout(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t):
 def saved_shapes(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t):
     """((shape, dtype) of E', of the row-sum slots, of the norms, of the kept Y) that gram_triton_forward returns for
     input s: what the op's fake implementation allocates."""
-    G = int(s.shape[0])
-    lay = _layout(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t)
+    return _saved_shapes(_layout(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t), int(s.shape[0]), apply_norm)
+
+
+def _saved_shapes(lay, G, apply_norm):
     B, nb, Pp = lay["cfg"]["BLOCK"], lay["nb"], lay["Pp"]
     e = (G, lay["num_e"], lay["pairs"], B, B) if lay["need_e"] else (0,)
     rs = (G, 2, nb, Pp) if (apply_norm and lay["need_e"]) else (0,)
@@ -408,7 +410,7 @@ def gram_triton_forward(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, e
     e_scale = E_SCALE if cdtype == torch.float16 else 1.0
     if programs is not None:
         lay["grids"]["fwd"] = (max(1, min(lay["n_items"], programs)),)
-    (e_shape, _), (rs_shape, _), (nrm_shape, _), _ = saved_shapes(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t)
+    (e_shape, _), (rs_shape, _), (nrm_shape, _), _ = _saved_shapes(lay, G, apply_norm)
 
     Y = torch.empty((G, Pp, 2 * Dp), device=dev, dtype=cdtype)
     nrm = torch.empty(nrm_shape, device=dev, dtype=torch.float32)
