@@ -258,10 +258,11 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       pairwise distance (eager: the difference written, then its norm); backward O(n·d) elementwise (~10 passes;
       compile ~5, and its forward elementwise ~5 passes instead of ~10).
     triton/cuda: a norm pass, then programs of BM query rows that stream the search set in BN-row tiles: CUDA one
-      program per 64 rows over the whole set (BN = 64); Triton (since issue 14) BN = 128 and BM = 128 for
-      n >= 64·132, else 64, times splits of the set, enough for 2 programs per SM (at most 32 splits for top-1 in
-      fp32, 256 for 16-bit), then a merge kernel and a fixed-order sum. CUDA, and Triton where the tiles below do
-      not fit: per (query tile, search tile) both tiles come from L2, n·M·d·e·(1/BM + 1/BN) bytes (see _hbm).
+      program per 64 rows over the whole set (BN = 64); Triton (since issue 14) BN = 128 and BM = 128 where the
+      grid keeps 2 programs per SM with it (n >= ~2300), else 64, times splits of the set, enough for 2 programs
+      per SM (at most 32 splits for top-1 in fp32, 256 for 16-bit), then a merge kernel and a fixed-order sum.
+      CUDA, and Triton where the tiles below do not fit: per (query tile, search tile) both tiles come from L2,
+      n·M·d·e·(1/BM + 1/BN) bytes (see _hbm).
       Triton with the query tile resident (since issue 14, d <= KOLEO_TRITON_RESIDENT_D[e]: 384 in 16-bit, 192 in
       fp32): BM = 128, BN = 64 at any n, each program reads its query tile once, n·M·d·e/BM + programs·BM·d·e.
       The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). CUDA's fp32 search runs IEEE
@@ -305,7 +306,9 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         merge, launches = 2 * nd * e, 2
     else:
         resident = d <= KOLEO_TRITON_RESIDENT_D[e]
-        bm, bn = (128, 64) if resident else ((128 if n >= 64 * sms else 64), 128)
+        tiles = _cdiv(n, 128)  # the launcher's rule: 128-row tiles where the grid keeps 2 programs per SM
+        bm = 128 if tiles * min(_cdiv(2 * sms, tiles), tiles) >= 2 * sms else 64
+        bm, bn = (128, 64) if resident else (bm, 128)
         prec = "bf16" if e == 2 else "tf32"
         kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA
         kcp = max(2, 1 << (kc - 1).bit_length())

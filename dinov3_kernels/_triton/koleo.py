@@ -292,12 +292,17 @@ def _block_sizes(n, D, on_cpu, is_fp32, resident=None):
         # chunks' dots each end in a wgmma wait: 256-byte chunks (16-bit: 128 wide) halve those waits against 128.
         return 128, 64, res_k, block_p, 2 * 132, RERANK_EXTRA, True
     # wgmma needs 64 query rows per warpgroup (BLOCK_M = 32 compiled to mma.sync). Each (query tile, search tile)
-    # pair loads both tiles from L2, n·M·d·(1/BLOCK_M + 1/BLOCK_N) elements in all, so 128-wide search tiles. Large n
-    # (L2-bound): 128 x 128 over 8 warps (~245 regs, 1 CTA/SM), the fewest bytes a 128x128 fp32 accumulator allows;
-    # smaller n: 64 x 128 over 4 warps (~240 regs, 72 KB smem: 2 CTAs/SM) and twice the programs. The search splits
-    # fill the SMs when n is small (2 programs per SM).
+    # pair loads both tiles from L2, n·M·d·(1/BLOCK_M + 1/BLOCK_N) elements in all, so 128-wide search tiles, and
+    # 128 x 128 over 8 warps (~245 regs, 1 CTA/SM: the same 8 warps per SM as two 64 x 128 CTAs) wherever the grid
+    # still has two programs per SM with it: a third less L2 traffic than 64 x 128 (2/128 against 3/128 of
+    # n·M·d·e; predicted 1.1x at n = 2048 to 1.3x at n = 8192 on the search, d = 768-1024, where it is L2-bound).
+    # Below that (n < ~2300 rows) 64 x 128 over 4 warps (~240 regs, 72 KB smem, 2 CTAs/SM): twice the query tiles,
+    # so the grid (query tiles x search splits, at most one split per 128-column tile) fills the SMs.
     block_k = max(16, min(32 if is_fp32 else 64, triton.next_power_of_2(D)))
-    return 128 if n >= 64 * 132 else 64, 128, block_k, block_p, 2 * 132, RERANK_EXTRA, False
+    programs = 2 * 132
+    tiles = triton.cdiv(n, 128)
+    block_m = 128 if tiles * min(triton.cdiv(programs, tiles), tiles) >= programs else 64
+    return block_m, 128, block_k, block_p, programs, RERANK_EXTRA, False
 
 
 def _search_warps(block_m):

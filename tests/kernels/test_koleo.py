@@ -216,6 +216,10 @@ def test_triton_search_kernel_choice():
     assert _resident_smem(384, 128, 64, 128, 2) == 196608 <= RESIDENT_SMEM < 227 * 1024
     assert pick(384, False)[2] == 128 and pick(192, True)[2] == 64 and pick(1024, False)[2] == 64
     assert pick(160, False)[2] == 64  # 3 x 64 columns, not 2 x 128
+    # Chunked search: 128-row query tiles where the grid keeps 2 programs per SM with them (18 tiles x 15 splits at
+    # n = 2304), 64-row ones below (n = 2048: 16 x 16 = 256 < 264 programs).
+    assert pick(1024, False, n=2304)[0] == 128 and pick(1024, True, n=8192)[0] == 128
+    assert pick(1024, False, n=2048)[0] == 64 and pick(768, True, n=256)[0] == 64
 
 
 def test_triton_search_splits_and_merge(triton_cpu):
