@@ -14,8 +14,12 @@ Two things made these tests fail now and then under load, and both are handled h
 
 import importlib
 import os
+import signal
+import subprocess
 import sys
 import uuid
+
+import pytest
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -64,3 +68,25 @@ def torchrun_cmd(nproc, *args):
     """`python -m torch.distributed.run` on this machine with a rendezvous store on a port it binds itself."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
             "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", uuid.uuid4().hex, "--local-addr", "127.0.0.1", *args]
+
+
+def run_cmd(cmd, env, timeout):
+    """``subprocess.run(cmd, env=env, capture_output=True, text=True)``, except that a command still running after
+    `timeout` seconds is not just killed: every process of its group (torchrun and its workers) first gets SIGABRT
+    with faulthandler on, so each Python process prints all its threads' stacks, and the test fails with the end of
+    that output. A hang then says where it hung."""
+    env = dict(env, PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        pytest.fail(f"still running after {timeout} s, stopped with SIGABRT (stacks below): {' '.join(cmd)}\n"
+                    f"--- stdout (end)\n{out[-3000:]}\n--- stderr (end)\n{err[-20000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _dist import torchrun_cmd
+from _dist import run_cmd, torchrun_cmd
 from conftest import REPO, cli_env, one_torch_thread
 
 from dinov3.train.checkpoint import load_checkpoint
@@ -250,7 +250,7 @@ def test_torchrun_two_processes_both_modes(teacher, image_dir, tmp_path):
         extra = NANO if mode == "features" else []
         cmd = torchrun_cmd(2, "-m", "dinov3.train", "--config", "tiny", "--data", image_dir, "--output", out,
                            *_distill(teacher, mode, *extra, "train.iterations=2"))
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        proc = run_cmd(cmd, env, 240)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         state = load_checkpoint(os.path.join(out, "checkpoints", "checkpoint_00000002.pth"))
         assert len(state["rng"]) == 2 and state["distillation"]["mode"] == mode

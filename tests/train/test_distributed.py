@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from _dist import torchrun_cmd
+from _dist import run_cmd, torchrun_cmd
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OVERRIDES = ["train.batch_size_per_gpu=3", "crops.local_crops_number=2", "train.iterations=6",
@@ -21,7 +21,7 @@ def _torchrun(data, out, *args, timeout=240):
     env.pop("WORLD_SIZE", None)
     cmd = torchrun_cmd(2, "-m", "dinov3.train", "--config", "tiny", "--data", data, "--output", out, *args,
                        *OVERRIDES)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_cmd(cmd, env, timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
@@ -114,8 +114,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_iteration(image_dir, tm
             if n.startswith("checkpoint_")]
     assert done == [rows[-1]["iteration"] + 1], (done, rows[-1]["iteration"], err[-3000:])
     assert "stopped by SIGTERM" in err
-    res = subprocess.run(torchrun_cmd(2, *args, "--resume", "--max-iters", str(done[0] + 1)), env=env,
-                         capture_output=True, text=True, timeout=240)
+    res = run_cmd(torchrun_cmd(2, *args, "--resume", "--max-iters", str(done[0] + 1)), env, 240)
     assert res.returncode == 0, res.stderr[-4000:]
     assert [r["iteration"] for r in _rows(out)] == list(range(done[0] + 1))
 
@@ -153,7 +152,7 @@ def test_signal_during_the_all_reduce_stops_every_rank_at_the_same_iteration(ima
     env.pop("WORLD_SIZE", None)
     cmd = torchrun_cmd(2, str(driver), "--config", "tiny", "--data", image_dir, "--output", out, *OVERRIDES,
                        "train.iterations=50", "train.log_every=1", "checkpointing.period=1000")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_cmd(cmd, env, 240)
     err = proc.stderr
     assert proc.returncode != 0, err[-3000:]  # the workers exit 143
     assert "stopped by SIGTERM after iteration 3" in err, err[-4000:]

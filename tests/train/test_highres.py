@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _dist import torchrun_cmd
+from _dist import run_cmd, torchrun_cmd
 from conftest import cli_env, one_torch_thread
 
 from dinov3.train.checkpoint import load_checkpoint
@@ -257,7 +257,7 @@ def test_stage_under_torchrun_two_processes(image_dir, pretrained, tmp_path):
     env = cli_env()
     cmd = torchrun_cmd(2, "-m", "dinov3.train", "--config", "tiny-highres", "--data", image_dir, "--output", out,
                        "--init-from", pretrained, *HR, "--max-iters", "2", "dino.koleo_loss_distributed=true")
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    res = run_cmd(cmd, env, 240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-5000:]
     rows = _rows(out)
     # The crop side averaged over the two ranks: each iteration's own size, so both ranks drew it.
