@@ -90,3 +90,50 @@ def run_cmd(cmd, env, timeout):
         pytest.fail(f"still running after {timeout} s, stopped with SIGABRT (stacks below): {' '.join(cmd)}\n"
                     f"--- stdout (end)\n{out[-3000:]}\n--- stderr (end)\n{err[-20000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+CLI_EXIT_DRIVER = """
+import gc, os, sys
+from dinov3.train import trainer
+from dinov3.train.cli import main
+
+# A trainer that only the cycle collector can free (here a reference to itself), with the collector off: as at
+# interpreter exit, its DDP wrapper would outlive destroy_process_group() unless Trainer.close() lets it go first.
+gc.disable()
+init = trainer.Trainer.__init__
+
+
+def init_with_a_cycle(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self._cycle = self
+
+
+trainer.Trainer.__init__ = init_with_a_cycle
+rc = main()
+# What is left of the process group once `dinov3-train` has returned: its gloo threads must be gone. A DDP reducer
+# that outlives destroy_process_group() keeps the group alive, and at interpreter exit freeing it (joining the gloo
+# threads while holding the GIL) can deadlock against a gloo thread that needs the GIL to free a finished work.
+names = []
+for tid in os.listdir("/proc/self/task"):
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    except OSError:
+        pass
+alive = sorted(n for n in names if n in ("gloo_tcp_loop", "pt_gloo_runloop"))
+print(f"rank {os.environ['RANK']}: gloo threads after main: {alive}", file=sys.stderr, flush=True)
+sys.exit(rc or (3 if alive else 0))
+"""
+
+
+def cli_exit_driver(tmp_path):
+    """A script for torchrun that runs `dinov3-train` (its arguments), then reports the gloo threads still running."""
+    path = os.path.join(str(tmp_path), "cli_exit_driver.py")
+    with open(path, "w") as f:
+        f.write(CLI_EXIT_DRIVER)
+    return path
+
+
+def assert_no_gloo_thread_left(stderr, world):
+    for rank in range(world):
+        assert f"rank {rank}: gloo threads after main: []" in stderr, stderr[-4000:]

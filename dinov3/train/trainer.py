@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import logging
@@ -618,6 +619,15 @@ class Trainer:
             self.lock.release()
             self.lock = None
         if self.dist.initialized_here and dist.is_initialized():
+            # DDP's reducer holds the process group. Freed after destroy_process_group() (by the cycle collector, or
+            # at interpreter exit), it takes the group down with it: ~ProcessGroupGloo joins the gloo threads while
+            # the GIL is held, and a gloo thread freeing a finished work needs the GIL to drop its tensors: a
+            # deadlock (seen once in CI, on rank 1 at exit). So the model, its wrapper and optimizer go first, with
+            # whatever cycle holds them, while the group is still registered, and destroy_process_group() frees it
+            # without the GIL. The group was ours (torchrun): the run is over. (FSDP2 keeps the group referenced
+            # from elsewhere as well: tests/train/test_distributed.py test_no_gloo_thread_outlives_the_cli.)
+            self.student_forward = self.optimizer = self.arch = self.anchor = self.augment = None
+            gc.collect()
             dist.destroy_process_group()
             self.dist.initialized_here = False
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _dist import run_cmd, torchrun_cmd
+from _dist import assert_no_gloo_thread_left, cli_exit_driver, run_cmd, torchrun_cmd
 from conftest import cli_env, one_torch_thread
 
 from dinov3.train.checkpoint import load_checkpoint
@@ -255,10 +255,13 @@ def test_exported_backbone_loads_in_dinov3_features(cli_run, image_dir, tmp_path
 def test_stage_under_torchrun_two_processes(image_dir, pretrained, tmp_path):
     out = str(tmp_path / "ddp")
     env = cli_env()
-    cmd = torchrun_cmd(2, "-m", "dinov3.train", "--config", "tiny-highres", "--data", image_dir, "--output", out,
+    # Through the exit driver: dinov3-train's own main, then a check that no gloo thread outlives it (this test once
+    # hung in CI at interpreter exit on one: tests/_dist.py).
+    cmd = torchrun_cmd(2, cli_exit_driver(tmp_path), "--config", "tiny-highres", "--data", image_dir, "--output", out,
                        "--init-from", pretrained, *HR, "--max-iters", "2", "dino.koleo_loss_distributed=true")
     res = run_cmd(cmd, env, 240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-5000:]
+    assert_no_gloo_thread_left(res.stderr, 2)
     rows = _rows(out)
     # The crop side averaged over the two ranks: each iteration's own size, so both ranks drew it.
     assert [r["global_crops_size"] for r in rows] == [64, 96]
