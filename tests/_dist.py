@@ -72,7 +72,7 @@ def torchrun_cmd(nproc, *args):
 
 def run_cmd(cmd, env, timeout):
     """``subprocess.run(cmd, env=env, capture_output=True, text=True)``, except that a command still running after
-    `timeout` seconds is not just killed: every process of its group (torchrun and its workers) first gets SIGABRT
+    `timeout` seconds is not just killed: every process of its tree (torchrun and its workers) first gets SIGABRT
     with faulthandler on, so each Python process prints all its threads' stacks, and the test fails with the end of
     that output. A hang then says where it hung."""
     env = dict(env, PYTHONFAULTHANDLER="1")
@@ -81,11 +81,13 @@ def run_cmd(cmd, env, timeout):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGABRT)
+        # torchrun starts each worker in a session of its own: signal the whole process tree, not just the group.
+        tree = _process_tree(proc.pid)
+        _signal_all(tree, signal.SIGABRT)
         try:
             out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _signal_all(tree + _process_tree(proc.pid), signal.SIGKILL)
             out, err = proc.communicate()
         pytest.fail(f"still running after {timeout} s, stopped with SIGABRT (stacks below): {' '.join(cmd)}\n"
                     f"--- stdout (end)\n{out[-3000:]}\n--- stderr (end)\n{err[-20000:]}")
@@ -137,3 +139,26 @@ def cli_exit_driver(tmp_path):
 def assert_no_gloo_thread_left(stderr, world):
     for rank in range(world):
         assert f"rank {rank}: gloo threads after main: []" in stderr, stderr[-4000:]
+
+
+def _process_tree(pid):
+    """pid and its descendants (Linux /proc; just pid elsewhere)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return found
+
+
+def _signal_all(pids, sig):
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except OSError:  # already gone
+            pass
