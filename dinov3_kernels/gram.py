@@ -336,7 +336,7 @@ def gram_loss(student, teacher, *, apply_norm=True, img_level=True, remove_neg=F
     else:  # one group of B*N rows: a view for contiguous input, one copy otherwise
         s, t = student.reshape(1, -1, D), teacher.reshape(1, -1, D)
     clamp_t = remove_neg or remove_only_teacher_neg
-    if chosen == "triton" and _choose_method(method, s, remove_neg or clamp_t) == "tiled":
+    if chosen == "triton" and _choose_method(method, s, clamp_t) == "tiled":  # clamp_t: any clamp at all
         loss = torch.ops.dinov3_kernels.gram_loss_tiled_fwd(s, t, apply_norm, remove_neg, clamp_t,
                                                             student.requires_grad, teacher.requires_grad)[0]
         return loss

@@ -96,6 +96,8 @@ def run_cmd(cmd, env, timeout):
 
 CLI_EXIT_DRIVER = """
 import gc, os, sys
+sys.path.insert(0, {tests!r})
+from _dist import live_gloo_threads
 from dinov3.train import trainer
 from dinov3.train.cli import main
 
@@ -115,15 +117,8 @@ rc = main()
 # What is left of the process group once `dinov3-train` has returned: its gloo threads must be gone. A DDP reducer
 # that outlives destroy_process_group() keeps the group alive, and at interpreter exit freeing it (joining the gloo
 # threads while holding the GIL) can deadlock against a gloo thread that needs the GIL to free a finished work.
-names = []
-for tid in os.listdir("/proc/self/task"):
-    try:
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            names.append(f.read().strip())
-    except OSError:
-        pass
-alive = sorted(n for n in names if n in ("gloo_tcp_loop", "pt_gloo_runloop"))
-print(f"rank {os.environ['RANK']}: gloo threads after main: {alive}", file=sys.stderr, flush=True)
+alive = live_gloo_threads()
+print(f"rank {{os.environ['RANK']}}: gloo threads after main: {{alive}}", file=sys.stderr, flush=True)
 sys.exit(rc or (3 if alive else 0))
 """
 
@@ -132,7 +127,7 @@ def cli_exit_driver(tmp_path):
     """A script for torchrun that runs `dinov3-train` (its arguments), then reports the gloo threads still running."""
     path = os.path.join(str(tmp_path), "cli_exit_driver.py")
     with open(path, "w") as f:
-        f.write(CLI_EXIT_DRIVER)
+        f.write(CLI_EXIT_DRIVER.format(tests=os.path.dirname(os.path.abspath(__file__))))
     return path
 
 

@@ -371,7 +371,7 @@ def _layout(s, apply_norm, clamp_s, clamp_t, grad_s, grad_t):
     lay.update(_grids(G, P, D, cfg, lay["programs"], grad_s or grad_t))
     # The backward's GEMM reads x̂ once per row block. Where E' outweighs x (Pp > Dp) Y is kept for it: the memory
     # is then E''s anyway, and x̂ re-read in the compute dtype costs half the bytes of fp32 x (predicted 1.91x ->
-    # 2.24x the official path at G=8, P=4096, D=1024); at Pp <= Dp x̂ is rebuilt from x, so that what autograd holds
+    # 2.34x the official path at G=8, P=4096, D=1024); at Pp <= Dp x̂ is rebuilt from x, so that what autograd holds
     # is E' alone (a quarter of the gradient's bytes at P = D in fp16).
     lay["keep_y"] = lay["need_e"] and lay["Pp"] > lay["Dp"]
     return lay
