@@ -9,11 +9,14 @@ and on another image distribution, with and without the head warm-up; kNN accura
 2. From A, train `tiny` again for as many iterations with fresh heads, once per image domain and variant:
    - domains: "digits" (the same images) and "textured" (the same digits as dark ink on a light colour gradient
      with faint stripes and noise, half of them inverted: another image distribution, generated here); on request
-     "textured-upright" (the same, none inverted: a smaller shift);
+     "textured-upright" (the same, none inverted: dark ink on light, the opposite of the digits' polarity),
+     "textured-light" (the same, all inverted: light ink on a dark textured background, the digits' polarity) and
+     "coloured" (light ink of a random colour on a dark background of another: a colour shift only);
    - variants: "warm-up" (the defaults with pretrained weights: head warm-up with the backbone frozen, 180
      iterations in tiny), "no warm-up" (train.head_warmup_iters=0) and, on request, "warm-up 100"
      (train.head_warmup_iters=100), "warm-up + ramp" / "ramp 420" (then the backbone lr ramps up over 100 / 420
-     iterations), "warm-up + anchor N" (train.pretrained_anchor=N), "warm-up + Gram anchor" (Gram loss against A
+     iterations), "warm-up + anchor N" (train.pretrained_anchor=N), "warm-up + feature anchor N"
+     (train.feature_anchor=N), "warm-up + Gram anchor" (Gram loss against A
      from iteration 0), a higher teacher momentum, a stronger layer-wise lr decay, no KoLeo (see VARIANTS).
 3. kNN (weighted 20-NN on CLS features of the EMA teacher; train split -> test split of each domain) at the start
    (= A), at every checkpoint and at the end.
@@ -49,6 +52,10 @@ VARIANTS = {"warm-up": [], "no warm-up": ["train.head_warmup_iters=0"],
             "warm-up + anchor 30": ["train.pretrained_anchor=30"],
             "warm-up + anchor 100": ["train.pretrained_anchor=100"],
             "warm-up + anchor 300": ["train.pretrained_anchor=300"],
+            # The feature-space anchor (CaSSLe-style predictor toward A's tokens).
+            "warm-up + feature anchor 1": ["train.feature_anchor=1"],
+            "warm-up + feature anchor 3": ["train.feature_anchor=3"],
+            "warm-up + feature anchor 10": ["train.feature_anchor=10"],
             # The Gram loss from iteration 0 against backbone A (not refreshed from the EMA teacher).
             "warm-up + Gram anchor": ["gram.ckpt={pretrained}", "gram.start_iter=0", "gram.rep_update=false"],
             "warm-up + momentum 0.995": ["schedules.momentum.start=0.995", "schedules.momentum.peak=0.995",
@@ -84,11 +91,39 @@ def texturize(arrays: dict, seed: int = 1, invert: float = 0.5) -> dict:
     return out
 
 
+def colourize(arrays: dict, seed: int = 2) -> dict:
+    """The digits in colour, with their own polarity and nothing else added: light ink of a random colour on a dark
+    background of another random colour (both drawn per image; ink at least 120 levels brighter than the background in
+    its mean over R, G, B). A colour shift only."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, imgs in arrays.items():
+        res = []
+        for img in imgs:
+            alpha = img[..., :1].astype(np.float32) / 255
+            bg = rng.uniform(0, 110, 3)
+            ink = rng.uniform(0, 255, 3)
+            ink = ink + max(0.0, 120 + bg.mean() - ink.mean())  # at least 120 levels above the background on average
+            im = bg * (1 - alpha) + np.clip(ink, 0, 255) * alpha
+            res.append(np.clip(np.rint(im), 0, 255).astype(np.uint8))
+        out[split] = np.stack(res)
+    return out
+
+
 def save_split(root: str, arrays: np.ndarray) -> str:
     os.makedirs(root, exist_ok=True)
     for i, a in enumerate(arrays):
         Image.fromarray(a).save(os.path.join(root, f"{i:05d}.png"))
     return root
+
+
+# Image domains. The digits are light ink on black; "textured" inverts half of its images (dark ink on light),
+# "textured-upright" all of them (the texture's own polarity: the opposite of the digits'), "textured-light" none
+# (light ink on a dark textured background: the digits' polarity); "coloured" changes the colours only.
+DOMAINS = {"digits": lambda a: a, "textured": texturize,
+           "textured-upright": lambda a: texturize(a, invert=0.0),
+           "textured-light": lambda a: texturize(a, invert=1.0),
+           "coloured": colourize}
 
 
 def load_backbone(path: str) -> DinoVisionTransformer:
@@ -103,7 +138,7 @@ def main(argv=None):
     p.add_argument("--workdir", default="runs/demo_init_from")
     p.add_argument("--iterations", type=int, default=600, help="of the pretraining and of each continuation")
     p.add_argument("--pretrained", default=None, help="backbone A (a backbone.pth of `tiny`); default: train it")
-    p.add_argument("--domains", nargs="+", default=["digits", "textured"], choices=["digits", "textured", "textured-upright"])
+    p.add_argument("--domains", nargs="+", default=["digits", "textured"], choices=list(DOMAINS))
     p.add_argument("--variants", nargs="+", default=["warm-up", "no warm-up"], choices=list(VARIANTS))
     p.add_argument("--probes", type=int, default=6, help="checkpoints (kNN points) per continuation")
     p.add_argument("--k", type=int, default=20)
@@ -114,9 +149,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     n = args.iterations
     arrays, labels = write_digits(os.path.join(args.workdir, "digits"), 32)
-    domains = {"digits": arrays, "textured": texturize(arrays)}
-    if "textured-upright" in args.domains:
-        domains["textured-upright"] = texturize(arrays, invert=0.0)
+    # The digits always (the old domain), the default textured domain, and whatever else was asked for.
+    domains = {d: DOMAINS[d](arrays) for d in DOMAINS if d in ("digits", "textured") or d in args.domains}
     for name in domains:
         if name != "digits":
             save_split(os.path.join(args.workdir, name, "train"), domains[name]["train"])

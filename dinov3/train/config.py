@@ -204,6 +204,14 @@ DEFAULTS: dict[str, Any] = {
         # also with pretrained weights: on the digits demo it did not keep the old domain within 1 point and took
         # away the gain of continuing on the same images (README, "Keeping the old domain").
         "pretrained_anchor": 0.0,
+        # Feature-space anchor to the starting backbone (continual self-supervised learning as in CaSSLe, Fini et
+        # al. 2022): the student's CLS and patch tokens of the global crops, through a learnable linear predictor
+        # (identity at iteration 0), are pulled by cosine toward the tokens that the starting backbone (frozen, kept
+        # in checkpoints) gives for the same crops; this is the weight of that term (1 - cos, CLS + patch tokens) in
+        # the loss. The features may change (the predictor absorbs it) as long as what the starting backbone
+        # represented stays recoverable from them: on the digits demo it halved what a new domain cost the old one
+        # for the same gain on the new (README, "Keeping the old domain"). Needs student.pretrained_weights. 0: off.
+        "feature_anchor": 0.0,
     },
     # Alarms read off the health metrics written with each logged row (dinov3/train/health.py).
     "health": {
@@ -511,6 +519,11 @@ def pretrained_anchor(cfg: dict) -> float:
     return float(cfg["train"].get("pretrained_anchor") or 0.0)
 
 
+def feature_anchor(cfg: dict) -> float:
+    """Weight of the feature-space anchor to the starting backbone (train.feature_anchor; 0: none)."""
+    return float(cfg["train"].get("feature_anchor") or 0.0)
+
+
 # ------------------------------------------------------------------------------------------------ the schema
 # Every key's type is that of its default (an int default takes ints, a float default ints or floats, a list
 # default a list of the same length and element kinds). Keys whose default is null say here what else they take.
@@ -781,6 +794,11 @@ def validate_config(cfg: dict) -> None:
         need("train.head_warmup_iters", t["head_warmup_iters"] >= 0, "must be >= 0 or null")
     need("train.backbone_lr_ramp_iters", t["backbone_lr_ramp_iters"] >= 0, "must be >= 0")
     need("train.pretrained_anchor", t["pretrained_anchor"] >= 0, "must be >= 0")
+    need("train.feature_anchor", t["feature_anchor"] >= 0, "must be >= 0")
+    if t["feature_anchor"] > 0:
+        need("train.feature_anchor", bool(cfg["student"]["pretrained_weights"]),
+             "anchors the features to the backbone the run starts from: set student.pretrained_weights "
+             "(--init-from), or train.feature_anchor=0")
     need("train.seed", t["seed"] >= 0, "must be >= 0")
     need("train.autocast_dtype", t["autocast_dtype"] != "fp16",
          "fp16 autocast needs loss scaling, which this trainer does not do (DINOv3 trains in bf16): "

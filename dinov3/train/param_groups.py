@@ -72,8 +72,8 @@ def build_param_groups(student: nn.Module, optim_cfg: dict, *, split_backbone: b
     """The student's AdamW groups. ``split_backbone`` (a head warm-up) keeps backbone groups apart; without it the
     groups are those of earlier versions, so their checkpoints' optimizer states still load."""
     specs = []
-    for name in ("backbone", "dino_head", "ibot_head", "distill_proj"):
-        if getattr(student, name, None) is None:  # distill_proj: feature distillation only
+    for name in ("backbone", "dino_head", "ibot_head", "distill_proj", "anchor_proj"):
+        if getattr(student, name, None) is None:  # distill_proj: feature distillation only; anchor_proj likewise
             continue
         wd_mult = float(optim_cfg.get("dino_head_wd_multiplier", 1.0)) if name == "dino_head" else 1.0
         part = param_group_specs(getattr(student, name), layerwise_decay=float(optim_cfg["layerwise_decay"]),

@@ -12,7 +12,7 @@ from torch import nn
 
 from dinov3.models import DinoVisionTransformer
 
-from .config import backbone_kwargs, pretrained_anchor
+from .config import backbone_kwargs, feature_anchor, pretrained_anchor
 from .heads import DINOHead
 from .health import health_metrics
 from .losses import DINOLoss, iBOTPatchLoss
@@ -36,24 +36,28 @@ class StudentNet(nn.Module):
     """Backbone + DINO head + iBOT head; one ``forward`` does the whole student pass so DDP/FSDP can wrap it."""
 
     def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module,
-                 distill_proj: nn.Module | None = None):
+                 distill_proj: nn.Module | None = None, anchor_proj: nn.Module | None = None):
         super().__init__()
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
         self.distill_proj = distill_proj  # feature distillation only (distill.py)
+        self.anchor_proj = anchor_proj  # train.feature_anchor only (SSLMetaArch._feature_anchor_loss)
 
     def forward(self, global_crops, local_crops, masks, mask_indices, head_losses=None):
         g, lo = self.backbone.forward_features([global_crops, local_crops], masks=[masks, None])
         g_cls, l_cls, g_patch = g["x_norm_clstoken"], lo["x_norm_clstoken"], g["x_norm_patchtokens"]
+        out = {"g_cls": g_cls, "g_patch": g_patch}
+        if self.anchor_proj is not None:  # train.feature_anchor: in the forward, where DDP/FSDP expect every weight
+            out.update(anchor_cls=self.anchor_proj(g_cls), anchor_patch=self.anchor_proj(g_patch))
         if self.distill_proj is not None:  # feature distillation: no heads, the tokens through the projection
             return {"g_cls": g_cls, "g_patch": g_patch, **self.distill_proj(g_cls, l_cls, g_patch)}
         masked_patches = torch.index_select(g_patch.flatten(0, 1), 0, mask_indices)  # (M, D)
         if head_losses is not None:  # fused losses on the bottleneck codes, inside forward (FSDP: weights unsharded)
-            return {"g_cls": g_cls, "g_patch": g_patch, "head_losses": head_losses(
+            return {**out, "head_losses": head_losses(
                 self.dino_head.bottleneck(torch.cat([g_cls, l_cls])), self.dino_head.prototypes(),
                 self.ibot_head.bottleneck(masked_patches), self.ibot_head.prototypes())}
         logits = self.dino_head(torch.cat([g_cls, l_cls]))  # one head pass for all CLS tokens
         g_logits, l_logits = logits.split([g_cls.shape[0], l_cls.shape[0]])
-        return {"g_cls": g_cls, "g_patch": g_patch, "g_logits": g_logits, "l_logits": l_logits,
+        return {**out, "g_logits": g_logits, "l_logits": l_logits,
                 "ibot_logits": self.ibot_head(masked_patches)}
 
 
@@ -61,10 +65,11 @@ class TeacherNet(nn.Module):
     """Same modules as :class:`StudentNet` (so their parameters zip one to one for the EMA); sees global crops only."""
 
     def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module,
-                 distill_proj: nn.Module | None = None):
+                 distill_proj: nn.Module | None = None, anchor_proj: nn.Module | None = None):
         super().__init__()
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
         self.distill_proj = distill_proj  # the EMA of the student's (unused by the forward)
+        self.anchor_proj = anchor_proj  # likewise
 
     def forward(self, global_crops, mask_indices, features=False):
         out = self.backbone.forward_features(global_crops)
@@ -76,6 +81,16 @@ class TeacherNet(nn.Module):
                     "ibot_W": self.ibot_head.prototypes()}
         return {"cls": cls, "patch": patch, "cls_logits": self.dino_head(cls),
                 "ibot_logits": self.ibot_head(masked_patches)}
+
+
+def make_anchor_proj(embed_dim: int) -> nn.Linear:
+    """The predictor of train.feature_anchor: a linear map of the student's tokens, the identity at iteration 0 (the
+    student starts as the starting backbone, so the term starts at 0)."""
+    proj = nn.Linear(embed_dim, embed_dim)
+    with torch.no_grad():
+        proj.weight.copy_(torch.eye(embed_dim))
+        proj.bias.zero_()
+    return proj
 
 
 def make_heads(cfg: dict, embed_dim: int) -> tuple[DINOHead, DINOHead]:
@@ -131,8 +146,13 @@ class SSLMetaArch(nn.Module):
 
         student_backbone = DinoVisionTransformer(**{**kw, "drop_path_rate": float(s["drop_path_rate"])},
                                                  attn_backend=attn)
-        self.student = StudentNet(student_backbone, *heads(), proj())
-        self.teacher = TeacherNet(DinoVisionTransformer(**kw, attn_backend=attn), *heads(), proj())
+        self.feature_anchor = feature_anchor(cfg)
+
+        def anchor_proj():
+            return make_anchor_proj(kw["embed_dim"]) if self.feature_anchor > 0 else None
+
+        self.student = StudentNet(student_backbone, *heads(), proj(), anchor_proj())
+        self.teacher = TeacherNet(DinoVisionTransformer(**kw, attn_backend=attn), *heads(), proj(), anchor_proj())
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.distill_masks = self.distiller is not None and not features and cfg["distillation"]["mask_student"]
@@ -149,10 +169,11 @@ class SSLMetaArch(nn.Module):
             self.gram_loss = GramLoss(apply_norm=bool(g["normalized"]), img_level=bool(g["img_level"]),
                                       remove_neg=bool(g["remove_neg"]),
                                       remove_only_teacher_neg=bool(g["remove_only_teacher_neg"]), backend=backend)
-        # The backbone the run started from (train.pretrained_anchor, anchor.py): the student's initial weights,
-        # replaced by the pretrained ones (pretrained.load_into_arch); never trained, saved in checkpoints.
+        # The backbone the run started from (train.pretrained_anchor, anchor.py; train.feature_anchor): the
+        # student's initial weights, replaced by the pretrained ones (pretrained.load_into_arch); never trained,
+        # saved in checkpoints.
         self.pretrained_reference = None
-        if pretrained_anchor(cfg) > 0:
+        if pretrained_anchor(cfg) > 0 or self.feature_anchor > 0:
             self.pretrained_reference = DinoVisionTransformer(**kw, attn_backend=attn)
             self.pretrained_reference.load_state_dict(student_backbone.state_dict())
             self.pretrained_reference.requires_grad_(False)
@@ -291,6 +312,9 @@ class SSLMetaArch(nn.Module):
         total = (dino_w * l_terms / (g_terms + l_terms) * local_w * losses["dino_local_crops_loss"]
                  + dino_w * g_terms / (g_terms + l_terms) * losses["dino_global_crops_loss"])
         total = total + float(cfg["ibot"]["loss_weight"]) * losses["ibot_loss"]
+        if self.feature_anchor > 0:
+            losses["feature_anchor_loss"] = self._feature_anchor_loss(st, gl, autocast)
+            total = total + self.feature_anchor * losses["feature_anchor_loss"]
         if health:
             teacher_cls, teacher_patch = ((t["cls"], t["patch"]) if distill is None  # distilling: the student's
                                           else (st["g_cls"].detach(), st["g_patch"].detach()))
@@ -300,6 +324,18 @@ class SSLMetaArch(nn.Module):
                 ibot_student_logits=st["ibot_logits"].detach(), ibot_student_temp=self.ibot_loss.student_temp,
                 teacher_cls=teacher_cls, teacher_patch=teacher_patch, n_global=n_g)
         return self._finish_step(total, losses, batch, st, n_g, iteration, autocast, health and health_terms)
+
+    def _feature_anchor_loss(self, st: dict, global_crops: torch.Tensor, autocast) -> torch.Tensor:
+        """train.feature_anchor's term: (1 - cos) between the predictor's image of each of the student's global-crop
+        CLS tokens and the starting backbone's CLS token of the same crop, averaged, plus the same over the patch
+        tokens (the student's input masked as the step masks it; the starting backbone sees the whole crop)."""
+        with torch.no_grad(), autocast():
+            # Through __call__ (not forward_features) so FSDP's unshard hooks run.
+            ref = self.pretrained_reference(global_crops, is_training=True)
+        _reshard(self.pretrained_reference)
+        cos = nn.functional.cosine_similarity
+        return ((1 - cos(st["anchor_cls"].float(), ref["x_norm_clstoken"].float(), dim=-1)).mean()
+                + (1 - cos(st["anchor_patch"].float(), ref["x_norm_patchtokens"].float(), dim=-1)).mean())
 
     def _finish_step(self, total, losses, batch, st, n_g, iteration, autocast, health):
         """The terms every stage shares (KoLeo on the student, the Gram term), ``backward()``, and the returned

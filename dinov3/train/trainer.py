@@ -201,7 +201,7 @@ class Trainer:
             self._shard()
 
         self.anchor = None
-        if self.arch.pretrained_reference is not None:
+        if pretrained_anchor(cfg) > 0:  # (the reference is also kept for train.feature_anchor alone)
             self.anchor = PretrainedAnchor(self.arch.student.backbone, self.arch.pretrained_reference,
                                            pretrained_anchor(cfg))
         o = cfg["optim"]
@@ -495,8 +495,9 @@ class Trainer:
         period = int(cfg["checkpointing"]["period"])
         imgs_per_step = int(cfg["train"]["batch_size_per_gpu"]) * self.dist.world_size
         clip = float(cfg["optim"]["clip_grad"] or 0.0)
-        # The parts whose gradient norm is clipped (feature distillation: no heads, maybe a projection).
-        clipped = [n for n in ("backbone", "dino_head", "ibot_head", "distill_proj")
+        # The parts whose gradient norm is clipped (feature distillation: no heads, maybe a projection;
+        # train.feature_anchor: its predictor).
+        clipped = [n for n in ("backbone", "dino_head", "ibot_head", "distill_proj", "anchor_proj")
                    if getattr(arch.student, n) is not None
                    and any(p.requires_grad for p in getattr(arch.student, n).parameters())]
         last_row: dict = {}

@@ -67,6 +67,32 @@ def test_fsdp_matches_ddp_and_resumes(ddp_run, image_dir, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_feature_anchor_same_under_ddp_and_fsdp(image_dir, tmp_path):
+    """train.feature_anchor from --init-from weights, two processes: DDP and FSDP2 (which shards the starting backbone
+    and the predictor) log the same anchor term and end with the same weights."""
+    from dinov3.models import DinoVisionTransformer
+    from dinov3.train.config import backbone_kwargs, load_config
+
+    torch.manual_seed(5)
+    weights = str(tmp_path / "start.pth")
+    torch.save(DinoVisionTransformer(**backbone_kwargs(load_config("tiny"))).state_dict(), weights)
+    runs = {}
+    for parallel in ("ddp", "fsdp"):
+        out = str(tmp_path / parallel)
+        _torchrun(image_dir, out, "--max-iters", "3", "--init-from", weights, "train.feature_anchor=1",
+                  "train.head_warmup_iters=1", f"train.parallel={parallel}")
+        runs[parallel] = out
+    ref, got = _rows(runs["ddp"]), _rows(runs["fsdp"])
+    assert [r["iteration"] for r in got] == [0, 1, 2] and ref[-1]["feature_anchor_loss"] > 0
+    for a, b in zip(ref, got):
+        assert b["feature_anchor_loss"] == pytest.approx(a["feature_anchor_loss"], rel=1e-5, abs=1e-6)
+    a, b = (torch.load(os.path.join(runs[p], "checkpoints", "checkpoint_00000003.pth"), weights_only=True)["model"]
+            for p in ("ddp", "fsdp"))
+    assert a.keys() == b.keys() and "student.anchor_proj.weight" in a and "pretrained_reference.cls_token" in a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def _children(pid):
     found = []
     for tid in os.listdir(f"/proc/{pid}/task"):

@@ -275,3 +275,95 @@ def test_pretrained_anchor_in_a_run_keeps_the_reference_and_resumes_exactly(tmp_
     assert load_config("tiny", ["train.pretrained_anchor=0"])["train"]["pretrained_anchor"] == 0
     with pytest.raises(ConfigError, match="train.pretrained_anchor"):
         load_config("tiny", ["train.pretrained_anchor=-1"])
+
+
+# ------------------------------------------------------------------------------------------ train.feature_anchor
+def test_feature_anchor_term_is_the_predictor_cosine_distance_to_the_starting_backbone(tmp_path, image_dir,
+                                                                                       tiny_overrides):
+    """The term against the formula, computed here from the two backbones' public forward: with the student equal to
+    the weights and the predictor the identity it is 0; after moving both it is 1 - cos(W s + b, r) over the global
+    crops' CLS tokens plus the same over their patch tokens, and the predictor's gradient is the loss weight times
+    that term's (the predictor is used nowhere else)."""
+    model, kwargs = _source()
+    path = _write("backbone.pth", model, kwargs, tmp_path)
+    cfg = load_config("tiny", tiny_overrides + [f"student.pretrained_weights={json.dumps(path)}",
+                                                "train.feature_anchor=2.5", "ibot.mask_sample_probability=0"])
+    torch.manual_seed(0)
+    arch = SSLMetaArch(cfg)
+    load_into_arch(arch, cfg)
+    arch.eval()  # no RoPE augmentation or drop-path: the student's forward is the reference's
+    from dinov3.train.data import BatchAugment, build_loader
+
+    _, loader = build_loader(cfg, root=image_dir, rank=0, world_size=1, start_iter=0, end_iter=1)
+    batch = BatchAugment(cfg, torch.device("cpu"))(next(iter(loader)), iteration=0, rank=0)
+    assert not batch["masks"].any()
+    _, losses = arch.forward_backward(batch, teacher_temp=0.05, iteration=0)
+    assert abs(float(losses["feature_anchor_loss"])) < 1e-6
+
+    proj = arch.student.anchor_proj
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in arch.student.backbone.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        proj.weight.add_(0.2 * torch.randn(proj.weight.shape, generator=g))
+        proj.bias.add_(0.2 * torch.randn(proj.bias.shape, generator=g))
+    arch.student.zero_grad(set_to_none=True)
+    _, losses = arch.forward_backward(batch, teacher_temp=0.05, iteration=0)
+
+    gl = batch["global_crops"].double()
+    student = DinoVisionTransformer(**kwargs, attn_backend="reference").double().eval()
+    student.load_state_dict(arch.student.backbone.state_dict())
+    with torch.no_grad():
+        s, r = student.forward_features(gl), model.double().forward_features(gl)
+    W = proj.weight.detach().double().requires_grad_(True)
+    b = proj.bias.detach().double().requires_grad_(True)
+    cos = torch.nn.functional.cosine_similarity
+    want = ((1 - cos(s["x_norm_clstoken"] @ W.T + b, r["x_norm_clstoken"], dim=-1)).mean()
+            + (1 - cos(s["x_norm_patchtokens"] @ W.T + b, r["x_norm_patchtokens"], dim=-1)).mean())
+    assert float(want.detach()) > 1e-3
+    torch.testing.assert_close(losses["feature_anchor_loss"].double(), want.detach(), rtol=1e-4, atol=1e-6)
+    gW, gb = torch.autograd.grad(2.5 * want, (W, b))
+    torch.testing.assert_close(proj.weight.grad.double(), gW, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(proj.bias.grad.double(), gb, rtol=1e-3, atol=1e-6)
+    assert arch.student.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert arch.pretrained_reference.blocks[0].attn.qkv.weight.grad is None
+
+
+def test_feature_anchor_in_a_run_resumes_exactly_and_stays_out_of_the_backbone(tmp_path, image_dir, tiny_overrides):
+    """A run from weights with the anchor: the term is logged, the predictor and the starting backbone are in the
+    checkpoints (the predictor trained, the reference unchanged), an interrupted run resumes exactly without the
+    weights file, and backbone.pth holds the backbone alone."""
+    model, kwargs = _source()
+    path = _write("backbone.pth", model, kwargs, tmp_path)
+    src = model.state_dict()
+    cfg = load_config("tiny", tiny_overrides + [f"student.pretrained_weights={json.dumps(path)}",
+                                                "train.head_warmup_iters=1", "train.feature_anchor=1",
+                                                "checkpointing.period=1", "checkpointing.max_to_keep=0"])
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train(cfg, data_dir=image_dir, output_dir=full, max_iters=3)
+    train(cfg, data_dir=image_dir, output_dir=part, max_iters=2)
+    os.unlink(path)
+    train(cfg, data_dir=image_dir, output_dir=part, max_iters=3, resume=True)
+    with open(os.path.join(full, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert all(r["feature_anchor_loss"] >= 0 for r in rows) and rows[-1]["feature_anchor_loss"] > 0
+    assert rows[-1]["anchor_proj_grad_norm"] > 0
+    a = load_checkpoint(os.path.join(full, "checkpoints", "checkpoint_00000003.pth"))["model"]
+    b = load_checkpoint(os.path.join(part, "checkpoints", "checkpoint_00000003.pth"))["model"]
+    for k, v in src.items():
+        assert torch.equal(a["pretrained_reference." + k], v), k
+    assert not torch.equal(a["student.anchor_proj.weight"], torch.eye(kwargs["embed_dim"]))
+    assert "teacher.anchor_proj.weight" in a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    train(cfg, data_dir=image_dir, output_dir=full, resume=True)  # to the end: backbone.pth
+    exported = torch.load(os.path.join(full, "backbone.pth"), weights_only=True)
+    assert set(exported) == set(src)
+
+
+def test_feature_anchor_config_errors():
+    assert load_config("tiny")["train"]["feature_anchor"] == 0
+    with pytest.raises(ConfigError, match="train.feature_anchor.*student.pretrained_weights"):
+        load_config("tiny", ["train.feature_anchor=1"])
+    with pytest.raises(ConfigError, match="train.feature_anchor"):
+        load_config("tiny", ["train.feature_anchor=-1"])
