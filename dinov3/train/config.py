@@ -209,8 +209,10 @@ DEFAULTS: dict[str, Any] = {
         # (identity at iteration 0), are pulled by cosine toward the tokens that the starting backbone (frozen, kept
         # in checkpoints) gives for the same crops; this is the weight of that term (1 - cos, CLS + patch tokens) in
         # the loss. The features may change (the predictor absorbs it) as long as what the starting backbone
-        # represented stays recoverable from them: on the digits demo it halved what a new domain cost the old one
-        # for the same gain on the new (README, "Keeping the old domain"). Needs student.pretrained_weights. 0: off.
+        # represented stays recoverable from them. On the digits demo, 20 kept the old domain within a point while a
+        # new one gained 7-8 points, where train.pretrained_anchor kept it only by hardly adapting (README, "A
+        # feature-space anchor"). Off by default: not in the released models' recipe. Needs
+        # student.pretrained_weights. 0: off.
         "feature_anchor": 0.0,
     },
     # Alarms read off the health metrics written with each logged row (dinov3/train/health.py).
