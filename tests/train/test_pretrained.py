@@ -242,18 +242,15 @@ def test_pretrained_anchor_pulls_the_backbone_toward_its_starting_weights():
         PretrainedAnchor(backbone, reference, strength=0.0)
 
 
-def test_pretrained_anchor_in_a_run_keeps_the_reference_and_resumes_exactly(tmp_path, image_dir, tiny_overrides):
-    """A run from weights with an anchor so strong that lr * strength passes 1: every step lands the student backbone
-    back on the weights (the heads train, the backbone had gradients: test_head_warmup_... shows it moves without
-    the anchor); the reference holds the weights in the checkpoints, and a resume continues exactly (the reference
-    comes from the checkpoint: the weights file is gone)."""
+def _interrupted_run_from_weights(tmp_path, image_dir, tiny_overrides, extra):
+    """Three iterations from `tiny` weights written here (head warm-up 1, a checkpoint every iteration), uninterrupted
+    in full/ and stopped after 2 then resumed in part/ with the weights file gone. Returns the weights, their model
+    kwargs, the config, full/, full/'s metric rows and both runs' last checkpoint models."""
     model, kwargs = _source()
     path = _write("backbone.pth", model, kwargs, tmp_path)
-    src = model.state_dict()
     cfg = load_config("tiny", tiny_overrides + [f"student.pretrained_weights={json.dumps(path)}",
-                                                "train.head_warmup_iters=1", "schedules.lr.warmup_iters=0",
-                                                "optim.freeze_last_layer_iters=0", "train.pretrained_anchor=1e6",
-                                                "checkpointing.period=1", "checkpointing.max_to_keep=0"])
+                                                "train.head_warmup_iters=1", "checkpointing.period=1",
+                                                "checkpointing.max_to_keep=0", *extra])
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     train(cfg, data_dir=image_dir, output_dir=full, max_iters=3)
     train(cfg, data_dir=image_dir, output_dir=part, max_iters=2)
@@ -261,9 +258,19 @@ def test_pretrained_anchor_in_a_run_keeps_the_reference_and_resumes_exactly(tmp_
     train(cfg, data_dir=image_dir, output_dir=part, max_iters=3, resume=True)
     with open(os.path.join(full, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
+    a, b = (load_checkpoint(os.path.join(run, "checkpoints", "checkpoint_00000003.pth"))["model"] for run in (full, part))
+    return model.state_dict(), kwargs, cfg, full, rows, a, b
+
+
+def test_pretrained_anchor_in_a_run_keeps_the_reference_and_resumes_exactly(tmp_path, image_dir, tiny_overrides):
+    """A run from weights with an anchor so strong that lr * strength passes 1: every step lands the student backbone
+    back on the weights (the heads train, the backbone had gradients: test_head_warmup_... shows it moves without
+    the anchor); the reference holds the weights in the checkpoints, and a resume continues exactly (the reference
+    comes from the checkpoint: the weights file is gone)."""
+    src, _, _, full, rows, a, b = _interrupted_run_from_weights(
+        tmp_path, image_dir, tiny_overrides, ["schedules.lr.warmup_iters=0", "optim.freeze_last_layer_iters=0",
+                                              "train.pretrained_anchor=1e6"])
     assert rows[-1]["backbone_lr_factor"] == 1.0 and rows[-1]["backbone_grad_norm"] > 0
-    a = load_checkpoint(os.path.join(full, "checkpoints", "checkpoint_00000003.pth"))["model"]
-    b = load_checkpoint(os.path.join(part, "checkpoints", "checkpoint_00000003.pth"))["model"]
     for k, v in src.items():
         assert torch.equal(a["pretrained_reference." + k], v), k
         assert torch.equal(a["student.backbone." + k], v), k
@@ -333,23 +340,10 @@ def test_feature_anchor_in_a_run_resumes_exactly_and_stays_out_of_the_backbone(t
     """A run from weights with the anchor: the term is logged, the predictor and the starting backbone are in the
     checkpoints (the predictor trained, the reference unchanged), an interrupted run resumes exactly without the
     weights file, and backbone.pth holds the backbone alone."""
-    model, kwargs = _source()
-    path = _write("backbone.pth", model, kwargs, tmp_path)
-    src = model.state_dict()
-    cfg = load_config("tiny", tiny_overrides + [f"student.pretrained_weights={json.dumps(path)}",
-                                                "train.head_warmup_iters=1", "train.feature_anchor=1",
-                                                "checkpointing.period=1", "checkpointing.max_to_keep=0"])
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train(cfg, data_dir=image_dir, output_dir=full, max_iters=3)
-    train(cfg, data_dir=image_dir, output_dir=part, max_iters=2)
-    os.unlink(path)
-    train(cfg, data_dir=image_dir, output_dir=part, max_iters=3, resume=True)
-    with open(os.path.join(full, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    src, kwargs, cfg, full, rows, a, b = _interrupted_run_from_weights(tmp_path, image_dir, tiny_overrides,
+                                                                       ["train.feature_anchor=1"])
     assert all(r["feature_anchor_loss"] >= 0 for r in rows) and rows[-1]["feature_anchor_loss"] > 0
     assert rows[-1]["anchor_proj_grad_norm"] > 0
-    a = load_checkpoint(os.path.join(full, "checkpoints", "checkpoint_00000003.pth"))["model"]
-    b = load_checkpoint(os.path.join(part, "checkpoints", "checkpoint_00000003.pth"))["model"]
     for k, v in src.items():
         assert torch.equal(a["pretrained_reference." + k], v), k
     assert not torch.equal(a["student.anchor_proj.weight"], torch.eye(kwargs["embed_dim"]))
