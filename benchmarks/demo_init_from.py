@@ -56,6 +56,7 @@ VARIANTS = {"warm-up": [], "no warm-up": ["train.head_warmup_iters=0"],
             "warm-up + feature anchor 1": ["train.feature_anchor=1"],
             "warm-up + feature anchor 3": ["train.feature_anchor=3"],
             "warm-up + feature anchor 10": ["train.feature_anchor=10"],
+            "warm-up + feature anchor 20": ["train.feature_anchor=20"],
             # The Gram loss from iteration 0 against backbone A (not refreshed from the EMA teacher).
             "warm-up + Gram anchor": ["gram.ckpt={pretrained}", "gram.start_iter=0", "gram.rep_update=false"],
             "warm-up + momentum 0.995": ["schedules.momentum.start=0.995", "schedules.momentum.peak=0.995",
