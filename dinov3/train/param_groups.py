@@ -68,12 +68,17 @@ def fuse_param_groups(specs: list[dict], *, split_backbone: bool = False) -> lis
     return list(groups.values())
 
 
+# The student's trainable parts, in order; the last two exist only with feature distillation (distill_proj) or
+# train.feature_anchor (anchor_proj). The trainer clips each one's gradient norm separately.
+STUDENT_PARTS = ("backbone", "dino_head", "ibot_head", "distill_proj", "anchor_proj")
+
+
 def build_param_groups(student: nn.Module, optim_cfg: dict, *, split_backbone: bool = False) -> list[dict]:
     """The student's AdamW groups. ``split_backbone`` (a head warm-up) keeps backbone groups apart; without it the
     groups are those of earlier versions, so their checkpoints' optimizer states still load."""
     specs = []
-    for name in ("backbone", "dino_head", "ibot_head", "distill_proj", "anchor_proj"):
-        if getattr(student, name, None) is None:  # distill_proj: feature distillation only; anchor_proj likewise
+    for name in STUDENT_PARTS:
+        if getattr(student, name, None) is None:
             continue
         wd_mult = float(optim_cfg.get("dino_head_wd_multiplier", 1.0)) if name == "dino_head" else 1.0
         part = param_group_specs(getattr(student, name), layerwise_decay=float(optim_cfg["layerwise_decay"]),

@@ -49,7 +49,7 @@ class StudentNet(nn.Module):
         if self.anchor_proj is not None:  # train.feature_anchor: in the forward, where DDP/FSDP expect every weight
             out.update(anchor_cls=self.anchor_proj(g_cls), anchor_patch=self.anchor_proj(g_patch))
         if self.distill_proj is not None:  # feature distillation: no heads, the tokens through the projection
-            return {"g_cls": g_cls, "g_patch": g_patch, **self.distill_proj(g_cls, l_cls, g_patch)}
+            return {**out, **self.distill_proj(g_cls, l_cls, g_patch)}
         masked_patches = torch.index_select(g_patch.flatten(0, 1), 0, mask_indices)  # (M, D)
         if head_losses is not None:  # fused losses on the bottleneck codes, inside forward (FSDP: weights unsharded)
             return {**out, "head_losses": head_losses(

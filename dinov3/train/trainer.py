@@ -26,7 +26,7 @@ from .config import (ConfigError, check_resume_changes, config_from_text, dump_c
                      pretrained_anchor, validate_config)
 from .data import BatchAugment, build_loader
 from .health import HealthMonitor
-from .param_groups import apply_optim_schedule, build_param_groups
+from .param_groups import STUDENT_PARTS, apply_optim_schedule, build_param_groups
 from .probes import Probes
 from .rundir import (RunFolderError, RunLock, check_output_dir, latest_readable_checkpoint, refuse_existing_run,
                      remove_run, run_artifacts)
@@ -495,9 +495,8 @@ class Trainer:
         period = int(cfg["checkpointing"]["period"])
         imgs_per_step = int(cfg["train"]["batch_size_per_gpu"]) * self.dist.world_size
         clip = float(cfg["optim"]["clip_grad"] or 0.0)
-        # The parts whose gradient norm is clipped (feature distillation: no heads, maybe a projection;
-        # train.feature_anchor: its predictor).
-        clipped = [n for n in ("backbone", "dino_head", "ibot_head", "distill_proj", "anchor_proj")
+        # The parts whose gradient norm is clipped (feature distillation: no heads, maybe a projection).
+        clipped = [n for n in STUDENT_PARTS
                    if getattr(arch.student, n) is not None
                    and any(p.requires_grad for p in getattr(arch.student, n).parameters())]
         last_row: dict = {}
