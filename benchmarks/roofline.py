@@ -119,12 +119,13 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       MSE (eager: the squared difference written, then reduced); backward: MSE gradient (P²), two GEMMs per Gram
       (autograd of S Sᵀ differentiates both operands), their sum, the normalize backward. compile fuses the
       elementwise chains (normalize: one read + one write per tensor; MSE: one reduction) and keeps the GEMMs.
-    cuda (tiled, the first design): one program per 64x64 tile pair of the upper triangle: loads S_i, S_j, T_i, T_j
-      (64xD each), builds both Gram tiles, then for the student gradient loads S_j (and S_i off the diagonal) again
-      and adds 64xD fp32 updates with atomics (counted as 8 bytes: L2 reads and writes the line); then a normalize-
-      backward pass reads x and the fp32 accumulator twice. The gradient is produced in "fwd"; "fwd+bwd" adds a
-      scale (read and write G·P·D). HBM: S, T and the accumulator of the groups in flight, re-read through L2
-      (see _hbm).
+    cuda (tiled, 64x64 tiles, mma.sync): one program per 64x64 tile pair of the upper triangle loads S_i, S_j, T_i,
+      T_j (64xD each), builds both Gram tiles and stores the student's weight tile W (T² in the input dtype); then a
+      gradient kernel, one program per (row block, 64 columns of D), reads for every column block j the W tile
+      (transposed left of the diagonal) and the rows S_j (64x64 each), and writes its 64x64 of the fp32 gradient once
+      (no atomics); then a normalize-backward pass reads x and the fp32 gradient twice. The gradient is produced in
+      "fwd"; "fwd+bwd" adds a scale (read and write G·P·D). HBM: S, T, W and the gradient, with the re-read sets of
+      the groups in flight in L2 (see _hbm).
     triton (see _gram_triton): prologue writing [Ŝ | T̂] once in the compute dtype, a persistent forward over the
       upper-triangle 128x128 tile pairs (one dot chain over the 2·D columns) storing E', and a deterministic
       gradient GEMM E'·Ŝ with the normalize backward fused; no atomics.
@@ -170,18 +171,20 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     if backend != "cuda":
         raise ValueError(f"gram: unknown backend {backend!r}")
     T = 64
-    nb = _cdiv(P, T)
-    pairs, diag = nb * (nb + 1) // 2, nb
+    nb, nd = _cdiv(P, T), _cdiv(D, T)
+    pairs = nb * (nb + 1) // 2
     tile_mm = 2 * T * T * D
-    flops_exec = G * (pairs * 2 * tile_mm + diag * tile_mm + (pairs - diag) * 2 * tile_mm)
+    flops_exec = G * (pairs * 2 * tile_mm + nb * nb * tile_mm)
     loads = pairs * 4 * T * D * e
-    grad = diag * (T * D * e + T * D * 8) + (pairs - diag) * 2 * (T * D * e + T * D * 8)
+    w_bytes = pairs * T * T * e
+    grad = nb * nd * nb * (T * T * e + T * T * e) + P * D * 4 + nb * 4 * T
     norm_bwd = 2 * P * D * e + 2 * P * D * 4 + P * D * e
     scale = 0 if mode == "fwd" else 2 * PD * e
-    design = G * (loads + grad + P * D * 4 + norm_bwd) + scale
+    design = G * (loads + w_bytes + grad + norm_bwd) + scale
     in_flight = min(G, max(1, _cdiv(sms, pairs)))
-    hbm = _hbm(4 * PD * e + 3 * PD * 4 + scale, design, in_flight * P * D * (2 * e + 4))
-    return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, 5 + (0 if mode == "fwd" else 1))
+    hbm = _hbm(4 * PD * e + 3 * PD * 4 + 2 * G * w_bytes + scale, design,
+               in_flight * (P * D * (2 * e + 4) + w_bytes))
+    return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, 6 + (0 if mode == "fwd" else 1))
 
 
 def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False) -> Estimate:

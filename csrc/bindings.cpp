@@ -13,6 +13,7 @@ namespace dinov3 {
 // ---- gram_loss.cu ----
 int64_t gram_num_partials(int64_t G, int64_t P);
 void gram_fwd(std::uintptr_t s_ptr, std::uintptr_t t_ptr, std::uintptr_t acc_s_ptr, std::uintptr_t acc_t_ptr,
+              std::uintptr_t w_s_ptr, std::uintptr_t w_t_ptr, std::uintptr_t rinv_s_ptr, std::uintptr_t rinv_t_ptr,
               std::uintptr_t partial_ptr, int64_t G, int64_t P, int64_t D, int64_t s_stride_g, int64_t s_stride_p,
               int64_t s_stride_d, int64_t t_stride_g, int64_t t_stride_p, int64_t t_stride_d, int dtype_code,
               double scale, double eps, bool apply_norm, bool clamp_s, bool clamp_t, bool grad_s, bool grad_t,
@@ -48,11 +49,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("gram_num_partials", &dinov3::gram_num_partials, py::arg("G"), py::arg("P"),
         "Length of the fp32 partial-loss buffer gram_fwd writes: G * (number of 64x64 tile pairs i <= j).");
   m.def("gram_fwd", &dinov3::gram_fwd, py::arg("s_ptr"), py::arg("t_ptr"), py::arg("acc_s_ptr"), py::arg("acc_t_ptr"),
-        py::arg("partial_ptr"), py::arg("G"), py::arg("P"), py::arg("D"), py::arg("s_stride_g"), py::arg("s_stride_p"),
+        py::arg("w_s_ptr"), py::arg("w_t_ptr"), py::arg("rinv_s_ptr"), py::arg("rinv_t_ptr"), py::arg("partial_ptr"), py::arg("G"), py::arg("P"), py::arg("D"), py::arg("s_stride_g"), py::arg("s_stride_p"),
         py::arg("s_stride_d"), py::arg("t_stride_g"), py::arg("t_stride_p"), py::arg("t_stride_d"),
         py::arg("dtype_code"), py::arg("scale"), py::arg("eps"), py::arg("apply_norm"), py::arg("clamp_s"),
         py::arg("clamp_t"), py::arg("grad_s"), py::arg("grad_t"), py::arg("allow_tf32"), py::arg("stream"),
-        "Fused Gram loss: per-tile-pair partial losses and the fp32 gradients w.r.t. the normalised rows (atomics).");
+        "Fused Gram loss: per-tile-pair partial losses and the fp32 gradients w.r.t. the normalised rows, every element "
+        "written once (deterministic). Workspaces of the inputs that get a gradient: w_* holds "
+        "gram_num_partials(G, P) * 4096 elements of the input dtype, rinv_* G * ceil(P / 64) * 64 fp32.");
   m.def("gram_norm_bwd", &dinov3::gram_norm_bwd, py::arg("x_ptr"), py::arg("gxh_ptr"), py::arg("out_ptr"), py::arg("R"),
         py::arg("D"), py::arg("stride_r"), py::arg("stride_d"), py::arg("dtype_code"), py::arg("eps"),
         py::arg("apply_norm"), py::arg("stream"),

@@ -1,10 +1,15 @@
 // Fused Gram-anchoring loss, CUDA backend. Same algorithm and contract as dinov3_kernels/_triton/gram.py:
 //
-//   per group g and tile pair (i <= j) of the P x P Gram matrices (one CTA each, never stored to global memory):
+//   _gram_fwd_kernel, per group g and tile pair (i <= j) of the P x P Gram matrices (one CTA each; the Gram tiles are
+//   never stored to global memory):
 //     Gs = diag(r_si) S_i S_jᵀ diag(r_sj),  Gt likewise,  r = 1 / max(|x|, eps) (1 without apply_norm)
 //     E  = clamp(Gs) - clamp(Gt) on valid rows/cols,  partial[g, pair] = (1 or 2) * Σ E²
-//     acc_s[rows_i] += scale * W_s Ŝ_j,  acc_s[rows_j] += scale * W_sᵀ Ŝ_i (off the diagonal)
 //     W_s = E where not (clamp_s and Gs < 0), else 0;  W_t = -E where not (clamp_t and Gt < 0)
+//     stores the 64x64 tile W (in the input dtype) of the pairs i <= j, and r of the rows of block i (from the
+//     diagonal pair), for the inputs that get a gradient;
+//   _gram_grad_kernel, per group, row block i and 64 columns of D (one CTA each): acc[rows_i] = scale * Σ_j W_ij X̂_j
+//     with W_ij the stored tile, or the transpose of W_ji for j < i, and X̂ = X * r staged in the input dtype: every
+//     gradient element is written once by one CTA, so the result is deterministic (no atomics);
 //   then gram_norm_bwd turns the fp32 gradient w.r.t. x̂ into the gradient w.r.t. x.
 //
 // Tensor cores: bf16/fp16 use mma.sync m16n8k16 (fp32 accumulation); fp32 uses IEEE SIMT FMAs, or mma.sync m16n8k8 on
@@ -114,8 +119,8 @@ struct Smem {
   static constexpr bool kIs16 = sizeof(T) == 2;
   static constexpr int kChunk = gram::gram_chunk(sizeof(T));
   static constexpr int kLdA = kChunk + (kIs16 ? 8 : 4);       // forward operand tiles (T)
-  static constexpr int kLdW = kTile + (kIs16 ? 8 : 1);        // W (T; fp32: odd pitch, also read transposed)
-  static constexpr int kLdX = kGradChunk + (kIs16 ? 8 : 4);   // staged Ŝ chunk of the scatter (T)
+  static constexpr int kLdW = kTile + (kIs16 ? 8 : 1);        // W (T; odd fp32 pitch: staged transposed too)
+  static constexpr int kLdX = kGradChunk + (kIs16 ? 8 : 4);   // staged X̂ chunk of the gradient (T)
   // Every array starts 16-byte aligned: staging writes 16-byte vectors.
   struct Fwd {
     alignas(16) T si[kTile * kLdA];
@@ -125,14 +130,13 @@ struct Smem {
   };
   struct Grad {
     alignas(16) T x[kTile * kLdX];
-    alignas(16) T w[kTile * kLdW];
-    alignas(16) T wt[kIs16 ? kTile * kLdW : 1];  // Wᵀ, the A operand of the transposed product (16-bit path)
+    alignas(16) T w[kTile * kLdW];  // W_ij, or W_jiᵀ (written transposed when staged)
   };
   union __align__(16) {
     Fwd fwd;
     Grad grad;
   } u;
-  float rinv[4][kTile];  // 1/max(|x|, eps) of rows s_i, s_j, t_i, t_j (1 without apply_norm)
+  float rinv[4][kTile];  // forward: 1/max(|x|, eps) of rows s_i, s_j, t_i, t_j (1 without apply_norm)
   float red[kThreads / 32];
 };
 static_assert(sizeof(Smem<float>) <= 48 * 1024 && sizeof(Smem<__half>) <= 48 * 1024, "over the static smem limit");
@@ -268,23 +272,16 @@ __device__ __forceinline__ void gram_step(float (&acc)[2][4][4], const T* a, con
   }
 }
 
-// Scatter step: out = A X over the 64 rows of X, A = W (or Wᵀ when TRANS) of shape (64, 64), X (64, kGradChunk).
-template <typename T, bool TF32, bool TRANS>
-__device__ __forceinline__ void scatter_step(float (&out)[2][4][4], const Smem<T>& sm, int warp, int lane) {
+// Gradient step: out += W X̂ over the 64 rows of X̂, W (64, 64) and X̂ (64, kGradChunk) in shared memory.
+template <typename T, bool TF32>
+__device__ __forceinline__ void grad_step(float (&out)[2][4][4], const Smem<T>& sm, int warp, int lane) {
   constexpr int LDW = Smem<T>::kLdW;
   constexpr int LDX = Smem<T>::kLdX;
   const T* x = sm.u.grad.x;
   const int g = lane >> 2, t = lane & 3;
   const int rbase = (warp >> 1) * 32 + g;
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) out[mi][ni][c] = 0.f;
   if constexpr (sizeof(T) == 2) {
-    // The 16-bit path keeps Wᵀ as its own copy so both products read K-contiguous A pairs.
-    const T* a = TRANS ? sm.u.grad.wt : sm.u.grad.w;
+    const T* a = sm.u.grad.w;
     const int nbase = (warp & 1) * 32 + g;
 #pragma unroll
     for (int kk = 0; kk < kTile; kk += 16) {
@@ -311,8 +308,7 @@ __device__ __forceinline__ void scatter_step(float (&out)[2][4][4], const Smem<T
     }
   } else {
     const float* w = sm.u.grad.w;
-    // A(r, k) = W[r][k], or W[k][r] for the transposed product.
-    auto wa = [&](int r, int k) { return TRANS ? w[k * LDW + r] : w[r * LDW + k]; };
+    auto wa = [&](int r, int k) { return w[r * LDW + k]; };
     if constexpr (TF32) {
       const int nbase = (warp & 1) * 32 + g;
 #pragma unroll 2
@@ -362,72 +358,18 @@ __device__ __forceinline__ void scatter_step(float (&out)[2][4][4], const Smem<T
   }
 }
 
-// acc[(g, row0 + row, d0 + col)] += scale * out, masked to row < P and col < D.
-__device__ __forceinline__ void atomic_scatter(float* acc_g, const float (&out)[2][4][4], int row0, int d0, int P,
-                                               int D, float scale, int warp, int lane) {
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int grow = row0 + frag_row(warp, lane, mi, c);
-        const int gd = d0 + frag_col(warp, lane, ni, c);
-        if (grow < P && gd < D) atomicAdd(acc_g + static_cast<int64_t>(grow) * D + gd, scale * out[mi][ni][c]);
-      }
-}
-
-// Gradient of one tile pair for one of S/T: W (in registers, accumulator layout) -> shared, then over D:
-// acc[rows_i] += scale * W X̂_j and, off the diagonal, acc[rows_j] += scale * Wᵀ X̂_i, X̂ = X * r staged in T.
-template <typename T, bool TF32>
-__device__ __forceinline__ void scatter_grad(Smem<T>& sm, const float (&w)[2][4][4], const T* x_g, int64_t stride_p,
-                                             int64_t stride_d, bool vec_ok, const float* r_i, const float* r_j,
-                                             float* acc_g, int i, int j, int P, int D, float scale, int warp,
-                                             int lane) {
-  constexpr int LDW = Smem<T>::kLdW;
-  constexpr int LDX = Smem<T>::kLdX;
-  float unused_sq[gram::StageMap<kGradChunk, Elem<T>::kVec>::kPasses];
-  __syncthreads();  // every earlier reader of the shared buffers is done
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int r = frag_row(warp, lane, mi, c), col = frag_col(warp, lane, ni, c);
-        const T v = from_float<T>(w[mi][ni][c]);
-        sm.u.grad.w[r * LDW + col] = v;
-        if constexpr (sizeof(T) == 2) sm.u.grad.wt[col * LDW + r] = v;
-      }
-  float out[2][4][4];
-  for (int d0 = 0; d0 < D; d0 += kGradChunk) {
-    __syncthreads();
-    stage_tile<T, kGradChunk, LDX, false, true>(sm.u.grad.x, x_g, stride_p, stride_d, j * kTile, P, d0, D, vec_ok, r_j,
-                                                unused_sq);
-    __syncthreads();
-    scatter_step<T, TF32, false>(out, sm, warp, lane);
-    atomic_scatter(acc_g, out, i * kTile, d0, P, D, scale, warp, lane);
-    if (i != j) {
-      __syncthreads();
-      stage_tile<T, kGradChunk, LDX, false, true>(sm.u.grad.x, x_g, stride_p, stride_d, i * kTile, P, d0, D, vec_ok,
-                                                  r_i, unused_sq);
-      __syncthreads();
-      scatter_step<T, TF32, true>(out, sm, warp, lane);
-      atomic_scatter(acc_g, out, j * kTile, d0, P, D, scale, warp, lane);
-    }
-  }
-}
-
 struct FwdArgs {
   const void* s;
   const void* t;
-  float* acc_s;
-  float* acc_t;
+  void* w_s;      // (G, num_pairs, 64, 64) in T: W_s of every tile pair (written when grad_s)
+  void* w_t;      // the same for W_t (when grad_t)
+  float* rinv_s;  // (G, nb * 64): r of every row of S, padded rows included (when grad_s)
+  float* rinv_t;  // the same for T (when grad_t)
   float* partial;
-  int G, P, D;
+  int G, P, D, nb;
   int64_t s_stride_g, s_stride_p, s_stride_d, t_stride_g, t_stride_p, t_stride_d;
   int64_t num_pairs;
-  float scale, eps;
+  float eps;
   bool apply_norm, clamp_s, clamp_t, grad_s, grad_t, s_vec_ok, t_vec_ok;
 };
 
@@ -525,13 +467,86 @@ __global__ void __launch_bounds__(kThreads) _gram_fwd_kernel(const FwdArgs args)
       args.partial[static_cast<int64_t>(g) * args.num_pairs + pid] = total * (i == j ? 1.f : 2.f);
     }
 
-    const int64_t acc_off = static_cast<int64_t>(g) * P * D;
-    if (args.grad_s)
-      scatter_grad<T, TF32>(sm, acc_s, s_g, args.s_stride_p, args.s_stride_d, args.s_vec_ok, sm.rinv[0], sm.rinv[1],
-                      args.acc_s + acc_off, i, j, P, D, args.scale, warp, lane);
-    if (args.grad_t)
-      scatter_grad<T, TF32>(sm, acc_t, t_g, args.t_stride_p, args.t_stride_d, args.t_vec_ok, sm.rinv[2], sm.rinv[3],
-                      args.acc_t + acc_off, i, j, P, D, args.scale, warp, lane);
+    // W of this pair, and r of block i from the diagonal pair, for the gradient kernel.
+    const int64_t w_off = (static_cast<int64_t>(g) * args.num_pairs + pid) * (kTile * kTile);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      if (!(q == 0 ? args.grad_s : args.grad_t)) continue;
+      T* w_g = static_cast<T*>(q == 0 ? args.w_s : args.w_t) + w_off;
+      const float(&w)[2][4][4] = q == 0 ? acc_s : acc_t;
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            w_g[frag_row(warp, lane, mi, c) * kTile + frag_col(warp, lane, ni, c)] = from_float<T>(w[mi][ni][c]);
+      if (i == j && tid < kTile)
+        (q == 0 ? args.rinv_s : args.rinv_t)[static_cast<int64_t>(g) * args.nb * kTile + i * kTile + tid] =
+            sm.rinv[2 * q][tid];
+    }
+  }
+}
+
+struct GradArgs {
+  const void* x;     // S or T, (G, P, D) with any strides
+  const void* w;     // the W tiles the forward wrote, (G, num_pairs, 64, 64) in T
+  const float* rinv; // (G, nb * 64)
+  float* acc;        // (G, P, D) contiguous fp32: the gradient w.r.t. x̂, every element written once
+  int G, P, D, nb, nd;  // nb row blocks, nd = ceil(D / kGradChunk) column chunks
+  int64_t stride_g, stride_p, stride_d, num_pairs;
+  float scale;
+  bool vec_ok;
+};
+
+// One CTA per (row block i, column chunk), looping over the groups on grid axis y: acc[rows_i, chunk] =
+// scale * Σ_j W_ij X̂_j[:, chunk], summed in a fixed order of j.
+template <typename T, bool TF32>
+__global__ void __launch_bounds__(kThreads) _gram_grad_kernel(const GradArgs args) {
+  __shared__ Smem<T> sm;
+  constexpr int LDW = Smem<T>::kLdW;
+  constexpr int LDX = Smem<T>::kLdX;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int i = static_cast<int>(blockIdx.x) / args.nd;
+  const int d0 = (static_cast<int>(blockIdx.x) % args.nd) * kGradChunk;
+  const int P = args.P, D = args.D;
+  float unused_sq[gram::StageMap<kGradChunk, Elem<T>::kVec>::kPasses];
+  for (int g = blockIdx.y; g < args.G; g += gridDim.y) {
+    const T* x_g = static_cast<const T*>(args.x) + static_cast<int64_t>(g) * args.stride_g;
+    const T* w_g = static_cast<const T*>(args.w) + static_cast<int64_t>(g) * args.num_pairs * (kTile * kTile);
+    const float* rinv_g = args.rinv + static_cast<int64_t>(g) * args.nb * kTile;
+    float out[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) out[mi][ni][c] = 0.f;
+    for (int j = 0; j < args.nb; ++j) {
+      const bool trans = j < i;  // only pairs i <= j are stored: W_ij = W_jiᵀ
+      const T* src = w_g + gram::pair_index(trans ? j : i, trans ? i : j) * (kTile * kTile);
+      __syncthreads();  // the previous step's readers are done
+      // Coalesced reads of the stored tile; the transpose is taken on the shared-memory side.
+      for (int e = tid; e < kTile * kTile; e += kThreads) {
+        const int r = e / kTile, c = e % kTile;
+        sm.u.grad.w[trans ? c * LDW + r : r * LDW + c] = src[e];
+      }
+      stage_tile<T, kGradChunk, LDX, false, true>(sm.u.grad.x, x_g, args.stride_p, args.stride_d, j * kTile, P, d0, D,
+                                                  args.vec_ok, rinv_g + j * kTile, unused_sq);
+      __syncthreads();
+      grad_step<T, TF32>(out, sm, warp, lane);
+    }
+    float* acc_g = args.acc + static_cast<int64_t>(g) * P * D;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int grow = i * kTile + frag_row(warp, lane, mi, c);
+          const int gd = d0 + frag_col(warp, lane, ni, c);
+          if (grow < P && gd < D) acc_g[static_cast<int64_t>(grow) * D + gd] = args.scale * out[mi][ni][c];
+        }
   }
 }
 
@@ -608,6 +623,25 @@ void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
 #endif
 }
 
+template <typename T, bool TF32>
+void launch_grad(const GradArgs& args, cudaStream_t stream) {
+  const unsigned gy = static_cast<unsigned>(args.G < 65535 ? args.G : 65535);  // the kernel loops over the rest
+  const dim3 grid(static_cast<unsigned>(args.nb * args.nd), gy);
+#if defined(DINOV3_HOST_EMULATION)
+  emu_launch(_gram_grad_kernel<T, TF32>, grid, dim3(kThreads), args);
+#else
+  _gram_grad_kernel<T, TF32><<<grid, kThreads, 0, stream>>>(args);
+  DINOV3_CHECK_LAUNCH();
+#endif
+}
+
+template <typename T, bool TF32>
+void launch_all(const FwdArgs& f, GradArgs (&grads)[2], cudaStream_t stream) {
+  launch_fwd<T, TF32>(f, stream);
+  if (f.grad_s) launch_grad<T, TF32>(grads[0], stream);
+  if (f.grad_t) launch_grad<T, TF32>(grads[1], stream);
+}
+
 template <typename T>
 void launch_norm_bwd(std::uintptr_t x, std::uintptr_t gxh, std::uintptr_t out, int64_t R, int64_t D, int64_t stride_r,
                      int64_t stride_d, float eps, bool apply_norm, cudaStream_t stream) {
@@ -633,6 +667,7 @@ int64_t gram_num_partials(int64_t G, int64_t P) {
 }
 
 void gram_fwd(std::uintptr_t s_ptr, std::uintptr_t t_ptr, std::uintptr_t acc_s_ptr, std::uintptr_t acc_t_ptr,
+              std::uintptr_t w_s_ptr, std::uintptr_t w_t_ptr, std::uintptr_t rinv_s_ptr, std::uintptr_t rinv_t_ptr,
               std::uintptr_t partial_ptr, int64_t G, int64_t P, int64_t D, int64_t s_stride_g, int64_t s_stride_p,
               int64_t s_stride_d, int64_t t_stride_g, int64_t t_stride_p, int64_t t_stride_d, int dtype_code,
               double scale, double eps, bool apply_norm, bool clamp_s, bool clamp_t, bool grad_s, bool grad_t,
@@ -645,20 +680,24 @@ void gram_fwd(std::uintptr_t s_ptr, std::uintptr_t t_ptr, std::uintptr_t acc_s_p
     case kBFloat16: elem_size = 2; break;
     default: bad_dtype("gram_fwd", dtype_code);
   }
+  const int64_t nb = (P + kTile - 1) / kTile, nd = (D + kGradChunk - 1) / kGradChunk;
+  if (nb * nd > INT32_MAX) throw std::invalid_argument("gram_fwd: P and D too large");
   FwdArgs a;
   a.s = reinterpret_cast<const void*>(s_ptr);
   a.t = reinterpret_cast<const void*>(t_ptr);
-  a.acc_s = reinterpret_cast<float*>(acc_s_ptr);
-  a.acc_t = reinterpret_cast<float*>(acc_t_ptr);
+  a.w_s = reinterpret_cast<void*>(w_s_ptr);
+  a.w_t = reinterpret_cast<void*>(w_t_ptr);
+  a.rinv_s = reinterpret_cast<float*>(rinv_s_ptr);
+  a.rinv_t = reinterpret_cast<float*>(rinv_t_ptr);
   a.partial = reinterpret_cast<float*>(partial_ptr);
   a.G = static_cast<int>(G);
   a.P = static_cast<int>(P);
   a.D = static_cast<int>(D);
+  a.nb = static_cast<int>(nb);
   a.s_stride_g = s_stride_g; a.s_stride_p = s_stride_p; a.s_stride_d = s_stride_d;
   a.t_stride_g = t_stride_g; a.t_stride_p = t_stride_p; a.t_stride_d = t_stride_d;
   a.num_pairs = gram::num_tile_pairs(P);
   if (a.num_pairs > INT32_MAX) throw std::invalid_argument("gram_fwd: P too large");
-  a.scale = static_cast<float>(scale);
   a.eps = static_cast<float>(eps);
   a.apply_norm = apply_norm;
   a.clamp_s = clamp_s;
@@ -667,14 +706,29 @@ void gram_fwd(std::uintptr_t s_ptr, std::uintptr_t t_ptr, std::uintptr_t acc_s_p
   a.grad_t = grad_t;
   a.s_vec_ok = vec_loads_ok(s_ptr, G, P, s_stride_g, s_stride_p, s_stride_d, elem_size);
   a.t_vec_ok = vec_loads_ok(t_ptr, G, P, t_stride_g, t_stride_p, t_stride_d, elem_size);
+  GradArgs grads[2];
+  for (int q = 0; q < 2; ++q) {
+    GradArgs& ga = grads[q];
+    ga.x = q == 0 ? a.s : a.t;
+    ga.w = q == 0 ? a.w_s : a.w_t;
+    ga.rinv = q == 0 ? a.rinv_s : a.rinv_t;
+    ga.acc = reinterpret_cast<float*>(q == 0 ? acc_s_ptr : acc_t_ptr);
+    ga.G = a.G; ga.P = a.P; ga.D = a.D; ga.nb = a.nb; ga.nd = static_cast<int>(nd);
+    ga.stride_g = q == 0 ? s_stride_g : t_stride_g;
+    ga.stride_p = q == 0 ? s_stride_p : t_stride_p;
+    ga.stride_d = q == 0 ? s_stride_d : t_stride_d;
+    ga.num_pairs = a.num_pairs;
+    ga.scale = static_cast<float>(scale);
+    ga.vec_ok = q == 0 ? a.s_vec_ok : a.t_vec_ok;
+  }
   const cudaStream_t st = as_stream(stream);
   switch (dtype_code) {
     case kFloat32:
-      if (allow_tf32) launch_fwd<float, true>(a, st);
-      else launch_fwd<float, false>(a, st);
+      if (allow_tf32) launch_all<float, true>(a, grads, st);
+      else launch_all<float, false>(a, grads, st);
       break;
-    case kFloat16: launch_fwd<__half, false>(a, st); break;
-    default: launch_fwd<__nv_bfloat16, false>(a, st); break;
+    case kFloat16: launch_all<__half, false>(a, grads, st); break;
+    default: launch_all<__nv_bfloat16, false>(a, grads, st); break;
   }
 }
 

@@ -20,13 +20,16 @@ constexpr int kThreads = 128;   // 4 warps as 2x2 warp tiles of 32x32
 // D columns staged per step of the Gram loop: 16-bit inputs 32, fp32 16 (keeps the fp32 kernel's staging registers,
 // 4 tiles x 64 rows in flight, within budget).
 DINOV3_HD constexpr int gram_chunk(int elem_bytes) { return elem_bytes == 2 ? 32 : 16; }
-constexpr int kGradChunk = 64;  // D columns per step of the gradient scatter (a 64x64 output tile)
+constexpr int kGradChunk = 64;  // D columns of one gradient CTA (a 64x64 output tile)
 
 // Tile pairs of the upper triangle, column by column: pid = j(j+1)/2 + i, 0 <= i <= j.
 DINOV3_HD int64_t num_tile_pairs(int64_t P) {
   const int64_t nb = (P + kTile - 1) / kTile;
   return nb * (nb + 1) / 2;
 }
+
+// The inverse of tile_pair: the index of pair (i, j), i <= j.
+DINOV3_HD int64_t pair_index(int i, int j) { return static_cast<int64_t>(j) * (j + 1) / 2 + i; }
 
 DINOV3_HD void tile_pair(int64_t pid, int& i, int& j) {
   int64_t jj = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(pid) + 1.0) - 1.0) * 0.5);

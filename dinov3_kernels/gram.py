@@ -325,7 +325,7 @@ def gram_loss(student, teacher, *, apply_norm=True, img_level=True, remove_neg=F
         dtype = torch.promote_types(student.dtype, teacher.dtype)
         student, teacher = student.to(dtype), teacher.to(dtype)
     chosen = _backend.choose_backend(backend, (student, teacher), _op_check(student.dtype), "gram_loss",
-                                    atomics=("cuda",),  # the Triton kernels are deterministic
+                                    atomics=(),  # the Triton and CUDA kernels write each gradient element once
                                     size=student.shape[-2] if img_level else student.shape[:-1].numel())
     if chosen == "reference":
         return gram_loss_reference(student, teacher, apply_norm=apply_norm, img_level=img_level,

@@ -28,12 +28,13 @@ long long emu_gram_num_partials(long long G, long long P, char* err, int errlen)
   return out;
 }
 
-int emu_gram_fwd(uintptr_t s, uintptr_t t, uintptr_t acc_s, uintptr_t acc_t, uintptr_t partial, long long G,
+int emu_gram_fwd(uintptr_t s, uintptr_t t, uintptr_t acc_s, uintptr_t acc_t, uintptr_t w_s, uintptr_t w_t,
+                 uintptr_t rinv_s, uintptr_t rinv_t, uintptr_t partial, long long G,
                  long long P, long long D, long long sg, long long sp, long long sd, long long tg, long long tp,
                  long long td, int dtype, double scale, double eps, int apply_norm, int clamp_s, int clamp_t,
                  int grad_s, int grad_t, int allow_tf32, char* err, int errlen) {
   return emu_guarded(err, errlen, [&] {
-    dinov3::gram_fwd(s, t, acc_s, acc_t, partial, G, P, D, sg, sp, sd, tg, tp, td, dtype, scale, eps, apply_norm,
+    dinov3::gram_fwd(s, t, acc_s, acc_t, w_s, w_t, rinv_s, rinv_t, partial, G, P, D, sg, sp, sd, tg, tp, td, dtype, scale, eps, apply_norm,
                      clamp_s, clamp_t, grad_s, grad_t, allow_tf32, 0);
   });
 }

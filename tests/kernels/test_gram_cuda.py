@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CSRC = os.path.join(ROOT, "csrc")
 TILE = 64  # gram::kTile
 THREADS = 128  # gram::kThreads
-# (COLS, VEC) of every staging map the kernels instantiate: Gram loop (16-bit, fp32), scatter (16-bit, fp32).
+# (COLS, VEC) of every staging map the kernels instantiate: Gram loop (16-bit, fp32), gradient (16-bit, fp32).
 STAGE_MAPS = ((32, 8), (16, 4), (64, 8), (64, 4))
 
 _SHIM = r"""
@@ -44,6 +44,7 @@ static void fill(int* rows, int* cols, int* info) {
 extern "C" {
 void tile_pair_c(long long pid, int* i, int* j) { tile_pair(pid, *i, *j); }
 long long num_tile_pairs_c(long long P) { return num_tile_pairs(P); }
+long long pair_index_c(int i, int j) { return pair_index(i, j); }
 int frag_row_c(int w, int l, int mi, int c) { return frag_row(w, l, mi, c); }
 int frag_col_c(int w, int l, int ni, int c) { return frag_col(w, l, ni, c); }
 int gram_chunk_c(int bytes) { return gram_chunk(bytes); }
@@ -74,6 +75,8 @@ def tiling(tmp_path_factory):
     L.num_tile_pairs_c.restype = ctypes.c_longlong
     L.num_tile_pairs_c.argtypes = [ctypes.c_longlong]
     L.tile_pair_c.argtypes = [ctypes.c_longlong, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
+    L.pair_index_c.restype = ctypes.c_longlong
+    L.pair_index_c.argtypes = [ctypes.c_int, ctypes.c_int]
     assert (L.consts_c(0), L.consts_c(1)) == (TILE, THREADS), "update TILE/THREADS to match gram_tiling.cuh"
     return L
 
@@ -106,6 +109,8 @@ def test_tile_pairs_enumerate_upper_triangle(tiling):
         assert n == nb * (nb + 1) // 2
         pairs = [_tile_pair(tiling, pid) for pid in range(n)]
         assert sorted(pairs) == sorted((i, j) for j in range(nb) for i in range(j + 1))
+        # pair_index (where the gradient kernel finds a stored W tile) inverts tile_pair
+        assert [tiling.pair_index_c(i, j) for i, j in pairs] == list(range(n))
     # Far beyond any real P: the square-root guess must still land on the right column.
     for nb in (46341, 65536, 200001):
         for i in (0, nb // 2, nb - 1):
@@ -159,8 +164,9 @@ def _emulate_kernel(L, s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=N
     rows_map, cols_map = _fragment_map(L)
     num_pairs = L.num_tile_pairs_c(P)
     partial = np.full(G * num_pairs, np.nan)
-    acc_s = np.zeros((G, P, D))
-    acc_t = np.zeros((G, P, D))
+    acc_s = np.full((G, P, D), np.nan)  # the gradient kernel writes every element once
+    acc_t = np.full((G, P, D), np.nan)
+    w_s, w_t = {}, {}
     M = G * P * P
     scale = 4.0 / M
 
@@ -187,17 +193,24 @@ def _emulate_kernel(L, s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=N
             valid = (i * TILE + rows_map < P) & (j * TILE + cols_map < P)
             e = np.where(valid, np.where(neg_s, 0.0, gs) - np.where(neg_t, 0.0, gt), 0.0)
             partial[g * num_pairs + pid] = (e * e).sum() * (1.0 if i == j else 2.0)
-            for on, acc, w, xi, xj, ri, rj in (
-                (grad_s, acc_s, np.where(neg_s, 0.0, e), si, sj, r[0], r[1]),
-                (grad_t, acc_t, np.where(neg_t, 0.0, -e), ti, tj, r[2], r[3]),
-            ):
-                if not on:
-                    continue
-                W = np.zeros((TILE, TILE))
-                W[rows_map, cols_map] = w  # the shared-memory W tile
-                for b_out, prod in ((i, W @ (xj * rj[:, None])),) + (((j, W.T @ (xi * ri[:, None])),) if i != j else ()):
-                    n = min(TILE, P - b_out * TILE)
-                    acc[g, b_out * TILE:b_out * TILE + n] += scale * prod[:n]
+            for on, store, w in ((grad_s, w_s, np.where(neg_s, 0.0, e)), (grad_t, w_t, np.where(neg_t, 0.0, -e))):
+                if on:  # the W tile the forward kernel writes for this pair
+                    W = np.zeros((TILE, TILE))
+                    W[rows_map, cols_map] = w
+                    store[(g, i, j)] = W
+        # The gradient kernel: row block i, every column at once (the column chunks are independent), tiles j in order.
+        nb = (P + TILE - 1) // TILE
+        for on, store, x, acc in ((grad_s, w_s, s[g], acc_s), (grad_t, w_t, t[g], acc_t)):
+            if not on:
+                continue
+            for i in range(nb):
+                out = np.zeros((TILE, D))
+                for j in range(nb):
+                    W = store[(g, i, j)] if i <= j else store[(g, j, i)].T
+                    xj = tile(x, j)
+                    out += W @ (xj * rinv(xj)[:, None])
+                n = min(TILE, P - i * TILE)
+                acc[g, i * TILE:i * TILE + n] = scale * out[:n]
     assert not np.isnan(partial).any(), "a tile pair was never visited"
     loss = partial.sum() / M
 
@@ -258,7 +271,7 @@ class _EmulatedExtension:
         self.lib = lib
         lib.emu_gram_num_partials.restype = ctypes.c_longlong
         lib.emu_gram_num_partials.argtypes = [ctypes.c_longlong] * 2 + [ctypes.c_char_p, ctypes.c_int]
-        lib.emu_gram_fwd.argtypes = ([ctypes.c_size_t] * 5 + [ctypes.c_longlong] * 9 +
+        lib.emu_gram_fwd.argtypes = ([ctypes.c_size_t] * 9 + [ctypes.c_longlong] * 9 +
                                      [ctypes.c_int, ctypes.c_double, ctypes.c_double] + [ctypes.c_int] * 6 +
                                      [ctypes.c_char_p, ctypes.c_int])
         lib.emu_gram_norm_bwd.argtypes = ([ctypes.c_size_t] * 3 + [ctypes.c_longlong] * 4 +
@@ -272,6 +285,16 @@ class _EmulatedExtension:
         return n
 
     def gram_fwd(self, *args):
+        # Every buffer the kernels must write starts as NaN (all bits set: NaN in fp32, fp16 and bf16), so an element
+        # the gradient kernel misses, or a W tile / row norm the forward kernel does not store, shows in the result.
+        G, P, D, code, grad_s, grad_t = args[9], args[10], args[11], args[18], args[24], args[25]
+        if G >= 1 and P >= 1 and D >= 1 and code in (0, 1, 2):
+            n_w = self.gram_num_partials(G, P) * 64 * 64 * (4 if code == 0 else 2)
+            for on, acc, w, rinv in ((grad_s, args[2], args[4], args[6]), (grad_t, args[3], args[5], args[7])):
+                if on:
+                    ctypes.memset(acc, 0xFF, G * P * D * 4)
+                    ctypes.memset(w, 0xFF, n_w)
+                    ctypes.memset(rinv, 0xFF, G * (-(-P // 64)) * 64 * 4)
         _cuda_emu.call(self.lib.emu_gram_fwd, *args[:-1])  # the last argument is the stream
 
     def gram_norm_bwd(self, *args):
@@ -375,7 +398,7 @@ def test_emulated_cuda_zero_rows_and_nan(emulated_glue):
 
 def test_emulated_cuda_bad_dtype(emulated_ext):
     with pytest.raises(ValueError, match="dtype code 9"):
-        emulated_ext.gram_fwd(0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 9, 1.0, 1e-12, True, False, False, False,
+        emulated_ext.gram_fwd(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 9, 1.0, 1e-12, True, False, False, False,
                               False, False, 0)
     with pytest.raises(ValueError, match=">= 1"):
         emulated_ext.gram_num_partials(1, 0)
@@ -389,7 +412,7 @@ def test_bindings_validate_arguments():
     assert C.gram_num_partials(2, 100) == 2 * 3
     assert C.gram_num_partials(1, 4096) == 64 * 65 // 2
     with pytest.raises(ValueError, match="dtype code 7"):
-        C.gram_fwd(0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 7, 1.0, 1e-12, True, False, False, False, False, False, 0)
+        C.gram_fwd(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 7, 1.0, 1e-12, True, False, False, False, False, False, 0)
     with pytest.raises(ValueError, match="dtype code 5"):
         C.gram_norm_bwd(0, 0, 0, 1, 1, 0, 0, 5, 1e-12, True, 0)
     with pytest.raises(ValueError, match=">= 1"):
