@@ -260,8 +260,9 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     official*/compile: normalize, the n×n fp32 product written, its row max read back, the neighbours gathered, the
       pairwise distance (eager: the difference written, then its norm); backward O(n·d) elementwise (~10 passes;
       compile ~5, and its forward elementwise ~5 passes instead of ~10).
-    triton/cuda: a norm pass, then programs of BM query rows that stream the search set in BN-row tiles: CUDA one
-      program per 64 rows over the whole set (BN = 64); Triton (since issue 14) BN = 128 and BM = 128 where the
+    triton/cuda: a norm pass, then programs of BM query rows that stream the search set in BN-row tiles: CUDA
+      BM = BN = 64 times splits of the set (since 2026-12-01; ranges of at least 2 tiles, enough for 2 programs per
+      SM), then a merge-and-distance kernel; Triton (since issue 14) BN = 128 and BM = 128 where the
       grid keeps 2 programs per SM with it (n >= ~2300), else 64, times splits of the set, enough for 2 programs
       per SM (at most 32 splits for top-1 in fp32, 256 for 16-bit), then a merge kernel and a fixed-order sum.
       CUDA, and Triton where the tiles below do not fit: per (query tile, search tile) both tiles come from L2,
@@ -305,8 +306,11 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     if backend not in ("triton", "cuda"):
         raise ValueError(f"koleo: unknown backend {backend!r}")
     if backend == "cuda":
-        bm, bn, prec, programs = 64, 64, _precision(dtype, False), _cdiv(n, 64)
-        merge, launches = 2 * nd * e, 2
+        # dinov3_kernels/_cuda/koleo.py default_splits: ranges of >= 2 tiles, enough for 2 blocks per SM
+        splits = max(1, min(_cdiv(_cdiv(n, 64), 2), _cdiv(2 * sms, _cdiv(n, 64))))
+        bm, bn, prec, programs = 64, 64, _precision(dtype, False), _cdiv(n, 64) * splits
+        kmax = 1  # topk 1
+        merge, launches = 2 * nd * e + 2 * n * splits * kmax * 8, 3
     else:
         resident = d <= KOLEO_TRITON_RESIDENT_D[e]
         tiles = _cdiv(n, 128)  # the launcher's rule: 128-row tiles where the grid keeps 2 programs per SM
@@ -610,6 +614,10 @@ PACKAGE_BACKENDS = ("composed", "triton", "cuda")  # what "auto" chooses among, 
 # (2 GB per iBOT call at the benchmark shape), so "auto" keeps the bounded-memory backends there.
 REFERENCE_MODEL = {"gram_loss": "official_tf32", "koleo_loss": "official_tf32", "rope_attention": "official"}
 AUTO_DTYPES = ("float32", "bfloat16", "float16")
+# The model charges nothing for mma.sync instead of wgmma or for loads that do not overlap the math, which only the
+# CUDA kernels have (WMMA / mma.sync, synchronous global->shared staging): a CUDA kernel predicted less than
+# CUDA_MARGIN faster than another backend is ordered after it.
+CUDA_MARGIN = 1.10
 # op -> (what its size counts, the backends it implements, [(largest size of the bucket or None, the shape whose
 # prediction decides the bucket)]). Shapes: the benchmark scripts' GPU shapes (ViT-L width, heads of 64 dims).
 AUTO_OPS = {
@@ -630,7 +638,7 @@ AUTO_OPS = {
 
 def auto_table(existing: Optional[dict] = None) -> dict:
     """The auto table: per op, dtype and size bucket the op's backends ordered by the predicted H200 time of a
-    forward+backward pass at TF32 (as the official trainer runs), headed by "reference" (the official formulation)
+    forward+backward pass at TF32 (as the official trainer runs; CUDA_MARGIN for the CUDA kernels), headed by "reference" (the official formulation)
     where it is predicted faster than all of them. Rows of `existing` whose source is a measurement are kept;
     backends the model does not cover go last, in the op's order."""
     measured = {(r["op"], r["dtype"], r["max_size"]): r for r in (existing or {}).get("rows", [])
@@ -650,7 +658,13 @@ def auto_table(existing: Optional[dict] = None) -> dict:
                 ref = (estimate(op, REFERENCE_MODEL[op], params, dtype, "fwd+bwd", True)
                        if op in REFERENCE_MODEL else None)
                 ref_ms = round(predict(ref, H200)["ms"], 4) if ref is not None else None
-                order = sorted(ms, key=ms.get) + [b for b in backends if b not in ms]
+                order = sorted(ms, key=ms.get)
+                while "cuda" in order[:-1]:  # CUDA_MARGIN, above
+                    i = order.index("cuda")
+                    if ms["cuda"] * CUDA_MARGIN <= ms[order[i + 1]]:
+                        break
+                    order[i], order[i + 1] = order[i + 1], "cuda"
+                order += [b for b in backends if b not in ms]
                 if ref_ms is not None and ms and ref_ms < min(ms.values()):
                     order.insert(0, "reference")  # a kernel backend stays next, for what the reference cannot take
                 if ref_ms is not None:

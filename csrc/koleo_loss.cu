@@ -1,16 +1,20 @@
 // Fused KoLeo loss: nearest-neighbour search over the search set without an n×M matrix, then the distances and the
-// loss, in two launches.
+// loss, in three launches.
 //
 // Search set S (M, D) of raw features (any strides), query rows S[offset + i], i < n, u = s / max(|s|, eps):
 //   nn_k(i) = k-th largest u_i·u_j over j != offset + i (ties to the lowest j), k < topk
 //   d_ik    = |u_i - u_nn_k(i) + pdist_eps|,   loss = -1/(n topk) Σ log(d_ik + eps)
 //
 // koleo_norm_kernel: |s| per row (one warp per row), and zeroes the arrival counter.
-// koleo_search_kernel: one block per 64 query rows sweeps 64-column tiles of S: the 64×64 tile of raw dots is built
-// in shared memory (tensor cores through WMMA for half/bf16, fp32 FMA for float), scaled by the inverse norms, and
-// merged into each row's sorted top-KMAX kept in registers by two threads per row. Then the two lists of a row are
-// merged, each warp gathers its rows' neighbours and computes d_ik from the rows themselves (2 - 2cos would cancel
-// for close pairs), and the last block to arrive sums the per-block partials in a fixed order (deterministic loss).
+// koleo_search_kernel: grid (query blocks, splits): one block per 64 query rows and one contiguous range of the search
+// set (the search set split across blocks so that small n still fills the GPU). It sweeps the 64-column tiles of its
+// range: the 64×64 tile of raw dots is built in shared memory (tensor cores through WMMA for half/bf16, fp32 FMA for
+// float), scaled by the inverse norms, and merged into each row's sorted top-KMAX kept in registers by two threads per
+// row; the two lists of a row are merged and written as the block's partial list.
+// koleo_finish_kernel: one block per 64 query rows merges the rows' partial lists of every split (a strict total
+// order: similarity, then index, so the result does not depend on the split), each warp gathers its rows' neighbours
+// and computes d_ik from the rows themselves (2 - 2cos would cancel for close pairs), and the last block to arrive
+// sums the per-block partials in a fixed order (deterministic loss).
 #include "common.cuh"
 
 #include <mma.h>  // host emulation (tests/kernels/koleo_cuda_emu.cpp): wmma comes from the harness
@@ -195,9 +199,8 @@ __global__ void __launch_bounds__(256) koleo_norm_kernel(const T* __restrict__ s
 template <typename T, int KMAX>
 __global__ void __launch_bounds__(kThreads) koleo_search_kernel(
     const T* __restrict__ s, const float* __restrict__ norm, int64_t M, int64_t D, int64_t sm, int64_t sd,
-    int64_t offset, int64_t n, int topk, float eps, float pdist_eps, float scale, bool vec,
-    int64_t* __restrict__ out_idx, float* __restrict__ out_dist, float* __restrict__ partial, int* __restrict__ counter,
-    float* __restrict__ loss) {
+    int64_t offset, int64_t n, float eps, bool vec, int64_t cols_per_split, float* __restrict__ part_val,
+    int* __restrict__ part_idx) {
   constexpr int P = Pitch<T>::value;
   __shared__ __align__(32) T sA[kBlockM * P];
   __shared__ __align__(32) T sB[kBlockN * P];
@@ -205,13 +208,12 @@ __global__ void __launch_bounds__(kThreads) koleo_search_kernel(
   // Double-buffered by tile parity: a fast thread may fill the next tile's inverse norms while a slow one still merges
   // the current tile (the barriers inside dot_tile order everything two tiles apart).
   __shared__ float sRj[2][kBlockN];
-  __shared__ float sWarp[kThreads / 32];
-  __shared__ double sTot[kThreads];
-  __shared__ bool sLast;
 
   const int tid = threadIdx.x;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
   const int64_t q_valid = n - q0;
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * cols_per_split;
+  const int64_t c_end = c_begin + cols_per_split < M ? c_begin + cols_per_split : M;
   // Merge role: two threads per query row, each scanning every other column of a tile.
   const int my_row = tid >> 1;
   const int half = tid & 1;
@@ -225,22 +227,22 @@ __global__ void __launch_bounds__(kThreads) koleo_search_kernel(
 #pragma unroll
   for (int k = 0; k < KMAX; ++k) {
     vals[k] = -INFINITY;
-    idx[k] = INT_MAX;  // "no neighbour": stays only if every similarity was NaN
+    idx[k] = INT_MAX;  // "no neighbour": stays only if every similarity was NaN (or the range is empty)
   }
 
-  for (int64_t c0 = 0; c0 < M; c0 += kBlockN) {
-    float* rj = sRj[(c0 / kBlockN) & 1];
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kBlockN) {
+    float* rj = sRj[((c0 - c_begin) / kBlockN) & 1];
     if (tid < kBlockN) {
       const int64_t c = c0 + tid;
-      rj[tid] = c < M ? 1.f / fmaxf(norm[c], eps) : 0.f;
+      rj[tid] = c < c_end ? 1.f / fmaxf(norm[c], eps) : 0.f;
     }
-    dot_tile<T>(sA, sB, sC, s, offset + q0, q_valid, c0, M - c0, D, sm, sd, vec);
+    dot_tile<T>(sA, sB, sC, s, offset + q0, q_valid, c0, c_end - c0, D, sm, sd, vec);
     __syncthreads();
     if (q_ok) {
       const float* crow = sC + my_row * kLdc;
       for (int cc = half; cc < kBlockN; cc += 2) {
         const int64_t c = c0 + cc;
-        if (c >= M || c == self) continue;
+        if (c >= c_end || c == self) continue;
         insert<KMAX>(vals, idx, crow[cc] * r_i * rj[cc], static_cast<int>(c));
       }
     }
@@ -259,7 +261,60 @@ __global__ void __launch_bounds__(kThreads) koleo_search_kernel(
 #pragma unroll
     for (int k = 0; k < KMAX; ++k) insert<KMAX>(vals, idx, ov[k], oi[k]);
   }
+  if (q_ok && half == 0) {
+    const int64_t base = (q * static_cast<int64_t>(gridDim.y) + blockIdx.y) * KMAX;
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
+      part_val[base + k] = vals[k];
+      part_idx[base + k] = idx[k];
+    }
+  }
+}
 
+// minBlocks 4: with the plain bound ptxas (nvcc 13.0) settles at 64 registers and spills 28 bytes at KMAX = 4; asking
+// for 4 CTAs per SM (up to 128 registers) gives 61-82 registers and no spills at every KMAX.
+template <typename T, int KMAX>
+__global__ void __launch_bounds__(kThreads, 4) koleo_finish_kernel(
+    const T* __restrict__ s, const float* __restrict__ norm, int64_t M, int64_t D, int64_t sm, int64_t sd,
+    int64_t offset, int64_t n, int topk, float eps, float pdist_eps, float scale, int splits,
+    const float* __restrict__ part_val, const int* __restrict__ part_idx, int64_t* __restrict__ out_idx,
+    float* __restrict__ out_dist, float* __restrict__ partial, int* __restrict__ counter, float* __restrict__ loss) {
+  __shared__ float sWarp[kThreads / 32];
+  __shared__ double sTot[kThreads];
+  __shared__ bool sLast;
+
+  const int tid = threadIdx.x;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  // Merge role: two threads per query row, each merging every other split's list.
+  const int my_row = tid >> 1;
+  const int half = tid & 1;
+  const int64_t q = q0 + my_row;
+
+  float vals[KMAX];
+  int idx[KMAX];
+#pragma unroll
+  for (int k = 0; k < KMAX; ++k) {
+    vals[k] = -INFINITY;
+    idx[k] = INT_MAX;
+  }
+  if (q < n) {
+    for (int sp = half; sp < splits; sp += 2) {
+      const int64_t base = (q * splits + sp) * KMAX;
+#pragma unroll
+      for (int k = 0; k < KMAX; ++k) insert<KMAX>(vals, idx, part_val[base + k], part_idx[base + k]);
+    }
+  }
+  {
+    float ov[KMAX];
+    int oi[KMAX];
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
+      ov[k] = __shfl_xor_sync(0xffffffffu, vals[k], 1);
+      oi[k] = __shfl_xor_sync(0xffffffffu, idx[k], 1);
+    }
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) insert<KMAX>(vals, idx, ov[k], oi[k]);
+  }
   // Distances: warp w handles rows 16w .. 16w + 15, whose lists live in lanes 0, 2, .., 30.
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -318,25 +373,34 @@ __global__ void __launch_bounds__(kThreads) koleo_search_kernel(
 
 template <typename T, int KMAX>
 void launch_search(const void* s, const float* norm, int64_t M, int64_t D, int64_t sm, int64_t sd, int64_t offset,
-                   int64_t n, int topk, float eps, float pdist_eps, bool vec, int64_t* out_idx, float* out_dist,
-                   float* partial, int* counter, float* loss, cudaStream_t stream) {
-  const unsigned grid = static_cast<unsigned>(ceil_div<int64_t>(n, kBlockM));
+                   int64_t n, int topk, float eps, float pdist_eps, bool vec, int splits, float* part_val,
+                   int* part_idx, int64_t* out_idx, float* out_dist, float* partial, int* counter, float* loss,
+                   cudaStream_t stream) {
+  const unsigned qblocks = static_cast<unsigned>(ceil_div<int64_t>(n, kBlockM));
+  const int64_t cols_per_split = ceil_div<int64_t>(ceil_div<int64_t>(M, kBlockN), splits) * kBlockN;
+  const float scale = static_cast<float>(1.0 / (static_cast<double>(n) * topk));
+  const dim3 grid(qblocks, static_cast<unsigned>(splits));
 #if defined(DINOV3_HOST_EMULATION)
-  emu_launch(koleo_search_kernel<T, KMAX>, dim3(grid), dim3(kThreads), static_cast<const T*>(s), norm, M, D, sm, sd,
-             offset, n, topk, eps, pdist_eps, static_cast<float>(1.0 / (static_cast<double>(n) * topk)), vec, out_idx,
-             out_dist, partial, counter, loss);
+  emu_launch(koleo_search_kernel<T, KMAX>, grid, dim3(kThreads), static_cast<const T*>(s), norm, M, D, sm, sd, offset,
+             n, eps, vec, cols_per_split, part_val, part_idx);
+  emu_launch(koleo_finish_kernel<T, KMAX>, dim3(qblocks), dim3(kThreads), static_cast<const T*>(s), norm, M, D, sm,
+             sd, offset, n, topk, eps, pdist_eps, scale, splits, static_cast<const float*>(part_val),
+             static_cast<const int*>(part_idx), out_idx, out_dist, partial, counter, loss);
 #else
-  koleo_search_kernel<T, KMAX><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(s), norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps,
-      static_cast<float>(1.0 / (static_cast<double>(n) * topk)), vec, out_idx, out_dist, partial, counter, loss);
+  koleo_search_kernel<T, KMAX><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(s), norm, M, D, sm, sd, offset, n,
+                                                               eps, vec, cols_per_split, part_val, part_idx);
+  DINOV3_CHECK_LAUNCH();
+  koleo_finish_kernel<T, KMAX><<<qblocks, kThreads, 0, stream>>>(
+      static_cast<const T*>(s), norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, scale, splits, part_val,
+      part_idx, out_idx, out_dist, partial, counter, loss);
   DINOV3_CHECK_LAUNCH();
 #endif
 }
 
 template <typename T>
 void launch_all(const void* s, int64_t M, int64_t D, int64_t sm, int64_t sd, int64_t offset, int64_t n, int topk,
-                float eps, float pdist_eps, float* norm, int* counter, int64_t* out_idx, float* out_dist,
-                float* partial, float* loss, cudaStream_t stream) {
+                float eps, float pdist_eps, int splits, float* part_val, int* part_idx, float* norm, int* counter,
+                int64_t* out_idx, float* out_dist, float* partial, float* loss, cudaStream_t stream) {
   constexpr int kRowsPerBlock = 8;
 #if defined(DINOV3_HOST_EMULATION)
   emu_launch(koleo_norm_kernel<T>, dim3(static_cast<unsigned>(ceil_div<int64_t>(M, kRowsPerBlock))),
@@ -349,19 +413,24 @@ void launch_all(const void* s, int64_t M, int64_t D, int64_t sm, int64_t sd, int
   constexpr int64_t V = 16 / sizeof(T);
   const bool vec = sd == 1 && D % V == 0 && sm % V == 0 && reinterpret_cast<std::uintptr_t>(s) % 16 == 0;
   if (topk <= 1)
-    launch_search<T, 1>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, out_idx, out_dist, partial,
+    launch_search<T, 1>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, splits, part_val, part_idx,
+                        out_idx, out_dist, partial,
                         counter, loss, stream);
   else if (topk <= 2)
-    launch_search<T, 2>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, out_idx, out_dist, partial,
+    launch_search<T, 2>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, splits, part_val, part_idx,
+                        out_idx, out_dist, partial,
                         counter, loss, stream);
   else if (topk <= 4)
-    launch_search<T, 4>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, out_idx, out_dist, partial,
+    launch_search<T, 4>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, splits, part_val, part_idx,
+                        out_idx, out_dist, partial,
                         counter, loss, stream);
   else if (topk <= 8)
-    launch_search<T, 8>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, out_idx, out_dist, partial,
+    launch_search<T, 8>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, splits, part_val, part_idx,
+                        out_idx, out_dist, partial,
                         counter, loss, stream);
   else
-    launch_search<T, 16>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, out_idx, out_dist, partial,
+    launch_search<T, 16>(s, norm, M, D, sm, sd, offset, n, topk, eps, pdist_eps, vec, splits, part_val, part_idx,
+                        out_idx, out_dist, partial,
                          counter, loss, stream);
 }
 
@@ -369,27 +438,33 @@ void launch_all(const void* s, int64_t M, int64_t D, int64_t sm, int64_t sd, int
 
 int64_t koleo_num_partials(int64_t n) { return ceil_div<int64_t>(n, koleo::kBlockM); }
 
+int koleo_kmax(int topk) {
+  if (topk < 1 || topk > 16) throw std::invalid_argument("koleo_kmax: need 1 <= topk <= 16");
+  return topk <= 1 ? 1 : topk <= 2 ? 2 : topk <= 4 ? 4 : topk <= 8 ? 8 : 16;
+}
+
 void koleo_fwd_cuda(const void* s, int dtype, int64_t M, int64_t D, int64_t stride_m, int64_t stride_d,
-                    int64_t offset, int64_t n, int topk, float eps, float pdist_eps, float* norm, int* counter,
-                    int64_t* out_idx, float* out_dist, float* partial, float* loss, cudaStream_t stream) {
+                    int64_t offset, int64_t n, int topk, float eps, float pdist_eps, int64_t splits, float* part_val,
+                    int* part_idx, float* norm, int* counter, int64_t* out_idx, float* out_dist, float* partial,
+                    float* loss, cudaStream_t stream) {
   if (n < 1 || M < 2 || D < 1 || offset < 0 || offset + n > M)
     throw std::invalid_argument("koleo_fwd_cuda: need 1 <= n, offset + n <= M, M >= 2, D >= 1");
   if (topk < 1 || topk > 16 || topk >= M)
     throw std::invalid_argument("koleo_fwd_cuda: need 1 <= topk <= 16 and topk < M");
   if (M >= INT_MAX) throw std::invalid_argument("koleo_fwd_cuda: the search set must have fewer than 2^31 rows");
+  if (splits < 1 || splits > 65535 || splits > ceil_div<int64_t>(M, koleo::kBlockN))
+    throw std::invalid_argument("koleo_fwd_cuda: need 1 <= splits <= min(65535, ceil(M / 64)), got " +
+                                std::to_string(splits));
+  const int sp = static_cast<int>(splits);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    koleo::launch_all<T>(s, M, D, stride_m, stride_d, offset, n, topk, eps, pdist_eps, sp, part_val, part_idx, norm,
+                         counter, out_idx, out_dist, partial, loss, stream);
+  };
   switch (dtype) {
-    case kFloat32:
-      koleo::launch_all<float>(s, M, D, stride_m, stride_d, offset, n, topk, eps, pdist_eps, norm, counter, out_idx,
-                               out_dist, partial, loss, stream);
-      break;
-    case kFloat16:
-      koleo::launch_all<__half>(s, M, D, stride_m, stride_d, offset, n, topk, eps, pdist_eps, norm, counter, out_idx,
-                                out_dist, partial, loss, stream);
-      break;
-    case kBFloat16:
-      koleo::launch_all<__nv_bfloat16>(s, M, D, stride_m, stride_d, offset, n, topk, eps, pdist_eps, norm, counter,
-                                       out_idx, out_dist, partial, loss, stream);
-      break;
+    case kFloat32: run(float{}); break;
+    case kFloat16: run(__half{}); break;
+    case kBFloat16: run(__nv_bfloat16{}); break;
     default:
       throw std::invalid_argument("koleo_fwd_cuda: unsupported dtype code " + std::to_string(dtype));
   }

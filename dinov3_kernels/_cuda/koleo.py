@@ -4,12 +4,33 @@ import torch
 
 from .. import _backend
 
+_ROWS = 64  # koleo::kBlockM = kBlockN: query rows per block, search rows per tile
 
-def koleo_fwd_cuda(search, offset, n, topk, eps, pdist_eps):
-    """Same contract as dinov3_kernels._triton.koleo.koleo_fwd_triton, on the compiled kernels."""
+
+def default_splits(n, M, sms):
+    """How many contiguous ranges of the search set the search is split into: enough (query block, range) blocks for
+    two per SM, each range at least two 64-row tiles (the merge then reads a few lists per row, against a 64-row tile
+    of dot products per tile). One block per 64 query rows alone gives 16 blocks at n = 1024 on 132 SMs."""
+    qblocks = -(-n // _ROWS)
+    tiles = -(-M // _ROWS)
+    return max(1, min(-(-tiles // 2), -(-2 * sms // qblocks), 65535))
+
+
+def koleo_fwd_cuda(search, offset, n, topk, eps, pdist_eps, splits=None):
+    """Same contract as dinov3_kernels._triton.koleo.koleo_fwd_triton, on the compiled kernels.
+
+    splits: ranges of the search set searched by separate blocks (default: default_splits with the device's SM count;
+    132 for tensors not on a GPU, i.e. the CPU emulation of the tests). The result does not depend on it: the partial
+    top-k lists are merged under a strict total order (similarity, then index)."""
     C = _backend.cuda_ext()
     M, D = search.shape
     dev = search.device
+    if splits is None:
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+        splits = default_splits(n, M, sms)
+    kmax = C.koleo_kmax(topk)
+    part_val = torch.empty(n * splits * kmax, device=dev, dtype=torch.float32)
+    part_idx = torch.empty(n * splits * kmax, device=dev, dtype=torch.int32)
     norm = torch.empty(M, device=dev, dtype=torch.float32)
     counter = torch.empty(1, device=dev, dtype=torch.int32)
     idx = torch.empty((n, topk), device=dev, dtype=torch.int64)
@@ -18,7 +39,8 @@ def koleo_fwd_cuda(search, offset, n, topk, eps, pdist_eps):
     loss = torch.empty((), device=dev, dtype=torch.float32)
     C.koleo_fwd(
         search.data_ptr(), _backend.CUDA_DTYPE_CODES[search.dtype], M, D, search.stride(0), search.stride(1),
-        offset, n, topk, eps, pdist_eps, norm.data_ptr(), counter.data_ptr(), idx.data_ptr(), dist.data_ptr(),
-        partial.data_ptr(), loss.data_ptr(), torch.cuda.current_stream(dev).cuda_stream,
+        offset, n, topk, eps, pdist_eps, splits, part_val.data_ptr(), part_idx.data_ptr(), norm.data_ptr(),
+        counter.data_ptr(), idx.data_ptr(), dist.data_ptr(), partial.data_ptr(), loss.data_ptr(),
+        torch.cuda.current_stream(dev).cuda_stream,
     )
     return loss, idx, dist, norm

@@ -40,16 +40,30 @@ class _EmulatedExtension:
         self.lib = lib
         lib.emu_koleo_num_partials.restype = ctypes.c_longlong
         lib.emu_koleo_num_partials.argtypes = [ctypes.c_longlong]
+        lib.emu_koleo_kmax.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.emu_koleo_fwd.argtypes = ([ctypes.c_size_t, ctypes.c_int] + [ctypes.c_longlong] * 6 +
-                                      [ctypes.c_int, ctypes.c_float, ctypes.c_float] + [ctypes.c_size_t] * 6 +
-                                      [ctypes.c_char_p, ctypes.c_int])
+                                      [ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_longlong] +
+                                      [ctypes.c_size_t] * 8 + [ctypes.c_char_p, ctypes.c_int])
         self.calls = 0
 
     def koleo_num_partials(self, n):
         return self.lib.emu_koleo_num_partials(n)
 
+    def koleo_kmax(self, topk):
+        err = ctypes.create_string_buffer(1024)
+        out = self.lib.emu_koleo_kmax(topk, err, 1024)
+        if out < 0:
+            raise ValueError(err.value.decode())
+        return out
+
     def koleo_fwd(self, *args):
         self.calls += 1
+        # The partial lists start as NaN / -1 (never a valid list entry): a list the search does not write shows up.
+        n, splits, part_val, part_idx = args[7], args[11], args[12], args[13]
+        if part_val and n >= 1 and splits >= 1 and 1 <= args[8] <= 16:
+            size = n * splits * self.koleo_kmax(args[8]) * 4
+            ctypes.memset(part_val, 0xFF, size)
+            ctypes.memset(part_idx, 0xFF, size)
         _cuda_emu.call(self.lib.emu_koleo_fwd, *args[:-1])  # the last argument is the stream
 
 
@@ -196,11 +210,65 @@ def test_emulated_nan_propagates(emulated_op):
 
 def test_emulated_bad_arguments(emulated_ext):
     s = torch.zeros(4, 4)
-    args = lambda dtype, M, n, topk: (s.data_ptr(), dtype, M, 4, 4, 1, 0, n, topk, EPS, PDIST_EPS, 0, 0, 0, 0, 0, 0, 0)
+    args = lambda dtype, M, n, topk, splits=1: (s.data_ptr(), dtype, M, 4, 4, 1, 0, n, topk, EPS, PDIST_EPS, splits,
+                                                0, 0, 0, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="dtype code 9"):
         emulated_ext.koleo_fwd(*args(9, 4, 4, 1))
     with pytest.raises(ValueError, match="topk < M"):
         emulated_ext.koleo_fwd(*args(0, 4, 4, 4))
     with pytest.raises(ValueError, match="offset"):
         emulated_ext.koleo_fwd(*args(0, 4, 5, 1))
+    with pytest.raises(ValueError, match="splits"):
+        emulated_ext.koleo_fwd(*args(0, 4, 4, 1, splits=2))  # 4 rows are one 64-row tile: one range at most
+    with pytest.raises(ValueError, match="splits"):
+        emulated_ext.koleo_fwd(*args(0, 4, 4, 1, splits=0))
     assert emulated_ext.koleo_num_partials(65) == 2
+    assert [emulated_ext.koleo_kmax(k) for k in (1, 2, 3, 4, 5, 9, 16)] == [1, 2, 4, 4, 8, 16, 16]
+    with pytest.raises(ValueError, match="topk"):
+        emulated_ext.koleo_kmax(17)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_split_search_is_independent_of_the_split(emulated_ext, monkeypatch, dtype):
+    """The search set cut into 1..5 ranges (5 column tiles; ties across ranges included): the same bits every time,
+    and the float64 neighbours."""
+    from dinov3_kernels._cuda.koleo import koleo_fwd_cuda
+
+    monkeypatch.setattr(_backend, "cuda_ext", lambda: emulated_ext)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    M, D, n, topk = 300, 20, 70, 3
+    s = _randn((M, D), dtype, 300020)
+    s[250] = s[10]  # a tie between ranges: row 10's copy sits in the last tile, resolved to the lower index
+    outs = [koleo_fwd_cuda(s, 0, n, topk, EPS, PDIST_EPS, splits=k) for k in (1, 2, 3, 4, 5)]
+    for loss, idx, dist, norm in outs[1:]:
+        assert torch.equal(loss, outs[0][0]) and torch.equal(idx, outs[0][1]) and torch.equal(dist, outs[0][2])
+    assert outs[0][1][10, 0].item() == 250
+    if dtype == torch.float32:  # bf16 rounding reorders near-equal similarities; the other tests check its order
+        _, dots = _float64_search(s, 0, n)
+        want = torch.sort(dots, dim=1, descending=True, stable=True).indices[:, :topk]
+        assert torch.equal(outs[0][1], want)
+
+
+def test_default_splits_fill_the_gpu():
+    from dinov3_kernels._cuda.koleo import default_splits
+
+    assert default_splits(1024, 1024, 132) == 8  # 16 query blocks x 8 ranges of 2 tiles: every range >= 2 tiles
+    assert default_splits(256, 4096, 132) == 32  # 4 query blocks x 66 wanted, 32 ranges of 2 tiles
+    assert default_splits(8192, 8192, 132) == 3  # 128 query blocks: 3 ranges give 384 blocks, ~2.9 per SM
+    assert default_splits(100, 100, 132) == 1  # 2 tiles: one range
+    assert default_splits(65536 * 64, 65536 * 64, 132) == 1
+
+
+def test_bindings_validate_arguments():
+    """The compiled module (no GPU needed to call it): the same argument checks as the emulated one."""
+    C = _backend.CUDA_EXT
+    if C is None:
+        pytest.skip(f"CUDA extension not built: {_backend.CUDA_EXT_UNAVAILABLE}")
+    assert [C.koleo_kmax(k) for k in (1, 3, 9)] == [1, 4, 16]
+    with pytest.raises(ValueError, match="topk"):
+        C.koleo_kmax(0)
+    args = lambda splits: (0, 0, 4, 4, 4, 1, 0, 4, 1, EPS, PDIST_EPS, splits, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="splits"):
+        C.koleo_fwd(*args(2))
+    with pytest.raises(ValueError, match="splits"):
+        C.koleo_fwd(*args(0))
