@@ -571,8 +571,14 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_kernel(const Bwd
           float* dst = dq_g + static_cast<int64_t>(row) * C + wd * DW + 2 * t;
 #pragma unroll
           for (int i = 0; i < DW / 8; ++i) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            // One 2-wide reduction per pair (sm_90: float2 atomicAdd on global memory); the pair is 8-byte aligned
+            // (C, DW and 2t even, and the fp32 workspace starts aligned).
+            atomicAdd(reinterpret_cast<float2*>(dst + i * 8), make_float2(dq[i][2 * r], dq[i][2 * r + 1]));
+#else
             atomicAdd(dst + i * 8, dq[i][2 * r]);
             atomicAdd(dst + i * 8 + 1, dq[i][2 * r + 1]);
+#endif
           }
         }
       }
