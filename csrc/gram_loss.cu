@@ -611,35 +611,25 @@ bool vec_loads_ok(std::uintptr_t ptr, int64_t G, int64_t P, int64_t stride_g, in
   return stride_d == 1 && ptr % 16 == 0 && (G == 1 || stride_g % vec == 0) && (P == 1 || stride_p % vec == 0);
 }
 
-template <typename T, bool TF32>
-void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
-  const unsigned gy = static_cast<unsigned>(args.G < 65535 ? args.G : 65535);  // the kernel loops over the rest
-  const dim3 grid(static_cast<unsigned>(args.num_pairs), gy);
+// One CTA per grid-x item and group; groups beyond grid axis y's 65535 are looped over by the kernels.
+template <typename Args>
+void launch_over_groups(void (*kernel)(const Args), const Args& args, int64_t items, cudaStream_t stream) {
+  const unsigned gy = static_cast<unsigned>(args.G < 65535 ? args.G : 65535);
+  const dim3 grid(static_cast<unsigned>(items), gy);
 #if defined(DINOV3_HOST_EMULATION)
-  emu_launch(_gram_fwd_kernel<T, TF32>, grid, dim3(kThreads), args);
+  emu_launch(kernel, grid, dim3(kThreads), args);
 #else
-  _gram_fwd_kernel<T, TF32><<<grid, kThreads, 0, stream>>>(args);
-  DINOV3_CHECK_LAUNCH();
-#endif
-}
-
-template <typename T, bool TF32>
-void launch_grad(const GradArgs& args, cudaStream_t stream) {
-  const unsigned gy = static_cast<unsigned>(args.G < 65535 ? args.G : 65535);  // the kernel loops over the rest
-  const dim3 grid(static_cast<unsigned>(args.nb * args.nd), gy);
-#if defined(DINOV3_HOST_EMULATION)
-  emu_launch(_gram_grad_kernel<T, TF32>, grid, dim3(kThreads), args);
-#else
-  _gram_grad_kernel<T, TF32><<<grid, kThreads, 0, stream>>>(args);
+  kernel<<<grid, kThreads, 0, stream>>>(args);
   DINOV3_CHECK_LAUNCH();
 #endif
 }
 
 template <typename T, bool TF32>
 void launch_all(const FwdArgs& f, GradArgs (&grads)[2], cudaStream_t stream) {
-  launch_fwd<T, TF32>(f, stream);
-  if (f.grad_s) launch_grad<T, TF32>(grads[0], stream);
-  if (f.grad_t) launch_grad<T, TF32>(grads[1], stream);
+  launch_over_groups(_gram_fwd_kernel<T, TF32>, f, f.num_pairs, stream);
+  for (int q = 0; q < 2; ++q)
+    if (q == 0 ? f.grad_s : f.grad_t)
+      launch_over_groups(_gram_grad_kernel<T, TF32>, grads[q], static_cast<int64_t>(grads[q].nb) * grads[q].nd, stream);
 }
 
 template <typename T>

@@ -64,6 +64,21 @@ __device__ __forceinline__ void insert(float (&vals)[K], int (&idx)[K], float v,
   }
 }
 
+// The two threads of a row (lanes 2r, 2r + 1) end with the same top-KMAX of the union of their lists (a strict total
+// order: value, then index).
+template <int K>
+__device__ __forceinline__ void merge_with_partner(float (&vals)[K], int (&idx)[K]) {
+  float ov[K];
+  int oi[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    ov[k] = __shfl_xor_sync(0xffffffffu, vals[k], 1);
+    oi[k] = __shfl_xor_sync(0xffffffffu, idx[k], 1);
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) insert<K>(vals, idx, ov[k], oi[k]);
+}
+
 // Stages rows [first, first + valid) ∩ 64 rows, features [k0, k0 + kBK) into dst (64 × Pitch), zero-padded.
 template <typename T>
 __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ s, int64_t first, int64_t valid, int64_t k0,
@@ -249,18 +264,7 @@ __global__ void __launch_bounds__(kThreads) koleo_search_kernel(
     // The next tile's first __syncthreads (inside dot_tile) orders these reads before sC is overwritten.
   }
 
-  // Both threads of a row end with the same top-KMAX of the union (a strict total order: value, then index).
-  {
-    float ov[KMAX];
-    int oi[KMAX];
-#pragma unroll
-    for (int k = 0; k < KMAX; ++k) {
-      ov[k] = __shfl_xor_sync(0xffffffffu, vals[k], 1);
-      oi[k] = __shfl_xor_sync(0xffffffffu, idx[k], 1);
-    }
-#pragma unroll
-    for (int k = 0; k < KMAX; ++k) insert<KMAX>(vals, idx, ov[k], oi[k]);
-  }
+  merge_with_partner<KMAX>(vals, idx);
   if (q_ok && half == 0) {
     const int64_t base = (q * static_cast<int64_t>(gridDim.y) + blockIdx.y) * KMAX;
 #pragma unroll
@@ -304,17 +308,7 @@ __global__ void __launch_bounds__(kThreads, 4) koleo_finish_kernel(
       for (int k = 0; k < KMAX; ++k) insert<KMAX>(vals, idx, part_val[base + k], part_idx[base + k]);
     }
   }
-  {
-    float ov[KMAX];
-    int oi[KMAX];
-#pragma unroll
-    for (int k = 0; k < KMAX; ++k) {
-      ov[k] = __shfl_xor_sync(0xffffffffu, vals[k], 1);
-      oi[k] = __shfl_xor_sync(0xffffffffu, idx[k], 1);
-    }
-#pragma unroll
-    for (int k = 0; k < KMAX; ++k) insert<KMAX>(vals, idx, ov[k], oi[k]);
-  }
+  merge_with_partner<KMAX>(vals, idx);
   // Distances: warp w handles rows 16w .. 16w + 15, whose lists live in lanes 0, 2, .., 30.
   const int warp = tid / 32;
   const int lane = tid % 32;
