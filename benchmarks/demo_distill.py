@@ -13,6 +13,10 @@ compare with the same student trained by self-supervision from scratch; kNN accu
        through the learnable projection 32 -> 64).
    The distilled runs turn Gram anchoring off, as the official distillation config does.
 3. kNN (weighted 20-NN on the CLS tokens of each run's exported backbone; train split -> test split).
+
+--domain trains teacher and students on one of the generated image domains of demo_init_from.py (the same digits
+textured, inverted or coloured) instead of the digits, and probes on that domain's test split. --recipe applies to
+the teacher and every student (e.g. student.patch_size=4 for a teacher and students with 4-pixel patches).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from demo_digits import probe, write_digits  # noqa: E402
-from demo_init_from import load_backbone  # noqa: E402
+from demo_init_from import DOMAINS, load_backbone, save_split  # noqa: E402
 
 from dinov3.train.checkpoint import latest_checkpoint  # noqa: E402
 from dinov3.train.config import load_config  # noqa: E402
@@ -54,9 +58,13 @@ def main(argv=None):
     p.add_argument("--workdir", default="runs/demo_distill")
     p.add_argument("--teacher-iterations", type=int, default=6000)
     p.add_argument("--iterations", type=int, default=6000, help="of each student")
-    p.add_argument("--teacher-run", default=None, help="a finished `tiny` run on the digits (default: train it)")
+    p.add_argument("--teacher-run", default=None,
+                   help="a finished `tiny` run on the --domain images (default: train it)")
     p.add_argument("--student-arch", default="vit_nano")
     p.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    p.add_argument("--domain", default="digits", choices=list(DOMAINS),
+                   help="the images of teacher and students (generated from the digits as in demo_init_from.py; "
+                        "kNN on the same domain's test split)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tag", default="", help="suffix of the result file")
@@ -69,6 +77,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     arrays, labels = write_digits(os.path.join(args.workdir, "digits"), 32)
     data = os.path.join(args.workdir, "digits", "train")
+    if args.domain != "digits":
+        arrays = DOMAINS[args.domain](arrays)
+        data = save_split(os.path.join(args.workdir, args.domain, "train"), arrays["train"])
     common = ["train.progress_bar=false", "train.log_every=50", *args.recipe]
 
     teacher_run = args.teacher_run
@@ -87,7 +98,7 @@ def main(argv=None):
     def knn(path):
         return round(100 * probe(load_backbone(path), arrays, labels, cfg, args.k), 1)
 
-    results = {"dataset": "sklearn digits (8x8 -> 32 px RGB), 70/30 split", "k": args.k,
+    results = {"dataset": "sklearn digits (8x8 -> 32 px RGB), 70/30 split", "domain": args.domain, "k": args.k,
                "threads": torch.get_num_threads(), "teacher": {"run": teacher_run, "arch": "vit_tiny",
                                                                "iterations": n_t, "train_minutes": t_minutes,
                                                                "knn": knn(teacher_backbone)},
