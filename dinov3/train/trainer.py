@@ -624,12 +624,38 @@ class Trainer:
             # the GIL is held, and a gloo thread freeing a finished work needs the GIL to drop its tensors: a
             # deadlock (seen once in CI, on rank 1 at exit). So the model, its wrapper and optimizer go first, with
             # whatever cycle holds them, while the group is still registered, and destroy_process_group() frees it
-            # without the GIL. The group was ours (torchrun): the run is over. (FSDP2 keeps the group referenced
-            # from elsewhere as well: tests/train/test_distributed.py test_no_gloo_thread_outlives_the_cli.)
+            # without the GIL. The group was ours (torchrun): the run is over. Under FSDP2 the DTensor sharding
+            # caches hold the device mesh (and through it the group) after the model is gone: cleared as well
+            # (tests/train/test_distributed.py test_no_gloo_thread_outlives_the_cli, both parallel modes).
             self.student_forward = self.optimizer = self.arch = self.anchor = self.augment = None
             gc.collect()
+            if self.parallel == "fsdp":
+                _clear_dtensor_caches()
+                gc.collect()
             dist.destroy_process_group()
             self.dist.initialized_here = False
+
+
+def _clear_dtensor_caches() -> None:
+    """Empties the memo caches of torch.distributed (DTensor sharding propagation, redistribution plans, mesh
+    topology, and the C++ dispatch fast path), whose entries reference the device mesh of every DTensor op run
+    (FSDP2's sharded parameters): while they hold it, the mesh holds its process group, and destroy_process_group()
+    cannot free the group's gloo threads. The caches are private to torch and differ between versions, so every
+    functools cache of a torch.distributed function is cleared (they only save recomputation), with the two that
+    are not functools caches where this torch has them."""
+    clear_native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_native is not None:
+        clear_native()
+    try:
+        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+    except ImportError:
+        pass
+    else:
+        clear_redistribute_planner_cache()
+    for obj in gc.get_objects():
+        if (type(obj).__name__ == "_lru_cache_wrapper"
+                and str(getattr(obj, "__module__", "")).startswith("torch.distributed")):
+            obj.cache_clear()
 
 
 class TrainingStopped(Exception):
