@@ -352,9 +352,13 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     14·N²·D and 2 exps). Tiles assumed: Triton BM=128 forward, 64x64 backward; CUDA and the others 64 (FA2 forward:
     128). RoPE sin/cos are the tied (HW, D/2) fp32 tables: 4·D bytes per token per load, from L2 (shared by all
     heads); the CUDA kernels read them as passed since issue 14 (before, the glue expanded them to (HW, D) with two
-    cat launches per call, 8·D bytes per load). The CUDA kernel re-rotates K on every q-tile pass (tables read
-    ceil(N/64) times per token). Triton rotates K once into a (B, H, N, D) scratch (forward) and Q once (backward,
-    with K, in the pass that computes Delta), so its tables are read a fixed number of times per token (q and k once
+    cat launches per call, 8·D bytes per load). The CUDA forward's tensor-core path (16-bit) rotates K once into a
+    (B, N, C) scratch (one launch more; 2 element moves of scratch traffic) and Q once per q tile; its fp32 SIMT path
+    re-rotates K on every q-tile pass (tables read ceil(N/64) times per token), its backward Q on every k-tile
+    pass. The model charges nothing for mma.sync instead of wgmma, nor for the loads the CUDA kernels leave
+    unpipelined (all but the 16-bit forward's K'/V tiles, streamed with cp.async since issue 14). Triton rotates K
+    once into a (B, H, N, D) scratch (forward) and Q once (backward, with K, in the pass that computes Delta), so
+    its tables are read a fixed number of times per token (q and k once
     each forward; q, k and the dQ finishing pass backward); for fp32 input with TF32 at D >= 128 its backward is split
     (dK/dV per k tile, dQ per 128-query tile: 14·N²·D FLOPs, no dQ atomics),
     for 2 element moves of scratch traffic per rotated tensor, an fp32 dQ accumulator (zeroed, added to, read) and
@@ -381,8 +385,11 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     exps = BH * N * N
     fwd_design = X * e + nq * 2 * X * e + X * e + BH * N * 4
     table = BH * N * D * 4  # one read of the tied tables per token and head
-    scratch = 0.0  # Triton's rotated scratch and dQ accumulator traffic (design and HBM)
-    if kernel == "cuda":
+    scratch = 0.0  # rotated scratch (Triton, CUDA 16-bit forward) and dQ accumulator traffic (design and HBM)
+    if kernel == "cuda" and e == 2:
+        fwd_design += 2 * table
+        scratch += 2 * X * e  # K' written once by the rotate kernel, read back (its nq reads are the K reads above)
+    elif kernel == "cuda":
         fwd_design += table * (1 + nq)
     elif kernel == "triton":
         fwd_design += 2 * table
@@ -417,6 +424,8 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     if kernel == "triton":
         # the rotate pass (forward); backward: rotate+Delta, zero dQ, main, finish (split: rotate+Delta, dK/dV, dQ)
         launches += 1 if mode == "fwd" or not split else 0
+    elif kernel == "cuda" and e == 2:
+        launches += 1  # the K rotate kernel before the forward
     extra = scratch
     if backend in ("official", "compile", "sdpa_flash", "sdpa_cudnn"):
         extra += 2 * X * e + (0 if mode == "fwd" else 2 * X * e + 6 * X * e)

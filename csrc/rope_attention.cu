@@ -10,16 +10,18 @@
 //   out (B, N, C) = softmax(scale * Q' K'^T) V,   lse (B, H, N) = natural-log logsumexp of scale * Q' K'^T
 //
 // bf16 / fp16: flash-attention-2 tiling on tensor cores (mma.sync m16n8k16, fp32 accumulation, ldmatrix):
-//   forward  one CTA per (64 queries, head, batch); 4 warps own 16 query rows each; K/V tiles of 64 keys stream
-//            through shared memory; online softmax in the log2 domain.
+//   forward  a small kernel rotates K once into a (B, N, C) workspace K'; then one CTA per (64 queries, head,
+//            batch); 4 warps own 16 query rows each; K'/V tiles of 64 keys stream through two shared-memory stages
+//            with cp.async (tile j + 1 loads while tile j is computed); online softmax in the log2 domain.
 //   backward one CTA per (64 keys, head, batch); 4 warps own 16 keys each and loop over query tiles, keeping dK, dV
 //            in registers; dQ goes through fp32 atomics into a workspace, finished (scale, inverse RoPE, rounding)
 //            by a small kernel. Delta = rowsum(dO * O) comes from a preprocessing kernel.
 // fp32: a SIMT path (one warp per query or key row, lanes over keys/queries for scores, over Dh for outputs). It is
 //   exact fp32 arithmetic for correctness, not speed (training runs in bf16).
 //
-// Every q/k tile is rotated once, while it is copied from global into shared memory. Ragged edges: rows past N are
-// zero-filled in shared memory, padded keys get -inf scores (probability 0), padded queries are never written.
+// The forward rotates each K row once (into K') and each Q tile once, as it is copied into shared memory; the
+// backward rotates each q/k tile it loads. Ragged edges: rows past N are zero-filled in shared memory, padded keys
+// get -inf scores (probability 0), padded queries are never written.
 #include "common.cuh"
 
 #include <algorithm>
@@ -125,6 +127,29 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
 }
 #endif  // DINOV3_HOST_EMULATION
 
+// 16-byte cp.async (sm_80+): global -> shared without a trip through registers, so a tile's loads overlap the math
+// on the previous one. `valid` false zero-fills the 16 bytes (src-size 0; `g` must still be a mapped address).
+// commit_group closes this thread's batch of copies; wait_group<N> returns once at most N of its batches are still in
+// flight. The emulation (tests/kernels/cuda_emu.h) lands a batch only at its wait, so a read before the wait fails.
+#if defined(DINOV3_HOST_EMULATION)
+inline void cp_async16(void* s, const void* g, bool valid) { emu::cp_async_16(s, g, valid ? 16 : 0); }
+inline void cp_async_commit() { emu::cp_async_commit(); }
+template <int N>
+inline void cp_async_wait() {
+  emu::cp_async_wait(N);
+}
+#else
+__device__ __forceinline__ void cp_async16(void* s, const void* g, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(s)), "l"(g), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
 // Per-lane offsets of the ldmatrix row address inside a 16x16 block (row, col) for the three operand shapes used:
 //   A operand, row-major [m][k]:                 matrices (m0-7,k0-7) (m8-15,k0-7) (m0-7,k8-15) (m8-15,k8-15)
 //   B operand stored [n][k] (two n-tiles of 8):  matrices (n0-7,k0-7) (n0-7,k8-15) (n8-15,k0-7) (n8-15,k8-15)
@@ -148,6 +173,40 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0)[4], c
 
 __device__ __forceinline__ float4 ld_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
+// Rotates elements [c, c + 8) (lo) and [c + Dh/2, c + Dh/2 + 8) (hi) of one patch token whose table row starts at
+// `row`: first half x*cos - x[d+Dh/2]*sin, second half x*cos + x[d-Dh/2]*sin, in fp32, rounded to T once. Tables:
+// second-half columns at + tab_hi; a tied table (tab_hi == 0) reads each angle once for both halves.
+template <typename T>
+__device__ __forceinline__ void rotate_chunk(uint4& lo, uint4& hi, const float* __restrict__ sin_tab,
+                                             const float* __restrict__ cos_tab, int64_t row, int c, int tab_hi) {
+  float c1[8], c2[8], s1[8], s2[8];
+  *reinterpret_cast<float4*>(c1) = ld_f4(cos_tab + row + c);
+  *reinterpret_cast<float4*>(c1 + 4) = ld_f4(cos_tab + row + c + 4);
+  *reinterpret_cast<float4*>(s1) = ld_f4(sin_tab + row + c);
+  *reinterpret_cast<float4*>(s1 + 4) = ld_f4(sin_tab + row + c + 4);
+  if (tab_hi != 0) {
+    *reinterpret_cast<float4*>(c2) = ld_f4(cos_tab + row + tab_hi + c);
+    *reinterpret_cast<float4*>(c2 + 4) = ld_f4(cos_tab + row + tab_hi + c + 4);
+    *reinterpret_cast<float4*>(s2) = ld_f4(sin_tab + row + tab_hi + c);
+    *reinterpret_cast<float4*>(s2 + 4) = ld_f4(sin_tab + row + tab_hi + c + 4);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      c2[e] = c1[e];
+      s2[e] = s1[e];
+    }
+  }
+  uint32_t* l32 = reinterpret_cast<uint32_t*>(&lo);
+  uint32_t* h32 = reinterpret_cast<uint32_t*>(&hi);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 x1 = unpack2<T>(l32[j]), x2 = unpack2<T>(h32[j]);
+    const int e = 2 * j;
+    l32[j] = pack2<T>(x1.x * c1[e] - x2.x * s1[e], x1.y * c1[e + 1] - x2.y * s1[e + 1]);
+    h32[j] = pack2<T>(x2.x * c2[e] + x1.x * s2[e], x2.y * c2[e + 1] + x1.y * s2[e + 1]);
+  }
+}
+
 // Copies rows [row0, row0 + R) of one head's q, k (ROTATE) or v into a shared tile (R x D, row pitch LD); rows at
 // or past N are zero. `g` points at (b, n = 0, which, h, d = 0). 16-byte vectors: 8 elements of each half-row.
 // Tables: row pitch tab_ld, second-half columns at + tab_hi (see the top of the file); a tied table (tab_hi == 0,
@@ -166,36 +225,8 @@ __device__ __forceinline__ void load_tile(T* __restrict__ s, const T* __restrict
       const T* src = g + static_cast<int64_t>(n) * stride_n + c;
       lo = *reinterpret_cast<const uint4*>(src);
       hi = *reinterpret_cast<const uint4*>(src + HALF);
-      if (ROTATE && n >= num_prefix) {
-        const int64_t row = static_cast<int64_t>(n - num_prefix) * tab_ld;
-        float c1[8], c2[8], s1[8], s2[8];
-        *reinterpret_cast<float4*>(c1) = ld_f4(cos_tab + row + c);
-        *reinterpret_cast<float4*>(c1 + 4) = ld_f4(cos_tab + row + c + 4);
-        *reinterpret_cast<float4*>(s1) = ld_f4(sin_tab + row + c);
-        *reinterpret_cast<float4*>(s1 + 4) = ld_f4(sin_tab + row + c + 4);
-        if (tab_hi != 0) {
-          *reinterpret_cast<float4*>(c2) = ld_f4(cos_tab + row + tab_hi + c);
-          *reinterpret_cast<float4*>(c2 + 4) = ld_f4(cos_tab + row + tab_hi + c + 4);
-          *reinterpret_cast<float4*>(s2) = ld_f4(sin_tab + row + tab_hi + c);
-          *reinterpret_cast<float4*>(s2 + 4) = ld_f4(sin_tab + row + tab_hi + c + 4);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            c2[e] = c1[e];
-            s2[e] = s1[e];
-          }
-        }
-        uint32_t* l32 = reinterpret_cast<uint32_t*>(&lo);
-        uint32_t* h32 = reinterpret_cast<uint32_t*>(&hi);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 x1 = unpack2<T>(l32[j]), x2 = unpack2<T>(h32[j]);
-          const int e = 2 * j;
-          // first half: x*cos - x[d+Dh/2]*sin; second half: x*cos + x[d-Dh/2]*sin
-          l32[j] = pack2<T>(x1.x * c1[e] - x2.x * s1[e], x1.y * c1[e + 1] - x2.y * s1[e + 1]);
-          h32[j] = pack2<T>(x2.x * c2[e] + x1.x * s2[e], x2.y * c2[e + 1] + x1.y * s2[e + 1]);
-        }
-      }
+      if (ROTATE && n >= num_prefix)
+        rotate_chunk<T>(lo, hi, sin_tab, cos_tab, static_cast<int64_t>(n - num_prefix) * tab_ld, c, tab_hi);
     }
     *reinterpret_cast<uint4*>(s + r * LD + c) = lo;
     *reinterpret_cast<uint4*>(s + r * LD + c + HALF) = hi;
@@ -208,21 +239,75 @@ struct FwdParams {
   const void* qkv;
   const float* sin;
   const float* cos;
-  void* out;   // (B, N, C) contiguous
-  float* lse;  // (B, H, N) contiguous
+  void* k_rot;  // (B, N, C) contiguous workspace: K rotated once (16-bit path; unused by the fp32 one)
+  void* out;    // (B, N, C) contiguous
+  float* lse;   // (B, H, N) contiguous
   int N, H, num_prefix;
   int tab_ld, tab_hi;  // sin/cos row pitch and second-half column offset: (Dh, Dh/2) full, (Dh/2, 0) tied
   int64_t stride_b, stride_n;
   float scale;
 };
 
+// K' = RoPE(K) of every token, once (the forward's key loop would otherwise rotate each key tile once per query
+// tile, N/64 times): one thread per (token, head, 8-element chunk of each half), into k_rot (B, N, C).
+template <typename T, int D>
+__global__ void __launch_bounds__(256) _rope_rotate_k_kernel(const FwdParams p, int64_t items) {
+  constexpr int HALF = D / 2, CH = HALF / 8;
+  const int64_t C = static_cast<int64_t>(p.H) * D;
+  for (int64_t i = blockIdx.x * int64_t(256) + threadIdx.x; i < items; i += int64_t(gridDim.x) * 256) {
+    const int c = static_cast<int>(i % CH) * 8;
+    const int64_t th = i / CH;  // (b * N + n) * H + h
+    const int h = static_cast<int>(th % p.H);
+    const int64_t bn = th / p.H;
+    const int n = static_cast<int>(bn % p.N);
+    const int64_t b = bn / p.N;
+    const T* src = static_cast<const T*>(p.qkv) + b * p.stride_b + n * p.stride_n + C + h * D + c;
+    uint4 lo = *reinterpret_cast<const uint4*>(src);
+    uint4 hi = *reinterpret_cast<const uint4*>(src + HALF);
+    if (n >= p.num_prefix)
+      rotate_chunk<T>(lo, hi, p.sin, p.cos, static_cast<int64_t>(n - p.num_prefix) * p.tab_ld, c, p.tab_hi);
+    T* dst = static_cast<T*>(p.k_rot) + bn * C + h * D + c;
+    *reinterpret_cast<uint4*>(dst) = lo;
+    *reinterpret_cast<uint4*>(dst + HALF) = hi;
+  }
+}
+
+// Copies rows [row0, row0 + R) of a (rows, D) slice with row stride `stride` (16-byte aligned rows) into a shared
+// tile (row pitch LD) with cp.async; rows at or past N are zero-filled. One commit group is the caller's business.
+template <typename T, int D, int LD, int R>
+__device__ __forceinline__ void copy_tile_async(T* __restrict__ s, const T* __restrict__ g, int64_t stride, int row0,
+                                                int N) {
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < R * CH; i += kThreads) {
+    const int r = i / CH, c = (i % CH) * 8;
+    const int n = row0 + r;
+    cp_async16(s + r * LD + c, n < N ? g + static_cast<int64_t>(n) * stride + c : g, n < N);
+  }
+}
+
+// Shared memory of the forward: two stages of (K' tile, V tile), 64 x (D + 8) each; the Q tile passes through the
+// second stage's K' buffer before the key loop.
+template <int D>
+struct FwdTile {
+  static constexpr int BM = 64, BN = 64;
+  static constexpr int LD = D + 8;  // 16-byte pad: the 8 rows of each ldmatrix land in distinct banks
+  static constexpr size_t stage_elems = size_t(2) * BN * LD;
+  template <typename T>
+  static constexpr size_t smem_bytes() { return 2 * stage_elems * sizeof(T); }
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) _rope_attention_fwd_kernel(const FwdParams p) {
-  constexpr int BM = 64, BN = 64;
-  constexpr int LD = D + 8;  // 16-byte pad: the 8 rows of each ldmatrix land in distinct banks
+  using Tile = FwdTile<D>;
+  constexpr int BM = Tile::BM, BN = Tile::BN, LD = Tile::LD;
   constexpr int KS = D / 16;  // k-steps over the head dim
-  __shared__ __align__(16) T k_s[BN * LD];  // holds the Q tile first
-  __shared__ __align__(16) T v_s[BN * LD];
+#if defined(DINOV3_HOST_EMULATION)
+  unsigned char* smem_raw = emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
+  T* const stage0 = reinterpret_cast<T*>(smem_raw);
+  T* const stage1 = stage0 + Tile::stage_elems;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -230,17 +315,20 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_fwd_kernel(const Fwd
   const int N = p.N;
   const int64_t C = static_cast<int64_t>(p.H) * D;
   const T* q_g = static_cast<const T*>(p.qkv) + b * p.stride_b + h * D;
-  const T* k_g = q_g + C;
   const T* v_g = q_g + 2 * C;
+  const T* kr_g = static_cast<const T*>(p.k_rot) + static_cast<int64_t>(b) * N * C + h * D;  // K', row stride C
 
-  // Q' tile -> shared -> A fragments kept in registers for the whole key loop.
-  load_tile<T, D, LD, BM, true>(k_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
+  // Key tile 0 in flight while the Q' tile is rotated into stage 1 and taken into registers.
+  copy_tile_async<T, D, LD, BN>(stage0, kr_g, C, 0, N);
+  copy_tile_async<T, D, LD, BN>(stage0 + BN * LD, v_g, p.stride_n, 0, N);
+  cp_async_commit();
+  load_tile<T, D, LD, BM, true>(stage1, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
   __syncthreads();
   uint32_t q_frag[KS][4];
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks)
-    ldmatrix_x4(q_frag[ks], &k_s[(warp * 16 + a_row(lane)) * LD + ks * 16 + a_col(lane)]);
-  __syncthreads();
+    ldmatrix_x4(q_frag[ks], &stage1[(warp * 16 + a_row(lane)) * LD + ks * 16 + a_col(lane)]);
+  __syncthreads();  // stage 1 is free for key tile 1
 
   float o[D / 8][4];
 #pragma unroll
@@ -249,10 +337,19 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_fwd_kernel(const Fwd
   float l_run[2] = {0.f, 0.f};              // this thread's part of the running sum
   const float scale_log2 = p.scale * kLog2e;
 
-  for (int n0 = 0; n0 < N; n0 += BN) {
-    load_tile<T, D, LD, BN, true>(k_s, k_g, p.stride_n, n0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
-    load_tile<T, D, LD, BN, false>(v_s, v_g, p.stride_n, n0, N, 0, nullptr, nullptr, 0, 0);
-    __syncthreads();
+  for (int n0 = 0, j = 0; n0 < N; n0 += BN, ++j) {
+    // Issue key tile j + 1 into the other stage (last read by tile j - 1, released by the barrier ending it), then
+    // wait for tile j: its copies overlap nothing but the issue here, tile j + 1's overlap all of tile j's math.
+    T* const next = (j & 1) ? stage0 : stage1;
+    if (n0 + BN < N) {
+      copy_tile_async<T, D, LD, BN>(next, kr_g, C, n0 + BN, N);
+      copy_tile_async<T, D, LD, BN>(next + BN * LD, v_g, p.stride_n, n0 + BN, N);
+    }
+    cp_async_commit();  // possibly empty: the group count stays one per tile
+    cp_async_wait<1>();
+    __syncthreads();  // every thread's copies of tile j have landed
+    const T* const k_s = (j & 1) ? stage1 : stage0;
+    const T* const v_s = k_s + BN * LD;
 
     // S = Q' K'^T (16 x 64 per warp)
     float s[BN / 8][4];
@@ -319,8 +416,9 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_fwd_kernel(const Fwd
         mma_16816<T>(o[2 * dt + 1], pa, vb[2], vb[3]);
       }
     }
-    __syncthreads();  // before the next tile overwrites k_s / v_s
+    __syncthreads();  // every read of this stage is done before tile j + 2's copies are issued into it
   }
+  cp_async_wait<0>();  // the last (empty) group
 
   // Finish: full row sums, normalize, write out and lse.
   T* out = static_cast<T*>(p.out);
@@ -940,8 +1038,14 @@ void set_tables(Params& p, int64_t Dh, int64_t tab_cols) {
 
 template <typename T, int D>
 void launch_fwd(const FwdParams& p, int B, cudaStream_t stream) {
-  const dim3 grid(ceil_div(p.N, 64), p.H, B);
-  DINOV3_LAUNCH(grid, kThreads, 0, stream, _rope_attention_fwd_kernel<T, D>)(p);
+  const int64_t items = int64_t(B) * p.N * p.H * (D / 16);
+  const int64_t blocks = std::min<int64_t>(ceil_div<int64_t>(items, 256), int64_t(1) << 20);
+  DINOV3_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream, _rope_rotate_k_kernel<T, D>)(p, items);
+  DINOV3_CHECK_LAUNCH();
+  const dim3 grid(ceil_div(p.N, FwdTile<D>::BM), p.H, B);
+  const size_t smem = FwdTile<D>::template smem_bytes<T>();
+  set_smem(_rope_attention_fwd_kernel<T, D>, smem);
+  DINOV3_LAUNCH(grid, kThreads, smem, stream, _rope_attention_fwd_kernel<T, D>)(p);
   DINOV3_CHECK_LAUNCH();
 }
 
@@ -987,15 +1091,18 @@ void launch_bwd_f32(const BwdParams& p, int B, cudaStream_t stream) {
 
 }  // namespace
 
-void rope_attention_fwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintptr_t cos, std::uintptr_t out,
-                             std::uintptr_t lse, int64_t B, int64_t N, int64_t H, int64_t Dh, int64_t num_prefix,
-                             int64_t tab_cols, int64_t stride_b, int64_t stride_n, int dtype, float scale,
-                             std::uintptr_t stream) {
+void rope_attention_fwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintptr_t cos, std::uintptr_t k_rot,
+                             std::uintptr_t out, std::uintptr_t lse, int64_t B, int64_t N, int64_t H, int64_t Dh,
+                             int64_t num_prefix, int64_t tab_cols, int64_t stride_b, int64_t stride_n, int dtype,
+                             float scale, std::uintptr_t stream) {
   check_args("rope_attention_fwd_cuda", B, N, H, Dh, num_prefix, tab_cols, dtype);
+  if (dtype != kFloat32 && k_rot == 0)
+    throw std::invalid_argument("rope_attention_fwd_cuda: bfloat16/float16 need the k_rot workspace (B, N, C)");
   FwdParams p;
   p.qkv = reinterpret_cast<const void*>(qkv);
   p.sin = reinterpret_cast<const float*>(sin);
   p.cos = reinterpret_cast<const float*>(cos);
+  p.k_rot = reinterpret_cast<void*>(k_rot);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<float*>(lse);
   p.N = static_cast<int>(N);

@@ -93,9 +93,11 @@ def rope_attention_fwd_cuda(qkv, sin, cos, num_heads, num_prefix_tokens, scale):
     sin, cos = _dense(sin), _dense(cos)
     out = torch.empty((B, N, H * Dh), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
+    # K rotated once (tensor-core path): a transient (B, N, C) workspace in the input dtype, freed on return.
+    k_rot = torch.empty((B, N, H * Dh) if qkv.element_size() == 2 else (0,), device=qkv.device, dtype=qkv.dtype)
     with torch.cuda.device(qkv.device):  # kernels launch on the current device
         C.rope_attention_fwd_cuda(
-            qkv.data_ptr(), sin.data_ptr(), cos.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            qkv.data_ptr(), sin.data_ptr(), cos.data_ptr(), k_rot.data_ptr(), out.data_ptr(), lse.data_ptr(),
             B, N, H, Dh, num_prefix_tokens, sin.shape[1], qkv.stride(0), qkv.stride(1),
             _backend.CUDA_DTYPE_CODES[qkv.dtype], float(scale), torch.cuda.current_stream().cuda_stream,
         )

@@ -1,5 +1,5 @@
 // Runs csrc/rope_attention.cu on the CPU through the CUDA emulation in cuda_emu.h (threads, barriers, shuffles,
-// ldmatrix and mma.sync from the PTX ISA tables, independently of the kernel).
+// ldmatrix and mma.sync from the PTX ISA tables, independently of the kernel; cp.async landing at its wait).
 // Built by tests/kernels/test_attention_cuda.py with the host C++ compiler; entry points are extern "C" for ctypes.
 #include "cuda_emu.h"
 
@@ -19,12 +19,13 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) 
 #include "rope_attention.cu"
 
 extern "C" {
-int emu_rope_attention_fwd(uintptr_t qkv, uintptr_t sin, uintptr_t cos, uintptr_t out, uintptr_t lse, long long B,
-                           long long N, long long H, long long Dh, long long num_prefix, long long tab_cols,
-                           long long stride_b, long long stride_n, int dtype, double scale, char* err, int errlen) {
+int emu_rope_attention_fwd(uintptr_t qkv, uintptr_t sin, uintptr_t cos, uintptr_t k_rot, uintptr_t out, uintptr_t lse,
+                           long long B, long long N, long long H, long long Dh, long long num_prefix,
+                           long long tab_cols, long long stride_b, long long stride_n, int dtype, double scale,
+                           char* err, int errlen) {
   return emu_guarded(err, errlen, [&] {
-    dinov3::rope_attention_fwd_cuda(qkv, sin, cos, out, lse, B, N, H, Dh, num_prefix, tab_cols, stride_b, stride_n,
-                                    dtype, static_cast<float>(scale), 0);
+    dinov3::rope_attention_fwd_cuda(qkv, sin, cos, k_rot, out, lse, B, N, H, Dh, num_prefix, tab_cols, stride_b,
+                                    stride_n, dtype, static_cast<float>(scale), 0);
   });
 }
 

@@ -130,6 +130,7 @@ def sass_facts(sass: str) -> dict:
         "local_stores": sum(1 for o in ops if o.startswith("STL")),
         "local_loads": sum(1 for o in ops if o.startswith("LDL")),
         "ffma": sum(1 for o in ops if o.startswith("FFMA")),
+        "async_copies": sum(1 for o in ops if o.startswith("LDGSTS")),  # cp.async global -> shared (sm_80+)
         "instructions": len(ops),
     }
 

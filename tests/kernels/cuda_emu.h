@@ -84,6 +84,51 @@ inline unsigned char* dynamic_smem() {
 
 inline void __syncthreads() { emu::g_block_bar->arrive_and_wait(); }
 
+namespace emu {
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes (the bytes past src_bytes zero-filled), cp.async.commit_group
+// and cp.async.wait_group N, per thread as in the PTX ISA. While a copy is in flight its 16 destination bytes are
+// undefined: the issue poisons them (0x7f bytes: NaN in fp16, huge in bf16/fp32) and the data lands only when the
+// thread waits for the group (the latest point the hardware allows). So a kernel that reads a tile before waiting
+// for it, reads another thread's part before the __syncthreads after the wait, or issues a copy into a stage other
+// threads are still reading, sees poisoned bytes and fails its test.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int src_bytes;
+};
+thread_local std::vector<AsyncCopy> t_async_open;                 // issued, not yet committed
+thread_local std::vector<std::vector<AsyncCopy>> t_async_groups;  // committed, oldest first
+inline void cp_async_16(void* dst, const void* src, int src_bytes) {
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 != 0) fail("cp.async shared address not 16-byte aligned");
+  if (src_bytes < 0 || src_bytes > 16) fail("cp.async src-size outside [0, 16]");
+  if (src_bytes > 0 && reinterpret_cast<std::uintptr_t>(src) % 16 != 0)
+    fail("cp.async global address not 16-byte aligned");
+  std::memset(dst, 0x7f, 16);
+  t_async_open.push_back({static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes});
+}
+inline void cp_async_commit() {
+  t_async_groups.push_back(std::move(t_async_open));
+  t_async_open.clear();
+}
+inline void cp_async_wait(int pending) {
+  while (static_cast<int>(t_async_groups.size()) > pending) {
+    for (const AsyncCopy& c : t_async_groups.front()) {
+      std::memcpy(c.dst, c.src, c.src_bytes);
+      std::memset(c.dst + c.src_bytes, 0, 16 - c.src_bytes);
+    }
+    t_async_groups.erase(t_async_groups.begin());
+  }
+}
+// At thread exit: a copy never waited for is a kernel bug here (its bytes were never read).
+inline void check_async_drained() {
+  bool pending = !t_async_open.empty();
+  for (const auto& g : t_async_groups) pending = pending || !g.empty();
+  if (pending) fail("cp.async copies issued and never waited for");
+  t_async_open.clear();
+  t_async_groups.clear();
+}
+}  // namespace emu
+
 // Value of v in lane src_lane(lane) of this warp; every lane of the warp must take part (full-warp shuffles only).
 template <typename V, typename F>
 inline V emu_shuffle(unsigned mask, V v, int width, F src_lane) {
@@ -144,6 +189,7 @@ void emu_launch_smem(K* kernel, dim3 grid, dim3 block, size_t smem_bytes, Args..
             emu::t_thread = make_uint3(t, 0, 0);
             emu::t_block = make_uint3(bx, by, bz);
             kernel(args...);
+            emu::check_async_drained();
             // A returned thread no longer takes part in barriers (as on the GPU).
             emu::Warp& w = emu::warp();
             w.live.fetch_sub(1);

@@ -419,7 +419,7 @@ class _EmulatedAttentionExtension:
     def __init__(self, lib):
         self.lib = lib
         P, L, I, D, S = ctypes.c_size_t, ctypes.c_longlong, ctypes.c_int, ctypes.c_double, ctypes.c_char_p
-        lib.emu_rope_attention_fwd.argtypes = [P] * 5 + [L] * 8 + [I, D, S, I]
+        lib.emu_rope_attention_fwd.argtypes = [P] * 6 + [L] * 8 + [I, D, S, I]
         lib.emu_rope_attention_bwd.argtypes = [P] * 9 + [L] * 8 + [I, D, S, I]
 
     def rope_attention_fwd_cuda(self, *args):
@@ -500,6 +500,22 @@ def test_emulated_cuda_kernels_match_float64(emulated_glue, dtype, D, N, H):
     _emulated_case(emulated_glue, dtype, D, N, num_prefix=5, H=H)
 
 
+@pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 64), (torch.float16, 128)])
+def test_emulated_cuda_forward_pipeline_reuses_its_stages(emulated_glue, dtype, D):
+    """Three key tiles (N = 140): the forward's cp.async pipeline loads tile 2 into the stage tile 0 used, so a
+    missing wait or barrier reads unlanded (poisoned) or overwritten bytes (the emulation lands a cp.async batch only
+    at its wait); two batches, so the rotated-K workspace is indexed per batch."""
+    gen = torch.Generator().manual_seed(11)
+    N, prefix, H = 140, 3, 1
+    qkv = torch.randn(2, N, 3 * H * D, generator=gen, dtype=torch.float64).to(dtype)
+    sin, cos = _rope_tables(N - prefix, D // 2, seed=12)
+    out, lse = emulated_glue.rope_attention_fwd_cuda(qkv, sin, cos, H, prefix, D**-0.5)
+    ref_out, ref_lse, _ = _reference64(qkv, sin, cos, H, prefix)
+    lp_out, _ = _low_precision_reference(qkv, sin, cos, H, prefix, torch.zeros(2, N, H * D, dtype=dtype))
+    assert _err(out, ref_out) <= 2 * _err(lp_out, ref_out) + ATOL[dtype]
+    assert _err(lse, ref_lse) <= LSE_ATOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_emulated_cuda_strided_and_prefix_edges(emulated_glue, dtype):
     """qkv as a strided view (padded token stride), no prefix tokens, and only prefix tokens (no rotation)."""
@@ -531,18 +547,20 @@ def test_op_passes_tied_tables_to_the_cuda_kernels_unchanged(emulated_glue, emul
     out, _ = torch.ops.dinov3_kernels.rope_attention_fwd(qkv, sin, cos, H, prefix, D**-0.5, "cuda")
     (args,) = seen
     assert args[1] == sin.data_ptr() and args[2] == cos.data_ptr()
-    assert args[10] == D // 2  # tab_cols
+    assert args[11] == D // 2  # tab_cols
     ref_out, _, _ = _reference64(qkv, sin, cos, H, prefix)
     assert _err(out, ref_out) <= EMU_F32_RTOL * ref_out.abs().max().item()
 
 
 def test_emulated_launcher_rejects_bad_arguments(emulated_attention_ext):
     with pytest.raises(ValueError, match="head_dim 96"):
-        emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 5), 1, 8, 1, 96, 0, 96, 0, 0, 2, 1.0, 0)
+        emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 6), 1, 8, 1, 96, 0, 96, 0, 0, 2, 1.0, 0)
     with pytest.raises(ValueError, match="dtype code 7"):
         emulated_attention_ext.rope_attention_bwd_cuda(*([0] * 9), 1, 8, 1, 64, 0, 64, 0, 0, 7, 1.0, 0)
     with pytest.raises(ValueError, match="head_dim/2 \\(tied\\) columns, got 48"):
-        emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 5), 1, 8, 1, 64, 0, 48, 0, 0, 2, 1.0, 0)
+        emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 6), 1, 8, 1, 64, 0, 48, 0, 0, 2, 1.0, 0)
+    with pytest.raises(ValueError, match="k_rot workspace"):
+        emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 6), 1, 8, 1, 64, 0, 64, 0, 0, 2, 1.0, 0)
 
 
 # ---- GPU: the compiled kernels -----------------------------------------------------------------------------------
