@@ -352,11 +352,12 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     14·N²·D and 2 exps). Tiles assumed: Triton BM=128 forward, 64x64 backward; CUDA and the others 64 (FA2 forward:
     128). RoPE sin/cos are the tied (HW, D/2) fp32 tables: 4·D bytes per token per load, from L2 (shared by all
     heads); the CUDA kernels read them as passed since issue 14 (before, the glue expanded them to (HW, D) with two
-    cat launches per call, 8·D bytes per load). The CUDA forward's tensor-core path (16-bit) rotates K once into a
-    (B, N, C) scratch (one launch more; 2 element moves of scratch traffic) and Q once per q tile; its fp32 SIMT path
-    re-rotates K on every q-tile pass (tables read ceil(N/64) times per token), its backward Q on every k-tile
-    pass. The model charges nothing for mma.sync instead of wgmma, nor for the loads the CUDA kernels leave
-    unpipelined (all but the 16-bit forward's K'/V tiles, streamed with cp.async since issue 14). Triton rotates K
+    cat launches per call, 8·D bytes per load). The CUDA tensor-core path (16-bit) rotates K once into a (B, N, C)
+    scratch before the forward and Q once before the backward (one launch more each; 2 element moves of scratch
+    traffic each), Q (forward) and K (backward) once per tile as they load; its fp32 SIMT path re-rotates K on every
+    q-tile pass (tables read ceil(N/64) times per token) and Q on every k-tile pass. The model charges nothing for
+    mma.sync instead of wgmma, nor for the loads the CUDA kernels leave unpipelined (all but the 16-bit K'/V tiles
+    of the forward and Q'/dO tiles of the backward, streamed with cp.async since issue 14). Triton rotates K
     once into a (B, H, N, D) scratch (forward) and Q once (backward, with K, in the pass that computes Delta), so
     its tables are read a fixed number of times per token (q and k once
     each forward; q, k and the dQ finishing pass backward); for fp32 input with TF32 at D >= 128 its backward is split
@@ -410,7 +411,10 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
             dq = _cdiv(N, 128) * 2 * X * e + 2 * X * e + BH * N * 8 + X * e
             bwd_flops, bwd_exps = 14 * BH * N * N * D, 2 * exps
         bwd_design = delta + dkdv + dq
-        if kernel == "cuda":
+        if kernel == "cuda" and e == 2:
+            bwd_design += 2 * table  # Q rotated once by the rotate kernel, K once per k tile (once per token)
+            scratch += 2 * X * e  # Q' written once, read back (its nkb reads are the Q reads above)
+        elif kernel == "cuda":
             bwd_design += table * (nkb + 1)
         elif kernel == "triton":
             bwd_design += 3 * table
@@ -425,7 +429,7 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         # the rotate pass (forward); backward: rotate+Delta, zero dQ, main, finish (split: rotate+Delta, dK/dV, dQ)
         launches += 1 if mode == "fwd" or not split else 0
     elif kernel == "cuda" and e == 2:
-        launches += 1  # the K rotate kernel before the forward
+        launches += 1 if mode == "fwd" else 2  # the K rotate kernel before the forward, the Q one in the backward
     extra = scratch
     if backend in ("official", "compile", "sdpa_flash", "sdpa_cudnn"):
         extra += 2 * X * e + (0 if mode == "fwd" else 2 * X * e + 6 * X * e)

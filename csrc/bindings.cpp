@@ -35,9 +35,9 @@ void rope_attention_fwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintpt
                              float scale, std::uintptr_t stream);
 void rope_attention_bwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintptr_t cos, std::uintptr_t out,
                              std::uintptr_t lse, std::uintptr_t dout, std::uintptr_t dqkv, std::uintptr_t dq_accum,
-                             std::uintptr_t delta, int64_t B, int64_t N, int64_t H, int64_t Dh, int64_t num_prefix,
-                             int64_t tab_cols, int64_t stride_b, int64_t stride_n, int dtype, float scale,
-                             std::uintptr_t stream);
+                             std::uintptr_t delta, std::uintptr_t q_rot, int64_t B, int64_t N, int64_t H, int64_t Dh,
+                             int64_t num_prefix, int64_t tab_cols, int64_t stride_b, int64_t stride_n, int dtype,
+                             float scale, std::uintptr_t stream);
 }  // namespace dinov3
 
 PYBIND11_MODULE(_C, m) {
@@ -83,8 +83,8 @@ PYBIND11_MODULE(_C, m) {
       "part_val / part_idx: n * splits * koleo_kmax(topk) fp32 / int32), merge, distances and loss (three launches)");
   // ---- rope_attention.cu ----
   // qkv (B, N, 3C) with last stride 1, strides in elements; out / dout (B, N, C) and dqkv (B, N, 3C) contiguous;
-  // lse, delta (B, H, N) float32; k_rot (B, N, C) workspace in the input dtype and dq_accum (B, N, C) float32
-  // workspace (bf16/fp16 only); sin, cos float32 (N - prefix, tab_cols) contiguous, tab_cols = Dh (full tables) or
+  // lse, delta (B, H, N) float32; k_rot, q_rot (B, N, C) workspaces in the input dtype and dq_accum (B, N, C)
+  // float32 workspace (bf16/fp16 only); sin, cos float32 (N - prefix, tab_cols) contiguous, tab_cols = Dh (full tables) or
   // Dh / 2 (tied halves).
   m.def("rope_attention_fwd_cuda", &dinov3::rope_attention_fwd_cuda, py::arg("qkv"), py::arg("sin"), py::arg("cos"),
         py::arg("k_rot"), py::arg("out"), py::arg("lse"), py::arg("B"), py::arg("N"), py::arg("H"), py::arg("Dh"), py::arg("num_prefix"),
@@ -92,6 +92,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"));
   m.def("rope_attention_bwd_cuda", &dinov3::rope_attention_bwd_cuda, py::arg("qkv"), py::arg("sin"), py::arg("cos"),
         py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dqkv"), py::arg("dq_accum"), py::arg("delta"),
-        py::arg("B"), py::arg("N"), py::arg("H"), py::arg("Dh"), py::arg("num_prefix"), py::arg("tab_cols"),
+        py::arg("q_rot"), py::arg("B"), py::arg("N"), py::arg("H"), py::arg("Dh"), py::arg("num_prefix"), py::arg("tab_cols"),
         py::arg("stride_b"), py::arg("stride_n"), py::arg("dtype"), py::arg("scale"), py::arg("stream"));
 }

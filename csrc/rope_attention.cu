@@ -248,25 +248,36 @@ struct FwdParams {
   float scale;
 };
 
-// K' = RoPE(K) of every token, once (the forward's key loop would otherwise rotate each key tile once per query
-// tile, N/64 times): one thread per (token, head, 8-element chunk of each half), into k_rot (B, N, C).
+// What the rotate kernel reads and writes: q (which = 0) or k (which = 1) of the packed qkv, rotated into dst.
+struct RotateArgs {
+  const void* qkv;
+  const float* sin;
+  const float* cos;
+  void* dst;  // (B, N, C) contiguous, the input dtype
+  int N, H, num_prefix, which;
+  int tab_ld, tab_hi;
+  int64_t stride_b, stride_n;
+};
+
+// X' = RoPE(X) of every token, once, for X = K (forward) or Q (backward): the attention loops would otherwise rotate
+// each tile of it once per tile of the other operand. One thread per (token, head, 8-element chunk of each half).
 template <typename T, int D>
-__global__ void __launch_bounds__(256) _rope_rotate_k_kernel(const FwdParams p, int64_t items) {
+__global__ void __launch_bounds__(256) _rope_rotate_kernel(const RotateArgs a, int64_t items) {
   constexpr int HALF = D / 2, CH = HALF / 8;
-  const int64_t C = static_cast<int64_t>(p.H) * D;
+  const int64_t C = static_cast<int64_t>(a.H) * D;
   for (int64_t i = blockIdx.x * int64_t(256) + threadIdx.x; i < items; i += int64_t(gridDim.x) * 256) {
     const int c = static_cast<int>(i % CH) * 8;
     const int64_t th = i / CH;  // (b * N + n) * H + h
-    const int h = static_cast<int>(th % p.H);
-    const int64_t bn = th / p.H;
-    const int n = static_cast<int>(bn % p.N);
-    const int64_t b = bn / p.N;
-    const T* src = static_cast<const T*>(p.qkv) + b * p.stride_b + n * p.stride_n + C + h * D + c;
+    const int h = static_cast<int>(th % a.H);
+    const int64_t bn = th / a.H;
+    const int n = static_cast<int>(bn % a.N);
+    const int64_t b = bn / a.N;
+    const T* src = static_cast<const T*>(a.qkv) + b * a.stride_b + n * a.stride_n + a.which * C + h * D + c;
     uint4 lo = *reinterpret_cast<const uint4*>(src);
     uint4 hi = *reinterpret_cast<const uint4*>(src + HALF);
-    if (n >= p.num_prefix)
-      rotate_chunk<T>(lo, hi, p.sin, p.cos, static_cast<int64_t>(n - p.num_prefix) * p.tab_ld, c, p.tab_hi);
-    T* dst = static_cast<T*>(p.k_rot) + bn * C + h * D + c;
+    if (n >= a.num_prefix)
+      rotate_chunk<T>(lo, hi, a.sin, a.cos, static_cast<int64_t>(n - a.num_prefix) * a.tab_ld, c, a.tab_hi);
+    T* dst = static_cast<T*>(a.dst) + bn * C + h * D + c;
     *reinterpret_cast<uint4*>(dst) = lo;
     *reinterpret_cast<uint4*>(dst + HALF) = hi;
   }
@@ -450,6 +461,7 @@ struct BwdParams {
   const float* lse;   // (B, H, N)
   float* delta;       // (B, H, N) workspace: rowsum(dO * O)
   float* dq_accum;    // (B, N, C) fp32 workspace, zeroed: sum over keys of dS K' (unscaled, not un-rotated)
+  void* q_rot;        // (B, N, C) contiguous workspace: Q rotated once (16-bit path; unused by the fp32 one)
   void* dqkv;         // (B, N, 3C) contiguous
   int N, H, num_prefix;
   int tab_ld, tab_hi;  // sin/cos row pitch and second-half column offset: (Dh, Dh/2) full, (Dh/2, 0) tied
@@ -514,22 +526,26 @@ __global__ void __launch_bounds__(256) _rope_attention_bwd_dq_kernel(const BwdPa
 }
 
 // BM = query rows per inner step: 64 for Dh 64, 32 for Dh 128 (keeps dK, dV, S, dP fragments within 255 registers).
+// Shared memory: the K' and V tiles, two stages of (Q' tile, dO tile) streamed with cp.async, dS^T, and two stages
+// of the query tile's lse and Delta.
 template <int D>
 struct BwdTile {
   static constexpr int BN = 64, BM = D == 64 ? 64 : 32, LD = D + 8, LDS = BM + 8;
-  static constexpr size_t smem_elems = size_t(2) * BN * LD + size_t(2) * BM * LD + size_t(BN) * LDS;
+  static constexpr size_t stage_elems = size_t(2) * BM * LD;
+  static constexpr size_t smem_elems = size_t(2) * BN * LD + 2 * stage_elems + size_t(BN) * LDS;
   template <typename T>
-  static constexpr size_t smem_bytes() { return smem_elems * sizeof(T) + size_t(2) * BM * sizeof(float); }
+  static constexpr size_t smem_bytes() { return smem_elems * sizeof(T) + size_t(4) * BM * sizeof(float); }
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) _rope_attention_bwd_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kThreads, D == 64 ? 3 : 2) _rope_attention_bwd_kernel(const BwdParams p) {
   using Tile = BwdTile<D>;
   constexpr int BN = Tile::BN, BM = Tile::BM, LD = Tile::LD, LDS = Tile::LDS;
   constexpr int KS = D / 16;
   constexpr int WM = BM / 16;   // warps along the queries of the dQ product
   constexpr int WD = 4 / WM;    // warps along the head dim of the dQ product
   constexpr int DW = D / WD;    // head-dim columns per warp in the dQ product (64 in both configurations)
+  static_assert(BM <= kThreads, "one thread per query row carries the next tile's lse / Delta");
 #if defined(DINOV3_HOST_EMULATION)
   unsigned char* smem_raw = emu::dynamic_smem();
 #else
@@ -537,11 +553,11 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_kernel(const Bwd
 #endif
   T* k_s = reinterpret_cast<T*>(smem_raw);
   T* v_s = k_s + BN * LD;
-  T* q_s = v_s + BN * LD;
-  T* do_s = q_s + BM * LD;
-  T* ds_s = do_s + BM * LD;  // dS^T, [key][query]
-  float* lse_s = reinterpret_cast<float*>(ds_s + BN * LDS);  // lse * log2(e); +inf for padded queries
-  float* delta_s = lse_s + BM;
+  T* const stage0 = v_s + BN * LD;  // Q' tile, then dO tile
+  T* const stage1 = stage0 + Tile::stage_elems;
+  T* ds_s = stage1 + Tile::stage_elems;  // dS^T, [key][query]
+  float* const stats0 = reinterpret_cast<float*>(ds_s + BN * LDS);  // lse * log2(e) (+inf for padded queries), Delta
+  float* const stats1 = stats0 + 2 * BM;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -551,14 +567,24 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_kernel(const Bwd
   const T* q_g = static_cast<const T*>(p.qkv) + b * p.stride_b + h * D;
   const T* k_g = q_g + C;
   const T* v_g = q_g + 2 * C;
+  const T* qr_g = static_cast<const T*>(p.q_rot) + static_cast<int64_t>(b) * N * C + h * D;  // Q', row stride C
   const T* do_g = static_cast<const T*>(p.dout) + static_cast<int64_t>(b) * N * C + h * D;
   const float* lse_g = p.lse + (static_cast<int64_t>(b) * p.H + h) * N;
   const float* delta_g = p.delta + (static_cast<int64_t>(b) * p.H + h) * N;
   float* dq_g = p.dq_accum + static_cast<int64_t>(b) * N * C + h * D;
   const float scale_log2 = p.scale * kLog2e;
 
+  // Query tile 0 (Q', dO) in flight while this CTA's K' and V tiles load; its lse and Delta go to stage 0.
+  copy_tile_async<T, D, LD, BM>(stage0, qr_g, C, 0, N);
+  copy_tile_async<T, D, LD, BM>(stage0 + BM * LD, do_g, C, 0, N);
+  cp_async_commit();
   load_tile<T, D, LD, BN, true>(k_s, k_g, p.stride_n, n0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
   load_tile<T, D, LD, BN, false>(v_s, v_g, p.stride_n, n0, N, 0, nullptr, nullptr, 0, 0);
+  for (int i = threadIdx.x; i < BM; i += kThreads) {
+    const bool ok = i < N;
+    stats0[i] = ok ? lse_g[i] * kLog2e : INFINITY;
+    stats0[BM + i] = ok ? delta_g[i] : 0.f;
+  }
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -571,15 +597,28 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_kernel(const Bwd
 #pragma unroll
   for (int r = 0; r < 2; ++r) key_ok[r] = n0 + key_row + g + 8 * r < N;
 
-  for (int m0 = 0; m0 < N; m0 += BM) {
-    load_tile<T, D, LD, BM, true>(q_s, q_g, p.stride_n, m0, N, p.num_prefix, p.sin, p.cos, p.tab_ld, p.tab_hi);
-    load_tile<T, D, LD, BM, false>(do_s, do_g, C, m0, N, 0, nullptr, nullptr, 0, 0);
-    for (int i = threadIdx.x; i < BM; i += kThreads) {
-      const bool ok = m0 + i < N;
-      lse_s[i] = ok ? lse_g[m0 + i] * kLog2e : INFINITY;
-      delta_s[i] = ok ? delta_g[m0 + i] : 0.f;
+  for (int m0 = 0, j = 0; m0 < N; m0 += BM, ++j) {
+    // Issue query tile j + 1 into the other stage (last read by tile j - 1 before its dS^T barrier) and fetch its
+    // lse / Delta into registers (stored at the end of this step); then wait for tile j.
+    const int m1 = m0 + BM;
+    float* const next_stats = (j & 1) ? stats0 : stats1;
+    if (m1 < N) {
+      T* const next = (j & 1) ? stage0 : stage1;
+      copy_tile_async<T, D, LD, BM>(next, qr_g, C, m1, N);
+      copy_tile_async<T, D, LD, BM>(next + BM * LD, do_g, C, m1, N);
     }
-    __syncthreads();
+    cp_async_commit();  // possibly empty: one group per query tile
+    float next_lse = INFINITY, next_delta = 0.f;  // BM <= kThreads: thread i < BM carries row m1 + i
+    if (threadIdx.x < BM && m1 + static_cast<int>(threadIdx.x) < N) {
+      next_lse = lse_g[m1 + threadIdx.x] * kLog2e;
+      next_delta = delta_g[m1 + threadIdx.x];
+    }
+    cp_async_wait<1>();
+    __syncthreads();  // every thread's copies of tile j have landed (and its stats, stored a step earlier)
+    const T* const q_s = (j & 1) ? stage1 : stage0;
+    const T* const do_s = q_s + BM * LD;
+    const float* const lse_s = (j & 1) ? stats1 : stats0;
+    const float* const delta_s = lse_s + BM;
 
     // S^T = K' Q'^T and dP^T = V dO^T (16 keys x BM queries per warp)
     float st[BM / 8][4], dpt[BM / 8][4];
@@ -681,8 +720,15 @@ __global__ void __launch_bounds__(kThreads) _rope_attention_bwd_kernel(const Bwd
         }
       }
     }
-    __syncthreads();  // before the next query tile overwrites q_s, do_s, ds_s, lse_s, delta_s
+    if (threadIdx.x < BM) {  // tile j + 1's stats: that stage was last read in step j - 1
+      next_stats[threadIdx.x] = next_lse;
+      next_stats[BM + threadIdx.x] = next_delta;
+    }
+    // No barrier here: this stage's Q'/dO/stats are last read before the dS^T barrier above, so step j + 1 may issue
+    // tile j + 2 into it at once, and ds_s is rewritten only after step j + 1's first barrier, which every thread
+    // reaches after its dQ product (the emulation test catches a read of an in-flight stage).
   }
+  cp_async_wait<0>();  // the last (empty) group
 
   // dK = scale * dK' rotated back for patch tokens; dV as is. Pairs (d, d + Dh/2) are n-tiles i and i + D/16.
   T* dk_g = static_cast<T*>(p.dqkv) + static_cast<int64_t>(b) * N * 3 * C + C + h * D;
@@ -1036,12 +1082,35 @@ void set_tables(Params& p, int64_t Dh, int64_t tab_cols) {
   p.tab_hi = tab_cols == Dh ? static_cast<int>(Dh / 2) : 0;
 }
 
+template <typename Params>
+RotateArgs rotate_args(const Params& p, void* dst, int which) {
+  RotateArgs a;
+  a.qkv = p.qkv;
+  a.sin = p.sin;
+  a.cos = p.cos;
+  a.dst = dst;
+  a.N = p.N;
+  a.H = p.H;
+  a.num_prefix = p.num_prefix;
+  a.which = which;
+  a.tab_ld = p.tab_ld;
+  a.tab_hi = p.tab_hi;
+  a.stride_b = p.stride_b;
+  a.stride_n = p.stride_n;
+  return a;
+}
+
+template <typename T, int D>
+void launch_rotate(const RotateArgs& a, int B, cudaStream_t stream) {
+  const int64_t items = int64_t(B) * a.N * a.H * (D / 16);
+  const int64_t blocks = std::min<int64_t>(ceil_div<int64_t>(items, 256), int64_t(1) << 20);
+  DINOV3_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream, _rope_rotate_kernel<T, D>)(a, items);
+  DINOV3_CHECK_LAUNCH();
+}
+
 template <typename T, int D>
 void launch_fwd(const FwdParams& p, int B, cudaStream_t stream) {
-  const int64_t items = int64_t(B) * p.N * p.H * (D / 16);
-  const int64_t blocks = std::min<int64_t>(ceil_div<int64_t>(items, 256), int64_t(1) << 20);
-  DINOV3_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream, _rope_rotate_k_kernel<T, D>)(p, items);
-  DINOV3_CHECK_LAUNCH();
+  launch_rotate<T, D>(rotate_args(p, p.k_rot, 1), B, stream);
   const dim3 grid(ceil_div(p.N, FwdTile<D>::BM), p.H, B);
   const size_t smem = FwdTile<D>::template smem_bytes<T>();
   set_smem(_rope_attention_fwd_kernel<T, D>, smem);
@@ -1062,6 +1131,7 @@ void launch_bwd(const BwdParams& p, int B, cudaStream_t stream) {
   DINOV3_LAUNCH(static_cast<unsigned>(ceil_div<int64_t>(rows, kThreads / 32)), kThreads, 0, stream,
                 _rope_attention_bwd_delta_kernel<T, D>)(p, rows);
   DINOV3_CHECK_LAUNCH();
+  launch_rotate<T, D>(rotate_args(p, p.q_rot, 0), B, stream);
   const dim3 grid(ceil_div(p.N, 64), p.H, B);
   const size_t smem = BwdTile<D>::template smem_bytes<T>();
   set_smem(_rope_attention_bwd_kernel<T, D>, smem);
@@ -1125,11 +1195,15 @@ void rope_attention_fwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintpt
 
 void rope_attention_bwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintptr_t cos, std::uintptr_t out,
                              std::uintptr_t lse, std::uintptr_t dout, std::uintptr_t dqkv, std::uintptr_t dq_accum,
-                             std::uintptr_t delta, int64_t B, int64_t N, int64_t H, int64_t Dh, int64_t num_prefix,
-                             int64_t tab_cols, int64_t stride_b, int64_t stride_n, int dtype, float scale,
-                             std::uintptr_t stream) {
+                             std::uintptr_t delta, std::uintptr_t q_rot, int64_t B, int64_t N, int64_t H, int64_t Dh,
+                             int64_t num_prefix, int64_t tab_cols, int64_t stride_b, int64_t stride_n, int dtype,
+                             float scale, std::uintptr_t stream) {
   check_args("rope_attention_bwd_cuda", B, N, H, Dh, num_prefix, tab_cols, dtype);
+  if (dtype != kFloat32 && (q_rot == 0 || dq_accum == 0))
+    throw std::invalid_argument("rope_attention_bwd_cuda: bfloat16/float16 need the q_rot (B, N, C) and dq_accum "
+                                "(B, N, C) float32 workspaces");
   BwdParams p;
+  p.q_rot = reinterpret_cast<void*>(q_rot);
   p.qkv = reinterpret_cast<const void*>(qkv);
   p.sin = reinterpret_cast<const float*>(sin);
   p.cos = reinterpret_cast<const float*>(cos);

@@ -120,10 +120,12 @@ def rope_attention_bwd_cuda(qkv, sin, cos, out, lse, dout, num_heads, num_prefix
     delta = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
     # fp32 dQ accumulator of the tensor-core path (zeroed by the launcher); the fp32 SIMT path needs none.
     dq_accum = torch.empty(shape_c if qkv.element_size() == 2 else (0,), device=qkv.device, dtype=torch.float32)
+    # Q rotated once (tensor-core path): a transient (B, N, C) workspace in the input dtype, freed on return.
+    q_rot = torch.empty(shape_c if qkv.element_size() == 2 else (0,), device=qkv.device, dtype=qkv.dtype)
     with torch.cuda.device(qkv.device):
         C.rope_attention_bwd_cuda(
             qkv.data_ptr(), sin.data_ptr(), cos.data_ptr(), out.data_ptr(), lse.data_ptr(), dout.data_ptr(),
-            dqkv.data_ptr(), dq_accum.data_ptr(), delta.data_ptr(),
+            dqkv.data_ptr(), dq_accum.data_ptr(), delta.data_ptr(), q_rot.data_ptr(),
             B, N, H, Dh, num_prefix_tokens, sin.shape[1], qkv.stride(0), qkv.stride(1),
             _backend.CUDA_DTYPE_CODES[qkv.dtype], float(scale), torch.cuda.current_stream().cuda_stream,
         )

@@ -30,12 +30,12 @@ int emu_rope_attention_fwd(uintptr_t qkv, uintptr_t sin, uintptr_t cos, uintptr_
 }
 
 int emu_rope_attention_bwd(uintptr_t qkv, uintptr_t sin, uintptr_t cos, uintptr_t out, uintptr_t lse, uintptr_t dout,
-                           uintptr_t dqkv, uintptr_t dq_accum, uintptr_t delta, long long B, long long N, long long H,
-                           long long Dh, long long num_prefix, long long tab_cols, long long stride_b,
-                           long long stride_n, int dtype, double scale, char* err, int errlen) {
+                           uintptr_t dqkv, uintptr_t dq_accum, uintptr_t delta, uintptr_t q_rot, long long B,
+                           long long N, long long H, long long Dh, long long num_prefix, long long tab_cols,
+                           long long stride_b, long long stride_n, int dtype, double scale, char* err, int errlen) {
   return emu_guarded(err, errlen, [&] {
-    dinov3::rope_attention_bwd_cuda(qkv, sin, cos, out, lse, dout, dqkv, dq_accum, delta, B, N, H, Dh, num_prefix,
-                                    tab_cols, stride_b, stride_n, dtype, static_cast<float>(scale), 0);
+    dinov3::rope_attention_bwd_cuda(qkv, sin, cos, out, lse, dout, dqkv, dq_accum, delta, q_rot, B, N, H, Dh,
+                                    num_prefix, tab_cols, stride_b, stride_n, dtype, static_cast<float>(scale), 0);
   });
 }
 }

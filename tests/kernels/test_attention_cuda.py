@@ -420,7 +420,7 @@ class _EmulatedAttentionExtension:
         self.lib = lib
         P, L, I, D, S = ctypes.c_size_t, ctypes.c_longlong, ctypes.c_int, ctypes.c_double, ctypes.c_char_p
         lib.emu_rope_attention_fwd.argtypes = [P] * 6 + [L] * 8 + [I, D, S, I]
-        lib.emu_rope_attention_bwd.argtypes = [P] * 9 + [L] * 8 + [I, D, S, I]
+        lib.emu_rope_attention_bwd.argtypes = [P] * 10 + [L] * 8 + [I, D, S, I]
 
     def rope_attention_fwd_cuda(self, *args):
         _cuda_emu.call(self.lib.emu_rope_attention_fwd, *args[:-1])  # the last argument is the stream
@@ -450,19 +450,20 @@ def emulated_glue(emulated_attention_ext, monkeypatch):
 EMU_F32_RTOL = 2e-6
 
 
-def _emulated_case(glue_mod, dtype, D, N, num_prefix, H=1, token_pad=0, seed=0, tied=False):
+def _emulated_case(glue_mod, dtype, D, N, num_prefix, H=1, token_pad=0, seed=0, tied=False, batch=1):
     gen = torch.Generator().manual_seed(seed)
     C = H * D
-    base = torch.randn(1, N, 3 * C + token_pad, generator=gen, dtype=torch.float64).to(dtype)
+    base = torch.randn(batch, N, 3 * C + token_pad, generator=gen, dtype=torch.float64).to(dtype)
     qkv = base[:, :, :3 * C]  # token_pad > 0: a strided view, read in place
     sin, cos = _rope_tables(N - num_prefix, D // 2 if tied else D, seed=seed + 1)
-    dout = torch.randn(1, N, C, generator=gen, dtype=torch.float64).to(dtype)
+    dout = torch.randn(batch, N, C, generator=gen, dtype=torch.float64).to(dtype)
     before = qkv.clone()
     scale = D**-0.5
     out, lse = glue_mod.rope_attention_fwd_cuda(qkv, sin, cos, H, num_prefix, scale)
     dqkv = glue_mod.rope_attention_bwd_cuda(qkv, sin, cos, out, lse, dout, H, num_prefix, scale)
     assert torch.equal(qkv, before)
-    assert out.shape == (1, N, C) and out.dtype == dtype and lse.shape == (1, H, N) and lse.dtype == torch.float32
+    assert out.shape == (batch, N, C) and out.dtype == dtype and lse.shape == (batch, H, N)
+    assert lse.dtype == torch.float32
     assert dqkv.shape == qkv.shape and dqkv.dtype == dtype
     for t in (out, lse, dqkv):
         assert torch.isfinite(t).all()
@@ -501,19 +502,12 @@ def test_emulated_cuda_kernels_match_float64(emulated_glue, dtype, D, N, H):
 
 
 @pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 64), (torch.float16, 128)])
-def test_emulated_cuda_forward_pipeline_reuses_its_stages(emulated_glue, dtype, D):
-    """Three key tiles (N = 140): the forward's cp.async pipeline loads tile 2 into the stage tile 0 used, so a
-    missing wait or barrier reads unlanded (poisoned) or overwritten bytes (the emulation lands a cp.async batch only
-    at its wait); two batches, so the rotated-K workspace is indexed per batch."""
-    gen = torch.Generator().manual_seed(11)
-    N, prefix, H = 140, 3, 1
-    qkv = torch.randn(2, N, 3 * H * D, generator=gen, dtype=torch.float64).to(dtype)
-    sin, cos = _rope_tables(N - prefix, D // 2, seed=12)
-    out, lse = emulated_glue.rope_attention_fwd_cuda(qkv, sin, cos, H, prefix, D**-0.5)
-    ref_out, ref_lse, _ = _reference64(qkv, sin, cos, H, prefix)
-    lp_out, _ = _low_precision_reference(qkv, sin, cos, H, prefix, torch.zeros(2, N, H * D, dtype=dtype))
-    assert _err(out, ref_out) <= 2 * _err(lp_out, ref_out) + ATOL[dtype]
-    assert _err(lse, ref_lse) <= LSE_ATOL[dtype]
+def test_emulated_cuda_pipelines_reuse_their_stages(emulated_glue, dtype, D):
+    """N = 140: three key tiles in the forward and three (Dh 64) or five (Dh 128, 32-row) query tiles in the
+    backward, so each cp.async pipeline loads a tile into the stage two tiles back used; a missing wait or barrier
+    reads unlanded (poisoned) or overwritten bytes (the emulation lands a cp.async batch only at its wait, poisoned
+    until then). Two batches: the rotated-Q and -K workspaces are indexed per batch."""
+    _emulated_case(emulated_glue, dtype, D, 140, num_prefix=3, seed=11, batch=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -556,11 +550,13 @@ def test_emulated_launcher_rejects_bad_arguments(emulated_attention_ext):
     with pytest.raises(ValueError, match="head_dim 96"):
         emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 6), 1, 8, 1, 96, 0, 96, 0, 0, 2, 1.0, 0)
     with pytest.raises(ValueError, match="dtype code 7"):
-        emulated_attention_ext.rope_attention_bwd_cuda(*([0] * 9), 1, 8, 1, 64, 0, 64, 0, 0, 7, 1.0, 0)
+        emulated_attention_ext.rope_attention_bwd_cuda(*([0] * 10), 1, 8, 1, 64, 0, 64, 0, 0, 7, 1.0, 0)
     with pytest.raises(ValueError, match="head_dim/2 \\(tied\\) columns, got 48"):
         emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 6), 1, 8, 1, 64, 0, 48, 0, 0, 2, 1.0, 0)
     with pytest.raises(ValueError, match="k_rot workspace"):
         emulated_attention_ext.rope_attention_fwd_cuda(*([0] * 6), 1, 8, 1, 64, 0, 64, 0, 0, 2, 1.0, 0)
+    with pytest.raises(ValueError, match="q_rot"):
+        emulated_attention_ext.rope_attention_bwd_cuda(*([0] * 10), 1, 8, 1, 64, 0, 64, 0, 0, 1, 1.0, 0)
 
 
 # ---- GPU: the compiled kernels -----------------------------------------------------------------------------------
