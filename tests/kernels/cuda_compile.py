@@ -180,8 +180,8 @@ def _markdown(report: dict) -> str:
            f"({m['seconds']:.0f} s on the 2-core CPU machine). Compile-time facts only: no timing.", "",
            "Registers, stack/spills and static shared memory from `ptxas -v`; threads per CTA from __launch_bounds__; "
            "CTAs/SM from those and the sm_90 limits (228 KB smem + 1 KB per CTA, 64K registers, 32 CTAs, 2048 "
-           "threads); dynamic shared memory (set by the launcher: the 16-bit attention forward, 36 KB at Dh 64 and "
-            "68 KB at Dh 128, and backward) is not included. Dots and atomics from `cuobjdump -sass`. Checked "
+           "threads); dynamic shared memory (set by the launcher: the 16-bit attention forward, 36 / 68 KB at Dh 64 / "
+            "128, and backward, 64 / 73.5 KB) is not included. Dots and atomics from `cuobjdump -sass`. Checked "
             "(tests/kernels/compile_checks.py): spill = no stack/spills/STL, "
            "fit = at least one CTA per SM, fence = no GPU-scope MEMBAR before an atomic. The hand-written kernels use "
            "mma.sync by design: their dots are reported, not checked.", "",
