@@ -51,6 +51,30 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// 16-byte cp.async (sm_80+): global -> shared without a trip through registers, so a tile's loads overlap the math
+// on the previous one. `valid` false zero-fills the 16 bytes (src-size 0; `g` must still be a mapped address).
+// cp_async_commit closes this thread's batch of copies; cp_async_wait<N> returns once at most N of its batches are
+// still in flight. The host emulation (tests/kernels/cuda_emu.h, included before this file) poisons the destination
+// at issue and lands a batch only at its wait, so a read before the wait (or its barrier) fails the tests.
+#if defined(DINOV3_HOST_EMULATION)
+inline void cp_async16(void* s, const void* g, bool valid) { emu::cp_async_16(s, g, valid ? 16 : 0); }
+inline void cp_async_commit() { emu::cp_async_commit(); }
+template <int N>
+inline void cp_async_wait() {
+  emu::cp_async_wait(N);
+}
+#else
+__device__ __forceinline__ void cp_async16(void* s, const void* g, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(s));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(g), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
 inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 }  // namespace dinov3

@@ -116,6 +116,35 @@ __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ s, int64
   }
 }
 
+// Stages of the (sA, sB) chunk buffers: two for the tensor-core path (16-bit rows of kBK + 8 elements = 80 bytes, so
+// every 16-byte vector of a staged row is aligned for cp.async), one for fp32 (odd pitch, loaded synchronously).
+template <typename T>
+struct Stages {
+  static constexpr int value = sizeof(T) == 2 ? 2 : 1;
+};
+
+// load_tile for the pipelined 16-bit path: the vector path with cp.async (zero-filled outside the rows / columns),
+// the strided path synchronously (its stores are visible after the same barrier).
+template <typename T>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ s, int64_t first, int64_t valid,
+                                                int64_t k0, int64_t D, int64_t sm, int64_t sd, bool vec) {
+  static_assert(sizeof(T) == 2 && Pitch<T>::value * sizeof(T) % 16 == 0, "16-byte aligned staged rows");
+  if (!vec) {
+    load_tile<T>(dst, s, first, valid, k0, D, sm, sd, false);
+    return;
+  }
+  constexpr int P = Pitch<T>::value;
+  constexpr int V = 16 / sizeof(T);
+  constexpr int per_row = kBK / V;
+  for (int e = threadIdx.x; e < kBlockM * per_row; e += kThreads) {
+    const int r = e / per_row;
+    const int kv = (e % per_row) * V;
+    const int64_t k = k0 + kv;
+    const bool ok = r < valid && k < D;  // D is a multiple of V on this path: a vector is wholly in or out
+    cp_async16(dst + r * P + kv, ok ? s + (first + r) * sm + k : s, ok);
+  }
+}
+
 // sC (64 × kLdc fp32) = raw dots of the 64 query rows starting at q0 with the 64 search rows starting at c0.
 template <typename T>
 __device__ __forceinline__ void dot_tile(T* sA, T* sB, float* sC, const T* __restrict__ s, int64_t q0, int64_t q_valid,
@@ -130,25 +159,38 @@ __device__ __forceinline__ void dot_tile(T* sA, T* sB, float* sC, const T* __res
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-  for (int64_t k0 = 0; k0 < D; k0 += kBK) {
-    load_tile<T>(sA, s, q0, q_valid, k0, D, sm, sd, vec);
-    load_tile<T>(sB, s, c0, c_valid, k0, D, sm, sd, vec);
-    __syncthreads();
+  // Two stages: chunk c + 1 is copied (cp.async) while chunk c is multiplied.
+  constexpr int kTile = kBlockM * P;
+  load_tile_async<T>(sA, s, q0, q_valid, 0, D, sm, sd, vec);
+  load_tile_async<T>(sB, s, c0, c_valid, 0, D, sm, sd, vec);
+  cp_async_commit();
+  for (int64_t k0 = 0, c = 0; k0 < D; k0 += kBK, ++c) {
+    if (k0 + kBK < D) {
+      const int nxt = static_cast<int>((c + 1) & 1) * kTile;
+      load_tile_async<T>(sA + nxt, s, q0, q_valid, k0 + kBK, D, sm, sd, vec);
+      load_tile_async<T>(sB + nxt, s, c0, c_valid, k0 + kBK, D, sm, sd, vec);
+    }
+    cp_async_commit();  // possibly empty: one group per chunk
+    cp_async_wait<1>();
+    __syncthreads();  // chunk c has landed for every thread
+    const T* a_s = sA + static_cast<int>(c & 1) * kTile;
+    const T* b_s = sB + static_cast<int>(c & 1) * kTile;
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];  // Bᵀ = rows of sB
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], sA + (wr + 16 * i) * P + kk, P);
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], a_s + (wr + 16 * i) * P + kk, P);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], sB + (wc + 16 * j) * P + kk, P);
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], b_s + (wc + 16 * j) * P + kk, P);
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
     }
-    __syncthreads();
+    __syncthreads();  // every read of this stage is done before chunk c + 2 is copied into it
   }
+  cp_async_wait<0>();  // the last (empty) group
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -217,8 +259,8 @@ __global__ void __launch_bounds__(kThreads) koleo_search_kernel(
     int64_t offset, int64_t n, float eps, bool vec, int64_t cols_per_split, float* __restrict__ part_val,
     int* __restrict__ part_idx) {
   constexpr int P = Pitch<T>::value;
-  __shared__ __align__(32) T sA[kBlockM * P];
-  __shared__ __align__(32) T sB[kBlockN * P];
+  __shared__ __align__(32) T sA[Stages<T>::value * kBlockM * P];
+  __shared__ __align__(32) T sB[Stages<T>::value * kBlockN * P];
   __shared__ __align__(32) float sC[kBlockM * kLdc];
   // Double-buffered by tile parity: a fast thread may fill the next tile's inverse norms while a slow one still merges
   // the current tile (the barriers inside dot_tile order everything two tiles apart).

@@ -127,28 +127,6 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
 }
 #endif  // DINOV3_HOST_EMULATION
 
-// 16-byte cp.async (sm_80+): global -> shared without a trip through registers, so a tile's loads overlap the math
-// on the previous one. `valid` false zero-fills the 16 bytes (src-size 0; `g` must still be a mapped address).
-// commit_group closes this thread's batch of copies; wait_group<N> returns once at most N of its batches are still in
-// flight. The emulation (tests/kernels/cuda_emu.h) lands a batch only at its wait, so a read before the wait fails.
-#if defined(DINOV3_HOST_EMULATION)
-inline void cp_async16(void* s, const void* g, bool valid) { emu::cp_async_16(s, g, valid ? 16 : 0); }
-inline void cp_async_commit() { emu::cp_async_commit(); }
-template <int N>
-inline void cp_async_wait() {
-  emu::cp_async_wait(N);
-}
-#else
-__device__ __forceinline__ void cp_async16(void* s, const void* g, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(s)), "l"(g), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-#endif
 
 // Per-lane offsets of the ldmatrix row address inside a 16x16 block (row, col) for the three operand shapes used:
 //   A operand, row-major [m][k]:                 matrices (m0-7,k0-7) (m8-15,k0-7) (m0-7,k8-15) (m8-15,k8-15)

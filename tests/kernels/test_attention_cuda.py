@@ -135,7 +135,7 @@ needs_ext = pytest.mark.skipif(_backend.CUDA_EXT is None, reason="the CUDA exten
 def test_launchers_reject_before_launch(fn, head_dim, dtype_code, match):
     # Null pointers: the launcher must raise before any CUDA call (there is no GPU here).
     C = _backend.CUDA_EXT
-    n_ptrs = 5 if fn.endswith("fwd_cuda") else 9
+    n_ptrs = 6 if fn.endswith("fwd_cuda") else 10
     with pytest.raises(ValueError, match=match):
         getattr(C, fn)(*([0] * n_ptrs), 1, 8, 1, head_dim, 0, head_dim, 0, 0, dtype_code, 1.0, 0)
 

@@ -155,6 +155,7 @@ CASES = [
     (130, 40, 0, 130, 3, 130040),
     (150, 24, 70, 65, 6, 150025),
     (40, 9, 3, 20, 11, 40009),
+    (70, 72, 0, 70, 2, 70072),  # three 32-wide feature chunks: the 16-bit cp.async stages are reused
 ]
 
 
