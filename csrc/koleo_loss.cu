@@ -79,12 +79,22 @@ __device__ __forceinline__ void merge_with_partner(float (&vals)[K], int (&idx)[
   for (int k = 0; k < K; ++k) insert<K>(vals, idx, ov[k], oi[k]);
 }
 
-// Stages rows [first, first + valid) ∩ 64 rows, features [k0, k0 + kBK) into dst (64 × Pitch), zero-padded.
+// Stages of the (sA, sB) chunk buffers: two for the tensor-core path (16-bit rows of kBK + 8 elements = 80 bytes, so
+// every 16-byte vector of a staged row is aligned for cp.async), one for fp32 (odd pitch, loaded synchronously).
 template <typename T>
+struct Stages {
+  static constexpr int value = sizeof(T) == 2 ? 2 : 1;
+};
+
+// Stages rows [first, first + valid) ∩ 64 rows, features [k0, k0 + kBK) into dst (64 × Pitch), zero-padded. ASYNC
+// (16-bit only): the vector path copies with cp.async (the caller commits and waits); the strided path stays
+// synchronous (its stores are visible after the same barrier).
+template <typename T, bool ASYNC = false>
 __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ s, int64_t first, int64_t valid, int64_t k0,
                                           int64_t D, int64_t sm, int64_t sd, bool vec) {
+  static_assert(!ASYNC || (sizeof(T) == 2 && Pitch<T>::value * sizeof(T) % 16 == 0), "16-byte aligned staged rows");
   constexpr int P = Pitch<T>::value;
-  if (vec) {  // sd == 1, D and sm multiples of the vector, 16-byte aligned base
+  if (vec) {  // sd == 1, D and sm multiples of the vector, 16-byte aligned base: a vector is wholly in or out
     constexpr int V = 16 / sizeof(T);
     constexpr int per_row = kBK / V;
     for (int e = threadIdx.x; e < kBlockM * per_row; e += kThreads) {
@@ -92,7 +102,9 @@ __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ s, int64
       const int kv = (e % per_row) * V;
       const int64_t k = k0 + kv;
       const bool ok = r < valid && k < D;
-      if constexpr (sizeof(T) == 4) {
+      if constexpr (ASYNC) {
+        cp_async16(dst + r * P + kv, ok ? s + (first + r) * sm + k : s, ok);
+      } else if constexpr (sizeof(T) == 4) {
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         if (ok) v = *reinterpret_cast<const float4*>(s + (first + r) * sm + k);
         float* d = reinterpret_cast<float*>(dst) + r * P + kv;
@@ -116,35 +128,6 @@ __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ s, int64
   }
 }
 
-// Stages of the (sA, sB) chunk buffers: two for the tensor-core path (16-bit rows of kBK + 8 elements = 80 bytes, so
-// every 16-byte vector of a staged row is aligned for cp.async), one for fp32 (odd pitch, loaded synchronously).
-template <typename T>
-struct Stages {
-  static constexpr int value = sizeof(T) == 2 ? 2 : 1;
-};
-
-// load_tile for the pipelined 16-bit path: the vector path with cp.async (zero-filled outside the rows / columns),
-// the strided path synchronously (its stores are visible after the same barrier).
-template <typename T>
-__device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ s, int64_t first, int64_t valid,
-                                                int64_t k0, int64_t D, int64_t sm, int64_t sd, bool vec) {
-  static_assert(sizeof(T) == 2 && Pitch<T>::value * sizeof(T) % 16 == 0, "16-byte aligned staged rows");
-  if (!vec) {
-    load_tile<T>(dst, s, first, valid, k0, D, sm, sd, false);
-    return;
-  }
-  constexpr int P = Pitch<T>::value;
-  constexpr int V = 16 / sizeof(T);
-  constexpr int per_row = kBK / V;
-  for (int e = threadIdx.x; e < kBlockM * per_row; e += kThreads) {
-    const int r = e / per_row;
-    const int kv = (e % per_row) * V;
-    const int64_t k = k0 + kv;
-    const bool ok = r < valid && k < D;  // D is a multiple of V on this path: a vector is wholly in or out
-    cp_async16(dst + r * P + kv, ok ? s + (first + r) * sm + k : s, ok);
-  }
-}
-
 // sC (64 × kLdc fp32) = raw dots of the 64 query rows starting at q0 with the 64 search rows starting at c0.
 template <typename T>
 __device__ __forceinline__ void dot_tile(T* sA, T* sB, float* sC, const T* __restrict__ s, int64_t q0, int64_t q_valid,
@@ -161,14 +144,14 @@ __device__ __forceinline__ void dot_tile(T* sA, T* sB, float* sC, const T* __res
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   // Two stages: chunk c + 1 is copied (cp.async) while chunk c is multiplied.
   constexpr int kTile = kBlockM * P;
-  load_tile_async<T>(sA, s, q0, q_valid, 0, D, sm, sd, vec);
-  load_tile_async<T>(sB, s, c0, c_valid, 0, D, sm, sd, vec);
+  load_tile<T, true>(sA, s, q0, q_valid, 0, D, sm, sd, vec);
+  load_tile<T, true>(sB, s, c0, c_valid, 0, D, sm, sd, vec);
   cp_async_commit();
   for (int64_t k0 = 0, c = 0; k0 < D; k0 += kBK, ++c) {
     if (k0 + kBK < D) {
       const int nxt = static_cast<int>((c + 1) & 1) * kTile;
-      load_tile_async<T>(sA + nxt, s, q0, q_valid, k0 + kBK, D, sm, sd, vec);
-      load_tile_async<T>(sB + nxt, s, c0, c_valid, k0 + kBK, D, sm, sd, vec);
+      load_tile<T, true>(sA + nxt, s, q0, q_valid, k0 + kBK, D, sm, sd, vec);
+      load_tile<T, true>(sB + nxt, s, c0, c_valid, k0 + kBK, D, sm, sd, vec);
     }
     cp_async_commit();  // possibly empty: one group per chunk
     cp_async_wait<1>();

@@ -13,14 +13,16 @@
 //   forward  a small kernel rotates K once into a (B, N, C) workspace K'; then one CTA per (64 queries, head,
 //            batch); 4 warps own 16 query rows each; K'/V tiles of 64 keys stream through two shared-memory stages
 //            with cp.async (tile j + 1 loads while tile j is computed); online softmax in the log2 domain.
-//   backward one CTA per (64 keys, head, batch); 4 warps own 16 keys each and loop over query tiles, keeping dK, dV
-//            in registers; dQ goes through fp32 atomics into a workspace, finished (scale, inverse RoPE, rounding)
+//   backward the same kernel rotates Q once into a workspace Q'; one CTA per (64 keys, head, batch); 4 warps own 16
+//            keys each and loop over query tiles (Q'/dO tiles through two cp.async stages), keeping dK, dV in
+//            registers; dQ goes through fp32 atomics into a workspace, finished (scale, inverse RoPE, rounding)
 //            by a small kernel. Delta = rowsum(dO * O) comes from a preprocessing kernel.
 // fp32: a SIMT path (one warp per query or key row, lanes over keys/queries for scores, over Dh for outputs). It is
 //   exact fp32 arithmetic for correctness, not speed (training runs in bf16).
 //
-// The forward rotates each K row once (into K') and each Q tile once, as it is copied into shared memory; the
-// backward rotates each q/k tile it loads. Ragged edges: rows past N are zero-filled in shared memory, padded keys
+// Each row is rotated once: the streamed operand (K forward, Q backward) by the rotate kernel, the one a CTA keeps
+// (its Q tile forward, K tile backward) as it is copied into shared memory; the fp32 path rotates each q/k tile it
+// loads. Ragged edges: rows past N are zero-filled in shared memory, padded keys
 // get -inf scores (probability 0), padded queries are never written.
 #include "common.cuh"
 
