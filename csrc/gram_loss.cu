@@ -114,7 +114,8 @@ __device__ __forceinline__ uint32_t lds16(const void* p) { return *reinterpret_c
 
 // ---- shared memory --------------------------------------------------------------------------------------------------
 // Row pitches padded so the fragment reads of a warp hit distinct banks.
-template <typename T>
+// kFwdStages: 2 in the forward (its pipeline), 1 in the gradient kernel (which only needs the union's size).
+template <typename T, int kFwdStages = 2>
 struct Smem {
   static constexpr bool kIs16 = sizeof(T) == 2;
   static constexpr int kChunk = gram::gram_chunk(sizeof(T));
@@ -122,11 +123,16 @@ struct Smem {
   static constexpr int kLdW = kTile + (kIs16 ? 8 : 1);        // W (T; odd fp32 pitch: staged transposed too)
   static constexpr int kLdX = kGradChunk + (kIs16 ? 8 : 4);   // staged X̂ chunk of the gradient (T)
   // Every array starts 16-byte aligned: staging writes 16-byte vectors.
-  struct Fwd {
+  // Two stages of the forward's operand tiles: chunk c + 1 is copied (cp.async) while chunk c is multiplied. Rows of
+  // kLdA elements are 80 bytes in every dtype, so each staged 16-byte vector is aligned.
+  struct FwdStage {
     alignas(16) T si[kTile * kLdA];
     alignas(16) T sj[kTile * kLdA];
     alignas(16) T ti[kTile * kLdA];
     alignas(16) T tj[kTile * kLdA];
+  };
+  struct Fwd {
+    FwdStage stage[kFwdStages];
   };
   struct Grad {
     alignas(16) T x[kTile * kLdX];
@@ -140,15 +146,20 @@ struct Smem {
   float red[kThreads / 32];
 };
 static_assert(sizeof(Smem<float>) <= 48 * 1024 && sizeof(Smem<__half>) <= 48 * 1024, "over the static smem limit");
+template <typename T>
+using GradSmem = Smem<T, 1>;
 
 // ---- staging: global (any strides) -> shared --------------------------------------------------------------------
 // Rows row0.. of a (P, D) slice, columns k0..k0+COLS, zero outside. vec_ok: stride_d == 1 and every row start 16-byte
 // aligned, so in-range 16-byte groups load as one vector. Optionally accumulates the per-row sums of squares of the
 // raw values (sq[pass]) and scales each row by rscale[row] before rounding to T.
-template <typename T, int COLS, int LD, bool SQ, bool SCALE>
+// ASYNC (no SQ, no SCALE): in-range 16-byte groups are copied with cp.async (the caller commits and waits); the rest
+// is stored synchronously, visible after the same barrier.
+template <typename T, int COLS, int LD, bool SQ, bool SCALE, bool ASYNC = false>
 __device__ __forceinline__ void stage_tile(T* dst, const T* src, int64_t stride_p, int64_t stride_d, int row0, int P,
                                            int k0, int D, bool vec_ok, const float* rscale,
                                            float (&sq)[gram::StageMap<COLS, Elem<T>::kVec>::kPasses]) {
+  static_assert(!ASYNC || (!SQ && !SCALE && LD * sizeof(T) % 16 == 0), "cp.async copies raw, aligned vectors");
   constexpr int VEC = Elem<T>::kVec;
   using Map = gram::StageMap<COLS, VEC>;
   const int tid = threadIdx.x;
@@ -161,6 +172,10 @@ __device__ __forceinline__ void stage_tile(T* dst, const T* src, int64_t stride_
     float f[VEC];
     if (grow < P) {
       const T* rp = src + static_cast<int64_t>(grow) * stride_p;
+      if (ASYNC && vec_ok && gk + VEC <= D) {
+        cp_async16(dst + r * LD + kc, rp + gk, true);
+        continue;
+      }
       if (vec_ok && gk + VEC <= D) {
         Elem<T>::unpack(__ldg(reinterpret_cast<const uint4*>(rp + gk)), f);
       } else {
@@ -181,6 +196,22 @@ __device__ __forceinline__ void stage_tile(T* dst, const T* src, int64_t stride_
       for (int e = 0; e < VEC; ++e) f[e] *= s;
     }
     *reinterpret_cast<uint4*>(dst + r * LD + kc) = Elem<T>::pack(f);
+  }
+}
+
+// The per-row sums of squares stage_tile<SQ> would have accumulated, read back from a staged tile instead (same
+// elements, same order, so the same bits): the pipelined forward copies its tiles with cp.async, past the registers.
+template <typename T, int COLS, int LD>
+__device__ __forceinline__ void tile_sq(const T* tile, float (&sq)[gram::StageMap<COLS, Elem<T>::kVec>::kPasses]) {
+  constexpr int VEC = Elem<T>::kVec;
+  using Map = gram::StageMap<COLS, VEC>;
+  const int kc = Map::col(threadIdx.x);
+#pragma unroll
+  for (int p = 0; p < Map::kPasses; ++p) {
+    float f[VEC];
+    Elem<T>::unpack(*reinterpret_cast<const uint4*>(tile + Map::row(threadIdx.x, p) * LD + kc), f);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) sq[p] = fmaf(f[e], f[e], sq[p]);
   }
 }
 
@@ -274,7 +305,7 @@ __device__ __forceinline__ void gram_step(float (&acc)[2][4][4], const T* a, con
 
 // Gradient step: out += W X̂ over the 64 rows of X̂, W (64, 64) and X̂ (64, kGradChunk) in shared memory.
 template <typename T, bool TF32>
-__device__ __forceinline__ void grad_step(float (&out)[2][4][4], const Smem<T>& sm, int warp, int lane) {
+__device__ __forceinline__ void grad_step(float (&out)[2][4][4], const GradSmem<T>& sm, int warp, int lane) {
   constexpr int LDW = Smem<T>::kLdW;
   constexpr int LDX = Smem<T>::kLdX;
   const T* x = sm.u.grad.x;
@@ -374,7 +405,7 @@ struct FwdArgs {
 };
 
 template <typename T, bool TF32>
-__global__ void __launch_bounds__(kThreads) _gram_fwd_kernel(const FwdArgs args) {
+__global__ void __launch_bounds__(kThreads, 3) _gram_fwd_kernel(const FwdArgs args) {
   __shared__ Smem<T> sm;
   constexpr int LDA = Smem<T>::kLdA;
   constexpr int kChunk = Smem<T>::kChunk;
@@ -405,20 +436,36 @@ __global__ void __launch_bounds__(kThreads) _gram_fwd_kernel(const FwdArgs args)
 #pragma unroll
       for (int p = 0; p < Map::kPasses; ++p) sq[q][p] = 0.f;
 
-    for (int k0 = 0; k0 < D; k0 += kChunk) {
-      __syncthreads();
-      stage_tile<T, kChunk, LDA, true, false>(sm.u.fwd.si, s_g, args.s_stride_p, args.s_stride_d, i * kTile, P, k0, D,
-                                              args.s_vec_ok, nullptr, sq[0]);
-      stage_tile<T, kChunk, LDA, true, false>(sm.u.fwd.sj, s_g, args.s_stride_p, args.s_stride_d, j * kTile, P, k0, D,
-                                              args.s_vec_ok, nullptr, sq[1]);
-      stage_tile<T, kChunk, LDA, true, false>(sm.u.fwd.ti, t_g, args.t_stride_p, args.t_stride_d, i * kTile, P, k0, D,
-                                              args.t_vec_ok, nullptr, sq[2]);
-      stage_tile<T, kChunk, LDA, true, false>(sm.u.fwd.tj, t_g, args.t_stride_p, args.t_stride_d, j * kTile, P, k0, D,
-                                              args.t_vec_ok, nullptr, sq[3]);
-      __syncthreads();
-      gram_step<T, TF32>(acc_s, sm.u.fwd.si, sm.u.fwd.sj, warp, lane);
-      gram_step<T, TF32>(acc_t, sm.u.fwd.ti, sm.u.fwd.tj, warp, lane);
+    // The four operand tiles of chunk k0 into stage st (cp.async where the rows allow it).
+    auto stage_chunk = [&](typename Smem<T>::FwdStage& st, int k0) {
+      float none[Map::kPasses];
+      stage_tile<T, kChunk, LDA, false, false, true>(st.si, s_g, args.s_stride_p, args.s_stride_d, i * kTile, P, k0,
+                                                     D, args.s_vec_ok, nullptr, none);
+      stage_tile<T, kChunk, LDA, false, false, true>(st.sj, s_g, args.s_stride_p, args.s_stride_d, j * kTile, P, k0,
+                                                     D, args.s_vec_ok, nullptr, none);
+      stage_tile<T, kChunk, LDA, false, false, true>(st.ti, t_g, args.t_stride_p, args.t_stride_d, i * kTile, P, k0,
+                                                     D, args.t_vec_ok, nullptr, none);
+      stage_tile<T, kChunk, LDA, false, false, true>(st.tj, t_g, args.t_stride_p, args.t_stride_d, j * kTile, P, k0,
+                                                     D, args.t_vec_ok, nullptr, none);
+    };
+    // Stage 0 is free: every thread passed the barrier ending the previous group's last chunk.
+    stage_chunk(sm.u.fwd.stage[0], 0);
+    cp_async_commit();
+    for (int k0 = 0, c = 0; k0 < D; k0 += kChunk, ++c) {
+      if (k0 + kChunk < D) stage_chunk(sm.u.fwd.stage[(c + 1) & 1], k0 + kChunk);
+      cp_async_commit();  // possibly empty: one group per chunk
+      cp_async_wait<1>();
+      __syncthreads();  // chunk c has landed for every thread
+      const typename Smem<T>::FwdStage& st = sm.u.fwd.stage[c & 1];
+      tile_sq<T, kChunk, LDA>(st.si, sq[0]);
+      tile_sq<T, kChunk, LDA>(st.sj, sq[1]);
+      tile_sq<T, kChunk, LDA>(st.ti, sq[2]);
+      tile_sq<T, kChunk, LDA>(st.tj, sq[3]);
+      gram_step<T, TF32>(acc_s, st.si, st.sj, warp, lane);
+      gram_step<T, TF32>(acc_t, st.ti, st.tj, warp, lane);
+      __syncthreads();  // every read of this stage is done before chunk c + 2 is copied into it
     }
+    cp_async_wait<0>();  // the last (empty) group
 
     // Row norms: the lanes staging one row are consecutive lanes of one warp.
 #pragma unroll
@@ -503,7 +550,7 @@ struct GradArgs {
 // scale * Σ_j W_ij X̂_j[:, chunk], summed in a fixed order of j.
 template <typename T, bool TF32>
 __global__ void __launch_bounds__(kThreads) _gram_grad_kernel(const GradArgs args) {
-  __shared__ Smem<T> sm;
+  __shared__ GradSmem<T> sm;
   constexpr int LDW = Smem<T>::kLdW;
   constexpr int LDX = Smem<T>::kLdX;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
