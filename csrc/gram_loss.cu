@@ -404,8 +404,11 @@ struct FwdArgs {
   bool apply_norm, clamp_s, clamp_t, grad_s, grad_t, s_vec_ok, t_vec_ok;
 };
 
+// Launch bounds: with none ptxas took 128 registers and spilled 12 B (IEEE fp32, sm_90a); 3 CTAs/SM (<= 170 registers)
+// spilled 12 B for TF32 on sm_80, so fp32 asks for 2 (it runs at 3 on sm_90a, 168 registers) and 16-bit for 3 (4
+// spilled 24 B in bf16).
 template <typename T, bool TF32>
-__global__ void __launch_bounds__(kThreads, 3) _gram_fwd_kernel(const FwdArgs args) {
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 2 ? 3 : 2) _gram_fwd_kernel(const FwdArgs args) {
   __shared__ Smem<T> sm;
   constexpr int LDA = Smem<T>::kLdA;
   constexpr int kChunk = Smem<T>::kChunk;
