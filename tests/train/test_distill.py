@@ -206,8 +206,8 @@ def test_cli_one_cpu_checkpoint_export_and_features(teacher, image_dir, tmp_path
 # ------------------------------------------------------------------------------------------------ exact resume
 @pytest.mark.parametrize("mode", ["heads", "heads-softmax", "features"])
 def test_resume_is_exact(teacher, image_dir, tmp_path, mode):
-    """heads-softmax: head distillation with softmax centering (README: better than Sinkhorn-Knopp at small batch),
-    whose running centers must come back from the checkpoint."""
+    """heads-softmax: head distillation with softmax centering (README: measured beside Sinkhorn-Knopp), whose
+    running centers must come back from the checkpoint."""
     extra = {"features": NANO, "heads-softmax": ["train.centering=softmax"]}.get(mode, [])
     cfg = load_config("tiny", _distill(teacher, mode.split("-")[0], *extra))
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
