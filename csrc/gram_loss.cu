@@ -151,15 +151,13 @@ using GradSmem = Smem<T, 1>;
 
 // ---- staging: global (any strides) -> shared --------------------------------------------------------------------
 // Rows row0.. of a (P, D) slice, columns k0..k0+COLS, zero outside. vec_ok: stride_d == 1 and every row start 16-byte
-// aligned, so in-range 16-byte groups load as one vector. Optionally accumulates the per-row sums of squares of the
-// raw values (sq[pass]) and scales each row by rscale[row] before rounding to T.
-// ASYNC (no SQ, no SCALE): in-range 16-byte groups are copied with cp.async (the caller commits and waits); the rest
-// is stored synchronously, visible after the same barrier.
-template <typename T, int COLS, int LD, bool SQ, bool SCALE, bool ASYNC = false>
+// aligned, so in-range 16-byte groups load as one vector. SCALE: each row is scaled by rscale[row] before rounding to
+// T. ASYNC (no SCALE): in-range 16-byte groups are copied with cp.async (the caller commits and waits); the rest is
+// stored synchronously, visible after the same barrier.
+template <typename T, int COLS, int LD, bool SCALE, bool ASYNC = false>
 __device__ __forceinline__ void stage_tile(T* dst, const T* src, int64_t stride_p, int64_t stride_d, int row0, int P,
-                                           int k0, int D, bool vec_ok, const float* rscale,
-                                           float (&sq)[gram::StageMap<COLS, Elem<T>::kVec>::kPasses]) {
-  static_assert(!ASYNC || (!SQ && !SCALE && LD * sizeof(T) % 16 == 0), "cp.async copies raw, aligned vectors");
+                                           int k0, int D, bool vec_ok, const float* rscale) {
+  static_assert(!ASYNC || (!SCALE && LD * sizeof(T) % 16 == 0), "cp.async copies raw, aligned vectors");
   constexpr int VEC = Elem<T>::kVec;
   using Map = gram::StageMap<COLS, VEC>;
   const int tid = threadIdx.x;
@@ -186,10 +184,6 @@ __device__ __forceinline__ void stage_tile(T* dst, const T* src, int64_t stride_
 #pragma unroll
       for (int e = 0; e < VEC; ++e) f[e] = 0.f;
     }
-    if (SQ) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) sq[p] = fmaf(f[e], f[e], sq[p]);
-    }
     if (SCALE) {
       const float s = rscale[r];
 #pragma unroll
@@ -199,8 +193,8 @@ __device__ __forceinline__ void stage_tile(T* dst, const T* src, int64_t stride_
   }
 }
 
-// The per-row sums of squares stage_tile<SQ> would have accumulated, read back from a staged tile instead (same
-// elements, same order, so the same bits): the pipelined forward copies its tiles with cp.async, past the registers.
+// Per-row sums of squares of the raw values of a staged tile (each thread the rows and columns it staged): the forward
+// copies its tiles with cp.async, past the registers, so the norms are read back from shared memory.
 template <typename T, int COLS, int LD>
 __device__ __forceinline__ void tile_sq(const T* tile, float (&sq)[gram::StageMap<COLS, Elem<T>::kVec>::kPasses]) {
   constexpr int VEC = Elem<T>::kVec;
@@ -441,15 +435,14 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 2 ? 3 : 2) _gram_fwd_ke
 
     // The four operand tiles of chunk k0 into stage st (cp.async where the rows allow it).
     auto stage_chunk = [&](typename Smem<T>::FwdStage& st, int k0) {
-      float none[Map::kPasses];
-      stage_tile<T, kChunk, LDA, false, false, true>(st.si, s_g, args.s_stride_p, args.s_stride_d, i * kTile, P, k0,
-                                                     D, args.s_vec_ok, nullptr, none);
-      stage_tile<T, kChunk, LDA, false, false, true>(st.sj, s_g, args.s_stride_p, args.s_stride_d, j * kTile, P, k0,
-                                                     D, args.s_vec_ok, nullptr, none);
-      stage_tile<T, kChunk, LDA, false, false, true>(st.ti, t_g, args.t_stride_p, args.t_stride_d, i * kTile, P, k0,
-                                                     D, args.t_vec_ok, nullptr, none);
-      stage_tile<T, kChunk, LDA, false, false, true>(st.tj, t_g, args.t_stride_p, args.t_stride_d, j * kTile, P, k0,
-                                                     D, args.t_vec_ok, nullptr, none);
+      stage_tile<T, kChunk, LDA, false, true>(st.si, s_g, args.s_stride_p, args.s_stride_d, i * kTile, P, k0, D,
+                                              args.s_vec_ok, nullptr);
+      stage_tile<T, kChunk, LDA, false, true>(st.sj, s_g, args.s_stride_p, args.s_stride_d, j * kTile, P, k0, D,
+                                              args.s_vec_ok, nullptr);
+      stage_tile<T, kChunk, LDA, false, true>(st.ti, t_g, args.t_stride_p, args.t_stride_d, i * kTile, P, k0, D,
+                                              args.t_vec_ok, nullptr);
+      stage_tile<T, kChunk, LDA, false, true>(st.tj, t_g, args.t_stride_p, args.t_stride_d, j * kTile, P, k0, D,
+                                              args.t_vec_ok, nullptr);
     };
     // Stage 0 is free: every thread passed the barrier ending the previous group's last chunk.
     stage_chunk(sm.u.fwd.stage[0], 0);
@@ -560,7 +553,6 @@ __global__ void __launch_bounds__(kThreads) _gram_grad_kernel(const GradArgs arg
   const int i = static_cast<int>(blockIdx.x) / args.nd;
   const int d0 = (static_cast<int>(blockIdx.x) % args.nd) * kGradChunk;
   const int P = args.P, D = args.D;
-  float unused_sq[gram::StageMap<kGradChunk, Elem<T>::kVec>::kPasses];
   for (int g = blockIdx.y; g < args.G; g += gridDim.y) {
     const T* x_g = static_cast<const T*>(args.x) + static_cast<int64_t>(g) * args.stride_g;
     const T* w_g = static_cast<const T*>(args.w) + static_cast<int64_t>(g) * args.num_pairs * (kTile * kTile);
@@ -581,8 +573,8 @@ __global__ void __launch_bounds__(kThreads) _gram_grad_kernel(const GradArgs arg
         const int r = e / kTile, c = e % kTile;
         sm.u.grad.w[trans ? c * LDW + r : r * LDW + c] = src[e];
       }
-      stage_tile<T, kGradChunk, LDX, false, true>(sm.u.grad.x, x_g, args.stride_p, args.stride_d, j * kTile, P, d0, D,
-                                                  args.vec_ok, rinv_g + j * kTile, unused_sq);
+      stage_tile<T, kGradChunk, LDX, true>(sm.u.grad.x, x_g, args.stride_p, args.stride_d, j * kTile, P, d0, D,
+                                           args.vec_ok, rinv_g + j * kTile);
       __syncthreads();
       grad_step<T, TF32>(out, sm, warp, lane);
     }
