@@ -249,8 +249,9 @@ KOLEO_BACKENDS = ("official_tf32", "official_fp32", "compile", "composed", "trit
 KOLEO_COMPOSED_EXTRA = 8  # dinov3_kernels.koleo.COMPOSED_EXTRA
 KOLEO_COMPOSED_BLOCK = 2**26  # dinov3_kernels.koleo.COMPOSED_BLOCK
 KOLEO_TRITON_EXTRA = 8  # dinov3_kernels._triton.koleo.RERANK_EXTRA
-# The widest d whose resident search tiles fit shared memory, per element size (dinov3_kernels._triton.koleo
-# ._block_sizes: a 128-row query tile and two 64-row search tiles within RESIDENT_SMEM = 200 KB).
+# The widest d whose resident search tiles fit shared memory, per searched element size (dinov3_kernels._triton.koleo
+# ._block_sizes: a 128-row query tile and two 64-row search tiles within RESIDENT_SMEM = 200 KB). The Triton search
+# reads 16-bit rows for every input dtype since 2026-12-01; the CUDA one has no resident kernel.
 KOLEO_TRITON_RESIDENT_D = {2: 384, 4: 192}
 
 
@@ -267,12 +268,14 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       per SM (at most 32 splits for top-1 in fp32, 256 for 16-bit), then a merge kernel and a fixed-order sum.
       CUDA, and Triton where the tiles below do not fit: per (query tile, search tile) both tiles come from L2,
       n·M·d·e·(1/BM + 1/BN) bytes (see _hbm).
-      Triton with the query tile resident (since issue 14, d <= KOLEO_TRITON_RESIDENT_D[e]: 384 in 16-bit, 192 in
-      fp32): BM = 128, BN = 64 at any n, each program reads its query tile once, n·M·d·e/BM + programs·BM·d·e.
+      Triton with the query tile resident (since issue 14, d <= KOLEO_TRITON_RESIDENT_D[2] = 384): BM = 128,
+      BN = 64 at any n, each program reads its query tile once, n·M·d·e/BM + programs·BM·d·e.
       The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). CUDA's fp32 search runs IEEE
-      FMA whatever the TF32 flag; Triton's fp32 search runs TF32 always, keeping 1 + 8 candidates that the merge
-      re-ranks exactly (each candidate and neighbour row, and the query row with it, read once more: 2·(9 + 1)·n·d·4
-      bytes), 16-bit input keeps top-1 (2·2·n·d·e). Backward: the distance gradient (x_i and x_nn read, fp32 atomics
+      FMA whatever the TF32 flag. Triton searches 16-bit rows in every case: fp32 input (since 2026-12-01; TF32 on
+      the raw rows before) on an fp16 copy of u that the norm pass writes (it reads the rows twice, the second time
+      from L2, and writes n·d·2 bytes), keeping 1 + 8 candidates that the merge re-ranks exactly from the fp32 rows
+      (each candidate and neighbour row, and the query row with it, read once more: 2·(9 + 1)·n·d·4 bytes); 16-bit
+      input as it is, top-1 (2·2·n·d·e). Backward: the distance gradient (x_i and x_nn read, fp32 atomics
       for the neighbours), then a normalize backward.
     composed: the neighbour op normalises (read x, write fp32 u), then per block of R = 2^26 / n query rows one GEMM
       (TF32 for fp32 with TF32 on, bf16 for 16-bit, reading the block and the whole set) writing R·n fp32 scores, a
@@ -311,25 +314,31 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         bm, bn, prec, programs = 64, 64, _precision(dtype, False), _cdiv(n, 64) * splits
         kmax = 1  # topk 1
         merge, launches = 2 * nd * e + 2 * n * splits * kmax * 8, 3
+        es = e  # bytes per searched element
+        copy = 0  # the fp16 copy of u (Triton, fp32 input): written by the norm pass, which re-reads the rows
     else:
-        resident = d <= KOLEO_TRITON_RESIDENT_D[e]
+        es = 2  # since 2026-12-01 fp32 input is searched on an fp16 copy of u (TF32's mantissa, 16-bit bytes and rate)
+        copy = nd * e + nd * 2 if e == 4 else 0
+        resident = d <= KOLEO_TRITON_RESIDENT_D[es]
         tiles = _cdiv(n, 128)  # the launcher's rule: 128-row tiles where the grid keeps 2 programs per SM
         bm = 128 if tiles * min(_cdiv(2 * sms, tiles), tiles) >= 2 * sms else 64
         bm, bn = (128, 64) if resident else (bm, 128)
-        prec = "bf16" if e == 2 else "tf32"
+        prec = "bf16"
         kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA
         kcp = max(2, 1 << (kc - 1).bit_length())
         splits = max(1, min(_cdiv(2 * sms, _cdiv(n, bm)), _cdiv(n, bn), 512 // kcp))
         programs = _cdiv(n, bm) * splits
         merge, launches = 2 * (kc + 1) * nd * e + 2 * n * splits * kcp * 8, 4
     flops_exec = 2 * _cdiv(n, bm) * bm * _cdiv(n, bn) * bn * d
-    resident = backend == "triton" and d <= KOLEO_TRITON_RESIDENT_D[e]
+    resident = backend == "triton" and d <= KOLEO_TRITON_RESIDENT_D[es]
     # The set per query tile; the query tile per search tile, or once per program when resident.
-    search = _cdiv(n, bm) * nd * e + (programs * bm * d * e if resident else _cdiv(n, bn) * nd * e)
-    fwd_design = nd * e + search + merge
+    search = _cdiv(n, bm) * nd * es + (programs * bm * d * es if resident else _cdiv(n, bn) * nd * es)
+    fwd_design = nd * e + copy + search + merge
     bwd_design = 2 * nd * e + 2 * nd * 8 + 2 * nd * e + nd * 4 + nd * e
     design = fwd_design + (0 if mode == "fwd" else bwd_design)
-    fwd_hbm = _hbm(3 * nd * e, fwd_design, nd * e)
+    # HBM: the input (norm pass, merge re-reads), the copy written and read back, with the searched set re-read
+    # through L2.
+    fwd_hbm = _hbm(3 * nd * e + (2 * nd * 2 if copy else 0), fwd_design, nd * es)
     hbm = fwd_hbm + (0 if mode == "fwd" else 2 * nd * e + 2 * nd * 4 + nd * e)
     return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, launches + 2 + (0 if mode == "fwd" else 4),
                     sm_fill=min(1.0, programs / sms))

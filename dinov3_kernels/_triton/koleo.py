@@ -7,18 +7,21 @@ Search set S (M, D) of raw features, query rows S[offset : offset + n], u = s / 
     loss     = -1/(nK) Σ_ik log(d_ik + eps)
 
 Forward, four launches, no atomics, deterministic:
-  `_koleo_norm_kernel`    |s| for every row of S (M floats);
+  `_koleo_norm_kernel`    |s| for every row of S (M floats); for fp32 input also u = s / max(|s|, eps) in fp16, the
+                          copy the search runs on (fp16 keeps TF32's 10 mantissa bits at half the bytes and twice the
+                          tensor-core rate);
   `_koleo_search_kernel`  grid (query tiles, search splits): each program scores its BLOCK_M query rows against one
                           contiguous split of the search set in (BLOCK_M, BLOCK_N) tiles on the tensor cores and keeps
                           each row's KC best (score, index) in registers; no n×M matrix anywhere. Splitting the set
-                          keeps ~2 programs per SM when n is small. fp32 input is searched in TF32 with KC = K + 8
-                          candidates (RERANK), 16-bit input (exact products, fp32 accumulation) with KC = K.
-                          `_koleo_search_resident_kernel` is the same search with the query tile loaded once per
-                          program and kept in shared memory across the search tiles, where it and two search tiles
-                          fit (d <= 384 in 16-bit, 192 in fp32; the launcher picks, see _block_sizes);
+                          keeps ~2 programs per SM when n is small. fp32 input is searched on its fp16 copy of u with
+                          KC = K + 8 candidates (RERANK), 16-bit input as it is (exact products, fp32 accumulation)
+                          with KC = K. `_koleo_search_resident_kernel` is the same search with the query tile loaded
+                          once per program and kept in shared memory across the search tiles, where it and two search
+                          tiles fit (d <= 384; the launcher picks, see _block_sizes);
   `_koleo_merge_kernel`   per query row: the KC best of the splits' candidates (ties to the lowest index), their
-                          exact fp32 similarities from the rows when re-ranking, the K best of those, then d_ik from
-                          the rows (not from 2 - 2cos, which cancels for close pairs) and the tile's share of the loss;
+                          exact fp32 similarities from the input rows when re-ranking, the K best of those, then d_ik
+                          from the rows (not from 2 - 2cos, which cancels for close pairs) and the tile's share of the
+                          loss;
   `_koleo_sum_kernel`     the tiles' partial sums in a fixed order (one program).
 """
 
@@ -26,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, mma
 
 RERANK_EXTRA = 8  # candidates the TF32 search keeps beyond K for the exact re-ranking
 MAX_MERGE_WIDTH = 512  # splits x KCP candidates per row in the merge kernel's register tile
@@ -34,7 +36,10 @@ MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 @triton.jit
-def _koleo_norm_kernel(S, NORM, M, D, stride_m, stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _koleo_norm_kernel(S, NORM, U, M, D, stride_m, stride_d, eps,
+                       WRITE_U: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # |s| of each row; with WRITE_U also u = s / max(|s|, eps) rounded to fp16 into U (M, D) contiguous: the copy the
+    # fp32 search runs on (the second pass re-reads the rows, from L2).
     pid = tl.program_id(0)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     mr = rows < M
@@ -45,18 +50,29 @@ def _koleo_norm_kernel(S, NORM, M, D, stride_m, stride_d, BLOCK_R: tl.constexpr,
         x = tl.load(S + rows[:, None] * stride_m + k[None, :] * stride_d, mask=mr[:, None] & (k < D)[None, :],
                     other=0.0).to(tl.float32)
         sq += tl.sum(x * x, axis=1)
-    tl.store(NORM + rows, tl.sqrt(sq), mask=mr)
+    nrm = tl.sqrt(sq)
+    tl.store(NORM + rows, nrm, mask=mr)
+    if WRITE_U:
+        den = tl.maximum(nrm, eps)
+        for k0 in range(0, D, BLOCK_D):
+            k = k0 + cols
+            m2 = mr[:, None] & (k < D)[None, :]
+            x = tl.load(S + rows[:, None] * stride_m + k[None, :] * stride_d, mask=m2, other=0.0).to(tl.float32)
+            tl.store(U + rows[:, None] * D + k[None, :], (x / den[:, None]).to(tl.float16), mask=m2)
 
 
 @triton.jit
 def _koleo_search_init(n, M, offset, cols_per_split, NORM, eps, KC: tl.constexpr, KCP: tl.constexpr,
-                       BLOCK_M: tl.constexpr):
-    """What both search kernels start from: this program's query rows, their 1/|s_i|, its split [j_lo, j_hi) and the
-    empty top-KC state."""
+                       BLOCK_M: tl.constexpr, NORMALIZED: tl.constexpr):
+    """What both search kernels start from: this program's query rows, their 1/|s_i| (1 when the searched rows are
+    the normalised copy), its split [j_lo, j_hi) and the empty top-KC state."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # query row i; its search index is offset + i
     mr = rows < n
     grows = (offset + rows).to(tl.int64)
-    r_i = 1.0 / tl.maximum(tl.load(NORM + grows, mask=mr, other=1.0), eps)
+    if NORMALIZED:
+        r_i = tl.full((BLOCK_M,), 1.0, tl.float32)
+    else:
+        r_i = 1.0 / tl.maximum(tl.load(NORM + grows, mask=mr, other=1.0), eps)
     j_lo = tl.program_id(1) * cols_per_split
     j_hi = tl.minimum(M, j_lo + cols_per_split)
     # Running top-KC per row, unsorted: (value, index). Empty slots hold (-inf, M): any real candidate beats them and
@@ -69,12 +85,17 @@ def _koleo_search_init(n, M, offset, cols_per_split, NORM, eps, KC: tl.constexpr
 
 
 @triton.jit
-def _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC: tl.constexpr, KCP: tl.constexpr):
-    """The top-KC state after one (query tile, search tile) pair: acc = s_i·s_j over the tile, cols its indices j."""
+def _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC: tl.constexpr, KCP: tl.constexpr,
+                         NORMALIZED: tl.constexpr):
+    """The top-KC state after one (query tile, search tile) pair: acc = s_i·s_j over the tile (u_i·u_j when
+    NORMALIZED), cols its indices j."""
     big = 2147483647
     slots = tl.arange(0, KCP)
-    r_j = 1.0 / tl.maximum(tl.load(NORM + cols, mask=mc, other=1.0), eps)
-    sim = acc * r_i[:, None] * r_j[None, :]
+    if NORMALIZED:
+        sim = acc
+    else:
+        r_j = 1.0 / tl.maximum(tl.load(NORM + cols, mask=mc, other=1.0), eps)
+        sim = acc * r_i[:, None] * r_j[None, :]
     sim = tl.where(mc[None, :] & (cols[None, :] != grows[:, None]), sim, float("-inf"))
 
     # Columns arrive in increasing order, so a candidate equal to a held value always loses (ties to the lowest
@@ -111,13 +132,13 @@ def _koleo_search_kernel(
     n, M, D, offset, cols_per_split,
     stride_m, stride_d, eps,
     KC: tl.constexpr, KCP: tl.constexpr,
-    IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    NORMALIZED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Chunked: for every search tile, both the query and the search tile stream through in BLOCK_K-wide chunks (the
     # query tile is re-read from L2 once per search tile). For any D.
     rows, mr, grows, r_i, j_lo, j_hi, best_v, best_i = _koleo_search_init(n, M, offset, cols_per_split, NORM, eps,
-                                                                          KC, KCP, BLOCK_M)
+                                                                          KC, KCP, BLOCK_M, NORMALIZED)
     kk = tl.arange(0, BLOCK_K)
     q_ptr = S + grows[:, None] * stride_m
     for j0 in range(j_lo, j_hi, BLOCK_N):
@@ -130,8 +151,9 @@ def _koleo_search_kernel(
             mk = k < D
             a = tl.load(q_ptr + k[None, :] * stride_d, mask=mr[:, None] & mk[None, :], other=0.0)
             b = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & mk[None, :], other=0.0)
-            acc = mma(a, tl.trans(b), acc, IS_FP32, PRECISION)
-        best_v, best_i = _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC, KCP)
+            acc = tl.dot(a, tl.trans(b), acc)
+        best_v, best_i = _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC, KCP,
+                                              NORMALIZED)
     _koleo_search_store(CAND_V, CAND_I, rows, mr, best_v, best_i, KC, KCP)
 
 
@@ -141,7 +163,7 @@ def _koleo_search_resident_kernel(
     n, M, D, offset, cols_per_split,
     stride_m, stride_d, eps,
     KC: tl.constexpr, KCP: tl.constexpr,
-    IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    NORMALIZED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
 ):
     # Query tile resident: its NUM_K = ceil(D / BLOCK_K) chunks are loaded once, as a tuple (a compile-time loop can
@@ -152,7 +174,7 @@ def _koleo_search_resident_kernel(
     # BLOCK_N x NUM_K·BLOCK_K elements): the launcher takes this kernel only where that and the query tile fit shared
     # memory (_block_sizes).
     rows, mr, grows, r_i, j_lo, j_hi, best_v, best_i = _koleo_search_init(n, M, offset, cols_per_split, NORM, eps,
-                                                                          KC, KCP, BLOCK_M)
+                                                                          KC, KCP, BLOCK_M, NORMALIZED)
     kk = tl.arange(0, BLOCK_K)
     q_ptr = S + grows[:, None] * stride_m
     q = ()
@@ -167,8 +189,9 @@ def _koleo_search_resident_kernel(
         for kc in tl.static_range(NUM_K):
             k = kc * BLOCK_K + kk
             b = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & (k < D)[None, :], other=0.0)
-            acc = mma(q[kc], tl.trans(b), acc, IS_FP32, PRECISION)
-        best_v, best_i = _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC, KCP)
+            acc = tl.dot(q[kc], tl.trans(b), acc)
+        best_v, best_i = _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC, KCP,
+                                              NORMALIZED)
     _koleo_search_store(CAND_V, CAND_I, rows, mr, best_v, best_i, KC, KCP)
 
 
@@ -264,33 +287,36 @@ def _resident_smem(D, block_m, block_n, block_k, elem):
     return (block_m + RESIDENT_STAGES * block_n) * triton.cdiv(D, block_k) * block_k * elem
 
 
-def _block_sizes(n, D, on_cpu, is_fp32, resident=None):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs the search aims for, spare candidates of the fp32 search,
-    whether the search keeps the query tile resident). `resident` forces the kernel (tests); by default the resident
-    one wherever its GPU tiles fit shared memory (on the CPU too, so that the interpreter tests take the GPU's path)."""
-    # K chunks of 256 bytes per row in the resident kernel (128 elements in 16-bit, 64 in fp32), 128 in the other;
-    # half that where it pads d less (d = 160: 192, not 256).
-    res_k = max(16, min(64 if is_fp32 else 128, triton.next_power_of_2(D)))
+def _block_sizes(n, D, on_cpu, rerank, resident=None):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs the search aims for, spare candidates of the re-ranked search,
+    whether the search keeps the query tile resident). The searched rows are 16-bit in every case (the input's, or
+    for fp32 input the fp16 copy of u); `rerank`: fp32 input (spares for the exact re-ranking). `resident` forces the
+    kernel (tests); by default the resident one wherever its GPU tiles fit shared memory (on the CPU too, so that the
+    interpreter tests take the GPU's path)."""
+    extra = RERANK_EXTRA if rerank else 0
+    # K chunks of 256 bytes per row in the resident kernel (128 elements), 128 in the other; half that where it pads
+    # d less (d = 160: 192, not 256).
+    res_k = max(16, min(128, triton.next_power_of_2(D)))
     if res_k > 16 and triton.cdiv(D, res_k) * res_k > triton.cdiv(D, res_k // 2) * (res_k // 2):
         res_k //= 2
     if resident is None:
-        resident = _resident_smem(D, 128, 64, res_k, 4 if is_fp32 else 2) <= RESIDENT_SMEM
+        resident = _resident_smem(D, 128, 64, res_k, 2) <= RESIDENT_SMEM
     block_p = max(16, min(128, triton.next_power_of_2(D)))
     if on_cpu:
-        # The interpreter pays per program and per op: small tiles that still satisfy tl.dot (>= 16), one split, and
-        # no spare candidates (its tl.dot computes TF32 in fp32: no TF32 error to absorb; each slot costs time).
+        # The interpreter pays per program and per op: small tiles that still satisfy tl.dot (>= 16), one split. The
+        # spare candidates as on the GPU: the fp16 copy's rounding is the interpreter's too.
         block_m = max(16, min(64, triton.next_power_of_2(n)))
-        return block_m, 64, max(16, min(64, triton.next_power_of_2(D))), block_p, 1, 0, resident
+        return block_m, 64, max(16, min(64, triton.next_power_of_2(D))), block_p, 1, extra, resident
     if resident:
         # Each program reads its query tile once and the search set once per query tile: n·M·d/BLOCK_M + programs·
         # BLOCK_M·d elements from L2 (chunked: n·M·d·(1/BLOCK_M + 1/BLOCK_N)), a third of the chunked 64 x 128 tiles'
         # traffic and half of the 128 x 128 ones'. 128 x 64 tiles over 8 warps (two wgmma warpgroups of 64 rows):
-        # the query tile and two 64-row search tiles fit up to d = 384 in 16-bit (192 KB: 1 CTA/SM, the same 8 warps
-        # per SM as two chunked 64 x 128 CTAs), d = 192 in fp32. A 64-row query tile would fit up to d = 576 but with
-        # half the warps per SM (2 chunked CTAs -> 1 resident) for 1.5x less traffic, so the chunked kernel keeps
-        # those. The pipeliner prefetches the next whole search tile while the current one is scored. The unrolled
-        # chunks' dots each end in a wgmma wait: 256-byte chunks (16-bit: 128 wide) halve those waits against 128.
-        return 128, 64, res_k, block_p, 2 * 132, RERANK_EXTRA, True
+        # the query tile and two 64-row search tiles fit up to d = 384 (192 KB: 1 CTA/SM, the same 8 warps per SM as
+        # two chunked 64 x 128 CTAs). A 64-row query tile would fit up to d = 576 but with half the warps per SM (2
+        # chunked CTAs -> 1 resident) for 1.5x less traffic, so the chunked kernel keeps those. The pipeliner
+        # prefetches the next whole search tile while the current one is scored. The unrolled chunks' dots each end
+        # in a wgmma wait: 256-byte chunks (128 wide) halve those waits against 128-byte ones.
+        return 128, 64, res_k, block_p, 2 * 132, extra, True
     # wgmma needs 64 query rows per warpgroup (BLOCK_M = 32 compiled to mma.sync). Each (query tile, search tile)
     # pair loads both tiles from L2, n·M·d·(1/BLOCK_M + 1/BLOCK_N) elements in all, so 128-wide search tiles, and
     # 128 x 128 over 8 warps (~245 regs, 1 CTA/SM: the same 8 warps per SM as two 64 x 128 CTAs) wherever the grid
@@ -298,11 +324,11 @@ def _block_sizes(n, D, on_cpu, is_fp32, resident=None):
     # n·M·d·e; predicted 1.1x at n = 2048 to 1.3x at n = 8192 on the search, d = 768-1024, where it is L2-bound).
     # Below that (n < ~2300 rows) 64 x 128 over 4 warps (~240 regs, 72 KB smem, 2 CTAs/SM): twice the query tiles,
     # so the grid (query tiles x search splits, at most one split per 128-column tile) fills the SMs.
-    block_k = max(16, min(32 if is_fp32 else 64, triton.next_power_of_2(D)))
+    block_k = max(16, min(64, triton.next_power_of_2(D)))
     programs = 2 * 132
     tiles = triton.cdiv(n, 128)
     block_m = 128 if tiles * min(triton.cdiv(programs, tiles), tiles) >= programs else 64
-    return block_m, 128, block_k, block_p, programs, RERANK_EXTRA, False
+    return block_m, 128, block_k, block_p, programs, extra, False
 
 
 def _search_warps(block_m):
@@ -331,11 +357,12 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
     M, D = search.shape
     dev = search.device
     on_cpu = dev.type == "cpu"
-    is_fp32, precision = dot_precision(search)
-    rerank = is_fp32  # fp32: TF32 search, exact re-ranking
-    if rerank:
-        precision = "tf32"
-    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs, default_extra, resident = _block_sizes(n, D, on_cpu, is_fp32,
+    # fp32 input is searched on an fp16 copy of u = s / max(|s|, eps), written by the norm pass: fp16 keeps TF32's
+    # 10 mantissa bits (|u| <= 1, far inside its range), at half the bytes and twice the tensor-core rate of a TF32
+    # search of the raw rows; the merge then re-ranks KC = topk + extra candidates exactly from the fp32 rows. 16-bit
+    # input is searched as it is (exact products, fp32 accumulation), top-k only.
+    rerank = search.dtype == torch.float32
+    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, programs, default_extra, resident = _block_sizes(n, D, on_cpu, rerank,
                                                                                          resident)
     extra = default_extra if extra is None else extra
     kc = min(topk + extra, M - 1) if rerank else topk
@@ -345,20 +372,22 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
     if BLOCK_M == 128 and kcp > 16 and not resident:
         BLOCK_M = 64
     norm = torch.empty(M, device=dev, dtype=torch.float32)
+    u = torch.empty((M, D), device=dev, dtype=torch.float16) if rerank else norm  # (a placeholder when unused)
     BLOCK_R, BLOCK_D = 16, max(16, min(128, triton.next_power_of_2(D)))
     _koleo_norm_kernel[(triton.cdiv(M, BLOCK_R),)](
-        search, norm, M, D, search.stride(0), search.stride(1), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        search, norm, u, M, D, search.stride(0), search.stride(1), eps, WRITE_U=rerank, BLOCK_R=BLOCK_R,
+        BLOCK_D=BLOCK_D,
     )
+    rows = u if rerank else search
     tiles, n_splits, cols_per_split = _search_grid(n, M, BLOCK_M, BLOCK_N, kcp, programs, splits)
     cand_v = torch.empty((n, n_splits, kcp), device=dev, dtype=torch.float32)
     cand_i = torch.empty((n, n_splits, kcp), device=dev, dtype=torch.int32)
-    args = (search, norm, cand_v, cand_i, n, M, D, offset, cols_per_split, search.stride(0), search.stride(1), eps)
-    meta = dict(KC=kc, KCP=kcp, IS_FP32=is_fp32, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                BLOCK_K=BLOCK_K, num_warps=_search_warps(BLOCK_M))
+    args = (rows, norm, cand_v, cand_i, n, M, D, offset, cols_per_split, rows.stride(0), rows.stride(1), eps)
+    meta = dict(KC=kc, KCP=kcp, NORMALIZED=rerank, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                num_warps=_search_warps(BLOCK_M))
     if resident:
-        if not on_cpu and _resident_smem(D, BLOCK_M, BLOCK_N, BLOCK_K, search.element_size()) > RESIDENT_SMEM:
-            raise ValueError(f"koleo_fwd_triton: the resident search does not fit shared memory at d = {D} "
-                             f"({search.dtype})")
+        if not on_cpu and _resident_smem(D, BLOCK_M, BLOCK_N, BLOCK_K, rows.element_size()) > RESIDENT_SMEM:
+            raise ValueError(f"koleo_fwd_triton: the resident search does not fit shared memory at d = {D}")
         _koleo_search_resident_kernel[(tiles, n_splits)](*args, NUM_K=triton.cdiv(D, BLOCK_K),
                                                          num_stages=RESIDENT_STAGES, **meta)
     else:

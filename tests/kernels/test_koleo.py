@@ -173,7 +173,7 @@ def test_duplicate_rows_finite(triton_cpu):
 def _triton_fwd(x, topk, offset=0, n=None, splits=None, resident=None):
     from dinov3_kernels._triton.koleo import RERANK_EXTRA, koleo_fwd_triton
 
-    # The GPU's spare candidates (the interpreter's default is none): the search keeps topk + 8 per split.
+    # The search keeps topk + 8 candidates per split for fp32 input (its default, forced here), topk for 16-bit.
     return koleo_fwd_triton(x, offset, x.shape[0] - offset if n is None else n, topk, 1e-8, 1e-8, splits=splits,
                             extra=RERANK_EXTRA, resident=resident)
 
@@ -199,27 +199,52 @@ def test_triton_resident_and_chunked_search(triton_cpu, resident, M, offset, n, 
 
 
 def test_triton_search_kernel_choice():
-    # The resident search wherever its GPU tiles (128-row query tile + 2 x 64-row search tiles) fit shared memory:
-    # d <= 384 in 16-bit, d <= 192 in fp32; the chunked one beyond (ViT-B/L/7B widths); forcing overrides.
-    from dinov3_kernels._triton.koleo import RESIDENT_SMEM, _block_sizes, _resident_smem
+    # The resident search wherever its GPU tiles (128-row query tile + 2 x 64-row search tiles, 16-bit: the input's
+    # or, for fp32 input, the fp16 copy) fit shared memory: d <= 384 for every dtype; the chunked one beyond (ViT-B/L/
+    # 7B widths); forcing overrides. Spare candidates for fp32 input only, on the CPU as on the GPU.
+    from dinov3_kernels._triton.koleo import RERANK_EXTRA, RESIDENT_SMEM, _block_sizes, _resident_smem
 
     def pick(d, fp32, n=4096, on_cpu=False, resident=None):
         return _block_sizes(n, d, on_cpu, fp32, resident)
 
-    for d in (1, 100, 160, 384):
-        assert pick(d, False)[6] and pick(d, False)[:2] == (128, 64)
-    for d in (385, 768, 1024, 4096):
-        assert not pick(d, False)[6] and pick(d, False)[1] == 128
-    assert pick(192, True)[6] and not pick(193, True)[6] and not pick(384, True)[6]
-    assert pick(384, False, on_cpu=True)[6] and not pick(1024, False, on_cpu=True)[6]  # the interpreter follows
+    for fp32 in (False, True):
+        for d in (1, 100, 160, 384):
+            assert pick(d, fp32)[6] and pick(d, fp32)[:2] == (128, 64)
+        for d in (385, 768, 1024, 4096):
+            assert not pick(d, fp32)[6] and pick(d, fp32)[1] == 128
+        assert pick(384, fp32, on_cpu=True)[6] and not pick(1024, fp32, on_cpu=True)[6]  # the interpreter follows
+        assert pick(d, fp32)[5] == pick(d, fp32, on_cpu=True)[5] == (RERANK_EXTRA if fp32 else 0)
     assert not pick(384, False, resident=False)[6] and pick(1024, True, on_cpu=True, resident=True)[6]
     assert _resident_smem(384, 128, 64, 128, 2) == 196608 <= RESIDENT_SMEM < 227 * 1024
-    assert pick(384, False)[2] == 128 and pick(192, True)[2] == 64 and pick(1024, False)[2] == 64
+    assert pick(384, False)[2] == pick(384, True)[2] == 128 and pick(1024, False)[2] == pick(1024, True)[2] == 64
     assert pick(160, False)[2] == 64  # 3 x 64 columns, not 2 x 128
     # Chunked search: 128-row query tiles where the grid keeps 2 programs per SM with them (18 tiles x 15 splits at
     # n = 2304), 64-row ones below (n = 2048: 16 x 16 = 256 < 264 programs).
     assert pick(1024, False, n=2304)[0] == 128 and pick(1024, True, n=8192)[0] == 128
     assert pick(1024, False, n=2048)[0] == 64 and pick(768, True, n=256)[0] == 64
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_triton_fp32_search_runs_on_fp16_copy_and_reranks(triton_cpu, resident):
+    # fp32 input is searched on an fp16 copy of u, then re-ranked from the fp32 rows. Rows 1 and 2 are both within
+    # fp16's resolution of row 0's direction (cos 1 - 4.5e-6 and 1 - 2e-6: u's first component rounds to 1.0 in
+    # fp16 for both, the others to ~0), so the copy scores them equal and its tie goes to the lower index, 1; the
+    # true nearest is 2. With no spare candidates the search's pick stands (this fails if the search ran on the
+    # fp32 rows); with the spares the exact re-ranking returns 2, as the float64 reference does.
+    from dinov3_kernels._triton.koleo import koleo_fwd_triton
+
+    x = torch.zeros(5, 20)
+    x[0, 0] = 1.0
+    x[1, 0], x[1, 1] = 1.0, 3e-3
+    x[2, 0], x[2, 2] = 1.0, 2e-3
+    x[3, 3] = x[4, 4] = 1.0  # far from the others
+    want = _reference_neighbors(x, 1)
+    assert want[0, 0] == 2
+    _, idx, _, _ = koleo_fwd_triton(x, 0, 5, 1, 1e-8, 1e-8, extra=0, resident=resident)
+    assert idx[0, 0] == 1
+    loss, idx, dist, _ = koleo_fwd_triton(x, 0, 5, 1, 1e-8, 1e-8, resident=resident)
+    assert torch.equal(idx, want)
+    _assert_close(loss, koleo_loss_reference(x.double(), topk=1), RTOL[torch.float32], "loss")
 
 
 def test_triton_search_splits_and_merge(triton_cpu):
@@ -241,8 +266,8 @@ def test_triton_search_splits_and_merge(triton_cpu):
 
 
 def test_triton_merge_reranks_exactly(triton_cpu):
-    # The merge kernel fed candidates whose search scores rank them backwards (as a TF32 search can for near ties,
-    # which the interpreter's fp32 dots never produce): re-ranking recovers the reference's order; without it the
+    # The merge kernel fed candidates whose search scores rank them backwards (as the fp16 search can for near ties,
+    # test_triton_fp32_search_runs_on_fp16_copy_and_reranks): re-ranking recovers the reference's order; without it the
     # merge follows the scores.
     from dinov3_kernels._triton.koleo import koleo_merge_triton
 
@@ -694,8 +719,9 @@ def test_gpu_random_fp32_indices_match():
 
 
 @pytest.mark.gpu
-def test_gpu_triton_tf32_search_is_reranked():
-    # fp32 input is searched in TF32 whatever the flag, then re-ranked exactly: the float64 neighbours, in order.
+def test_gpu_triton_fp32_search_is_reranked():
+    # fp32 input is searched on its fp16 copy of u whatever the TF32 flag, then re-ranked exactly: the float64
+    # neighbours, in order, on clustered data (many near ties).
     x = _clustered(3000, 256, 6, torch.float32, "cuda", spread=0.02)
     _, idx, _, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(x, 0, 3000, 4, 1e-8, "triton")
     assert (idx == _reference_neighbors(x.cpu(), 4).cuda()).float().mean() > 0.9999
