@@ -270,12 +270,12 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       n·M·d·e·(1/BM + 1/BN) bytes (see _hbm).
       Triton with the query tile resident (since issue 14, d <= KOLEO_TRITON_RESIDENT_D[2] = 384): BM = 128,
       BN = 64 at any n, each program reads its query tile once, n·M·d·e/BM + programs·BM·d·e.
-      The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). CUDA's fp32 search runs IEEE
-      FMA whatever the TF32 flag. Triton searches 16-bit rows in every case: fp32 input (since 2026-12-01; TF32 on
-      the raw rows before) on an fp16 copy of u that the norm pass writes (it reads the rows twice, the second time
-      from L2, and writes n·d·2 bytes), keeping 1 + 8 candidates that the merge re-ranks exactly from the fp32 rows
-      (each candidate and neighbour row, and the query row with it, read once more: 2·(9 + 1)·n·d·4 bytes); 16-bit
-      input as it is, top-1 (2·2·n·d·e). Backward: the distance gradient (x_i and x_nn read, fp32 atomics
+      The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). Both kernels search 16-bit rows
+      in every case: fp32 input (since 2026-12-01; before, Triton ran TF32 on the raw rows and CUDA IEEE FMA) on an
+      fp16 copy of u that the norm pass writes (it reads the rows twice, the second time from L2, and writes n·d·2
+      bytes), keeping 1 + 8 candidates that the merge (CUDA: the finish kernel, lists of 16) re-ranks exactly from
+      the fp32 rows (each candidate and neighbour row, and the query row with it, read once more: 2·(9 + 1)·n·d·4
+      bytes); 16-bit input as it is, top-1 (2·2·n·d·e). Backward: the distance gradient (x_i and x_nn read, fp32 atomics
       for the neighbours), then a normalize backward.
     composed: the neighbour op normalises (read x, write fp32 u), then per block of R = 2^26 / n query rows one GEMM
       (TF32 for fp32 with TF32 on, bf16 for 16-bit, reading the block and the whole set) writing R·n fp32 scores, a
@@ -308,17 +308,18 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         return Estimate(useful, useful, prec, min_b, b, b, 0, launches)
     if backend not in ("triton", "cuda"):
         raise ValueError(f"koleo: unknown backend {backend!r}")
+    # Since 2026-12-01 both kernels search fp32 input on an fp16 copy of u (TF32's mantissa, 16-bit bytes and rate)
+    # that the norm pass writes (re-reading the rows): es bytes per searched element, copy the pass's extra traffic.
+    es = 2
+    copy = nd * e + nd * 2 if e == 4 else 0
     if backend == "cuda":
         # dinov3_kernels/_cuda/koleo.py default_splits: ranges of >= 2 tiles, enough for 2 blocks per SM
         splits = max(1, min(_cdiv(_cdiv(n, 64), 2), _cdiv(2 * sms, _cdiv(n, 64))))
-        bm, bn, prec, programs = 64, 64, _precision(dtype, False), _cdiv(n, 64) * splits
-        kmax = 1  # topk 1
-        merge, launches = 2 * nd * e + 2 * n * splits * kmax * 8, 3
-        es = e  # bytes per searched element
-        copy = 0  # the fp16 copy of u (Triton, fp32 input): written by the norm pass, which re-reads the rows
+        bm, bn, prec, programs = 64, 64, "bf16", _cdiv(n, 64) * splits
+        kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA  # topk 1; fp32: + 8 spares re-ranked in the finish kernel
+        kmax = 1 if kc == 1 else 16
+        merge, launches = (2 * (kc + 1) if kc > 1 else 2) * nd * e + 2 * n * splits * kmax * 8, 3
     else:
-        es = 2  # since 2026-12-01 fp32 input is searched on an fp16 copy of u (TF32's mantissa, 16-bit bytes and rate)
-        copy = nd * e + nd * 2 if e == 4 else 0
         resident = d <= KOLEO_TRITON_RESIDENT_D[es]
         tiles = _cdiv(n, 128)  # the launcher's rule: 128-row tiles where the grid keeps 2 programs per SM
         bm = 128 if tiles * min(_cdiv(2 * sms, tiles), tiles) >= 2 * sms else 64

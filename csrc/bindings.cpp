@@ -24,10 +24,11 @@ void gram_norm_bwd(std::uintptr_t x_ptr, std::uintptr_t gxh_ptr, std::uintptr_t 
 // ---- koleo_loss.cu ----
 int64_t koleo_num_partials(int64_t n);
 int koleo_kmax(int topk);
+int koleo_candidates(int topk, int dtype, int64_t M, int spares);
 void koleo_fwd_cuda(const void* s, int dtype, int64_t M, int64_t D, int64_t stride_m, int64_t stride_d,
-                    int64_t offset, int64_t n, int topk, float eps, float pdist_eps, int64_t splits, float* part_val,
-                    int* part_idx, float* norm, int* counter, int64_t* out_idx, float* out_dist, float* partial,
-                    float* loss, cudaStream_t stream);
+                    int64_t offset, int64_t n, int topk, int candidates, float eps, float pdist_eps, int64_t splits,
+                    float* part_val, int* part_idx, float* norm, void* u_ws, int* counter, int64_t* out_idx,
+                    float* out_dist, float* partial, float* loss, cudaStream_t stream);
 // ---- rope_attention.cu ----
 void rope_attention_fwd_cuda(std::uintptr_t qkv, std::uintptr_t sin, std::uintptr_t cos, std::uintptr_t k_rot,
                              std::uintptr_t out, std::uintptr_t lse, int64_t B, int64_t N, int64_t H, int64_t Dh,
@@ -66,21 +67,28 @@ PYBIND11_MODULE(_C, m) {
   m.def("koleo_num_partials", &dinov3::koleo_num_partials, "size of the per-block partial buffer of koleo_fwd");
   m.def("koleo_kmax", &dinov3::koleo_kmax, py::arg("topk"),
         "length of one partial neighbour list of koleo_fwd (topk rounded up to 1, 2, 4, 8 or 16)");
+  m.def("koleo_candidates", &dinov3::koleo_candidates, py::arg("topk"), py::arg("dtype_code"), py::arg("M"),
+        py::arg("spares"),
+        "candidates per row koleo_fwd keeps: topk for 16-bit input; for fp32 input (searched on its fp16 copy, then "
+        "re-ranked exactly) min(topk + spares, 16, M - 1), at least topk");
   m.def(
       "koleo_fwd",
       [](std::uintptr_t s, int dtype, int64_t M, int64_t D, int64_t stride_m, int64_t stride_d, int64_t offset,
-         int64_t n, int topk, float eps, float pdist_eps, int64_t splits, std::uintptr_t part_val,
-         std::uintptr_t part_idx, std::uintptr_t norm, std::uintptr_t counter, std::uintptr_t idx, std::uintptr_t dist,
-         std::uintptr_t partial, std::uintptr_t loss, std::uintptr_t stream) {
-        dinov3::koleo_fwd_cuda(reinterpret_cast<const void*>(s), dtype, M, D, stride_m, stride_d, offset, n, topk, eps,
-                               pdist_eps, splits, reinterpret_cast<float*>(part_val), reinterpret_cast<int*>(part_idx),
-                               reinterpret_cast<float*>(norm), reinterpret_cast<int*>(counter),
+         int64_t n, int topk, int candidates, float eps, float pdist_eps, int64_t splits, std::uintptr_t part_val,
+         std::uintptr_t part_idx, std::uintptr_t norm, std::uintptr_t u_ws, std::uintptr_t counter,
+         std::uintptr_t idx, std::uintptr_t dist, std::uintptr_t partial, std::uintptr_t loss, std::uintptr_t stream) {
+        dinov3::koleo_fwd_cuda(reinterpret_cast<const void*>(s), dtype, M, D, stride_m, stride_d, offset, n, topk,
+                               candidates, eps, pdist_eps, splits, reinterpret_cast<float*>(part_val),
+                               reinterpret_cast<int*>(part_idx), reinterpret_cast<float*>(norm),
+                               reinterpret_cast<void*>(u_ws), reinterpret_cast<int*>(counter),
                                reinterpret_cast<int64_t*>(idx), reinterpret_cast<float*>(dist),
                                reinterpret_cast<float*>(partial), reinterpret_cast<float*>(loss),
                                reinterpret_cast<cudaStream_t>(stream));
       },
-      "KoLeo forward: row norms, top-k search split over `splits` ranges of the search set (partial lists in "
-      "part_val / part_idx: n * splits * koleo_kmax(topk) fp32 / int32), merge, distances and loss (three launches)");
+      "KoLeo forward: row norms (and for fp32 input the fp16 copy of the unit rows in u_ws, (M, D)), top-k search "
+      "split over `splits` ranges of the search set (partial lists in part_val / part_idx: n * splits * "
+      "koleo_kmax(candidates) fp32 / int32), merge (fp32: exact re-ranking of the candidates), distances and loss "
+      "(three launches)");
   // ---- rope_attention.cu ----
   // qkv (B, N, 3C) with last stride 1, strides in elements; out / dout (B, N, C) and dqkv (B, N, 3C) contiguous;
   // lse, delta (B, H, N) float32; k_rot, q_rot (B, N, C) workspaces in the input dtype and dq_accum (B, N, C)

@@ -82,14 +82,21 @@ int emu_koleo_kmax(int topk, char* err, int errlen) {
   return out;
 }
 
+int emu_koleo_candidates(int topk, int dtype, long long M, int spares, char* err, int errlen) {
+  int out = -1;
+  if (emu_guarded(err, errlen, [&] { out = dinov3::koleo_candidates(topk, dtype, M, spares); })) return -1;
+  return out;
+}
+
 int emu_koleo_fwd(uintptr_t s, int dtype, long long M, long long D, long long sm, long long sd, long long offset,
-                  long long n, int topk, float eps, float pdist_eps, long long splits, uintptr_t part_val,
-                  uintptr_t part_idx, uintptr_t norm, uintptr_t counter, uintptr_t idx, uintptr_t dist,
-                  uintptr_t partial, uintptr_t loss, char* err, int errlen) {
+                  long long n, int topk, int candidates, float eps, float pdist_eps, long long splits,
+                  uintptr_t part_val, uintptr_t part_idx, uintptr_t norm, uintptr_t u_ws, uintptr_t counter,
+                  uintptr_t idx, uintptr_t dist, uintptr_t partial, uintptr_t loss, char* err, int errlen) {
   return emu_guarded(err, errlen, [&] {
-    dinov3::koleo_fwd_cuda(reinterpret_cast<const void*>(s), dtype, M, D, sm, sd, offset, n, topk, eps, pdist_eps,
-                           splits, reinterpret_cast<float*>(part_val), reinterpret_cast<int*>(part_idx),
-                           reinterpret_cast<float*>(norm), reinterpret_cast<int*>(counter),
+    dinov3::koleo_fwd_cuda(reinterpret_cast<const void*>(s), dtype, M, D, sm, sd, offset, n, topk, candidates, eps,
+                           pdist_eps, splits, reinterpret_cast<float*>(part_val), reinterpret_cast<int*>(part_idx),
+                           reinterpret_cast<float*>(norm), reinterpret_cast<void*>(u_ws),
+                           reinterpret_cast<int*>(counter),
                            reinterpret_cast<int64_t*>(idx), reinterpret_cast<float*>(dist),
                            reinterpret_cast<float*>(partial), reinterpret_cast<float*>(loss), nullptr);
   });

@@ -41,9 +41,11 @@ class _EmulatedExtension:
         lib.emu_koleo_num_partials.restype = ctypes.c_longlong
         lib.emu_koleo_num_partials.argtypes = [ctypes.c_longlong]
         lib.emu_koleo_kmax.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.emu_koleo_candidates.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_int,
+                                             ctypes.c_char_p, ctypes.c_int]
         lib.emu_koleo_fwd.argtypes = ([ctypes.c_size_t, ctypes.c_int] + [ctypes.c_longlong] * 6 +
-                                      [ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_longlong] +
-                                      [ctypes.c_size_t] * 8 + [ctypes.c_char_p, ctypes.c_int])
+                                      [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_longlong] +
+                                      [ctypes.c_size_t] * 9 + [ctypes.c_char_p, ctypes.c_int])
         self.calls = 0
 
     def koleo_num_partials(self, n):
@@ -56,12 +58,19 @@ class _EmulatedExtension:
             raise ValueError(err.value.decode())
         return out
 
+    def koleo_candidates(self, topk, dtype_code, M, spares):
+        err = ctypes.create_string_buffer(1024)
+        out = self.lib.emu_koleo_candidates(topk, dtype_code, M, spares, err, 1024)
+        if out < 0:
+            raise ValueError(err.value.decode())
+        return out
+
     def koleo_fwd(self, *args):
         self.calls += 1
         # The partial lists start as NaN / -1 (never a valid list entry): a list the search does not write shows up.
-        n, splits, part_val, part_idx = args[7], args[11], args[12], args[13]
-        if part_val and n >= 1 and splits >= 1 and 1 <= args[8] <= 16:
-            size = n * splits * self.koleo_kmax(args[8]) * 4
+        n, kc, splits, part_val, part_idx = args[7], args[9], args[12], args[13], args[14]
+        if part_val and n >= 1 and splits >= 1 and 1 <= kc <= 16:
+            size = n * splits * self.koleo_kmax(kc) * 4
             ctypes.memset(part_val, 0xFF, size)
             ctypes.memset(part_idx, 0xFF, size)
         _cuda_emu.call(self.lib.emu_koleo_fwd, *args[:-1])  # the last argument is the stream
@@ -209,10 +218,38 @@ def test_emulated_nan_propagates(emulated_op):
     assert ((idx >= 0) & (idx < 20)).all()  # never an out-of-range index, even with no valid neighbour
 
 
+def test_emulated_fp32_search_runs_on_fp16_copy_and_reranks(emulated_ext, monkeypatch):
+    """fp32 input is searched on an fp16 copy of its unit rows, then re-ranked exactly. Rows 1 and 2 are both within
+    fp16's resolution of row 0's direction (cos 1 - 4.5e-6 and 1 - 2e-6: the first component of u rounds to 1.0 in
+    fp16 for both, the others to ~0), so the copy scores them equal and the tie goes to the lower index, 1; the true
+    nearest is 2. With no spare candidates the search's pick stands (this fails if the search ran on fp32 rows, as
+    the FMA search before it did); with the default spares the exact re-ranking returns 2, as float64 does."""
+    from dinov3_kernels._cuda.koleo import koleo_fwd_cuda
+
+    monkeypatch.setattr(_backend, "cuda_ext", lambda: emulated_ext)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    s = torch.zeros(5, 16)
+    s[0, 0] = 1.0
+    s[1, 0], s[1, 1] = 1.0, 3e-3
+    s[2, 0], s[2, 2] = 1.0, 2e-3
+    s[3, 3] = s[4, 4] = 1.0
+    _, dots = _float64_search(s, 0, 5)
+    want = torch.sort(dots, dim=1, descending=True, stable=True).indices[:, :1]
+    assert want[0, 0] == 2
+    _, idx, _, _ = koleo_fwd_cuda(s, 0, 5, 1, EPS, PDIST_EPS, spares=0)
+    assert idx[0, 0] == 1
+    loss, idx, dist, _ = koleo_fwd_cuda(s, 0, 5, 1, EPS, PDIST_EPS)
+    assert torch.equal(idx, want)
+    ref = _koleo_reference_on_set(s.double(), 0, 5, 1, EPS)
+    assert abs(loss.item() - ref.item()) <= LOSS_RTOL * abs(ref.item()) + 1e-7, (loss.item(), ref.item())
+
+
 def test_emulated_bad_arguments(emulated_ext):
     s = torch.zeros(4, 4)
-    args = lambda dtype, M, n, topk, splits=1: (s.data_ptr(), dtype, M, 4, 4, 1, 0, n, topk, EPS, PDIST_EPS, splits,
-                                                0, 0, 0, 0, 0, 0, 0, 0, 0)
+    # u_ws: a real pointer, never written (every call below is refused before a launch); 0 where its absence is tested.
+    args = lambda dtype, M, n, topk, splits=1, kc=None, u=s.data_ptr(): (
+        s.data_ptr(), dtype, M, 4, 4, 1, 0, n, topk, topk if kc is None else kc, EPS, PDIST_EPS, splits,
+        0, 0, 0, u, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="dtype code 9"):
         emulated_ext.koleo_fwd(*args(9, 4, 4, 1))
     with pytest.raises(ValueError, match="topk < M"):
@@ -223,6 +260,20 @@ def test_emulated_bad_arguments(emulated_ext):
         emulated_ext.koleo_fwd(*args(0, 4, 4, 1, splits=2))  # 4 rows are one 64-row tile: one range at most
     with pytest.raises(ValueError, match="splits"):
         emulated_ext.koleo_fwd(*args(0, 4, 4, 1, splits=0))
+    with pytest.raises(ValueError, match="candidates"):
+        emulated_ext.koleo_fwd(*args(0, 4, 4, 2, kc=1))  # fewer candidates than neighbours
+    with pytest.raises(ValueError, match="candidates"):
+        emulated_ext.koleo_fwd(*args(0, 4, 4, 1, kc=4))  # candidates < M
+    with pytest.raises(ValueError, match="16-bit"):
+        emulated_ext.koleo_fwd(*args(2, 4, 4, 1, kc=2))  # bf16: nothing to re-rank
+    with pytest.raises(ValueError, match="workspace"):
+        emulated_ext.koleo_fwd(*args(0, 4, 4, 1, u=0))  # fp32 needs the fp16 copy's workspace
+    # fp32: topk + spares, at most 16 and below M, never below topk; 16-bit: topk.
+    assert [emulated_ext.koleo_candidates(k, 0, M, 8) for k, M in ((1, 100), (9, 100), (1, 4), (3, 4), (2, 3))] == \
+        [9, 16, 3, 3, 2]
+    assert emulated_ext.koleo_candidates(1, 0, 100, 0) == 1 and emulated_ext.koleo_candidates(2, 2, 100, 8) == 2
+    with pytest.raises(ValueError, match="spares"):
+        emulated_ext.koleo_candidates(1, 0, 100, -1)
     assert emulated_ext.koleo_num_partials(65) == 2
     assert [emulated_ext.koleo_kmax(k) for k in (1, 2, 3, 4, 5, 9, 16)] == [1, 2, 4, 4, 8, 16, 16]
     with pytest.raises(ValueError, match="topk"):
@@ -268,8 +319,11 @@ def test_bindings_validate_arguments():
     assert [C.koleo_kmax(k) for k in (1, 3, 9)] == [1, 4, 16]
     with pytest.raises(ValueError, match="topk"):
         C.koleo_kmax(0)
-    args = lambda splits: (0, 0, 4, 4, 4, 1, 0, 4, 1, EPS, PDIST_EPS, splits, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    args = lambda splits: (0, 0, 4, 4, 4, 1, 0, 4, 1, 1, EPS, PDIST_EPS, splits, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="splits"):
         C.koleo_fwd(*args(2))
     with pytest.raises(ValueError, match="splits"):
         C.koleo_fwd(*args(0))
+    assert C.koleo_candidates(1, 0, 100, 8) == 9 and C.koleo_candidates(1, 2, 100, 8) == 1
+    with pytest.raises(ValueError, match="workspace"):
+        C.koleo_fwd(*(args(1)[:16] + (0,) + args(1)[17:]))
