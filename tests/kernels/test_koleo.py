@@ -719,11 +719,14 @@ def test_gpu_random_fp32_indices_match():
 
 
 @pytest.mark.gpu
-def test_gpu_triton_fp32_search_is_reranked():
-    # fp32 input is searched on its fp16 copy of u whatever the TF32 flag, then re-ranked exactly: the float64
-    # neighbours, in order, on clustered data (many near ties).
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_fp32_search_is_reranked(backend):
+    # fp32 input is searched on its fp16 copy of u whatever the TF32 flag, then re-ranked exactly (both kernels): the
+    # float64 neighbours, in order, on clustered data (many near ties).
+    if backend not in _gpu_backends():
+        pytest.fail("the CUDA extension is not built on this GPU machine")
     x = _clustered(3000, 256, 6, torch.float32, "cuda", spread=0.02)
-    _, idx, _, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(x, 0, 3000, 4, 1e-8, "triton")
+    _, idx, _, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(x, 0, 3000, 4, 1e-8, backend)
     assert (idx == _reference_neighbors(x.cpu(), 4).cuda()).float().mean() > 0.9999
 
 
