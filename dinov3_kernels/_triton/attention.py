@@ -533,7 +533,9 @@ _FWD = {
 _BWD = {
     128: [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2)],  # (64, 64, 4, 3) spills on Triton 3.6 (stack 32)
     256: [(64, 64, 8, 2)],  # TF32 Dh 64: stack 0 on both Triton versions since K comes pre-rotated (104 B before)
-    512: [(32, 32, 8, 2)],  # bf16 Dh 256 (mma.sync): 64-row tiles spill 150-350 B
+    # bf16 Dh 256 (mma.sync): 64-row tiles spill 150-350 B; the split backward below spills there too (dK/dV at
+    # (16, 64, 8, 2|3): 255 regs + 24-32 B of stack, Triton 3.9, 2026-12-01), so it stays TF32-only.
+    512: [(32, 32, 8, 2)],
     1024: [(32, 32, 8, 1)],  # TF32 Dh 256 (mma.sync); the split kernels spill here too (80-930 B)
 }
 
