@@ -9,7 +9,8 @@
 //     diagonal pair), for the inputs that get a gradient;
 //   _gram_grad_kernel, per group, row block i and 64 columns of D (one CTA each): acc[rows_i] = scale * Σ_j W_ij X̂_j
 //     with W_ij the stored tile, or the transpose of W_ji for j < i, and X̂ = X * r staged in the input dtype: every
-//     gradient element is written once by one CTA, so the result is deterministic (no atomics);
+//     gradient element is written once by one CTA, so the result is deterministic (no atomics). 16-bit: step j + 1's
+//     W tile and X chunk are copied with cp.async while step j multiplies (two stages);
 //   then gram_norm_bwd turns the fp32 gradient w.r.t. x̂ into the gradient w.r.t. x.
 //
 // Tensor cores: bf16/fp16 use mma.sync m16n8k16 (fp32 accumulation); fp32 uses IEEE SIMT FMAs, or mma.sync m16n8k8 on
@@ -134,9 +135,13 @@ struct Smem {
   struct Fwd {
     FwdStage stage[kFwdStages];
   };
+  // The gradient kernel's stages: two in 16-bit (step j + 1's W tile and X chunk copied with cp.async while step j
+  // multiplies; W as stored, its transpose taken by the fragment loads), one in fp32 (two would pass the 48 KB of
+  // static shared memory; W_jiᵀ written transposed as staged).
+  static constexpr int kGradStages = kIs16 ? 2 : 1;
   struct Grad {
-    alignas(16) T x[kTile * kLdX];
-    alignas(16) T w[kTile * kLdW];  // W_ij, or W_jiᵀ (written transposed when staged)
+    alignas(16) T x[kGradStages][kTile * kLdX];
+    alignas(16) T w[kGradStages][kTile * kLdW];
   };
   union __align__(16) {
     Fwd fwd;
@@ -206,6 +211,26 @@ __device__ __forceinline__ void tile_sq(const T* tile, float (&sq)[gram::StageMa
     Elem<T>::unpack(*reinterpret_cast<const uint4*>(tile + Map::row(threadIdx.x, p) * LD + kc), f);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) sq[p] = fmaf(f[e], f[e], sq[p]);
+  }
+}
+
+// Scales, in place, the 16-byte vectors of a staged tile this thread staged (the same map as stage_tile) by their
+// row's factor, rounding to T: after the thread's cp.async copies have landed, what SCALE staging gives.
+template <typename T, int COLS, int LD>
+__device__ __forceinline__ void scale_rows(T* tile, const float* rscale) {
+  constexpr int VEC = Elem<T>::kVec;
+  using Map = gram::StageMap<COLS, VEC>;
+  const int kc = Map::col(threadIdx.x);
+#pragma unroll
+  for (int p = 0; p < Map::kPasses; ++p) {
+    const int r = Map::row(threadIdx.x, p);
+    uint4* v = reinterpret_cast<uint4*>(tile + r * LD + kc);
+    float f[VEC];
+    Elem<T>::unpack(*v, f);
+    const float s = rscale[r];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) f[e] *= s;
+    *v = Elem<T>::pack(f);
   }
 }
 
@@ -297,27 +322,37 @@ __device__ __forceinline__ void gram_step(float (&acc)[2][4][4], const T* a, con
   }
 }
 
-// Gradient step: out += W X̂ over the 64 rows of X̂, W (64, 64) and X̂ (64, kGradChunk) in shared memory.
-template <typename T, bool TF32>
-__device__ __forceinline__ void grad_step(float (&out)[2][4][4], const GradSmem<T>& sm, int warp, int lane) {
+// Gradient step: out += W X̂ over the 64 rows of X̂, W (64, 64) and X̂ (64, kGradChunk) in shared memory. 16-bit:
+// `w_s` holds the stored tile, W_ij, or W_ji with TRANS (then W = W_jiᵀ: the A fragments read it by columns); fp32: W
+// itself (transposed when staged).
+template <typename T, bool TF32, bool TRANS = false>
+__device__ __forceinline__ void grad_step(float (&out)[2][4][4], const T* w_s, const T* x, int warp, int lane) {
   constexpr int LDW = Smem<T>::kLdW;
   constexpr int LDX = Smem<T>::kLdX;
-  const T* x = sm.u.grad.x;
   const int g = lane >> 2, t = lane & 3;
   const int rbase = (warp >> 1) * 32 + g;
   if constexpr (sizeof(T) == 2) {
-    const T* a = sm.u.grad.w;
+    const T* a = w_s;
     const int nbase = (warp & 1) * 32 + g;
 #pragma unroll
     for (int kk = 0; kk < kTile; kk += 16) {
       uint32_t af[2][4], bf[4][2];
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) {
-        const T* p = a + (rbase + mi * 16) * LDW + kk + 2 * t;
-        af[mi][0] = lds32(p);
-        af[mi][1] = lds32(p + 8 * LDW);
-        af[mi][2] = lds32(p + 8);
-        af[mi][3] = lds32(p + 8 * LDW + 8);
+        if constexpr (!TRANS) {
+          const T* p = a + (rbase + mi * 16) * LDW + kk + 2 * t;
+          af[mi][0] = lds32(p);
+          af[mi][1] = lds32(p + 8 * LDW);
+          af[mi][2] = lds32(p + 8);
+          af[mi][3] = lds32(p + 8 * LDW + 8);
+        } else {
+          // A(r, k) = W_ji[k][r]: the two k-consecutive elements of a register come from two rows of the tile.
+          const T* p = a + (kk + 2 * t) * LDW + rbase + mi * 16;
+          af[mi][0] = lds16(p) | (lds16(p + LDW) << 16);
+          af[mi][1] = lds16(p + 8) | (lds16(p + LDW + 8) << 16);
+          af[mi][2] = lds16(p + 8 * LDW) | (lds16(p + 9 * LDW) << 16);
+          af[mi][3] = lds16(p + 8 * LDW + 8) | (lds16(p + 9 * LDW + 8) << 16);
+        }
       }
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) {
@@ -332,7 +367,7 @@ __device__ __forceinline__ void grad_step(float (&out)[2][4][4], const GradSmem<
         for (int ni = 0; ni < 4; ++ni) mma_16816<T>(out[mi][ni], af[mi], bf[ni]);
     }
   } else {
-    const float* w = sm.u.grad.w;
+    const float* w = w_s;
     auto wa = [&](int r, int k) { return w[r * LDW + k]; };
     if constexpr (TF32) {
       const int nbase = (warp & 1) * 32 + g;
@@ -564,19 +599,52 @@ __global__ void __launch_bounds__(kThreads) _gram_grad_kernel(const GradArgs arg
       for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
         for (int c = 0; c < 4; ++c) out[mi][ni][c] = 0.f;
-    for (int j = 0; j < args.nb; ++j) {
-      const bool trans = j < i;  // only pairs i <= j are stored: W_ij = W_jiᵀ
-      const T* src = w_g + gram::pair_index(trans ? j : i, trans ? i : j) * (kTile * kTile);
-      __syncthreads();  // the previous step's readers are done
-      // Coalesced reads of the stored tile; the transpose is taken on the shared-memory side.
-      for (int e = tid; e < kTile * kTile; e += kThreads) {
-        const int r = e / kTile, c = e % kTile;
-        sm.u.grad.w[trans ? c * LDW + r : r * LDW + c] = src[e];
+    if constexpr (sizeof(T) == 2) {
+      // Two stages: step j + 1's W tile (as stored: W_ij, or W_ji for j < i, transposed by the fragment loads) and
+      // raw X chunk are copied with cp.async while step j multiplies; each thread scales the X vectors it staged by
+      // the rows' r once they land (x̂ = x r rounded to T, as the one-stage path stages it).
+      auto issue = [&](int j, int st) {
+        const bool trans = j < i;  // only pairs i <= j are stored: W_ij = W_jiᵀ
+        const T* src = w_g + gram::pair_index(trans ? j : i, trans ? i : j) * (kTile * kTile);
+        constexpr int kPerRow = kTile * static_cast<int>(sizeof(T)) / 16;  // 16-byte vectors per tile row
+        for (int e = tid; e < kTile * kPerRow; e += kThreads) {
+          const int r = e / kPerRow, c = (e % kPerRow) * (16 / static_cast<int>(sizeof(T)));
+          cp_async16(sm.u.grad.w[st] + r * LDW + c, src + r * kTile + c, true);
+        }
+        stage_tile<T, kGradChunk, LDX, false, true>(sm.u.grad.x[st], x_g, args.stride_p, args.stride_d, j * kTile, P,
+                                                    d0, D, args.vec_ok, nullptr);
+      };
+      // Stage 0 is free: every thread passed the barrier ending the previous group's last step.
+      issue(0, 0);
+      cp_async_commit();
+      for (int j = 0; j < args.nb; ++j) {
+        if (j + 1 < args.nb) issue(j + 1, (j + 1) & 1);
+        cp_async_commit();  // possibly empty: one group per step
+        cp_async_wait<1>();  // this thread's copies of step j have landed
+        scale_rows<T, kGradChunk, LDX>(sm.u.grad.x[j & 1], rinv_g + j * kTile);
+        __syncthreads();  // step j's tiles are complete and scaled for every thread
+        if (j < i)
+          grad_step<T, TF32, true>(out, sm.u.grad.w[j & 1], sm.u.grad.x[j & 1], warp, lane);
+        else
+          grad_step<T, TF32, false>(out, sm.u.grad.w[j & 1], sm.u.grad.x[j & 1], warp, lane);
+        __syncthreads();  // every read of this stage is done before step j + 2 is copied into it
       }
-      stage_tile<T, kGradChunk, LDX, true>(sm.u.grad.x, x_g, args.stride_p, args.stride_d, j * kTile, P, d0, D,
-                                           args.vec_ok, rinv_g + j * kTile);
-      __syncthreads();
-      grad_step<T, TF32>(out, sm, warp, lane);
+      cp_async_wait<0>();  // the last (empty) group
+    } else {
+      for (int j = 0; j < args.nb; ++j) {
+        const bool trans = j < i;  // only pairs i <= j are stored: W_ij = W_jiᵀ
+        const T* src = w_g + gram::pair_index(trans ? j : i, trans ? i : j) * (kTile * kTile);
+        __syncthreads();  // the previous step's readers are done
+        // Coalesced reads of the stored tile; the transpose is taken on the shared-memory side.
+        for (int e = tid; e < kTile * kTile; e += kThreads) {
+          const int r = e / kTile, c = e % kTile;
+          sm.u.grad.w[0][trans ? c * LDW + r : r * LDW + c] = src[e];
+        }
+        stage_tile<T, kGradChunk, LDX, true>(sm.u.grad.x[0], x_g, args.stride_p, args.stride_d, j * kTile, P, d0, D,
+                                             args.vec_ok, rinv_g + j * kTile);
+        __syncthreads();
+        grad_step<T, TF32>(out, sm.u.grad.w[0], sm.u.grad.x[0], warp, lane);
+      }
     }
     float* acc_g = args.acc + static_cast<int64_t>(g) * P * D;
 #pragma unroll
