@@ -252,7 +252,7 @@ KOLEO_TRITON_EXTRA = 8  # dinov3_kernels._triton.koleo.RERANK_EXTRA
 # The widest d whose resident search tiles fit shared memory, per searched element size (dinov3_kernels._triton.koleo
 # ._block_sizes: a 128-row query tile and two 64-row search tiles within RESIDENT_SMEM = 200 KB). The Triton search
 # reads 16-bit rows for every input dtype since 2026-12-01; the CUDA one has no resident kernel.
-KOLEO_TRITON_RESIDENT_D = {2: 384, 4: 192}
+KOLEO_TRITON_RESIDENT_D = {2: 384}
 
 
 def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
