@@ -46,6 +46,17 @@ struct Pitch {
 
 __device__ __forceinline__ bool better(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
 
+// An empty list: (-inf, INT_MAX) everywhere. INT_MAX ("no neighbour") stays only if every similarity offered was NaN
+// (or there was none).
+template <int K>
+__device__ __forceinline__ void clear_list(float (&vals)[K], int (&idx)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    vals[k] = -INFINITY;
+    idx[k] = INT_MAX;
+  }
+}
+
 // Sorted (best first) insertion; every index is a compile-time constant after unrolling, so the list stays in
 // registers.
 template <int K>
@@ -225,11 +236,7 @@ __global__ void __launch_bounds__(kThreads) koleo_search_kernel(
 
   float vals[KMAX];
   int idx[KMAX];
-#pragma unroll
-  for (int k = 0; k < KMAX; ++k) {
-    vals[k] = -INFINITY;
-    idx[k] = INT_MAX;  // "no neighbour": stays only if every similarity was NaN (or the range is empty)
-  }
+  clear_list<KMAX>(vals, idx);
 
   for (int64_t c0 = c_begin; c0 < c_end; c0 += kBlockN) {
     float* rj = sRj[((c0 - c_begin) / kBlockN) & 1];
@@ -282,11 +289,7 @@ __global__ void __launch_bounds__(kThreads, 4) koleo_finish_kernel(
 
   float vals[KMAX];
   int idx[KMAX];
-#pragma unroll
-  for (int k = 0; k < KMAX; ++k) {
-    vals[k] = -INFINITY;
-    idx[k] = INT_MAX;
-  }
+  clear_list<KMAX>(vals, idx);
   if (q < n) {
     for (int sp = half; sp < splits; sp += 2) {
       const int64_t base = (q * splits + sp) * KMAX;
@@ -313,11 +316,7 @@ __global__ void __launch_bounds__(kThreads, 4) koleo_finish_kernel(
       // reduced sums, so every lane keeps the same list.
       float rv[KMAX];
       int ri[KMAX];
-#pragma unroll
-      for (int k = 0; k < KMAX; ++k) {
-        rv[k] = -INFINITY;
-        ri[k] = INT_MAX;
-      }
+      clear_list<KMAX>(rv, ri);
 #pragma unroll
       for (int k = 0; k < KMAX; ++k) {
         const int j = sel[k];
