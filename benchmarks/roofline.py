@@ -253,6 +253,10 @@ KOLEO_TRITON_EXTRA = 8  # dinov3_kernels._triton.koleo.RERANK_EXTRA
 # ._block_sizes: a 128-row query tile and two 64-row search tiles within RESIDENT_SMEM = 200 KB). The Triton search
 # reads 16-bit rows for every input dtype since 2026-12-01; the CUDA one has no resident kernel.
 KOLEO_TRITON_RESIDENT_D = {2: 384}
+# The symmetric Triton search (dinov3_kernels._triton.koleo: query rows = the whole set, d past the resident reach,
+# n >= SYMMETRIC_MIN_ROWS; 128 x 64 tiles over half the tile pairs; at most SYMMETRIC_MAX_SLABS slabs).
+KOLEO_TRITON_SYMMETRIC_MIN_ROWS = 4096
+KOLEO_TRITON_SYMMETRIC_MAX_SLABS = 64
 
 
 def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
@@ -270,6 +274,10 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       n·M·d·e·(1/BM + 1/BN) bytes (see _hbm).
       Triton with the query tile resident (since issue 14, d <= KOLEO_TRITON_RESIDENT_D[2] = 384): BM = 128,
       BN = 64 at any n, each program reads its query tile once, n·M·d·e/BM + programs·BM·d·e.
+      Triton symmetric (since 2026-12-01: query rows = the whole set, d > 384, n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS):
+      128-row tiles against the 64-column tiles from their own start on (half the pairs, both tiles from L2 per
+      pair, plus the columns' top-k lists read and written per pair), programs = NSB (NSB + 1) / 2 slab pairs, NSB + 1
+      candidate lists per row for the merge.
       The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). Both kernels search 16-bit rows
       in every case: fp32 input (since 2026-12-01; before, Triton ran TF32 on the raw rows and CUDA IEEE FMA) on an
       fp16 copy of u that the norm pass writes (it reads the rows twice, the second time from L2, and writes n·d·2
@@ -316,24 +324,37 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         # dinov3_kernels/_cuda/koleo.py default_splits: ranges of >= 2 tiles, enough for 2 blocks per SM
         splits = max(1, min(_cdiv(_cdiv(n, 64), 2), _cdiv(2 * sms, _cdiv(n, 64))))
         bm, bn, prec, programs = 64, 64, "bf16", _cdiv(n, 64) * splits
+        resident = symmetric = False
         kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA  # topk 1; fp32: + 8 spares re-ranked in the finish kernel
         kmax = 1 if kc == 1 else 16
         merge, launches = (2 * (kc + 1) if kc > 1 else 2) * nd * e + 2 * n * splits * kmax * 8, 3
     else:
         resident = d <= KOLEO_TRITON_RESIDENT_D[es]
-        tiles = _cdiv(n, 128)  # the launcher's rule: 128-row tiles where the grid keeps 2 programs per SM
-        bm = 128 if tiles * min(_cdiv(2 * sms, tiles), tiles) >= 2 * sms else 64
-        bm, bn = (128, 64) if resident else (bm, 128)
-        prec = "bf16"
         kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA
         kcp = max(2, 1 << (kc - 1).bit_length())
-        splits = max(1, min(_cdiv(2 * sms, _cdiv(n, bm)), _cdiv(n, bn), 512 // kcp))
-        programs = _cdiv(n, bm) * splits
+        symmetric = not resident and n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS
+        tiles = _cdiv(n, 128)  # the launcher's rule: 128-row tiles where the grid keeps 2 programs per SM
+        bm = 128 if tiles * min(_cdiv(2 * sms, tiles), tiles) >= 2 * sms else 64
+        bm, bn = (128, 64) if resident or symmetric else (bm, 128)
+        prec = "bf16"
+        if symmetric:
+            group = _cdiv(tiles, min(KOLEO_TRITON_SYMMETRIC_MAX_SLABS, 1024 // kcp - 1))
+            splits = _cdiv(tiles, group) + 1  # candidate lists per row: one per slab + the own slab's lower rows
+            programs = (splits - 1) * splits // 2
+        else:
+            splits = max(1, min(_cdiv(2 * sms, _cdiv(n, bm)), _cdiv(n, bn), 512 // kcp))
+            programs = _cdiv(n, bm) * splits
         merge, launches = 2 * (kc + 1) * nd * e + 2 * n * splits * kcp * 8, 4
-    flops_exec = 2 * _cdiv(n, bm) * bm * _cdiv(n, bn) * bn * d
-    resident = backend == "triton" and d <= KOLEO_TRITON_RESIDENT_D[es]
-    # The set per query tile; the query tile per search tile, or once per program when resident.
-    search = _cdiv(n, bm) * nd * es + (programs * bm * d * es if resident else _cdiv(n, bn) * nd * es)
+    if symmetric:
+        # Tile pairs: for each 128-row tile, the 64-column tiles from its own start on (the half above the diagonal);
+        # per pair both tiles from L2 and the columns' top-k state read and written (KCP (value, index) per column).
+        pairs = sum(_cdiv(n, bn) - it * (bm // bn) for it in range(_cdiv(n, bm)))
+        flops_exec = 2 * pairs * bm * bn * d
+        search = pairs * ((bm + bn) * d * es + 2 * bn * kcp * 8)
+    else:
+        flops_exec = 2 * _cdiv(n, bm) * bm * _cdiv(n, bn) * bn * d
+        # The set per query tile; the query tile per search tile, or once per program when resident.
+        search = _cdiv(n, bm) * nd * es + (programs * bm * d * es if resident else _cdiv(n, bn) * nd * es)
     fwd_design = nd * e + copy + search + merge
     bwd_design = 2 * nd * e + 2 * nd * 8 + 2 * nd * e + nd * 4 + nd * e
     design = fwd_design + (0 if mode == "fwd" else bwd_design)

@@ -31,7 +31,8 @@ import triton.language as tl
 
 
 RERANK_EXTRA = 8  # candidates the TF32 search keeps beyond K for the exact re-ranking
-MAX_MERGE_WIDTH = 512  # splits x KCP candidates per row in the merge kernel's register tile
+MAX_MERGE_WIDTH = 512  # splits x KCP candidates per row in the merge kernel's register tile (8 rows)
+SYMMETRIC_MERGE_WIDTH = 1024  # the same for the symmetric search's lists, merged 4 rows per program
 MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
 
 
@@ -85,21 +86,24 @@ def _koleo_search_init(n, M, offset, cols_per_split, NORM, eps, KC: tl.constexpr
 
 
 @triton.jit
-def _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC: tl.constexpr, KCP: tl.constexpr,
-                         NORMALIZED: tl.constexpr):
-    """The top-KC state after one (query tile, search tile) pair: acc = s_i·s_j over the tile (u_i·u_j when
-    NORMALIZED), cols its indices j."""
-    big = 2147483647
-    slots = tl.arange(0, KCP)
+def _koleo_scores(acc, cols, mc, grows, r_i, NORM, eps, NORMALIZED: tl.constexpr):
+    """Cosine similarities of one tile from acc = s_i·s_j (u_i·u_j when NORMALIZED): -inf where the column is past the
+    set or is the row itself."""
     if NORMALIZED:
         sim = acc
     else:
         r_j = 1.0 / tl.maximum(tl.load(NORM + cols, mask=mc, other=1.0), eps)
         sim = acc * r_i[:, None] * r_j[None, :]
-    sim = tl.where(mc[None, :] & (cols[None, :] != grows[:, None]), sim, float("-inf"))
+    return tl.where(mc[None, :] & (cols[None, :] != grows[:, None]), sim, float("-inf"))
 
-    # Columns arrive in increasing order, so a candidate equal to a held value always loses (ties to the lowest
-    # index) and "strictly greater than the worst held value" is the whole test. Most tiles change nothing.
+
+@triton.jit
+def _koleo_topk_merge(sim, cols, best_v, best_i, KC: tl.constexpr, KCP: tl.constexpr):
+    """Each row's top-KC state (value, index) after the candidates sim (rows, columns) with indices cols: columns arrive
+    in increasing index order across calls, so a candidate equal to a held value always loses (ties to the lowest
+    index) and "strictly greater than the worst held value" is the whole test. Most tiles change nothing."""
+    big = 2147483647
+    slots = tl.arange(0, KCP)
     worst = tl.min(best_v, axis=1)
     if tl.max((tl.max(sim, axis=1) > worst).to(tl.int32), axis=0) > 0:
         for _t in tl.static_range(KC):
@@ -114,6 +118,15 @@ def _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, K
             best_i = tl.where(put, c[:, None], best_i)
             sim = tl.where(cols[None, :] == c[:, None], float("-inf"), sim)
     return best_v, best_i
+
+
+@triton.jit
+def _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC: tl.constexpr, KCP: tl.constexpr,
+                         NORMALIZED: tl.constexpr):
+    """The top-KC state after one (query tile, search tile) pair: acc = s_i·s_j over the tile (u_i·u_j when
+    NORMALIZED), cols its indices j."""
+    sim = _koleo_scores(acc, cols, mc, grows, r_i, NORM, eps, NORMALIZED)
+    return _koleo_topk_merge(sim, cols, best_v, best_i, KC, KCP)
 
 
 @triton.jit
@@ -193,6 +206,92 @@ def _koleo_search_resident_kernel(
         best_v, best_i = _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC, KCP,
                                               NORMALIZED)
     _koleo_search_store(CAND_V, CAND_I, rows, mr, best_v, best_i, KC, KCP)
+
+
+@triton.jit
+def _triangle_pair(p):
+    """(a, b) with 0 <= a <= b and p = b (b + 1) / 2 + a: the p-th pair of the upper triangle, column by column. The
+    fp32 square root's estimate of b corrected by one either way (exact for every p the launcher makes)."""
+    b = ((tl.sqrt((8 * p + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    b = tl.where((b + 1) * (b + 2) // 2 <= p, b + 1, b)
+    b = tl.where(b * (b + 1) // 2 > p, b - 1, b)
+    return p - b * (b + 1) // 2, b
+
+
+@triton.jit
+def _koleo_search_symmetric_kernel(
+    S, NORM, CAND_V, CAND_I,
+    n, D, NSB, GROUP,
+    stride_m, stride_d, eps,
+    KC: tl.constexpr, KCP: tl.constexpr,
+    NORMALIZED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # The query rows are the whole set (offset 0, n = M): every score u_i·u_j is computed once, for i < j, and offered
+    # to both rows, so the search does half the tile pairs. The rows are cut into BLOCK_M-row tiles and those into NSB
+    # slabs of GROUP tiles; program (a, b), a <= b, scores the row tiles of slab a against the BLOCK_N-column tiles of
+    # slab b (when a == b only those from the row tile's own start on), with every score on or below the diagonal
+    # (row >= column) masked.
+    #   Rows (slab a) keep their running top-KC over the program's column tiles in registers, stored as candidate slot
+    #   b; columns (slab b) keep theirs over the program's row tiles in the candidate slot a (a < b) or NSB (a == b),
+    #   read back and written for every row tile (the one program that owns the slot writes it).
+    # Slots of a row r in slab c: its higher columns, slab by slab (c .. NSB - 1), its lower rows in slabs 0 .. c - 1,
+    # and in its own slab (NSB): disjoint index sets covering j != r, each written once, merged like search splits.
+    a, b = _triangle_pair(tl.program_id(0))
+    col_slot = tl.where(a < b, a, NSB)
+    nslots = NSB + 1
+    R: tl.constexpr = BLOCK_M // BLOCK_N  # column tiles per row tile
+    tiles = tl.cdiv(n, BLOCK_M)
+    i_lo = a * GROUP
+    i_hi = tl.minimum(i_lo + GROUP, tiles)
+    j_lo = b * GROUP * R
+    j_hi = tl.minimum(j_lo + GROUP * R, tl.cdiv(n, BLOCK_N))
+    kk = tl.arange(0, BLOCK_K)
+    slots = tl.arange(0, KCP)
+    pad = slots[None, :] >= KC
+    for it in range(i_lo, i_hi):
+        rows = it * BLOCK_M + tl.arange(0, BLOCK_M)
+        mr = rows < n
+        grows = rows.to(tl.int64)
+        if NORMALIZED:
+            r_i = tl.full((BLOCK_M,), 1.0, tl.float32)
+        else:
+            r_i = 1.0 / tl.maximum(tl.load(NORM + grows, mask=mr, other=1.0), eps)
+        best_v = tl.where(pad, float("inf"), tl.full((BLOCK_M, KCP), float("-inf"), tl.float32))
+        best_i = tl.where(pad, -1, tl.full((BLOCK_M, KCP), n, tl.int32))
+        q_ptr = S + grows[:, None] * stride_m
+        for jt in range(tl.maximum(j_lo, it * R), j_hi):
+            cols = jt * BLOCK_N + tl.arange(0, BLOCK_N)
+            mc = cols < n
+            c_ptr = S + cols[:, None].to(tl.int64) * stride_m
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                k = k0 + kk
+                mk = k < D
+                x_r = tl.load(q_ptr + k[None, :] * stride_d, mask=mr[:, None] & mk[None, :], other=0.0)
+                x_c = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & mk[None, :], other=0.0)
+                acc = tl.dot(x_r, tl.trans(x_c), acc)
+            sim = _koleo_scores(acc, cols, mc, grows, r_i, NORM, eps, NORMALIZED)
+            sim = tl.where(mr[:, None] & (rows[:, None] < cols[None, :]), sim, float("-inf"))
+            best_v, best_i = _koleo_topk_merge(sim, cols, best_v, best_i, KC, KCP)
+            # The columns' state: empty at the program's first row tile, else what the previous row tile stored.
+            c_out = (cols.to(tl.int64) * nslots + col_slot) * KCP
+            m2 = mc[:, None] & (slots[None, :] < KC)
+            held = m2 & (slots[None, :] * 0 + it > i_lo)
+            ptr_v = CAND_V + c_out[:, None] + slots[None, :]
+            ptr_i = CAND_I + c_out[:, None] + slots[None, :]
+            col_v = tl.where(held, tl.load(ptr_v, mask=held, other=0.0),
+                             tl.where(pad, float("inf"), float("-inf")))
+            col_i = tl.where(held, tl.load(ptr_i, mask=held, other=0), tl.where(pad, -1, n))
+            col_v, col_i = _koleo_topk_merge(tl.trans(sim), rows, col_v, col_i, KC, KCP)
+            tl.store(ptr_v, col_v, mask=m2)
+            tl.store(ptr_i, col_i, mask=m2)
+            # The next row tile reads these back, possibly through other threads of the program.
+            tl.debug_barrier()
+        r_out = (grows * nslots + b) * KCP
+        m2 = mr[:, None] & (slots[None, :] < KC)
+        tl.store(CAND_V + r_out[:, None] + slots[None, :], best_v, mask=m2)
+        tl.store(CAND_I + r_out[:, None] + slots[None, :], best_i, mask=m2)
 
 
 @triton.jit
@@ -350,10 +449,44 @@ def _search_grid(n, M, block_m, block_n, kcp, programs, splits=None):
     return tiles, splits, cols_per_split
 
 
-def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra=None, resident=None):
+# The symmetric search (query rows = the whole set): at most this many slabs, so that the merge reads at most
+# SYMMETRIC_MAX_SLABS + 1 candidate lists per row (and, with KCP slots each, within SYMMETRIC_MERGE_WIDTH).
+SYMMETRIC_MAX_SLABS = 64
+# ... and it is the default from this many rows (d past the resident kernel's reach); see _use_symmetric.
+SYMMETRIC_MIN_ROWS = 4096
+
+
+def _symmetric_sizes(n, kcp, on_cpu):
+    """(BLOCK_M, BLOCK_N, GROUP row tiles per slab, NSB slabs, programs) of the symmetric search: as many slabs as the
+    merge's width allows, up to SYMMETRIC_MAX_SLABS: NSB (NSB + 1) / 2 programs (n = 16384: 2080 for 16-bit input,
+    946 for fp32, whose 16-slot lists allow 63 slabs).
+    128 x 64 tiles over 8 warps on the GPU (128 x 128 ran out of registers beside the rows' and the columns' top-k
+    state: 255 + 24 bytes of stack for fp32 input, top-1; NOTES KoLeo section 7); the interpreter takes small tiles,
+    so that small tests span several slabs and both tile shapes' index arithmetic."""
+    block_m, block_n = (32, 16) if on_cpu else (128, 64)
+    tiles = triton.cdiv(n, block_m)
+    max_slabs = max(1, min(SYMMETRIC_MAX_SLABS, SYMMETRIC_MERGE_WIDTH // kcp - 1))
+    group = triton.cdiv(tiles, max_slabs)
+    nsb = triton.cdiv(tiles, group)
+    return block_m, block_n, group, nsb, nsb * (nsb + 1) // 2
+
+
+def _use_symmetric(n, M, offset, resident, symmetric=None):
+    """Whether the search runs symmetric: only when the query rows are the whole set; by default where the resident
+    kernel does not fit and n >= SYMMETRIC_MIN_ROWS (benchmarks/NOTES.md, KoLeo section 7)."""
+    if offset != 0 or n != M:
+        if symmetric:
+            raise ValueError("koleo_fwd_triton: the symmetric search needs the query rows to be the whole set")
+        return False
+    if symmetric is not None:
+        return bool(symmetric)
+    return not resident and n >= SYMMETRIC_MIN_ROWS
+
+
+def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra=None, resident=None, symmetric=None):
     """(loss fp32 scalar, indices (n, topk) int64, distances (n, topk) fp32, norms (M,) fp32); see module doc.
-    `splits` forces the number of search splits, `extra` the spare candidates of the fp32 search, `resident` the
-    search kernel (tests); by default all three come from _block_sizes."""
+    `splits` forces the number of search splits, `extra` the spare candidates of the fp32 search, `resident` and
+    `symmetric` the search kernel (tests); by default they come from _block_sizes and _use_symmetric."""
     M, D = search.shape
     dev = search.device
     on_cpu = dev.type == "cpu"
@@ -379,6 +512,18 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
         BLOCK_D=BLOCK_D,
     )
     rows = u if rerank else search
+    if _use_symmetric(n, M, offset, resident, symmetric):
+        block_m, block_n, group, nsb, programs = _symmetric_sizes(n, kcp, on_cpu)
+        cand_v = torch.empty((n, nsb + 1, kcp), device=dev, dtype=torch.float32)
+        cand_i = torch.empty((n, nsb + 1, kcp), device=dev, dtype=torch.int32)
+        _koleo_search_symmetric_kernel[(programs,)](
+            rows, norm, cand_v, cand_i, n, D, nsb, group, rows.stride(0), rows.stride(1), eps,
+            KC=kc, KCP=kcp, NORMALIZED=rerank, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+            num_warps=_search_warps(block_m),
+        )
+        loss, idx, dist = koleo_merge_triton(search, norm, cand_v, cand_i, offset, n, topk, kc, rerank, eps,
+                                             pdist_eps, BLOCK_P)
+        return loss, idx, dist, norm
     tiles, n_splits, cols_per_split = _search_grid(n, M, BLOCK_M, BLOCK_N, kcp, programs, splits)
     cand_v = torch.empty((n, n_splits, kcp), device=dev, dtype=torch.float32)
     cand_i = torch.empty((n, n_splits, kcp), device=dev, dtype=torch.int32)
@@ -404,13 +549,16 @@ def koleo_merge_triton(search, norm, cand_v, cand_i, offset, n, topk, kc, rerank
     n_splits, kcp = cand_v.shape[1], cand_v.shape[2]
     idx = torch.empty((n, topk), device=dev, dtype=torch.int64)
     dist = torch.empty((n, topk), device=dev, dtype=torch.float32)
-    MERGE_R = 8 if kcp <= 16 else 4  # 8 rows x 32 slots (topk > 8 in fp32) spilled 16 bytes on sm_90
+    width = max(16, triton.next_power_of_2(n_splits * kcp))
+    # Rows per program by the candidate tile's width: 8 rows x 512 candidates spilled 8 bytes on sm_90, 4 x 1024 too,
+    # as did 8 rows of 32 slots (topk > 8 in fp32); 8 x 256, 4 x 512 and 2 x 1024 do not.
+    MERGE_R = 2 if width > 512 else 4 if width > 256 or kcp > 16 else 8
     merge_tiles = triton.cdiv(n, MERGE_R)
     partial = torch.empty(merge_tiles, device=dev, dtype=torch.float32)
     _koleo_merge_kernel[(merge_tiles,)](
         search, norm, cand_v, cand_i, idx, dist, partial,
         n, M, D, offset, search.stride(0), search.stride(1), eps, pdist_eps,
-        SPLITS=n_splits, TOPK=topk, KC=kc, KCP=kcp, WIDTH=max(16, triton.next_power_of_2(n_splits * kcp)),
+        SPLITS=n_splits, TOPK=topk, KC=kc, KCP=kcp, WIDTH=width,
         RERANK=rerank, BLOCK_R=MERGE_R, BLOCK_P=block_p or max(16, min(128, triton.next_power_of_2(D))),
     )
     loss = torch.empty((), device=dev, dtype=torch.float32)

@@ -265,6 +265,89 @@ def test_triton_search_splits_and_merge(triton_cpu):
     assert torch.equal(idx, _reference_neighbors(x, 3, 60, 16)) and torch.isfinite(dist).all()
 
 
+@pytest.mark.parametrize("n,d,topk,dtype,max_slabs", [(2, 5, 1, torch.float32, 64), (37, 12, 3, torch.float32, 64),
+                                                      (200, 33, 4, torch.float32, 3), (150, 20, 2, torch.float16, 2),
+                                                      (97, 70, 1, torch.float32, 2)])
+def test_triton_symmetric_search(triton_cpu, monkeypatch, n, d, topk, dtype, max_slabs):
+    # The symmetric search (query rows = the whole set: each score computed once, for i < j, and offered to both rows;
+    # the interpreter's 32 x 16 tiles) against the float64 reference's dense search: neighbours in order, ties to the
+    # lowest index, distances, loss. Few slabs allowed, so that slabs hold several row tiles (the columns' state read
+    # back and updated across row tiles) and the last one is ragged; fp16 input takes the unnormalised search (the
+    # norms applied per tile), fp32 the fp16 copy with exact re-ranking.
+    from dinov3_kernels._triton import koleo as tk
+
+    monkeypatch.setattr(tk, "SYMMETRIC_MAX_SLABS", max_slabs)
+    x = torch.randn(n, d).to(dtype)
+    x[n // 2] = x[0]  # ties: the lower index wins
+    x[n - 1] = x[n // 3]
+    loss, idx, dist, _ = tk.koleo_fwd_triton(x, 0, n, topk, 1e-8, 1e-8, symmetric=True)
+    want = _reference_neighbors(x, topk)
+    assert torch.equal(idx, want)
+    u = F.normalize(x.double(), dim=-1, eps=1e-8)
+    want_d = F.pairwise_distance(u.unsqueeze(1).expand(-1, topk, -1), u[want], eps=1e-8)
+    torch.testing.assert_close(dist.double(), want_d, rtol=1e-5, atol=1e-7)
+    _assert_close(loss, koleo_loss_reference(x.double(), topk=topk), RTOL[torch.float32], "loss (symmetric)")
+    block_m, block_n, group, nsb, programs = tk._symmetric_sizes(n, max(2, 1 << (topk - 1).bit_length()), True)
+    assert (block_m, block_n) == (32, 16) and programs == nsb * (nsb + 1) // 2
+    assert (group > 1) == (n > 32 * max_slabs)  # the cases above do make multi-tile slabs
+
+
+def test_triton_symmetric_search_identical_rows(triton_cpu, monkeypatch):
+    # Every score equal: each row's neighbours are the lowest indices but itself, although its lower candidates come
+    # from other programs' column lists and its higher ones from its own row lists.
+    from dinov3_kernels._triton import koleo as tk
+
+    monkeypatch.setattr(tk, "SYMMETRIC_MAX_SLABS", 2)
+    n, k = 70, 3
+    x = torch.randn(1, 6).repeat(n, 1)
+    _, idx, dist, _ = tk.koleo_fwd_triton(x, 0, n, k, 1e-8, 1e-8, symmetric=True)
+    assert torch.equal(idx, torch.stack([torch.tensor([j for j in range(n) if j != i][:k]) for i in range(n)]))
+    assert torch.isfinite(dist).all()
+
+
+def test_triton_symmetric_pair_order(triton_cpu, monkeypatch):
+    # The program -> (row slab, column slab) map covers the upper triangle once, for every program count the launcher
+    # can make (SYMMETRIC_MAX_SLABS slabs: 2080 programs) and beyond.
+    import triton
+    import triton.language as tl
+
+    from dinov3_kernels._triton.koleo import SYMMETRIC_MAX_SLABS, _triangle_pair
+
+    monkeypatch.setitem(globals(), "_triangle_pair", _triangle_pair)  # a jit function resolves names as globals
+
+    @triton.jit
+    def pairs(A, B, N: tl.constexpr):
+        p = tl.arange(0, N)
+        a, b = _triangle_pair(p)
+        tl.store(A + p, a)
+        tl.store(B + p, b)
+
+    N = 8192
+    a, b = torch.empty(N, dtype=torch.int32), torch.empty(N, dtype=torch.int32)
+    pairs[(1,)](a, b, N=N)
+    want = [(i, j) for j in range(200) for i in range(j + 1)][:N]
+    assert list(zip(a.tolist(), b.tolist())) == want
+    assert SYMMETRIC_MAX_SLABS * (SYMMETRIC_MAX_SLABS + 1) // 2 <= N
+
+
+def test_triton_symmetric_search_choice():
+    # Symmetric only when the query rows are the whole set; by default from SYMMETRIC_MIN_ROWS rows where the resident
+    # search does not fit; forcing it for query rows at an offset is refused.
+    from dinov3_kernels._triton.koleo import SYMMETRIC_MIN_ROWS, _symmetric_sizes, _use_symmetric
+
+    big = SYMMETRIC_MIN_ROWS
+    assert _use_symmetric(big, big, 0, resident=False) and not _use_symmetric(big - 1, big - 1, 0, resident=False)
+    assert not _use_symmetric(big, big, 0, resident=True) and _use_symmetric(big, big, 0, True, symmetric=True)
+    assert not _use_symmetric(big, big + 5, 5, resident=False) and not _use_symmetric(10, 10, 0, False, False)
+    with pytest.raises(ValueError, match="whole set"):
+        _use_symmetric(10, 20, 10, False, symmetric=True)
+    # GPU tiles: 128 x 64; slabs bounded by the merge's width (1024 candidates per row: with KCP 16, 63 slab lists +
+    # the own slab's) and the cap of 64; from n = 4096 at least 528 programs (4 per SM) for top-k <= 8.
+    assert _symmetric_sizes(16384, 16, False) == (128, 64, 3, 43, 946)
+    assert _symmetric_sizes(16384, 2, False) == (128, 64, 2, 64, 2080)
+    assert _symmetric_sizes(4096, 16, False) == _symmetric_sizes(4096, 2, False) == (128, 64, 1, 32, 528)
+
+
 def test_triton_merge_reranks_exactly(triton_cpu):
     # The merge kernel fed candidates whose search scores rank them backwards (as the fp16 search can for near ties,
     # test_triton_fp32_search_runs_on_fp16_copy_and_reranks): re-ranking recovers the reference's order; without it the
@@ -667,7 +750,7 @@ def _gpu_backends():
 @pytest.mark.parametrize("backend", ["triton", "cuda", "composed"])
 @pytest.mark.parametrize("dtype", ["fp32", "tf32", "bf16", "fp16"])
 @pytest.mark.parametrize("n,d,topk", [(2, 5, 1), (17, 64, 3), (257, 384, 1), (300, 1024, 4), (4099, 384, 2),
-                                      (1000, 33, 16)])
+                                      (1000, 33, 16), (4500, 1024, 2)])
 def test_gpu_against_reference(backend, dtype, n, d, topk):
     if backend not in _gpu_backends():
         pytest.fail("the CUDA extension is not built on this GPU machine")
@@ -728,6 +811,25 @@ def test_gpu_fp32_search_is_reranked(backend):
     x = _clustered(3000, 256, 6, torch.float32, "cuda", spread=0.02)
     _, idx, _, _ = torch.ops.dinov3_kernels.koleo_loss_fwd(x, 0, 3000, 4, 1e-8, backend)
     assert (idx == _reference_neighbors(x.cpu(), 4).cuda()).float().mean() > 0.9999
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_symmetric_search(dtype):
+    # The symmetric search (the default from SYMMETRIC_MIN_ROWS rows at d > 384) and the chunked one on the same
+    # rows: the float64 neighbours, in order (random data: 16-bit input searched as given, exact products; fp32 on
+    # its fp16 copy, re-ranked), and the same loss; n spans many slabs, the last tile ragged.
+    from dinov3_kernels._triton.koleo import SYMMETRIC_MIN_ROWS, koleo_fwd_triton
+
+    n = SYMMETRIC_MIN_ROWS + 1000
+    x = torch.randn(n, 768, device="cuda").to(dtype)
+    want = _reference_neighbors(x.cpu(), 2).cuda()
+    got = {}
+    for symmetric in (True, False):
+        loss, idx, _, _ = koleo_fwd_triton(x, 0, n, 2, 1e-8, 1e-8, symmetric=symmetric)
+        assert (idx == want).float().mean() > 0.999, (dtype, symmetric)
+        got[symmetric] = loss
+    torch.testing.assert_close(got[True], got[False], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

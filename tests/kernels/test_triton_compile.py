@@ -27,7 +27,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "dinov3_kernels",
 # Every @triton.jit kernel the launchers start (the helpers they call inline are compiled inside them).
 KERNELS = {
     "_gram_prologue_kernel", "_gram_fwd_kernel", "_gram_bwd_kernel",
-    "_koleo_norm_kernel", "_koleo_search_kernel", "_koleo_search_resident_kernel", "_koleo_merge_kernel",
+    "_koleo_norm_kernel", "_koleo_search_kernel", "_koleo_search_resident_kernel", "_koleo_search_symmetric_kernel",
+    "_koleo_merge_kernel",
     "_koleo_sum_kernel", "_koleo_bwd_kernel", "_koleo_norm_bwd_kernel", "_koleo_candidate_dots_kernel",
     "_rope_attention_rotate_kernel", "_rope_attention_fwd_kernel", "_rope_attention_bwd_kernel",
     "_rope_attention_bwd_dq_kernel", "_rope_attention_bwd_dkdv_kernel", "_rope_attention_bwd_dq_tile_kernel",
@@ -67,7 +68,7 @@ def test_every_triton_kernel_compiles_for_sm90(quick_compile):
         assert {name for name, _, _ in scatter} == {"_koleo_bwd_kernel", "_rope_attention_bwd_kernel"}, r.stdout
         assert all(int(a) > 0 and int(f) == 0 for _, a, f in scatter), scatter
         assert gram and all(int(a) == 0 and int(f) == 0 for _, a, f in gram), gram
-        koleo_fwd = re.findall(r"^ok sm_90 .*?_koleo_(?:norm|search|search_resident|merge|sum)_kernel .* atomics (\d+) "
+        koleo_fwd = re.findall(r"^ok sm_90 .*?_koleo_(?:norm|search|search_resident|search_symmetric|merge|sum)_kernel .* atomics (\d+) "
                                r"fences (\d+)",
                                r.stdout, re.M)
         assert koleo_fwd and all(a == "0" and f == "0" for a, f in koleo_fwd), koleo_fwd

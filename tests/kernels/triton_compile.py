@@ -151,6 +151,8 @@ def _install(arch: int, tf32: list[bool]):
     gram._block_sizes = lambda P, D, on_cpu, *a: gram_blocks(P, D, False, *a)
     gram._sm = lambda t: arch
     koleo._block_sizes = lambda n, D, on_cpu, is_fp32, *a: koleo_blocks(n, D, False, is_fp32, *a)
+    koleo_sym = koleo._symmetric_sizes
+    koleo._symmetric_sizes = lambda n, kcp, on_cpu: koleo_sym(n, kcp, False)
     attention._launch = lambda tuned, raw, tile, N, B, H, on_cpu, *a, **m: attn_launch(tuned, raw, tile, N, B, H,
                                                                                          False, *a, **m)
     attention._row_block = lambda t: 64
@@ -180,12 +182,15 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
             gram.gram_fwd_triton(s, t, apply_norm=False, clamp_s=True, clamp_t=True, grad_s=True, grad_t=True)
 
         _CONTEXT.update(op="koleo", head_dim=None)
-        # d <= 384 (16-bit) and d <= 192 (fp32) take the resident search, larger d the chunked one.
-        koleo_shapes = ((64, 384, 1), (64, 1024, 1), (9000, 1024, 4), (64, 160, 1))
+        # d <= 384 takes the resident search, larger d the chunked one, or from 4096 rows (the whole set searched,
+        # offset 0) the symmetric one; the chunked 128 x 128 tiles of large n also serve query rows at an offset.
+        koleo_shapes = ((64, 384, 1), (64, 1024, 1), (9000, 1024, 4), (64, 160, 1), (9000, 1024, 1))
         koleo_shapes += ((9000, 384, 4),) if full else ()
         for n, D, topk in koleo_shapes if "koleo" in ops else ():
             x = torch.randn(n, D).to(dtype)
             loss, idx, dist, norm = koleo.koleo_fwd_triton(x, 0, n, topk, 1e-8, 1e-8)
+            if n >= koleo.SYMMETRIC_MIN_ROWS and topk > 1:
+                koleo.koleo_fwd_triton(x, 1, n - 1, topk, 1e-8, 1e-8)
             idx.zero_()
             dist.fill_(1.0)
             koleo.koleo_bwd_triton(torch.ones(()), x, idx, dist, norm, 0, n, 1e-8, 1e-8)
