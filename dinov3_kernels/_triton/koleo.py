@@ -460,15 +460,21 @@ def _symmetric_sizes(n, kcp, on_cpu):
     """(BLOCK_M, BLOCK_N, GROUP row tiles per slab, NSB slabs, programs) of the symmetric search: as many slabs as the
     merge's width allows, up to SYMMETRIC_MAX_SLABS: NSB (NSB + 1) / 2 programs (n = 16384: 2080 for 16-bit input,
     946 for fp32, whose 16-slot lists allow 63 slabs).
-    128 x 64 tiles over 8 warps on the GPU (128 x 128 ran out of registers beside the rows' and the columns' top-k
-    state: 255 + 24 bytes of stack for fp32 input, top-1; NOTES KoLeo section 7); the interpreter takes small tiles,
-    so that small tests span several slabs and both tile shapes' index arithmetic."""
-    block_m, block_n = (32, 16) if on_cpu else (128, 64)
+    Tiles over 8 warps on the GPU: 128 x 128 where the top-k lists are short (KCP <= 4: 16-bit input, topk <= 4; half
+    the L2 bytes per score of 128 x 64), 128 x 64 otherwise (128 x 128 beside the rows' and the columns' 16-slot lists
+    ran out of registers: 255 + 24 bytes of stack for fp32 input, top-1; NOTES KoLeo section 7). The interpreter takes
+    small tiles of both shapes, so that small tests span several slabs. BLOCK_K: None keeps the launcher's K chunk;
+    32 for the 128 x 128 tiles (with 64, Triton 3.6 spilled 8 bytes at topk <= 2 even with 4-slot lists)."""
+    square = kcp <= 4
+    if on_cpu:
+        block_m, block_n, block_k = (16, 16, None) if square else (32, 16, None)
+    else:
+        block_m, block_n, block_k = (128, 128, 32) if square else (128, 64, None)
     tiles = triton.cdiv(n, block_m)
     max_slabs = max(1, min(SYMMETRIC_MAX_SLABS, SYMMETRIC_MERGE_WIDTH // kcp - 1))
     group = triton.cdiv(tiles, max_slabs)
     nsb = triton.cdiv(tiles, group)
-    return block_m, block_n, group, nsb, nsb * (nsb + 1) // 2
+    return block_m, block_n, block_k, group, nsb, nsb * (nsb + 1) // 2
 
 
 def _use_symmetric(n, M, offset, resident, symmetric=None):
@@ -513,12 +519,14 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
     )
     rows = u if rerank else search
     if _use_symmetric(n, M, offset, resident, symmetric):
-        block_m, block_n, group, nsb, programs = _symmetric_sizes(n, kcp, on_cpu)
+        # Lists of at least 4 slots (with 2, 16-bit input at topk <= 2, Triton 3.6 spilled 8-16 bytes at 128 x 128).
+        kcp = max(kcp, 4)
+        block_m, block_n, block_k, group, nsb, programs = _symmetric_sizes(n, kcp, on_cpu)
         cand_v = torch.empty((n, nsb + 1, kcp), device=dev, dtype=torch.float32)
         cand_i = torch.empty((n, nsb + 1, kcp), device=dev, dtype=torch.int32)
         _koleo_search_symmetric_kernel[(programs,)](
             rows, norm, cand_v, cand_i, n, D, nsb, group, rows.stride(0), rows.stride(1), eps,
-            KC=kc, KCP=kcp, NORMALIZED=rerank, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+            KC=kc, KCP=kcp, NORMALIZED=rerank, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or BLOCK_K,
             num_warps=_search_warps(block_m),
         )
         loss, idx, dist = koleo_merge_triton(search, norm, cand_v, cand_i, offset, n, topk, kc, rerank, eps,

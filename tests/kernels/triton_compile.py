@@ -183,8 +183,9 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
 
         _CONTEXT.update(op="koleo", head_dim=None)
         # d <= 384 takes the resident search, larger d the chunked one, or from 4096 rows (the whole set searched,
-        # offset 0) the symmetric one; the chunked 128 x 128 tiles of large n also serve query rows at an offset.
-        koleo_shapes = ((64, 384, 1), (64, 1024, 1), (9000, 1024, 4), (64, 160, 1), (9000, 1024, 1))
+        # offset 0) the symmetric one (16-bit topk <= 4: 128 x 128 tiles; topk 5 and fp32: 128 x 64); the chunked
+        # 128 x 128 tiles of large n also serve query rows at an offset.
+        koleo_shapes = ((64, 384, 1), (64, 1024, 1), (9000, 1024, 4), (64, 160, 1), (9000, 1024, 1), (9000, 1024, 5))
         koleo_shapes += ((9000, 384, 4),) if full else ()
         for n, D, topk in koleo_shapes if "koleo" in ops else ():
             x = torch.randn(n, D).to(dtype)
