@@ -275,8 +275,8 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       Triton with the query tile resident (since issue 14, d <= KOLEO_TRITON_RESIDENT_D[2] = 384): BM = 128,
       BN = 64 at any n, each program reads its query tile once, n·M·d·e/BM + programs·BM·d·e.
       Triton symmetric (since 2026-12-01: query rows = the whole set, d > 384, n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS):
-      128-row tiles against the 128-column (16-bit input, topk <= 4) or 64-column (fp32: 16-slot lists) tiles from
-      their own start on (half the pairs, both tiles from L2 per pair, plus the columns' top-k lists read and written
+      128-row tiles against the 128-column (lists of <= 16 slots: every 16-bit topk, fp32 topk <= 8; else 64-column)
+      tiles from their own start on (half the pairs, both tiles from L2 per pair, plus the columns' top-k lists read and written
       per pair), programs = NSB (NSB + 1) / 2 slab pairs, NSB + 1 candidate lists per row for the merge.
       The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). Both kernels search 16-bit rows
       in every case: fp32 input (since 2026-12-01; before, Triton ran TF32 on the raw rows and CUDA IEEE FMA) on an
@@ -338,8 +338,7 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         bm, bn = (128, 64) if resident or symmetric else (bm, 128)
         prec = "bf16"
         if symmetric:
-            kcp = max(kcp, 4)  # the symmetric search's lists: at least 4 slots; 128 x 128 tiles for those
-            bn = 128 if kcp <= 4 else 64
+            bn = 128 if kcp <= 16 else 64  # 128 x 128 tiles for lists of up to 16 slots
             group = _cdiv(tiles, min(KOLEO_TRITON_SYMMETRIC_MAX_SLABS, 1024 // kcp - 1))
             splits = _cdiv(tiles, group) + 1  # candidate lists per row: one per slab + the own slab's lower rows
             programs = (splits - 1) * splits // 2

@@ -86,15 +86,15 @@ def _koleo_search_init(n, M, offset, cols_per_split, NORM, eps, KC: tl.constexpr
 
 
 @triton.jit
-def _koleo_scores(acc, cols, mc, grows, r_i, NORM, eps, NORMALIZED: tl.constexpr):
-    """Cosine similarities of one tile from acc = s_i·s_j (u_i·u_j when NORMALIZED): -inf where the column is past the
-    set or is the row itself."""
+def _koleo_scores(acc, cols, mc, r_i, NORM, eps, keep, NORMALIZED: tl.constexpr):
+    """Cosine similarities of one tile from acc = s_i·s_j (u_i·u_j when NORMALIZED), -inf where not `keep` (the
+    caller's mask: columns past the set, the row itself, ...)."""
     if NORMALIZED:
         sim = acc
     else:
         r_j = 1.0 / tl.maximum(tl.load(NORM + cols, mask=mc, other=1.0), eps)
         sim = acc * r_i[:, None] * r_j[None, :]
-    return tl.where(mc[None, :] & (cols[None, :] != grows[:, None]), sim, float("-inf"))
+    return tl.where(keep, sim, float("-inf"))
 
 
 @triton.jit
@@ -104,19 +104,23 @@ def _koleo_topk_merge(sim, cols, best_v, best_i, KC: tl.constexpr, KCP: tl.const
     index) and "strictly greater than the worst held value" is the whole test. Most tiles change nothing."""
     big = 2147483647
     slots = tl.arange(0, KCP)
-    worst = tl.min(best_v, axis=1)
-    if tl.max((tl.max(sim, axis=1) > worst).to(tl.int32), axis=0) > 0:
-        for _t in tl.static_range(KC):
-            v = tl.max(sim, axis=1)
-            c = tl.min(tl.where(sim == v[:, None], cols[None, :], big), axis=1)
-            wv = tl.min(best_v, axis=1)
-            # Among equal worst values the highest index is the worst.
-            wi = tl.max(tl.where(best_v == wv[:, None], best_i, -1), axis=1)
-            ws = tl.min(tl.where((best_v == wv[:, None]) & (best_i == wi[:, None]), slots[None, :], KCP), axis=1)
-            put = (v > wv)[:, None] & (slots[None, :] == ws[:, None])
-            best_v = tl.where(put, v[:, None], best_v)
-            best_i = tl.where(put, c[:, None], best_i)
-            sim = tl.where(cols[None, :] == c[:, None], float("-inf"), sim)
+    # Each round inserts every row's best remaining candidate where it beats the row's worst held value; once no row's
+    # does, no later (smaller) candidate can: the rounds stop there, at most KC of them.
+    v = tl.max(sim, axis=1)
+    wv = tl.min(best_v, axis=1)
+    t = 0
+    while (t < KC) & (tl.max((v > wv).to(tl.int32), axis=0) > 0):
+        c = tl.min(tl.where(sim == v[:, None], cols[None, :], big), axis=1)
+        # Among equal worst values the highest index is the worst.
+        wi = tl.max(tl.where(best_v == wv[:, None], best_i, -1), axis=1)
+        ws = tl.min(tl.where((best_v == wv[:, None]) & (best_i == wi[:, None]), slots[None, :], KCP), axis=1)
+        put = (v > wv)[:, None] & (slots[None, :] == ws[:, None])
+        best_v = tl.where(put, v[:, None], best_v)
+        best_i = tl.where(put, c[:, None], best_i)
+        sim = tl.where(cols[None, :] == c[:, None], float("-inf"), sim)
+        v = tl.max(sim, axis=1)
+        wv = tl.min(best_v, axis=1)
+        t += 1
     return best_v, best_i
 
 
@@ -125,7 +129,7 @@ def _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, K
                          NORMALIZED: tl.constexpr):
     """The top-KC state after one (query tile, search tile) pair: acc = s_i·s_j over the tile (u_i·u_j when
     NORMALIZED), cols its indices j."""
-    sim = _koleo_scores(acc, cols, mc, grows, r_i, NORM, eps, NORMALIZED)
+    sim = _koleo_scores(acc, cols, mc, r_i, NORM, eps, mc[None, :] & (cols[None, :] != grows[:, None]), NORMALIZED)
     return _koleo_topk_merge(sim, cols, best_v, best_i, KC, KCP)
 
 
@@ -271,8 +275,9 @@ def _koleo_search_symmetric_kernel(
                 x_r = tl.load(q_ptr + k[None, :] * stride_d, mask=mr[:, None] & mk[None, :], other=0.0)
                 x_c = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & mk[None, :], other=0.0)
                 acc = tl.dot(x_r, tl.trans(x_c), acc)
-            sim = _koleo_scores(acc, cols, mc, grows, r_i, NORM, eps, NORMALIZED)
-            sim = tl.where(mr[:, None] & (rows[:, None] < cols[None, :]), sim, float("-inf"))
+            # Above the diagonal only (rows < cols < n: the row itself, rows past the set and columns past it are out).
+            sim = _koleo_scores(acc, cols, mc, r_i, NORM, eps, mc[None, :] & (rows[:, None] < cols[None, :]),
+                                NORMALIZED)
             best_v, best_i = _koleo_topk_merge(sim, cols, best_v, best_i, KC, KCP)
             # The columns' state: empty at the program's first row tile, else what the previous row tile stored.
             c_out = (cols.to(tl.int64) * nslots + col_slot) * KCP
@@ -280,9 +285,8 @@ def _koleo_search_symmetric_kernel(
             held = m2 & (slots[None, :] * 0 + it > i_lo)
             ptr_v = CAND_V + c_out[:, None] + slots[None, :]
             ptr_i = CAND_I + c_out[:, None] + slots[None, :]
-            col_v = tl.where(held, tl.load(ptr_v, mask=held, other=0.0),
-                             tl.where(pad, float("inf"), float("-inf")))
-            col_i = tl.where(held, tl.load(ptr_i, mask=held, other=0), tl.where(pad, -1, n))
+            col_v = tl.load(ptr_v, mask=held, other=tl.where(pad, float("inf"), float("-inf")))
+            col_i = tl.load(ptr_i, mask=held, other=tl.where(pad, -1, n))
             col_v, col_i = _koleo_topk_merge(tl.trans(sim), rows, col_v, col_i, KC, KCP)
             tl.store(ptr_v, col_v, mask=m2)
             tl.store(ptr_i, col_i, mask=m2)
@@ -457,15 +461,14 @@ SYMMETRIC_MIN_ROWS = 4096
 
 
 def _symmetric_sizes(n, kcp, on_cpu):
-    """(BLOCK_M, BLOCK_N, GROUP row tiles per slab, NSB slabs, programs) of the symmetric search: as many slabs as the
-    merge's width allows, up to SYMMETRIC_MAX_SLABS: NSB (NSB + 1) / 2 programs (n = 16384: 2080 for 16-bit input,
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP row tiles per slab, NSB slabs, programs) of the symmetric search: as many slabs
+    as the merge's width allows, up to SYMMETRIC_MAX_SLABS: NSB (NSB + 1) / 2 programs (n = 16384: 2080 for 16-bit input,
     946 for fp32, whose 16-slot lists allow 63 slabs).
-    Tiles over 8 warps on the GPU: 128 x 128 where the top-k lists are short (KCP <= 4: 16-bit input, topk <= 4; half
-    the L2 bytes per score of 128 x 64), 128 x 64 otherwise (128 x 128 beside the rows' and the columns' 16-slot lists
-    ran out of registers: 255 + 24 bytes of stack for fp32 input, top-1; NOTES KoLeo section 7). The interpreter takes
-    small tiles of both shapes, so that small tests span several slabs. BLOCK_K: None keeps the launcher's K chunk;
-    32 for the 128 x 128 tiles (with 64, Triton 3.6 spilled 8 bytes at topk <= 2 even with 4-slot lists)."""
-    square = kcp <= 4
+    Tiles over 8 warps on the GPU: 128 x 128 with K chunks of 32 for lists of up to 16 slots (every 16-bit topk, fp32
+    topk <= 8), 128 x 64 for 32-slot lists (NOTES KoLeo section 7 for the register budget that set these). The
+    interpreter takes small tiles of both shapes, so that small tests span several slabs. BLOCK_K: None keeps the
+    launcher's K chunk."""
+    square = kcp <= 16
     if on_cpu:
         block_m, block_n, block_k = (16, 16, None) if square else (32, 16, None)
     else:
@@ -519,8 +522,6 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
     )
     rows = u if rerank else search
     if _use_symmetric(n, M, offset, resident, symmetric):
-        # Lists of at least 4 slots (with 2, 16-bit input at topk <= 2, Triton 3.6 spilled 8-16 bytes at 128 x 128).
-        kcp = max(kcp, 4)
         block_m, block_n, block_k, group, nsb, programs = _symmetric_sizes(n, kcp, on_cpu)
         cand_v = torch.empty((n, nsb + 1, kcp), device=dev, dtype=torch.float32)
         cand_i = torch.empty((n, nsb + 1, kcp), device=dev, dtype=torch.int32)

@@ -267,10 +267,11 @@ def test_triton_search_splits_and_merge(triton_cpu):
 
 @pytest.mark.parametrize("n,d,topk,dtype,max_slabs", [(2, 5, 1, torch.float32, 64), (37, 12, 3, torch.float32, 64),
                                                       (200, 33, 4, torch.float32, 3), (150, 20, 2, torch.float16, 2),
-                                                      (97, 70, 1, torch.float32, 2)])
+                                                      (97, 70, 1, torch.float32, 2), (120, 24, 9, torch.float32, 2)])
 def test_triton_symmetric_search(triton_cpu, monkeypatch, n, d, topk, dtype, max_slabs):
     # The symmetric search (query rows = the whole set: each score computed once, for i < j, and offered to both rows;
-    # the interpreter's 16 x 16 tiles for short lists, 32 x 16 for long ones, as the GPU's 128 x 128 and 128 x 64)
+    # the interpreter's 16 x 16 tiles for lists of <= 16 slots, 32 x 16 for 32 (fp32, topk > 8), as the GPU's 128 x 128
+    # and 128 x 64)
     # against the float64 reference's dense search: neighbours in order, ties to the lowest index, distances, loss. Few slabs allowed, so that slabs hold several row tiles (the columns' state read
     # back and updated across row tiles) and the last one is ragged; fp16 input takes the unnormalised search (the
     # norms applied per tile), fp32 the fp16 copy with exact re-ranking.
@@ -288,9 +289,9 @@ def test_triton_symmetric_search(triton_cpu, monkeypatch, n, d, topk, dtype, max
     torch.testing.assert_close(dist.double(), want_d, rtol=1e-5, atol=1e-7)
     _assert_close(loss, koleo_loss_reference(x.double(), topk=topk), RTOL[torch.float32], "loss (symmetric)")
     kc = min(topk + tk.RERANK_EXTRA, n - 1) if dtype == torch.float32 else topk
-    kcp = max(4, 1 << (kc - 1).bit_length())  # the launcher's lists for this search: at least 4 slots
+    kcp = max(2, 1 << (kc - 1).bit_length())
     block_m, block_n, _, group, nsb, programs = tk._symmetric_sizes(n, kcp, True)
-    assert (block_m, block_n) == ((16, 16) if kcp <= 4 else (32, 16)) and programs == nsb * (nsb + 1) // 2
+    assert (block_m, block_n) == ((16, 16) if kcp <= 16 else (32, 16)) and programs == nsb * (nsb + 1) // 2
     assert (group > 1) == (n > block_m * max_slabs)  # the cases above do make multi-tile slabs
 
 
@@ -343,13 +344,13 @@ def test_triton_symmetric_search_choice():
     assert not _use_symmetric(big, big + 5, 5, resident=False) and not _use_symmetric(10, 10, 0, False, False)
     with pytest.raises(ValueError, match="whole set"):
         _use_symmetric(10, 20, 10, False, symmetric=True)
-    # GPU tiles: 128 x 128 (K chunks of 32) for lists of <= 4 slots (16-bit input, topk <= 4), else 128 x 64; slabs
-    # bounded by the merge's width (1024 candidates per row: with KCP 16, 63 slab lists + the own slab's) and the cap
-    # of 64; from n = 4096 at least 528 programs (4 per SM) for top-k <= 8.
-    assert _symmetric_sizes(16384, 16, False) == (128, 64, None, 3, 43, 946)
-    assert _symmetric_sizes(16384, 4, False) == (128, 128, 32, 2, 64, 2080)
-    assert _symmetric_sizes(4096, 16, False)[3:] == _symmetric_sizes(4096, 4, False)[3:] == (1, 32, 528)
-    assert _symmetric_sizes(4096, 8, False)[:3] == (128, 64, None) and _symmetric_sizes(4096, 4, False)[1] == 128
+    # GPU tiles: 128 x 128 (K chunks of 32) for lists of <= 16 slots, 128 x 64 for 32 (fp32, topk > 8); slabs bounded
+    # by the merge's width (1024 candidates per row: with KCP 16, 63 slab lists + the own slab's) and the cap of 64;
+    # from n = 4096 at least 528 programs (4 per SM) for top-k <= 8.
+    assert _symmetric_sizes(16384, 16, False) == (128, 128, 32, 3, 43, 946)
+    assert _symmetric_sizes(16384, 2, False) == (128, 128, 32, 2, 64, 2080)
+    assert _symmetric_sizes(4096, 16, False)[3:] == _symmetric_sizes(4096, 2, False)[3:] == (1, 32, 528)
+    assert _symmetric_sizes(4096, 32, False)[:3] == (128, 64, None)
 
 
 def test_triton_merge_reranks_exactly(triton_cpu):
