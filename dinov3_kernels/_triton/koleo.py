@@ -98,39 +98,56 @@ def _koleo_scores(acc, cols, mc, r_i, NORM, eps, keep, NORMALIZED: tl.constexpr)
 
 
 @triton.jit
-def _koleo_topk_merge(sim, cols, best_v, best_i, KC: tl.constexpr, KCP: tl.constexpr):
-    """Each row's top-KC state (value, index) after the candidates sim (rows, columns) with indices cols: columns arrive
-    in increasing index order across calls, so a candidate equal to a held value always loses (ties to the lowest
-    index) and "strictly greater than the worst held value" is the whole test. Most tiles change nothing."""
+def _koleo_topk_round(sim, cols, best_v, best_i, v, wv, KCP: tl.constexpr):
+    """One round of _koleo_topk_merge: every row's best remaining candidate (value v, its lowest column) replaces the
+    row's worst held entry (value wv) where it is greater, and leaves sim."""
     big = 2147483647
     slots = tl.arange(0, KCP)
-    # Each round inserts every row's best remaining candidate where it beats the row's worst held value; once no row's
-    # does, no later (smaller) candidate can: the rounds stop there, at most KC of them.
+    c = tl.min(tl.where(sim == v[:, None], cols[None, :], big), axis=1)
+    # Among equal worst values the highest index is the worst.
+    wi = tl.max(tl.where(best_v == wv[:, None], best_i, -1), axis=1)
+    ws = tl.min(tl.where((best_v == wv[:, None]) & (best_i == wi[:, None]), slots[None, :], KCP), axis=1)
+    put = (v > wv)[:, None] & (slots[None, :] == ws[:, None])
+    best_v = tl.where(put, v[:, None], best_v)
+    best_i = tl.where(put, c[:, None], best_i)
+    sim = tl.where(cols[None, :] == c[:, None], float("-inf"), sim)
+    return sim, best_v, best_i
+
+
+@triton.jit
+def _koleo_topk_merge(sim, cols, best_v, best_i, KC: tl.constexpr, KCP: tl.constexpr, EARLY_STOP: tl.constexpr):
+    """Each row's top-KC state (value, index) after the candidates sim (rows, columns) with indices cols: columns arrive
+    in increasing index order across calls, so a candidate equal to a held value always loses (ties to the lowest
+    index) and "strictly greater than the worst held value" is the whole test. Most tiles change nothing.
+    Up to KC rounds (_koleo_topk_round). EARLY_STOP: the rounds stop once no row's best remaining candidate beats its
+    worst held value (no later, smaller one can), in a run-time loop; else a tile that improves any row takes all KC
+    rounds, unrolled (the resident search keeps it so: a run-time loop there stops the pipeliner from prefetching
+    whole search tiles, NOTES KoLeo section 7)."""
     v = tl.max(sim, axis=1)
     wv = tl.min(best_v, axis=1)
-    t = 0
-    while (t < KC) & (tl.max((v > wv).to(tl.int32), axis=0) > 0):
-        c = tl.min(tl.where(sim == v[:, None], cols[None, :], big), axis=1)
-        # Among equal worst values the highest index is the worst.
-        wi = tl.max(tl.where(best_v == wv[:, None], best_i, -1), axis=1)
-        ws = tl.min(tl.where((best_v == wv[:, None]) & (best_i == wi[:, None]), slots[None, :], KCP), axis=1)
-        put = (v > wv)[:, None] & (slots[None, :] == ws[:, None])
-        best_v = tl.where(put, v[:, None], best_v)
-        best_i = tl.where(put, c[:, None], best_i)
-        sim = tl.where(cols[None, :] == c[:, None], float("-inf"), sim)
-        v = tl.max(sim, axis=1)
-        wv = tl.min(best_v, axis=1)
-        t += 1
+    if EARLY_STOP:
+        t = 0
+        while (t < KC) & (tl.max((v > wv).to(tl.int32), axis=0) > 0):
+            sim, best_v, best_i = _koleo_topk_round(sim, cols, best_v, best_i, v, wv, KCP)
+            v = tl.max(sim, axis=1)
+            wv = tl.min(best_v, axis=1)
+            t += 1
+    else:
+        if tl.max((v > wv).to(tl.int32), axis=0) > 0:
+            for _t in tl.static_range(KC):
+                sim, best_v, best_i = _koleo_topk_round(sim, cols, best_v, best_i, v, wv, KCP)
+                v = tl.max(sim, axis=1)
+                wv = tl.min(best_v, axis=1)
     return best_v, best_i
 
 
 @triton.jit
 def _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC: tl.constexpr, KCP: tl.constexpr,
-                         NORMALIZED: tl.constexpr):
+                         NORMALIZED: tl.constexpr, EARLY_STOP: tl.constexpr):
     """The top-KC state after one (query tile, search tile) pair: acc = s_i·s_j over the tile (u_i·u_j when
     NORMALIZED), cols its indices j."""
     sim = _koleo_scores(acc, cols, mc, r_i, NORM, eps, mc[None, :] & (cols[None, :] != grows[:, None]), NORMALIZED)
-    return _koleo_topk_merge(sim, cols, best_v, best_i, KC, KCP)
+    return _koleo_topk_merge(sim, cols, best_v, best_i, KC, KCP, EARLY_STOP)
 
 
 @triton.jit
@@ -170,7 +187,7 @@ def _koleo_search_kernel(
             b = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & mk[None, :], other=0.0)
             acc = tl.dot(a, tl.trans(b), acc)
         best_v, best_i = _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC, KCP,
-                                              NORMALIZED)
+                                              NORMALIZED, True)
     _koleo_search_store(CAND_V, CAND_I, rows, mr, best_v, best_i, KC, KCP)
 
 
@@ -208,7 +225,7 @@ def _koleo_search_resident_kernel(
             b = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & (k < D)[None, :], other=0.0)
             acc = tl.dot(q[kc], tl.trans(b), acc)
         best_v, best_i = _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC, KCP,
-                                              NORMALIZED)
+                                              NORMALIZED, False)
     _koleo_search_store(CAND_V, CAND_I, rows, mr, best_v, best_i, KC, KCP)
 
 
@@ -278,7 +295,7 @@ def _koleo_search_symmetric_kernel(
             # Above the diagonal only (rows < cols < n: the row itself, rows past the set and columns past it are out).
             sim = _koleo_scores(acc, cols, mc, r_i, NORM, eps, mc[None, :] & (rows[:, None] < cols[None, :]),
                                 NORMALIZED)
-            best_v, best_i = _koleo_topk_merge(sim, cols, best_v, best_i, KC, KCP)
+            best_v, best_i = _koleo_topk_merge(sim, cols, best_v, best_i, KC, KCP, True)
             # The columns' state: empty at the program's first row tile, else what the previous row tile stored.
             c_out = (cols.to(tl.int64) * nslots + col_slot) * KCP
             m2 = mc[:, None] & (slots[None, :] < KC)
@@ -287,7 +304,7 @@ def _koleo_search_symmetric_kernel(
             ptr_i = CAND_I + c_out[:, None] + slots[None, :]
             col_v = tl.load(ptr_v, mask=held, other=tl.where(pad, float("inf"), float("-inf")))
             col_i = tl.load(ptr_i, mask=held, other=tl.where(pad, -1, n))
-            col_v, col_i = _koleo_topk_merge(tl.trans(sim), rows, col_v, col_i, KC, KCP)
+            col_v, col_i = _koleo_topk_merge(tl.trans(sim), rows, col_v, col_i, KC, KCP, True)
             tl.store(ptr_v, col_v, mask=m2)
             tl.store(ptr_i, col_i, mask=m2)
             # The next row tile reads these back, possibly through other threads of the program.

@@ -72,6 +72,11 @@ def test_every_triton_kernel_compiles_for_sm90(quick_compile):
                                r"fences (\d+)",
                                r.stdout, re.M)
         assert koleo_fwd and all(a == "0" and f == "0" for a, f in koleo_fwd), koleo_fwd
+    # The resident KoLeo search (d = 384 here) prefetches whole search tiles: its query tile and two 64-row search
+    # tiles in shared memory. A run-time loop in its top-k update (the symmetric and chunked kernels' early stop) had
+    # the pipeliner give that up (114688 B: one K chunk of search tile); this catches it coming back.
+    resident = re.findall(r"^ok sm_90 .*?_koleo_search_resident_kernel .*?'BLOCK_K': 128.* smem (\d+)", r.stdout, re.M)
+    assert resident and all(int(b) >= (128 + 2 * 64) * 384 * 2 for b in resident), resident
 
 
 def _source_kernels() -> set:
