@@ -161,6 +161,22 @@ def _koleo_search_store(CAND_V, CAND_I, rows, mr, best_v, best_i, KC: tl.constex
 
 
 @triton.jit
+def _koleo_tile_dots(q_ptr, c_ptr, mr, mc, D, stride_d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 dots of the rows at q_ptr (BLOCK_M, 1) with those at c_ptr (BLOCK_N, 1), both streamed
+    in BLOCK_K-wide chunks (masked rows and columns read as 0)."""
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + kk
+        mk = k < D
+        a = tl.load(q_ptr + k[None, :] * stride_d, mask=mr[:, None] & mk[None, :], other=0.0)
+        b = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & mk[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+    return acc
+
+
+@triton.jit
 def _koleo_search_kernel(
     S, NORM, CAND_V, CAND_I,
     n, M, D, offset, cols_per_split,
@@ -173,19 +189,12 @@ def _koleo_search_kernel(
     # query tile is re-read from L2 once per search tile). For any D.
     rows, mr, grows, r_i, j_lo, j_hi, best_v, best_i = _koleo_search_init(n, M, offset, cols_per_split, NORM, eps,
                                                                           KC, KCP, BLOCK_M, NORMALIZED)
-    kk = tl.arange(0, BLOCK_K)
     q_ptr = S + grows[:, None] * stride_m
     for j0 in range(j_lo, j_hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         mc = cols < j_hi
-        c_ptr = S + cols[:, None].to(tl.int64) * stride_m
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + kk
-            mk = k < D
-            a = tl.load(q_ptr + k[None, :] * stride_d, mask=mr[:, None] & mk[None, :], other=0.0)
-            b = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & mk[None, :], other=0.0)
-            acc = tl.dot(a, tl.trans(b), acc)
+        acc = _koleo_tile_dots(q_ptr, S + cols[:, None].to(tl.int64) * stride_m, mr, mc, D, stride_d, BLOCK_M, BLOCK_N,
+                               BLOCK_K)
         best_v, best_i = _koleo_search_update(acc, cols, mc, grows, r_i, NORM, eps, best_v, best_i, KC, KCP,
                                               NORMALIZED, True)
     _koleo_search_store(CAND_V, CAND_I, rows, mr, best_v, best_i, KC, KCP)
@@ -267,7 +276,6 @@ def _koleo_search_symmetric_kernel(
     i_hi = tl.minimum(i_lo + GROUP, tiles)
     j_lo = b * GROUP * R
     j_hi = tl.minimum(j_lo + GROUP * R, tl.cdiv(n, BLOCK_N))
-    kk = tl.arange(0, BLOCK_K)
     slots = tl.arange(0, KCP)
     pad = slots[None, :] >= KC
     for it in range(i_lo, i_hi):
@@ -284,14 +292,8 @@ def _koleo_search_symmetric_kernel(
         for jt in range(tl.maximum(j_lo, it * R), j_hi):
             cols = jt * BLOCK_N + tl.arange(0, BLOCK_N)
             mc = cols < n
-            c_ptr = S + cols[:, None].to(tl.int64) * stride_m
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                k = k0 + kk
-                mk = k < D
-                x_r = tl.load(q_ptr + k[None, :] * stride_d, mask=mr[:, None] & mk[None, :], other=0.0)
-                x_c = tl.load(c_ptr + k[None, :] * stride_d, mask=mc[:, None] & mk[None, :], other=0.0)
-                acc = tl.dot(x_r, tl.trans(x_c), acc)
+            acc = _koleo_tile_dots(q_ptr, S + cols[:, None].to(tl.int64) * stride_m, mr, mc, D, stride_d, BLOCK_M,
+                                   BLOCK_N, BLOCK_K)
             # Above the diagonal only (rows < cols < n: the row itself, rows past the set and columns past it are out).
             sim = _koleo_scores(acc, cols, mc, r_i, NORM, eps, mc[None, :] & (rows[:, None] < cols[None, :]),
                                 NORMALIZED)
