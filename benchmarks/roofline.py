@@ -245,7 +245,7 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
 
 
 # ---- KoLeo loss ------------------------------------------------------------------------------------------------------
-KOLEO_BACKENDS = ("official_tf32", "official_fp32", "compile", "composed", "triton", "cuda")
+KOLEO_BACKENDS = ("official_tf32", "official_fp32", "compile", "composed", "triton", "triton_chunked", "cuda")
 KOLEO_COMPOSED_EXTRA = 8  # dinov3_kernels.koleo.COMPOSED_EXTRA
 KOLEO_COMPOSED_BLOCK = 2**26  # dinov3_kernels.koleo.COMPOSED_BLOCK
 KOLEO_TRITON_EXTRA = 8  # dinov3_kernels._triton.koleo.RERANK_EXTRA
@@ -314,8 +314,11 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         b = f + loss + (0 if mode == "fwd" else 10 * nd * 4)
         launches = 4 * blocks + 29 + (0 if mode == "fwd" else 12)
         return Estimate(useful, useful, prec, min_b, b, b, 0, launches)
-    if backend not in ("triton", "cuda"):
+    if backend not in ("triton", "triton_chunked", "cuda"):
         raise ValueError(f"koleo: unknown backend {backend!r}")
+    # triton_chunked: the Triton kernel with its symmetric search turned off (bench_koleo's row of that name).
+    chunked = backend == "triton_chunked"
+    backend = "triton" if chunked else backend
     # Since 2026-12-01 both kernels search fp32 input on an fp16 copy of u (TF32's mantissa, 16-bit bytes and rate)
     # that the norm pass writes (re-reading the rows): es bytes per searched element, copy the pass's extra traffic.
     es = 2
@@ -332,7 +335,7 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         resident = d <= KOLEO_TRITON_RESIDENT_D[es]
         kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA
         kcp = max(2, 1 << (kc - 1).bit_length())
-        symmetric = not resident and n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS
+        symmetric = not resident and not chunked and n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS
         tiles = _cdiv(n, 128)  # the launcher's rule: 128-row tiles where the grid keeps 2 programs per SM
         bm = 128 if tiles * min(_cdiv(2 * sms, tiles), tiles) >= 2 * sms else 64
         bm, bn = (128, 64) if resident or symmetric else (bm, 128)
