@@ -276,8 +276,10 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       BN = 64 at any n, each program reads its query tile once, n·M·d·e/BM + programs·BM·d·e.
       Triton symmetric (since 2026-12-01: query rows = the whole set, d > 384, n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS):
       128-row tiles against the 128-column (lists of <= 16 slots: every 16-bit topk, fp32 topk <= 8; else 64-column)
-      tiles from their own start on (half the pairs, both tiles from L2 per pair, plus the columns' top-k lists read and written
-      per pair), programs = NSB (NSB + 1) / 2 slab pairs, NSB + 1 candidate lists per row for the merge.
+      tiles from their own start on (half the pairs, both tiles from L2 per pair, plus the columns' top-k lists read
+      and written per pair), programs = NSB (NSB + 1) / 2 slab pairs, NSB + 1 candidate lists per row for the merge.
+      Not modelled (as for every kernel here): the top-k selection's ALU work, which for fp32 input (9 candidates per
+      list, lists that see 1-3 tiles per program) may match the matrix work (benchmarks/NOTES.md, KoLeo section 7).
       The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). Both kernels search 16-bit rows
       in every case: fp32 input (since 2026-12-01; before, Triton ran TF32 on the raw rows and CUDA IEEE FMA) on an
       fp16 copy of u that the norm pass writes (it reads the rows twice, the second time from L2, and writes n·d·2

@@ -17,7 +17,10 @@ Forward, four launches, no atomics, deterministic:
                           KC = K + 8 candidates (RERANK), 16-bit input as it is (exact products, fp32 accumulation)
                           with KC = K. `_koleo_search_resident_kernel` is the same search with the query tile loaded
                           once per program and kept in shared memory across the search tiles, where it and two search
-                          tiles fit (d <= 384; the launcher picks, see _block_sizes);
+                          tiles fit (d <= 384; the launcher picks, see _block_sizes). When the query rows are the
+                          whole set (offset 0, n = M) and n >= SYMMETRIC_MIN_ROWS, `_koleo_search_symmetric_kernel`
+                          scores each pair of rows once and offers the score to both (half the tile pairs; the
+                          columns' running top-KC goes through per-slab candidate lists, see the kernel);
   `_koleo_merge_kernel`   per query row: the KC best of the splits' candidates (ties to the lowest index), their
                           exact fp32 similarities from the input rows when re-ranking, the K best of those, then d_ik
                           from the rows (not from 2 - 2cos, which cancels for close pairs) and the tile's share of the
@@ -32,7 +35,7 @@ import triton.language as tl
 
 RERANK_EXTRA = 8  # candidates the TF32 search keeps beyond K for the exact re-ranking
 MAX_MERGE_WIDTH = 512  # splits x KCP candidates per row in the merge kernel's register tile (8 rows)
-SYMMETRIC_MERGE_WIDTH = 1024  # the same for the symmetric search's lists, merged 4 rows per program
+SYMMETRIC_MERGE_WIDTH = 1024  # the same for the symmetric search's lists, merged 2 rows per program
 MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
 
 
@@ -481,8 +484,8 @@ SYMMETRIC_MIN_ROWS = 4096
 
 def _symmetric_sizes(n, kcp, on_cpu):
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP row tiles per slab, NSB slabs, programs) of the symmetric search: as many slabs
-    as the merge's width allows, up to SYMMETRIC_MAX_SLABS: NSB (NSB + 1) / 2 programs (n = 16384: 2080 for 16-bit input,
-    946 for fp32, whose 16-slot lists allow 63 slabs).
+    as the merge's width allows, up to SYMMETRIC_MAX_SLABS: NSB (NSB + 1) / 2 programs (n = 16384: 2080 for 16-bit
+    input, 946 for fp32, whose 16-slot lists allow 63 slabs).
     Tiles over 8 warps on the GPU: 128 x 128 with K chunks of 32 for lists of up to 16 slots (every 16-bit topk, fp32
     topk <= 8), 128 x 64 for 32-slot lists (NOTES KoLeo section 7 for the register budget that set these). The
     interpreter takes small tiles of both shapes, so that small tests span several slabs. BLOCK_K: None keeps the
