@@ -256,6 +256,8 @@ KOLEO_TRITON_RESIDENT_D = {2: 384}
 # The symmetric Triton search (dinov3_kernels._triton.koleo: query rows = the whole set, d past the resident reach,
 # n >= SYMMETRIC_MIN_ROWS; 128 x 64 tiles over half the tile pairs; at most SYMMETRIC_MAX_SLABS slabs).
 KOLEO_TRITON_SYMMETRIC_MIN_ROWS = 4096
+KOLEO_TRITON_SYMMETRIC_MAX_KC = 4  # ... for lists of up to 4 candidates, longer ones (fp32 input) from d = 2048
+KOLEO_TRITON_SYMMETRIC_LONG_LIST_D = 2048
 KOLEO_TRITON_SYMMETRIC_MAX_SLABS = 64
 
 
@@ -274,7 +276,8 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       n·M·d·e·(1/BM + 1/BN) bytes (see _hbm).
       Triton with the query tile resident (since issue 14, d <= KOLEO_TRITON_RESIDENT_D[2] = 384): BM = 128,
       BN = 64 at any n, each program reads its query tile once, n·M·d·e/BM + programs·BM·d·e.
-      Triton symmetric (since 2026-12-01: query rows = the whole set, d > 384, n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS):
+      Triton symmetric (since 2026-12-01: query rows = the whole set, d > 384, n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS,
+      16-bit input or d >= KOLEO_TRITON_SYMMETRIC_LONG_LIST_D):
       128-row tiles against the 128-column (lists of <= 16 slots: every 16-bit topk, fp32 topk <= 8; else 64-column)
       tiles from their own start on (half the pairs, both tiles from L2 per pair, plus the columns' top-k lists read
       and written per pair), programs = NSB (NSB + 1) / 2 slab pairs, NSB + 1 candidate lists per row for the merge.
@@ -337,7 +340,8 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         resident = d <= KOLEO_TRITON_RESIDENT_D[es]
         kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA
         kcp = max(2, 1 << (kc - 1).bit_length())
-        symmetric = not resident and not chunked and n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS
+        symmetric = (not resident and not chunked and n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS
+                     and (kc <= KOLEO_TRITON_SYMMETRIC_MAX_KC or d >= KOLEO_TRITON_SYMMETRIC_LONG_LIST_D))
         tiles = _cdiv(n, 128)  # the launcher's rule: 128-row tiles where the grid keeps 2 programs per SM
         bm = 128 if tiles * min(_cdiv(2 * sms, tiles), tiles) >= 2 * sms else 64
         bm, bn = (128, 64) if resident or symmetric else (bm, 128)

@@ -478,8 +478,12 @@ def _search_grid(n, M, block_m, block_n, kcp, programs, splits=None):
 # The symmetric search (query rows = the whole set): at most this many slabs, so that the merge reads at most
 # SYMMETRIC_MAX_SLABS + 1 candidate lists per row (and, with KCP slots each, within SYMMETRIC_MERGE_WIDTH).
 SYMMETRIC_MAX_SLABS = 64
-# ... and it is the default from this many rows (d past the resident kernel's reach); see _use_symmetric.
+# ... and it is the default from this many rows (d past the resident kernel's reach), for lists of up to
+# SYMMETRIC_MAX_KC candidates at any d and longer ones (fp32 input: topk + 8) from SYMMETRIC_LONG_LIST_D columns; see
+# _use_symmetric.
 SYMMETRIC_MIN_ROWS = 4096
+SYMMETRIC_MAX_KC = 4
+SYMMETRIC_LONG_LIST_D = 2048
 
 
 def _symmetric_sizes(n, kcp, on_cpu):
@@ -502,16 +506,21 @@ def _symmetric_sizes(n, kcp, on_cpu):
     return block_m, block_n, block_k, group, nsb, nsb * (nsb + 1) // 2
 
 
-def _use_symmetric(n, M, offset, resident, symmetric=None):
+def _use_symmetric(n, M, offset, resident, kc, D, symmetric=None):
     """Whether the search runs symmetric: only when the query rows are the whole set; by default where the resident
-    kernel does not fit and n >= SYMMETRIC_MIN_ROWS (benchmarks/NOTES.md, KoLeo section 7)."""
+    kernel does not fit, n >= SYMMETRIC_MIN_ROWS, and the lists are short (kc <= SYMMETRIC_MAX_KC) or the rows wide
+    (D >= SYMMETRIC_LONG_LIST_D). Why the list length: each list of the symmetric search sees only the 1-3 tiles of
+    its program, so a tile takes ~8 of the KC = 9 top-k rounds for fp32 input (simulated on iid scores; the chunked
+    search's lists see ~43 tiles at n = 16384 and average ~3), on both the rows' and the columns' lists: ~2.4x the
+    chunked search's selection work per score, which at d <= 1024 about cancels the halved matrix work (benchmarks/
+    NOTES.md, KoLeo section 7)."""
     if offset != 0 or n != M:
         if symmetric:
             raise ValueError("koleo_fwd_triton: the symmetric search needs the query rows to be the whole set")
         return False
     if symmetric is not None:
         return bool(symmetric)
-    return not resident and n >= SYMMETRIC_MIN_ROWS
+    return not resident and n >= SYMMETRIC_MIN_ROWS and (kc <= SYMMETRIC_MAX_KC or D >= SYMMETRIC_LONG_LIST_D)
 
 
 def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra=None, resident=None, symmetric=None):
@@ -543,7 +552,7 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
         BLOCK_D=BLOCK_D,
     )
     rows = u if rerank else search
-    if _use_symmetric(n, M, offset, resident, symmetric):
+    if _use_symmetric(n, M, offset, resident, kc, D, symmetric):
         block_m, block_n, block_k, group, nsb, programs = _symmetric_sizes(n, kcp, on_cpu)
         cand_v = torch.empty((n, nsb + 1, kcp), device=dev, dtype=torch.float32)
         cand_i = torch.empty((n, nsb + 1, kcp), device=dev, dtype=torch.int32)

@@ -76,3 +76,16 @@ def test_committed_predictions_are_the_models_output(tmp_path):
     assert "PREDICTIONS, NOT MEASUREMENTS" in out.read_text()
     assert body(out.read_text()) == body(open(PREDICTED).read()), (
         "benchmarks/results/predicted.md is stale: python benchmarks/roofline.py --out benchmarks/results/predicted.md")
+
+
+def test_koleo_topk_rounds():
+    # The round counts NOTES (KoLeo section 7) builds the symmetric search's default on: a fresh list takes all KC
+    # rounds on its first tile (every row fills every slot), later tiles fewer; lists that see many tiles (chunked)
+    # average far fewer rounds than lists that see three (symmetric); with KC = 1 every tile takes one round.
+    import koleo_topk_rounds as kr
+
+    short = kr.rounds_per_tile(3, 9, reps=5)
+    long = kr.rounds_per_tile(43, 9, reps=5)
+    assert short[0] == long[0] == 9 and short[2] < short[0]
+    assert long.mean() < 0.5 * short.mean()
+    assert (kr.rounds_per_tile(4, 1, reps=3) == 1).all()

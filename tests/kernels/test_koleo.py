@@ -335,15 +335,19 @@ def test_triton_symmetric_pair_order(triton_cpu, monkeypatch):
 
 def test_triton_symmetric_search_choice():
     # Symmetric only when the query rows are the whole set; by default from SYMMETRIC_MIN_ROWS rows where the resident
-    # search does not fit; forcing it for query rows at an offset is refused.
-    from dinov3_kernels._triton.koleo import SYMMETRIC_MIN_ROWS, _symmetric_sizes, _use_symmetric
+    # search does not fit, for short lists (16-bit input, topk <= 4) at any d and long ones (fp32: topk + 8) from
+    # SYMMETRIC_LONG_LIST_D columns; forcing it for query rows at an offset is refused.
+    from dinov3_kernels._triton.koleo import (SYMMETRIC_LONG_LIST_D, SYMMETRIC_MIN_ROWS, _symmetric_sizes,
+                                              _use_symmetric)
 
-    big = SYMMETRIC_MIN_ROWS
-    assert _use_symmetric(big, big, 0, resident=False) and not _use_symmetric(big - 1, big - 1, 0, resident=False)
-    assert not _use_symmetric(big, big, 0, resident=True) and _use_symmetric(big, big, 0, True, symmetric=True)
-    assert not _use_symmetric(big, big + 5, 5, resident=False) and not _use_symmetric(10, 10, 0, False, False)
+    big, wide = SYMMETRIC_MIN_ROWS, SYMMETRIC_LONG_LIST_D
+    assert _use_symmetric(big, big, 0, False, 1, 768) and not _use_symmetric(big - 1, big - 1, 0, False, 1, 768)
+    assert not _use_symmetric(big, big, 0, True, 1, 384) and _use_symmetric(big, big, 0, True, 1, 384, True)
+    assert not _use_symmetric(big, big, 0, False, 9, 1024) and _use_symmetric(big, big, 0, False, 9, wide)
+    assert _use_symmetric(big, big, 0, False, 4, 1024) and not _use_symmetric(big, big, 0, False, 5, 1024)
+    assert not _use_symmetric(big, big + 5, 5, False, 1, 768) and not _use_symmetric(10, 10, 0, False, 1, 768, False)
     with pytest.raises(ValueError, match="whole set"):
-        _use_symmetric(10, 20, 10, False, symmetric=True)
+        _use_symmetric(10, 20, 10, False, 1, 768, symmetric=True)
     # GPU tiles: 128 x 128 (K chunks of 32) for lists of <= 16 slots, 128 x 64 for 32 (fp32, topk > 8); slabs bounded
     # by the merge's width (1024 candidates per row: with KCP 16, 63 slab lists + the own slab's) and the cap of 64;
     # from n = 4096 at least 528 programs (4 per SM) for top-k <= 8.
