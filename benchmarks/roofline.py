@@ -254,7 +254,7 @@ KOLEO_TRITON_EXTRA = 8  # dinov3_kernels._triton.koleo.RERANK_EXTRA
 # reads 16-bit rows for every input dtype since 2026-12-01; the CUDA one has no resident kernel.
 KOLEO_TRITON_RESIDENT_D = {2: 384}
 # The symmetric Triton search (dinov3_kernels._triton.koleo: query rows = the whole set, d past the resident reach,
-# n >= SYMMETRIC_MIN_ROWS; 128 x 64 tiles over half the tile pairs; at most SYMMETRIC_MAX_SLABS slabs).
+# n >= SYMMETRIC_MIN_ROWS; half the tile pairs; at most SYMMETRIC_MAX_SLABS slabs).
 KOLEO_TRITON_SYMMETRIC_MIN_ROWS = 4096
 KOLEO_TRITON_SYMMETRIC_MAX_KC = 4  # ... for lists of up to 4 candidates, longer ones (fp32 input) from d = 2048
 KOLEO_TRITON_SYMMETRIC_LONG_LIST_D = 2048
@@ -344,10 +344,12 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
                      and (kc <= KOLEO_TRITON_SYMMETRIC_MAX_KC or d >= KOLEO_TRITON_SYMMETRIC_LONG_LIST_D))
         tiles = _cdiv(n, 128)  # the launcher's rule: 128-row tiles where the grid keeps 2 programs per SM
         bm = 128 if tiles * min(_cdiv(2 * sms, tiles), tiles) >= 2 * sms else 64
-        bm, bn = (128, 64) if resident or symmetric else (bm, 128)
+        if symmetric:
+            bm, bn = 128, 128 if kcp <= 16 else 64  # 128 x 128 tiles for lists of up to 16 slots
+        else:
+            bm, bn = (128, 64) if resident else (bm, 128)
         prec = "bf16"
         if symmetric:
-            bn = 128 if kcp <= 16 else 64  # 128 x 128 tiles for lists of up to 16 slots
             group = _cdiv(tiles, min(KOLEO_TRITON_SYMMETRIC_MAX_SLABS, 1024 // kcp - 1))
             splits = _cdiv(tiles, group) + 1  # candidate lists per row: one per slab + the own slab's lower rows
             programs = (splits - 1) * splits // 2
@@ -356,7 +358,7 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
             programs = _cdiv(n, bm) * splits
         merge, launches = 2 * (kc + 1) * nd * e + 2 * n * splits * kcp * 8, 4
     if symmetric:
-        # Tile pairs: for each 128-row tile, the 64-column tiles from its own start on (the half above the diagonal);
+        # Tile pairs: for each 128-row tile, the column tiles from its own start on (the half above the diagonal);
         # per pair both tiles from L2 and the columns' top-k state read and written (KCP (value, index) per column).
         pairs = sum(_cdiv(n, bn) - it * (bm // bn) for it in range(_cdiv(n, bm)))
         flops_exec = 2 * pairs * bm * bn * d

@@ -304,7 +304,7 @@ def _koleo_search_symmetric_kernel(
             # The columns' state: empty at the program's first row tile, else what the previous row tile stored.
             c_out = (cols.to(tl.int64) * nslots + col_slot) * KCP
             m2 = mc[:, None] & (slots[None, :] < KC)
-            held = m2 & (slots[None, :] * 0 + it > i_lo)
+            held = m2 & (slots[None, :] * 0 + it > i_lo)  # (broadcast first: the interpreter refuses a scalar mask)
             ptr_v = CAND_V + c_out[:, None] + slots[None, :]
             ptr_i = CAND_I + c_out[:, None] + slots[None, :]
             col_v = tl.load(ptr_v, mask=held, other=tl.where(pad, float("inf"), float("-inf")))

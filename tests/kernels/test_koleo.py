@@ -270,11 +270,11 @@ def test_triton_search_splits_and_merge(triton_cpu):
                                                       (97, 70, 1, torch.float32, 2), (120, 24, 9, torch.float32, 2)])
 def test_triton_symmetric_search(triton_cpu, monkeypatch, n, d, topk, dtype, max_slabs):
     # The symmetric search (query rows = the whole set: each score computed once, for i < j, and offered to both rows;
-    # the interpreter's 16 x 16 tiles for lists of <= 16 slots, 32 x 16 for 32 (fp32, topk > 8), as the GPU's 128 x 128
-    # and 128 x 64)
-    # against the float64 reference's dense search: neighbours in order, ties to the lowest index, distances, loss. Few slabs allowed, so that slabs hold several row tiles (the columns' state read
-    # back and updated across row tiles) and the last one is ragged; fp16 input takes the unnormalised search (the
-    # norms applied per tile), fp32 the fp16 copy with exact re-ranking.
+    # the interpreter's 16 x 16 tiles for lists of <= 16 slots, 32 x 16 for 32 (fp32, topk > 8), as the GPU's
+    # 128 x 128 and 128 x 64) against the float64 reference's dense search: neighbours in order, ties to the lowest
+    # index, distances, loss. Few slabs allowed, so that slabs hold several row tiles (the columns' state read back and
+    # updated across row tiles) and the last one is ragged; fp16 input takes the unnormalised search (the norms
+    # applied per tile), fp32 the fp16 copy with exact re-ranking.
     from dinov3_kernels._triton import koleo as tk
 
     monkeypatch.setattr(tk, "SYMMETRIC_MAX_SLABS", max_slabs)
@@ -825,9 +825,9 @@ def test_gpu_fp32_search_is_reranked(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_triton_symmetric_search(dtype):
-    # The symmetric search (the default from SYMMETRIC_MIN_ROWS rows at d > 384) and the chunked one on the same
-    # rows: the float64 neighbours, in order (random data: 16-bit input searched as given, exact products; fp32 on
-    # its fp16 copy, re-ranked), and the same loss; n spans many slabs, the last tile ragged.
+    # The symmetric search (the default from SYMMETRIC_MIN_ROWS rows at d > 384 for 16-bit input) and the chunked one,
+    # both forced, on the same rows: the float64 neighbours, in order (random data: 16-bit input searched as given,
+    # exact products; fp32 on its fp16 copy, re-ranked), and the same loss; n spans many slabs, the last tile ragged.
     from dinov3_kernels._triton.koleo import SYMMETRIC_MIN_ROWS, koleo_fwd_triton
 
     n = SYMMETRIC_MIN_ROWS + 1000

@@ -183,15 +183,16 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
 
         _CONTEXT.update(op="koleo", head_dim=None)
         # d <= 384 takes the resident search, larger d the chunked one, or from 4096 rows (the whole set searched,
-        # offset 0) the symmetric one (128 x 128 tiles for lists of <= 16 slots, 128 x 64 for 32).
-        koleo_shapes = ((64, 384, 1), (64, 1024, 1), (9000, 1024, 4), (64, 160, 1), (9000, 1024, 1), (9000, 1024, 5))
+        # offset 0) possibly the symmetric one: both are compiled there, whichever is the default (symmetric tiles
+        # 128 x 128 for lists of <= 16 slots, 128 x 64 for 32: fp32 topk 9).
+        koleo_shapes = ((64, 384, 1), (64, 1024, 1), (9000, 1024, 4), (64, 160, 1), (9000, 1024, 1), (9000, 1024, 9))
         koleo_shapes += ((9000, 384, 4),) if full else ()
         for n, D, topk in koleo_shapes if "koleo" in ops else ():
             x = torch.randn(n, D).to(dtype)
-            loss, idx, dist, norm = koleo.koleo_fwd_triton(x, 0, n, topk, 1e-8, 1e-8)
-            if n >= koleo.SYMMETRIC_MIN_ROWS:  # both large-n searches, whichever is the default here
-                koleo.koleo_fwd_triton(x, 0, n, topk, 1e-8, 1e-8, symmetric=True)
+            if n >= koleo.SYMMETRIC_MIN_ROWS:
                 koleo.koleo_fwd_triton(x, 0, n, topk, 1e-8, 1e-8, symmetric=False)
+            loss, idx, dist, norm = koleo.koleo_fwd_triton(x, 0, n, topk, 1e-8, 1e-8,
+                                                           symmetric=True if n >= koleo.SYMMETRIC_MIN_ROWS else None)
             idx.zero_()
             dist.fill_(1.0)
             koleo.koleo_bwd_triton(torch.ones(()), x, idx, dist, norm, 0, n, 1e-8, 1e-8)
