@@ -295,6 +295,21 @@ def test_triton_symmetric_search(triton_cpu, monkeypatch, n, d, topk, dtype, max
     assert (group > 1) == (n > block_m * max_slabs)  # the cases above do make multi-tile slabs
 
 
+def test_triton_symmetric_search_through_the_public_op(triton_cpu, monkeypatch):
+    # koleo_loss(backend="triton") choosing the symmetric search by default (thresholds lowered so a small set takes
+    # it; d = 401 is past the resident kernel) matches the float64 reference in loss and gradient, fp32 and top-2.
+    from dinov3_kernels._triton import koleo as tk
+
+    monkeypatch.setattr(tk, "SYMMETRIC_MIN_ROWS", 2)
+    monkeypatch.setattr(tk, "SYMMETRIC_LONG_LIST_D", 1)
+    monkeypatch.setattr(tk, "SYMMETRIC_MAX_SLABS", 2)
+    chosen = []
+    pick = tk._use_symmetric
+    monkeypatch.setattr(tk, "_use_symmetric", lambda *a: chosen.append(pick(*a)) or chosen[-1])
+    _check(torch.randn(45, 401), "triton", 2)
+    assert chosen == [True]
+
+
 def test_triton_symmetric_search_identical_rows(triton_cpu, monkeypatch):
     # Every score equal: each row's neighbours are the lowest indices but itself, although its lower candidates come
     # from other programs' column lists and its higher ones from its own row lists.
