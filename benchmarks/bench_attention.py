@@ -16,6 +16,8 @@ bf16 as the official trainer's blocks run (the TF32 flag, on as in training, cha
                          SDPA (PyTorch picks flash / cuDNN / efficient), one pass back to the packed gradient
   triton, cuda           dinov3_kernels.rope_attention
 
+RoPE tables as each path's model computes them: (H·W, D) sin/cos with equal halves for the official paths, the tied
+(H·W, D/2) halves for the package's backends (dinov3.models passes those), built before timing.
 FLOPs: forward 4·B·H·N²·D (two matmuls); backward 2.5x forward, so forward+backward 3.5·(4·B·H·N²·D).
 Errors are measured on one image (B = 1) against the float64 official path; the rows without RoPE compute another
 function and carry no error. Goals on H100 (bf16, fwd+bwd): >= 1.5x the official path at N <= 261, >= 1.2x at N = 1029,
@@ -43,6 +45,16 @@ GPU_SEQS = [201, 261, 1029, 4101]  # 14², 16², 32², 64² patches + 5
 GPU_TOKENS = {64: 131072, 128: 32768}
 CPU_CASES = [("S-tiny", 2, 32, 1, PREFIX + 16), ("S-tiny", 2, 32, 1, PREFIX + 36)]
 NO_ROPE = ("sdpa_flash", "sdpa_cudnn", "flash_attn")
+# What each path is given, as its model computes it: the official RopePositionEmbedding returns (H·W, Dh) sin/cos
+# whose halves are equal; dinov3.models passes the tied (H·W, Dh/2) halves to the package's backends. Built outside
+# the timed calls.
+TIED_TABLES = ("composed", "triton", "cuda", "flash_attn+apply_rope")
+
+
+def _halves(sin, cos):
+    half = sin.shape[-1] // 2
+    assert torch.equal(sin[:, :half], sin[:, half:]) and torch.equal(cos[:, :half], cos[:, half:])
+    return sin[:, :half].contiguous(), cos[:, :half].contiguous()
 
 
 def gpu_cases(models=None, seqs=None, quick=False):
@@ -145,7 +157,10 @@ def run(settings: common.Settings, cases=None, dtype=torch.bfloat16) -> list:
         out64.backward(dout1.double())
         ref = {"fwd": out64.detach(), "fwd+bwd": x64.grad}
         del x64, out64
+        tables = {False: (sin, cos), True: _halves(sin, cos)}
+        tables1 = {False: (sin1, cos1), True: _halves(sin1, cos1)}
         for prov, fn in providers(qkv, H, settings).items():
+            tied = prov in TIED_TABLES
             for mode in ("fwd", "fwd+bwd"):
                 rec = common.Record("rope_attention", prov, f"{name} B={B} H={H} D={D} N={N}", dname, mode,
                                     params=dict(B=B, H=H, N=N, D=D), series=f"{name} (H={H}, Dh={D})", size=N,
@@ -155,8 +170,9 @@ def run(settings: common.Settings, cases=None, dtype=torch.bfloat16) -> list:
                 if prov in NO_ROPE:
                     rec.note = "no RoPE: another function, no error"
                 records.append(common.measure_pass(
-                    rec, entry, lambda f, x=qkv: f(x, sin, cos), qkv, settings, grad_out=dout,
-                    refs=None if prov in NO_ROPE else ref, check=(lambda f, x=qkv1: f(x, sin1, cos1), qkv1, dout1)))
+                    rec, entry, lambda f, x=qkv, t=tables[tied]: f(x, *t), qkv, settings, grad_out=dout,
+                    refs=None if prov in NO_ROPE else ref,
+                    check=(lambda f, x=qkv1, t=tables1[tied]: f(x, *t), qkv1, dout1)))
         del qkv, dout, qkv1, dout1
         if settings.gpu:
             torch.cuda.empty_cache()

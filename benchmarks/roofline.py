@@ -383,6 +383,20 @@ ATTENTION_BACKENDS = ("official", "compile", "sdpa_flash", "sdpa_cudnn", "flash_
                       "composed", "triton", "cuda")
 _EAGER_ROPE_BYTES = 68  # per element of q or k, per direction: fp32 casts, rotate_half, 2 muls, add, cat, cast back
 _FUSED_ROPE_BYTES = 8   # compile: one read, one write per element, plus the sin/cos tables
+# The Triton row-wise passes (dinov3_kernels._triton.attention._row_pass): a program rotates BLOCK_N tokens of a group
+# of heads and loads their sin/cos rows once for the group; groups as large as keep ROW_PASS_MIN_PROGRAMS programs.
+ATTN_ROW_PASS_MIN_PROGRAMS = 1024  # dinov3_kernels._triton.attention.ROW_PASS_MIN_PROGRAMS
+ATTN_ROW_PASS_ELEMENTS = 4096  # ... ROW_PASS_ELEMENTS: BLOCK_N x the head dim padded to a power of two
+
+
+def attention_heads_per_pass(B, H, N, D) -> int:
+    """Heads per program of the Triton row-wise passes (their sin/cos rows are read once per group)."""
+    block_n = max(16, min(64, ATTN_ROW_PASS_ELEMENTS // (1 << (D - 1).bit_length())))
+    tiles = _cdiv(N, block_n)
+    g = H
+    while g > 1 and B * _cdiv(H, g) * tiles < ATTN_ROW_PASS_MIN_PROGRAMS:
+        g = _cdiv(g, 2)
+    return g
 
 
 def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
@@ -394,7 +408,9 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     FA2/cuDNN and Triton (ours, since the FA2-style redesign; before it Triton ran separate dK/dV and dQ passes,
     14·N²·D and 2 exps). Tiles assumed: Triton BM=128 forward, 64x64 backward; CUDA and the others 64 (FA2 forward:
     128). RoPE sin/cos are the tied (HW, D/2) fp32 tables: 4·D bytes per token per load, from L2 (shared by all
-    heads); the CUDA kernels read them as passed since issue 14 (before, the glue expanded them to (HW, D) with two
+    heads); the Triton row-wise passes (rotations, Delta, dQ finishing, the composed backend's split and merge) load
+    them once per token tile for a group of g heads (attention_heads_per_pass: all H at the benchmark shapes), the
+    tile kernels once per (batch, head) tile; the CUDA kernels read them as passed since issue 14 (before, the glue expanded them to (HW, D) with two
     cat launches per call, 8·D bytes per load). The CUDA tensor-core path (16-bit) rotates K once into a (B, N, C)
     scratch before the forward and Q once before the backward (one launch more each; 2 element moves of scratch
     traffic each), Q (forward) and K (backward) once per tile as they load; its fp32 SIMT path re-rotates K on every
@@ -402,8 +418,9 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     mma.sync instead of wgmma, nor for the loads the CUDA kernels leave unpipelined (all but the 16-bit K'/V tiles
     of the forward and Q'/dO tiles of the backward, streamed with cp.async since issue 14). Triton rotates K
     once into a (B, H, N, D) scratch (forward) and Q once (backward, with K, in the pass that computes Delta), so
-    its tables are read a fixed number of times per token (q and k once
-    each forward; q, k and the dQ finishing pass backward); for fp32 input with TF32 at D >= 128 its backward is split
+    its tables are read a fixed number of times per token and head (forward: 1 for q in the attention kernel,
+    1/g for k; backward: 1/g for q and k in the Delta pass, 1 for dK in the main kernel, 1/g for the dQ finishing
+    pass, or 1 for the split backward's dQ kernel); for fp32 input with TF32 at D >= 128 its backward is split
     (dK/dV per k tile, dQ per 128-query tile: 14·N²·D FLOPs, no dQ atomics),
     for 2 element moves of scratch traffic per rotated tensor, an fp32 dQ accumulator (zeroed, added to, read) and
     one launch more each way. SDPA on the strided q/k/v views of qkv adds the copies of out (forward) and of the
@@ -411,7 +428,7 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     way; compile fuses it to ~8. HBM: K and V (and Q, dO in backward) of the heads in flight, re-read through L2 (see _hbm).
     composed (dinov3_kernels "composed"): SDPA's flash kernels (the FA2 counts) on contiguous rotated q, k, v written
     by one Triton pass over the packed qkv (reads 3 elements, writes 3 per token and head dim, plus the tied tables
-    once per (batch, head) tile pass: 4·D bytes per token, from L2), and in backward one pass that reads dq, dk, dv and
+    once per token tile and group of g heads: 4·D/g bytes per token and head, from L2), and in backward one pass that reads dq, dk, dv and
     writes the packed gradient (6 element moves again); SDPA's output is already in the (B, N, C) layout (no copy)
     and dout is read in place. One launch more each way than SDPA alone.
     """
@@ -436,7 +453,8 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     elif kernel == "cuda":
         fwd_design += table * (1 + nq)
     elif kernel == "triton":
-        fwd_design += 2 * table
+        g = attention_heads_per_pass(B, H, N, D)
+        fwd_design += table * (1 + 1 / g)
         scratch += 2 * X * e  # K rotated: written once, read back (its nq reads are the K reads above)
     bwd_flops, bwd_exps, bwd_design = 0.0, 0.0, 0.0
     split = False
@@ -460,7 +478,7 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         elif kernel == "cuda":
             bwd_design += table * (nkb + 1)
         elif kernel == "triton":
-            bwd_design += 3 * table
+            bwd_design += table * ((2 + 1 / g) if split else (1 + 2 / g))
             # Q and K rotated by the Delta pass (each written and read back); the dQ accumulator zeroed (single kernel).
             scratch += 4 * X * e + (0 if split else X * 4)
     design = fwd_design + bwd_design
@@ -484,7 +502,8 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     if backend == "composed":
         passes = 1 if mode == "fwd" else 2
         extra += 6 * X * e * passes
-        design += BH * N * D * 4 * passes  # the tables, from L2 (H·W·D·4 bytes in all, shared by every head)
+        # the tables, from L2 (H·W·D·4 bytes in all, shared by every head), once per group of heads
+        design += BH * N * D * 4 * passes / attention_heads_per_pass(B, H, N, D)
         launches += passes
     if backend == "flash_attn+apply_rope":
         extra += (4 * X * e + 2 * N * D * 4) * (1 if mode == "fwd" else 2)

@@ -63,6 +63,17 @@ def _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF: tl.constexpr, HEAD_D
 
 
 @triton.jit
+def _head_group(H, heads_per_program):
+    """(b, first head, end head) of a row-wise pass's program: axis 0 enumerates (batch entry, group of
+    heads_per_program consecutive heads), the last group of an entry possibly shorter."""
+    groups = tl.cdiv(H, heads_per_program)
+    pg = tl.program_id(0)
+    b = (pg // groups).to(tl.int64)
+    h0 = (pg % groups) * heads_per_program
+    return b, h0, tl.minimum(h0 + heads_per_program, H)
+
+
+@triton.jit
 def _kv_tile_scores(q1, q2, krot, v_base, keys, mkey, stride_n, cols_h, mcol_h, cols_d, mcol_d, HALF: tl.constexpr,
                     HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of a query-tile sweep (forward, and the dQ kernel of the split backward): its rotated K halves
@@ -84,10 +95,16 @@ def _load_rotated(ptr, mrow, cols, SIN, COS, rows, N, num_prefix, HALF: tl.const
 
     The rotation runs in fp32 and is cast back to the input dtype; prefix rows pass through untouched.
     """
+    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
+    return _load_rotated_with(ptr, mrow, cols, c1, s1, c2, s2, rot, HALF)
+
+
+@triton.jit
+def _load_rotated_with(ptr, mrow, cols, c1, s1, c2, s2, rot, HALF: tl.constexpr):
+    """_load_rotated with the coefficients already loaded (the row-wise passes load them once for several heads)."""
     m = mrow[:, None] & (cols < HALF)[None, :]
     x1 = tl.load(ptr + cols[None, :], mask=m, other=0.0)
     x2 = tl.load(ptr + HALF + cols[None, :], mask=m, other=0.0)
-    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
     a1 = x1.to(tl.float32)
     a2 = x2.to(tl.float32)
     r1 = (a1 * c1 - a2 * s1).to(x1.dtype)
@@ -102,6 +119,12 @@ def _store_unrotated(ptr, g1, g2, mrow, cols, SIN, COS, rows, N, num_prefix, HAL
                      HEAD_DIM: tl.constexpr, TIED: tl.constexpr):
     """Stores the gradient w.r.t. the unrotated tile given fp32 gradients (g1, g2) w.r.t. the rotated halves."""
     c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
+    _store_unrotated_with(ptr, g1, g2, mrow, cols, c1, s1, c2, s2, rot, HALF)
+
+
+@triton.jit
+def _store_unrotated_with(ptr, g1, g2, mrow, cols, c1, s1, c2, s2, rot, HALF: tl.constexpr):
+    """_store_unrotated with the coefficients already loaded."""
     d1 = tl.where(rot[:, None], g1 * c1 + g2 * s2, g1)
     d2 = tl.where(rot[:, None], g2 * c2 - g1 * s1, g2)
     m = mrow[:, None] & (cols < HALF)[None, :]
@@ -115,39 +138,42 @@ def _store_unrotated(ptr, g1, g2, mrow, cols, SIN, COS, rows, N, num_prefix, HAL
 def _rope_attention_rotate_kernel(
     QKV, SIN, COS, DST, DST_K, OUT, DOUT, DELTA,
     stride_b, stride_n, stride_ob, stride_on, stride_db, stride_dn,
-    N, H, C, num_prefix, which,
+    N, H, C, num_prefix, which, heads_per_program,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
     WITH_DELTA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Rotates q (which = 0) or k (which = 1) of the packed qkv once into a (B, H, N, Dh) scratch that the attention
     # kernel re-reads tile after tile (instead of re-rotating them, with their sin/cos rows, on every pass).
     # WITH_DELTA (backward, which = 0): also k into DST_K, and Delta_i = Σ_d dO_id·O_id = Σ_j P_ij dP_ij, the row
-    # term of the softmax backward.
+    # term of the softmax backward. Each program takes a group of heads (see _row_grid) and loads its tokens'
+    # sin/cos rows once for all of them (and, with Delta, for q and k).
     HALF: tl.constexpr = HEAD_DIM // 2
-    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles): B·H on the axis that takes 2^31 - 1 programs
-    b = bh // H
-    h = bh % H
+    b, h0, h1 = _head_group(H, heads_per_program)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r64 = rows.to(tl.int64)[:, None]
     mrow = rows < N
     cols = tl.arange(0, BLOCK_H)
-    x1, x2 = _load_rotated(QKV + b * stride_b + r64 * stride_n + which * C + h * HEAD_DIM, mrow, cols, SIN, COS,
-                           rows, N, num_prefix, HALF, HEAD_DIM, TIED)
     m = mrow[:, None] & (cols < HALF)[None, :]
-    dst = DST + bh * N * HEAD_DIM + r64 * HEAD_DIM
-    tl.store(dst + cols[None, :], x1, mask=m)
-    tl.store(dst + HALF + cols[None, :], x2, mask=m)
-    if WITH_DELTA:
-        k1, k2 = _load_rotated(QKV + b * stride_b + r64 * stride_n + C + h * HEAD_DIM, mrow, cols, SIN, COS,
-                               rows, N, num_prefix, HALF, HEAD_DIM, TIED)
-        dst_k = DST_K + bh * N * HEAD_DIM + r64 * HEAD_DIM
-        tl.store(dst_k + cols[None, :], k1, mask=m)
-        tl.store(dst_k + HALF + cols[None, :], k2, mask=m)
-        cols_d = tl.arange(0, BLOCK_D)
-        md = mrow[:, None] & (cols_d < HEAD_DIM)[None, :]
-        o = tl.load(OUT + b * stride_ob + r64 * stride_on + h * HEAD_DIM + cols_d[None, :], mask=md, other=0.0)
-        do = tl.load(DOUT + b * stride_db + r64 * stride_dn + h * HEAD_DIM + cols_d[None, :], mask=md, other=0.0)
-        tl.store(DELTA + bh * N + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=mrow)
+    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
+    for h in range(h0, h1):
+        bh = b * H + h
+        x1, x2 = _load_rotated_with(QKV + b * stride_b + r64 * stride_n + which * C + h * HEAD_DIM, mrow, cols,
+                                    c1, s1, c2, s2, rot, HALF)
+        dst = DST + bh * N * HEAD_DIM + r64 * HEAD_DIM
+        tl.store(dst + cols[None, :], x1, mask=m)
+        tl.store(dst + HALF + cols[None, :], x2, mask=m)
+        if WITH_DELTA:
+            k1, k2 = _load_rotated_with(QKV + b * stride_b + r64 * stride_n + C + h * HEAD_DIM, mrow, cols,
+                                        c1, s1, c2, s2, rot, HALF)
+            dst_k = DST_K + bh * N * HEAD_DIM + r64 * HEAD_DIM
+            tl.store(dst_k + cols[None, :], k1, mask=m)
+            tl.store(dst_k + HALF + cols[None, :], k2, mask=m)
+            cols_d = tl.arange(0, BLOCK_D)
+            md = mrow[:, None] & (cols_d < HEAD_DIM)[None, :]
+            o = tl.load(OUT + b * stride_ob + r64 * stride_on + h * HEAD_DIM + cols_d[None, :], mask=md, other=0.0)
+            do = tl.load(DOUT + b * stride_db + r64 * stride_dn + h * HEAD_DIM + cols_d[None, :], mask=md,
+                         other=0.0)
+            tl.store(DELTA + bh * N + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=mrow)
 
 
 # ---- forward -----------------------------------------------------------------------------------------------------
@@ -289,24 +315,25 @@ def _rope_attention_bwd_kernel(
 def _rope_attention_bwd_dq_kernel(
     DQ_ACC, SIN, COS, DQKV,
     stride_gb, stride_gn,
-    N, H, num_prefix, sm_scale,
+    N, H, num_prefix, sm_scale, heads_per_program,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, TIED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Finishing pass: dQ = scale·Rᵀ(dQ_rot accumulated in fp32) into the packed gradient's q third.
+    # Finishing pass: dQ = scale·Rᵀ(dQ_rot accumulated in fp32) into the packed gradient's q third; a group of heads
+    # per program, the sin/cos rows loaded once for all of them (see _row_grid).
     HALF: tl.constexpr = HEAD_DIM // 2
-    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles)
-    b = bh // H
-    h = bh % H
+    b, h0, h1 = _head_group(H, heads_per_program)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r64 = rows.to(tl.int64)[:, None]
     mrow = rows < N
     cols = tl.arange(0, BLOCK_H)
     m = mrow[:, None] & (cols < HALF)[None, :]
-    acc = DQ_ACC + bh * N * HEAD_DIM + r64 * HEAD_DIM
-    g1 = tl.load(acc + cols[None, :], mask=m, other=0.0) * sm_scale
-    g2 = tl.load(acc + HALF + cols[None, :], mask=m, other=0.0) * sm_scale
-    _store_unrotated(DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM, g1, g2, mrow, cols, SIN, COS, rows, N,
-                     num_prefix, HALF, HEAD_DIM, TIED)
+    c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
+    for h in range(h0, h1):
+        acc = DQ_ACC + (b * H + h) * N * HEAD_DIM + r64 * HEAD_DIM
+        g1 = tl.load(acc + cols[None, :], mask=m, other=0.0) * sm_scale
+        g2 = tl.load(acc + HALF + cols[None, :], mask=m, other=0.0) * sm_scale
+        _store_unrotated_with(DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM, g1, g2, mrow, cols,
+                              c1, s1, c2, s2, rot, HALF)
 
 
 @triton.jit
@@ -388,45 +415,44 @@ def _rope_attention_bwd_dq_tile_kernel(
 def _apply_rope_kernel(
     Q, K, QO, KO, SIN, COS,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
-    N, H, num_prefix,
+    N, H, num_prefix, heads_per_program,
     INVERSE: tl.constexpr, HEAD_DIM: tl.constexpr, TIED: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # q and k of one (b, h) and BLOCK_N tokens share their sin/cos rows: one load of the coefficients for both.
-    # INVERSE applies the transposed rotation (the backward of the forward one).
+    # q and k of a group of heads (see _row_grid) and BLOCK_N tokens share their sin/cos rows: one load of the
+    # coefficients for all of them. INVERSE applies the transposed rotation (the backward of the forward one).
     HALF: tl.constexpr = HEAD_DIM // 2
-    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles): B·H on the axis that takes 2^31 - 1 programs
-    b = bh // H
-    h = bh % H
+    b, h0, h1 = _head_group(H, heads_per_program)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_H)
     c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
     m = (rows < N)[:, None] & (cols < HALF)[None, :]
     r64 = rows.to(tl.int64)[:, None]
-    o_off = bh.to(tl.int64) * N * HEAD_DIM + r64 * HEAD_DIM + cols[None, :]
-    for which in tl.static_range(2):
-        if which == 0:
-            src = Q + b * sq_b + h * sq_h + r64 * sq_n
-            sd = sq_d
-            dst = QO
-        else:
-            src = K + b * sk_b + h * sk_h + r64 * sk_n
-            sd = sk_d
-            dst = KO
-        x1 = tl.load(src + cols[None, :] * sd, mask=m, other=0.0)
-        x2 = tl.load(src + (cols[None, :] + HALF) * sd, mask=m, other=0.0)
-        a1 = x1.to(tl.float32)
-        a2 = x2.to(tl.float32)
-        if INVERSE:
-            y1 = a1 * c1 + a2 * s2
-            y2 = a2 * c2 - a1 * s1
-        else:
-            y1 = a1 * c1 - a2 * s1
-            y2 = a2 * c2 + a1 * s2
-        y1 = tl.where(rot[:, None], y1.to(x1.dtype), x1)
-        y2 = tl.where(rot[:, None], y2.to(x2.dtype), x2)
-        tl.store(dst + o_off, y1.to(dst.dtype.element_ty), mask=m)
-        tl.store(dst + o_off + HALF, y2.to(dst.dtype.element_ty), mask=m)
+    for h in range(h0, h1):
+        o_off = (b * H + h) * N * HEAD_DIM + r64 * HEAD_DIM + cols[None, :]
+        for which in tl.static_range(2):
+            if which == 0:
+                src = Q + b * sq_b + h * sq_h + r64 * sq_n
+                sd = sq_d
+                dst = QO
+            else:
+                src = K + b * sk_b + h * sk_h + r64 * sk_n
+                sd = sk_d
+                dst = KO
+            x1 = tl.load(src + cols[None, :] * sd, mask=m, other=0.0)
+            x2 = tl.load(src + (cols[None, :] + HALF) * sd, mask=m, other=0.0)
+            a1 = x1.to(tl.float32)
+            a2 = x2.to(tl.float32)
+            if INVERSE:
+                y1 = a1 * c1 + a2 * s2
+                y2 = a2 * c2 - a1 * s1
+            else:
+                y1 = a1 * c1 - a2 * s1
+                y2 = a2 * c2 + a1 * s2
+            y1 = tl.where(rot[:, None], y1.to(x1.dtype), x1)
+            y2 = tl.where(rot[:, None], y2.to(x2.dtype), x2)
+            tl.store(dst + o_off, y1.to(dst.dtype.element_ty), mask=m)
+            tl.store(dst + o_off + HALF, y2.to(dst.dtype.element_ty), mask=m)
 
 
 # ---- the composed backend's passes (qkv -> rotated q, k, v for SDPA, and back) -----------------------------------
@@ -434,16 +460,14 @@ def _apply_rope_kernel(
 def _rope_qkv_split_kernel(
     QKV, SIN, COS, Q, K, V,
     stride_b, stride_n,
-    N, H, C, num_prefix,
+    N, H, C, num_prefix, heads_per_program,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Packed qkv (B, N, 3C) -> q, k (rotated, fp32 math cast back as official) and v, each (B, H, N, Dh) contiguous:
-    # one read and one write of every element, the sin/cos rows loaded once for q and k.
+    # one read and one write of every element, the sin/cos rows loaded once for q and k of a group of heads.
     HALF: tl.constexpr = HEAD_DIM // 2
-    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles): B·H on the axis that takes 2^31 - 1 programs
-    b = bh // H
-    h = bh % H
+    b, h0, h1 = _head_group(H, heads_per_program)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r64 = rows.to(tl.int64)[:, None]
     mrow = rows < N
@@ -451,40 +475,35 @@ def _rope_qkv_split_kernel(
     cols_d = tl.arange(0, BLOCK_D)
     m = mrow[:, None] & (cols < HALF)[None, :]
     md = mrow[:, None] & (cols_d < HEAD_DIM)[None, :]
-    src = QKV + b * stride_b + r64 * stride_n + h * HEAD_DIM
-    dst = bh * N * HEAD_DIM + r64 * HEAD_DIM
     c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
-    for which in tl.static_range(2):
-        x1 = tl.load(src + which * C + cols[None, :], mask=m, other=0.0)
-        x2 = tl.load(src + which * C + HALF + cols[None, :], mask=m, other=0.0)
-        a1 = x1.to(tl.float32)
-        a2 = x2.to(tl.float32)
-        y1 = tl.where(rot[:, None], (a1 * c1 - a2 * s1).to(x1.dtype), x1)
-        y2 = tl.where(rot[:, None], (a2 * c2 + a1 * s2).to(x2.dtype), x2)
-        if which == 0:
-            out = Q
-        else:
-            out = K
-        tl.store(out + dst + cols[None, :], y1, mask=m)
-        tl.store(out + dst + HALF + cols[None, :], y2, mask=m)
-    v = tl.load(src + 2 * C + cols_d[None, :], mask=md, other=0.0)
-    tl.store(V + dst + cols_d[None, :], v, mask=md)
+    for h in range(h0, h1):
+        src = QKV + b * stride_b + r64 * stride_n + h * HEAD_DIM
+        dst = (b * H + h) * N * HEAD_DIM + r64 * HEAD_DIM
+        for which in tl.static_range(2):
+            y1, y2 = _load_rotated_with(src + which * C, mrow, cols, c1, s1, c2, s2, rot, HALF)
+            if which == 0:
+                out = Q
+            else:
+                out = K
+            tl.store(out + dst + cols[None, :], y1, mask=m)
+            tl.store(out + dst + HALF + cols[None, :], y2, mask=m)
+        v = tl.load(src + 2 * C + cols_d[None, :], mask=md, other=0.0)
+        tl.store(V + dst + cols_d[None, :], v, mask=md)
 
 
 @triton.jit
 def _rope_qkv_merge_kernel(
     DQ, DK, DV, SIN, COS, DQKV,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, stride_gb, stride_gn,
-    N, H, C, num_prefix,
+    N, H, C, num_prefix, heads_per_program,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TIED: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Backward of the split: dq, dk, dv (B, H, N, Dh) (any strides, last 1) -> the packed (B, N, 3C) gradient, with
-    # the transposed rotation on dq and dk (d x1 = g1·cos1 + g2·sin2, d x2 = g2·cos2 - g1·sin1, in fp32).
+    # the transposed rotation on dq and dk (d x1 = g1·cos1 + g2·sin2, d x2 = g2·cos2 - g1·sin1, in fp32); the sin/cos
+    # rows loaded once for a group of heads.
     HALF: tl.constexpr = HEAD_DIM // 2
-    bh = tl.program_id(0).to(tl.int64)  # grid (B·H, tiles)
-    b = bh // H
-    h = bh % H
+    b, h0, h1 = _head_group(H, heads_per_program)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r64 = rows.to(tl.int64)[:, None]
     mrow = rows < N
@@ -492,21 +511,19 @@ def _rope_qkv_merge_kernel(
     cols_d = tl.arange(0, BLOCK_D)
     m = mrow[:, None] & (cols < HALF)[None, :]
     md = mrow[:, None] & (cols_d < HEAD_DIM)[None, :]
-    dst = DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM
     c1, s1, c2, s2, rot = _rope_coeffs(SIN, COS, rows, N, num_prefix, cols, HALF, HEAD_DIM, TIED)
-    for which in tl.static_range(2):
-        if which == 0:
-            src = DQ + b * sq_b + h * sq_h + r64 * sq_n
-        else:
-            src = DK + b * sk_b + h * sk_h + r64 * sk_n
-        g1 = tl.load(src + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        g2 = tl.load(src + HALF + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        d1 = tl.where(rot[:, None], g1 * c1 + g2 * s2, g1)
-        d2 = tl.where(rot[:, None], g2 * c2 - g1 * s1, g2)
-        tl.store(dst + which * C + cols[None, :], d1.to(DQKV.dtype.element_ty), mask=m)
-        tl.store(dst + which * C + HALF + cols[None, :], d2.to(DQKV.dtype.element_ty), mask=m)
-    dv = tl.load(DV + b * sv_b + h * sv_h + r64 * sv_n + cols_d[None, :], mask=md, other=0.0)
-    tl.store(dst + 2 * C + cols_d[None, :], dv.to(DQKV.dtype.element_ty), mask=md)
+    for h in range(h0, h1):
+        dst = DQKV + b * stride_gb + r64 * stride_gn + h * HEAD_DIM
+        for which in tl.static_range(2):
+            if which == 0:
+                src = DQ + b * sq_b + h * sq_h + r64 * sq_n
+            else:
+                src = DK + b * sk_b + h * sk_h + r64 * sk_n
+            g1 = tl.load(src + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            g2 = tl.load(src + HALF + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            _store_unrotated_with(dst + which * C, g1, g2, mrow, cols, c1, s1, c2, s2, rot, HALF)
+        dv = tl.load(DV + b * sv_b + h * sv_h + r64 * sv_n + cols_d[None, :], mask=md, other=0.0)
+        tl.store(dst + 2 * C + cols_d[None, :], dv.to(DQKV.dtype.element_ty), mask=md)
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------------
@@ -601,12 +618,6 @@ def _cpu_blocks(N):
     return {"BLOCK_M": block, "BLOCK_N": block}
 
 
-def _row_block(t):
-    # Rows per program of the row-wise kernels (Delta, apply_rope): 16 keeps several programs (and ragged edges) in the
-    # interpreter's small test shapes.
-    return 16 if t.device.type == "cpu" else 64
-
-
 def _tied(sin, head_dim):
     return sin.shape[1] * 2 == head_dim
 
@@ -648,14 +659,19 @@ def _rotate_once(qkv, sin, cos, num_heads, num_prefix_tokens, which, out=None, d
     rot_k = torch.empty_like(rot) if with_delta else rot
     delta = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32) if with_delta else rot
     out, dout = (out, dout) if with_delta else (rot[0, 0], rot[0, 0])
-    block_n = _row_block(qkv)
+    grid, block_n, hpg = _row_pass(B, num_heads, N, Dh, not qkv.is_cuda)
     block_h, block_d = _dims(Dh)
     # Backward (q, k, o and dO rows in flight): 4 warps spill at fp32 Dh 128 (254 registers, 8 B), 8 at fp32 Dh 256.
-    _rope_attention_rotate_kernel[_split_grid(B, num_heads, N, block_n)](
+    # Forward, fp32: 4 warps spilled 8 B on Triton 3.6 once the sin/cos tiles were held across the head loop.
+    if with_delta:
+        warps = 16 if block_d * qkv.element_size() > 512 else 8
+    else:
+        warps = 8 if qkv.element_size() == 4 else 4
+    _rope_attention_rotate_kernel[grid](
         qkv, sin, cos, rot, rot_k, out, dout, delta, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        dout.stride(0), dout.stride(1), N, num_heads, C, num_prefix_tokens, which,
+        dout.stride(0), dout.stride(1), N, num_heads, C, num_prefix_tokens, which, hpg,
         HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), WITH_DELTA=with_delta, BLOCK_N=block_n,
-        num_warps=(16 if block_d * qkv.element_size() > 512 else 8) if with_delta else 4,
+        num_warps=warps,
     )
     return (rot, rot_k, delta) if with_delta else rot
 
@@ -716,9 +732,9 @@ def rope_attention_bwd_triton(qkv, sin, cos, out, lse, dout, num_heads, num_pref
     dq_acc = torch.zeros((B, num_heads, N, Dh), device=qkv.device, dtype=torch.float32)
     _launch(_bwd_tuned, _rope_attention_bwd_kernel, "BLOCK_N", N, B, num_heads, on_cpu,
             qkv, qrot, krot, sin, cos, dout, lse, delta, dq_acc, dqkv, *args, WITH_DQ=True, **meta)
-    block_n = _row_block(qkv)
-    _rope_attention_bwd_dq_kernel[_split_grid(B, num_heads, N, block_n)](
-        dq_acc, sin, cos, dqkv, dqkv.stride(0), dqkv.stride(1), N, num_heads, num_prefix_tokens, scale,
+    grid, block_n, hpg = _row_pass(B, num_heads, N, Dh, on_cpu)
+    _rope_attention_bwd_dq_kernel[grid](
+        dq_acc, sin, cos, dqkv, dqkv.stride(0), dqkv.stride(1), N, num_heads, num_prefix_tokens, scale, hpg,
         HEAD_DIM=Dh, BLOCK_H=block_h, TIED=tied, BLOCK_N=block_n, num_warps=4,
     )
     return dqkv
@@ -730,24 +746,51 @@ def apply_rope_triton(q, k, sin, cos, num_prefix_tokens, inverse=False):
     B, H, N, Dh = q.shape
     qo = torch.empty((B, H, N, Dh), device=q.device, dtype=q.dtype)
     ko = torch.empty((B, H, N, Dh), device=k.device, dtype=k.dtype)
-    block_n = _row_block(q)
-    _apply_rope_kernel[_split_grid(B, H, N, block_n)](
-        q, k, qo, ko, sin, cos, *q.stride(), *k.stride(), N, H, num_prefix_tokens,
+    grid, block_n, hpg = _row_pass(B, H, N, Dh, not q.is_cuda)
+    _apply_rope_kernel[grid](
+        q, k, qo, ko, sin, cos, *q.stride(), *k.stride(), N, H, num_prefix_tokens, hpg,
         INVERSE=inverse, HEAD_DIM=Dh, TIED=_tied(sin, Dh), BLOCK_H=max(16, triton.next_power_of_2(Dh // 2)),
         BLOCK_N=block_n, num_warps=4,
     )
     return qo, ko
 
 
-def _split_grid(B, H, N, block_n):
-    """(B·H, token tiles): B·H on axis 0 (up to 2^31 - 1 programs); the tiles on axis 1 (at most 65535)."""
+# The row-wise passes (K or Q and K rotated into their scratches with Delta, the dQ finishing pass, apply_rope, the
+# composed backend's split and merge): a program takes BLOCK_N tokens of a group of consecutive heads of one batch
+# entry and loads the tokens' sin/cos rows once for the whole group. One program per (batch entry, head) loaded them
+# for every head: 4·Dh bytes per token with the tied fp32 tables, twice the bytes of the 16-bit row they rotate. The
+# groups are as large as keeps ROW_PASS_MIN_PROGRAMS programs in the grid (about 8 per SM of an H100/H200): all the
+# heads at the training shapes (e.g. B = 502 global + local crops of N = 261: 2510 programs of 16 heads for ViT-L).
+ROW_PASS_MIN_PROGRAMS = 1024
+# BLOCK_N x the head dim (padded to a power of two) per GPU program: 64 tokens at Dh 64, 32 at 128, 16 at 256, so
+# that the sin/cos tiles held across the head loop stay within 64 registers per thread at 4 warps (untied tables).
+ROW_PASS_ELEMENTS = 4096
+
+
+def _heads_per_program(B, H, tiles):
+    """The largest group of heads (H, then halving) whose grid keeps ROW_PASS_MIN_PROGRAMS programs, at least 1."""
+    hpg = H
+    while hpg > 1 and B * triton.cdiv(H, hpg) * tiles < ROW_PASS_MIN_PROGRAMS:
+        hpg = triton.cdiv(hpg, 2)
+    return hpg
+
+
+def _row_pass(B, H, N, head_dim, on_cpu):
+    """(grid, BLOCK_N, heads per program) of a row-wise pass: grid (B·groups, token tiles), (batch entry, group of
+    heads) on axis 0 (up to 2^31 - 1 programs), the tiles on axis 1 (at most 65535). The interpreter takes 16-row
+    tiles and groups of 2 heads: several programs, ragged token tiles and (odd H) a short last group in the small
+    test shapes."""
+    block_n = 16 if on_cpu else max(16, min(64, ROW_PASS_ELEMENTS // triton.next_power_of_2(head_dim)))
     tiles = triton.cdiv(N, block_n)
-    if B * H > MAX_PROGRAMS:
-        raise ValueError(f"rope_attention: B·heads = {B * H} programs exceed a CUDA grid's {MAX_PROGRAMS}")
     if tiles > 65535:
         raise ValueError(f"rope_attention: {N} tokens need {tiles} tiles of {block_n} rows, more than the 65535 a "
                          "CUDA grid's second axis takes")
-    return (B * H, tiles)
+    hpg = min(H, 2) if on_cpu else _heads_per_program(B, H, tiles)
+    programs = B * triton.cdiv(H, hpg)
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"rope_attention: {programs} programs (B={B}, heads={H} in groups of {hpg}) exceed a CUDA "
+                         f"grid's {MAX_PROGRAMS}")
+    return (programs, tiles), block_n, hpg
 
 
 def rope_qkv_split_triton(qkv, sin, cos, num_heads, num_prefix_tokens):
@@ -757,10 +800,10 @@ def rope_qkv_split_triton(qkv, sin, cos, num_heads, num_prefix_tokens):
     C = C3 // 3
     Dh = C // num_heads
     q, k, v = (torch.empty((B, num_heads, N, Dh), device=qkv.device, dtype=qkv.dtype) for _ in range(3))
-    block_n = _row_block(qkv)
+    grid, block_n, hpg = _row_pass(B, num_heads, N, Dh, not qkv.is_cuda)
     block_h, block_d = _dims(Dh)
-    _rope_qkv_split_kernel[_split_grid(B, num_heads, N, block_n)](
-        qkv, sin, cos, q, k, v, qkv.stride(0), qkv.stride(1), N, num_heads, C, num_prefix_tokens,
+    _rope_qkv_split_kernel[grid](
+        qkv, sin, cos, q, k, v, qkv.stride(0), qkv.stride(1), N, num_heads, C, num_prefix_tokens, hpg,
         HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), BLOCK_N=block_n, num_warps=4,
     )
     return q, k, v
@@ -771,11 +814,11 @@ def rope_qkv_merge_triton(dq, dk, dv, sin, cos, num_prefix_tokens):
     B, H, N, Dh = dq.shape
     C = H * Dh
     dqkv = torch.empty((B, N, 3 * C), device=dq.device, dtype=dq.dtype)
-    block_n = _row_block(dq)
+    grid, block_n, hpg = _row_pass(B, H, N, Dh, not dq.is_cuda)
     block_h, block_d = _dims(Dh)
-    _rope_qkv_merge_kernel[_split_grid(B, H, N, block_n)](
+    _rope_qkv_merge_kernel[grid](
         dq, dk, dv, sin, cos, dqkv, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        dqkv.stride(0), dqkv.stride(1), N, H, C, num_prefix_tokens,
+        dqkv.stride(0), dqkv.stride(1), N, H, C, num_prefix_tokens, hpg,
         HEAD_DIM=Dh, BLOCK_H=block_h, BLOCK_D=block_d, TIED=_tied(sin, Dh), BLOCK_N=block_n, num_warps=4,
     )
     return dqkv

@@ -132,6 +132,7 @@ def test_reference_gradcheck():
     (1, 2, 64, PREFIX, (3, 5)),
     (2, 1, 48, 1, (3, 5)),  # head dim not a power of two
     (1, 1, 32, PREFIX, (14, 14)),  # N = 201: several tiles with a ragged edge
+    (2, 3, 32, PREFIX, (3, 5)),  # 3 heads: the row-wise passes' groups of 2 heads end with a group of 1
 ])
 def test_triton_against_reference(triton_cpu, B, H, Dh, prefix, grid):
     hw = grid[0] * grid[1]
@@ -329,7 +330,7 @@ def test_triton_split_and_merge_passes(triton_cpu, Dh, tied, prefix):
     from dinov3_kernels._triton.attention import rope_qkv_merge_triton, rope_qkv_split_triton
     from dinov3_kernels.attention import rope_qkv_merge_reference, rope_qkv_split_reference
 
-    B, H, hw = 2, 2, 35 - prefix
+    B, H, hw = 2, 3, 35 - prefix  # 3 heads: groups of 2 heads per program and a group of 1
     N = prefix + hw
     qkv = _qkv(B, N, H, Dh + 8)[..., :3 * H * Dh]
     sin, cos = _rope(hw, Dh, tied=tied)
@@ -366,15 +367,31 @@ def test_composed_triton_end_to_end(triton_cpu, monkeypatch):
 
 def test_triton_grids_fold_batch_and_heads():
     # No grid puts B on an axis limited to 65535 programs: the attention kernels use one axis (tiles·B·H, up to
-    # 2^31 - 1), the row-wise passes (B·H, tiles); beyond either limit the launcher raises a clear error.
-    from dinov3_kernels._triton.attention import MAX_PROGRAMS, _grid, _split_grid
+    # 2^31 - 1), the row-wise passes (B·head groups, tiles); beyond either limit the launcher raises a clear error.
+    from dinov3_kernels._triton.attention import MAX_PROGRAMS, _grid, _row_pass
 
-    assert _split_grid(70000, 16, 261, 64) == (70000 * 16, 5)
+    assert _row_pass(70000, 16, 261, 64, False) == ((70000, 5), 64, 16)
     assert _grid(261, 70000, 16, 128) == (3 * 70000 * 16,)
     with pytest.raises(ValueError, match="65535"):
-        _split_grid(1, 1, 65536 * 16 + 1, 16)
+        _row_pass(1, 1, 65536 * 64 + 1, 64, False)
+    with pytest.raises(ValueError, match="exceed"):
+        _row_pass(MAX_PROGRAMS, 3, 16, 64, True)  # groups of 2 heads: 2 per batch entry
     with pytest.raises(ValueError, match="exceed"):
         _grid(1029, MAX_PROGRAMS // 16, 16, 64)
+
+
+def test_triton_row_passes_group_heads():
+    # The row-wise passes load a token tile's sin/cos rows once per group of heads: all the heads where the grid
+    # keeps ROW_PASS_MIN_PROGRAMS programs, fewer (halving) where it would not; tiles of 4096 elements at most.
+    from dinov3_kernels._triton.attention import ROW_PASS_MIN_PROGRAMS, _row_pass
+
+    assert ROW_PASS_MIN_PROGRAMS == 1024
+    assert _row_pass(502, 16, 261, 64, False) == ((502, 5), 64, 16)  # ViT-L, 2 global + 10 local crops of 41 images
+    assert _row_pass(125, 32, 261, 128, False) == ((125, 9), 32, 32)  # ViT-7B at 32 tokens per tile
+    assert _row_pass(64, 16, 261, 64, False) == ((256, 5), 64, 4)  # 320 and 640 programs < 1024: 16 -> 8 -> 4
+    assert _row_pass(1, 12, 197, 64, False) == ((12, 4), 64, 1)  # too few tokens to group: one head per program
+    assert _row_pass(2, 6, 261, 256, False)[1] == 16
+    assert _row_pass(2, 3, 40, 48, True) == ((4, 3), 16, 2)
 
 
 # ---- registration: opcheck and torch.compile -----------------------------------------------------------------

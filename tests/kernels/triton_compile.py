@@ -155,7 +155,8 @@ def _install(arch: int, tf32: list[bool]):
     koleo._symmetric_sizes = lambda n, kcp, on_cpu: koleo_sym(n, kcp, False)
     attention._launch = lambda tuned, raw, tile, N, B, H, on_cpu, *a, **m: attn_launch(tuned, raw, tile, N, B, H,
                                                                                          False, *a, **m)
-    attention._row_block = lambda t: 64
+    row_pass = attention._row_pass
+    attention._row_pass = lambda B, H, N, head_dim, on_cpu: row_pass(B, H, N, head_dim, False)
     head_config = head_loss._config
     head_loss._config = lambda z, D, p, **kw: head_config(torch.empty(0, dtype=z.dtype, device="meta"), D, p, **kw)
 
