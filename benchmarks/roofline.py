@@ -199,12 +199,14 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
         full), loading Y_i and Y_j (2·T·2·Dp·c); writes E' for the upper-triangle tiles only (G·pairs·T²·c) and the
         row-sum slots (2·2·T fp32 per pair side). HBM: Y of the groups in flight re-read through L2 (see _hbm), E'
         once. Y is freed at the end of the forward; E', the row sums and the norms are what autograd holds.
-      backward ("fwd+bwd" only): one program per (row block, 128-column chunk) runs the GEMM E'_i:·x̂ over Pp
-        (2·Pp²·Dp FLOPs per group), E'_i: read from the stored tiles (transposed left of the diagonal) once per chunk
-        (Dp/128 times) and x̂ once per row block (Pp/T times): from Y, kept in the compute dtype where Pp > Dp, else
-        rebuilt from the INPUT x (e bytes per element) and its norm; then reads x and the row sums and writes the
-        gradient, already multiplied by grad_output (no separate scale pass).
-      Launches: prologue + forward + ~3 small torch ops; the backward kernel.
+      backward ("fwd+bwd" only): one program per (2 row blocks, 128-column chunk) runs the GEMM E'_i:·x̂ over Pp
+        for both blocks (2·Pp²·Dp FLOPs per group, plus the odd last block computed twice), E'_i: read from the
+        stored tiles (transposed left of the diagonal) once per chunk (Dp/128 times) and x̂ once per PAIR of row
+        blocks (Pp/2T times; each x̂ tile feeds two accumulators): from Y, kept in the compute dtype where Pp > Dp,
+        else rebuilt from the INPUT x (e bytes per element) and its norm; then reads x and the row sums and writes
+        the gradient, already multiplied by grad_output (no separate scale pass); for fp32 input the second block's
+        dL/dx̂ is parked in the output and read back (its epilogue after the first's: registers).
+      Launches: prologue + forward + the loss kernel (partials summed in fp64); the backward kernel.
     """
     e = 2 if dtype in ("bfloat16", "float16") else 4
     c = 2 if (e == 2 or prec == "tf32") else 4
@@ -215,8 +217,8 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
     pairs = nb * (nb + 1) // 2
     n_chunks = Dp // 128
     fwd_flops = pairs * 2 * T * T * 2 * Dp
-    bwd_flops = 2 * Pp * Pp * Dp
-    flops_exec = G * (fwd_flops + bwd_flops)
+    progs = _cdiv(nb, 2)  # backward programs per group and chunk: 2 row blocks each
+    bwd_flops = 2 * (2 * progs) * T * Pp * Dp  # the odd last block computed twice
     PD = G * P * D
     y_bytes = G * Pp * 2 * Dp * c
     e_bytes = G * pairs * T * T * c
@@ -224,24 +226,25 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
     prologue = 2 * PD * e + y_bytes + G * 2 * Pp * 4
     fwd = G * pairs * 2 * T * 2 * Dp * c + e_bytes + rs_bytes
     bwd = mode != "fwd"
-    if not bwd:
-        flops_exec = G * fwd_flops
-    # E'_i: (Pp·T elements) per program; x̂ (Pp x 128) per program: from the kept Y in the compute dtype where
-    # Pp > Dp, else rebuilt from x in the input dtype and the norms.
+    flops_exec = G * (fwd_flops + (bwd_flops if bwd else 0))
+    # E'_i: (Pp·T elements) per row block and chunk; x̂ (Pp x 128) per program of 2 row blocks: from the kept Y in
+    # the compute dtype where Pp > Dp, else rebuilt from x in the input dtype and the norms.
     keep_y = Pp > Dp
     xb = 128 * c if keep_y else 128 * e + 4
-    grad = (G * nb * n_chunks * Pp * (T * c + xb) + G * nb * n_chunks * nb * T * 4 + 2 * PD * e) if bwd else 0
+    park = T * 128 * 4 * 2 if e == 4 else 0  # fp32 output: the second block's dL/dx̂ parked and read back
+    grad = (G * nb * n_chunks * Pp * T * c + G * progs * n_chunks * Pp * xb + G * (nb // 2) * n_chunks * park
+            + G * nb * n_chunks * nb * T * 4 + 2 * PD * e) if bwd else 0
     design = prologue + fwd + grad
     # HBM per kernel: each byte once (inputs, Y written then read, E' written then read, row sums, x, gradient)
     # while the groups whose tiles are in flight keep their re-read set in L2 (forward: Y, with one 128-wide program
     # per SM (1 CTA/SM at ~250 registers), 2 for 64-wide tiles; gradient: E' and x, 1 program per SM).
     fwd_groups = min(G, _cdiv(sms * (1 if T == 128 else 2), pairs))
-    bwd_groups = min(G, _cdiv(sms, nb * n_chunks))
+    bwd_groups = min(G, _cdiv(sms, progs * n_chunks))
     hbm = (prologue
            + _hbm(y_bytes + e_bytes + rs_bytes, fwd, fwd_groups * Pp * 2 * Dp * c)
            + (_hbm(e_bytes + (y_bytes // 2 if keep_y else PD * e) + rs_bytes + 2 * PD * e, grad,
                    bwd_groups * (pairs * T * T * c + Pp * Dp * (c if keep_y else e))) if bwd else 0))
-    return Estimate(useful, flops_exec, prec, min_b, design, min(hbm, design), 0, 5 + (1 if bwd else 0))
+    return Estimate(useful, flops_exec, prec, min_b, design, min(hbm, design), 0, 3 + (1 if bwd else 0))
 
 
 # ---- KoLeo loss ------------------------------------------------------------------------------------------------------

@@ -201,58 +201,32 @@ def _x_hat_tile(X, Y, NRM, g, k, dcols, P, Pp, D, Dp, side, stride_xg, stride_xp
 
 
 @triton.jit
-def _gram_bwd_kernel(
-    E, RS, NRM, X, Y, OUT, GL,
-    P, Pp, D, Dp, nb, pairs, n_chunks, side, e_slot, NUM_E,
-    stride_xg, stride_xp, stride_xd,
-    scale, e_scale, eps,
-    APPLY_NORM: tl.constexpr, FROM_Y: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # One program per (group, row block, column chunk), flattened on grid axis 0 (the chunk fastest, so programs that
-    # share a row block of E' run together). g = grad_loss · scale · E'_i: · x̂[:, chunk], with E' read from the stored
-    # upper-triangle tiles (tile (j, i) transposed left of the diagonal) and x̂ rebuilt from x and its norm, or read
-    # from the forward's Y where it was kept (FROM_Y: see _layout); then the normalize backward
-    # dx = (g - x̂ (x̂·g)) / max(|x|, eps), with x̂·g = grad_loss · scale · Σ_slots RS. OUT is (G, P, D) contiguous.
-    # E' is stored times e_scale.
-    pid = tl.program_id(0)
-    rb = pid // n_chunks
-    c = pid - rb * n_chunks
-    g = (rb // nb).to(tl.int64)
-    i = rb - (rb // nb) * nb
-    loc = tl.arange(0, BLOCK_M)
-    rows = (i * BLOCK_M + loc).to(tl.int64)
-    ks = tl.arange(0, BLOCK_N)
-    dcols = c * BLOCK_D + tl.arange(0, BLOCK_D)
-    cdtype = E.dtype.element_ty
-    e_g = E + (g * NUM_E + e_slot) * pairs * (BLOCK_M * BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # Columns left of the diagonal block: E'_i,jt = (stored tile (jt, i))ᵀ, pair index i(i+1)/2 + jt.
-    for kk in range(0, i * BLOCK_M, BLOCK_N):
-        jt = kk // BLOCK_M
-        k0 = kk - jt * BLOCK_M
+def _e_tile(e_g, i, kk, loc, ks, BLOCK_M: tl.constexpr, TRANS: tl.constexpr):
+    # The (BLOCK_M, BLOCK_N) slice of E' at row block i and columns kk + ks: from the stored upper-triangle tile (i, jt)
+    # (pair index jt(jt+1)/2 + i) on and right of the diagonal, or, left of it (TRANS), tile (jt, i) transposed (pair
+    # index i(i+1)/2 + jt).
+    jt = kk // BLOCK_M
+    k0 = kk - jt * BLOCK_M
+    if TRANS:
         tile = e_g + (i * (i + 1) // 2 + jt).to(tl.int64) * (BLOCK_M * BLOCK_M)
-        a = tl.trans(tl.load(tile + (k0 + ks)[:, None] * BLOCK_M + loc[None, :]))
-        xb = _x_hat_tile(X, Y, NRM, g, (kk + ks).to(tl.int64), dcols, P, Pp, D, Dp, side, stride_xg, stride_xp,
-                         stride_xd, eps, APPLY_NORM, FROM_Y, cdtype)
-        acc = mma(a, xb, acc, IS_FP32, PRECISION)
-    # The diagonal block and right of it: stored tile (i, jt), pair index jt(jt+1)/2 + i.
-    for kk in range(i * BLOCK_M, Pp, BLOCK_N):
-        jt = kk // BLOCK_M
-        k0 = kk - jt * BLOCK_M
+        return tl.trans(tl.load(tile + (k0 + ks)[:, None] * BLOCK_M + loc[None, :]))
+    else:
         tile = e_g + (jt * (jt + 1) // 2 + i).to(tl.int64) * (BLOCK_M * BLOCK_M)
-        a = tl.load(tile + loc[:, None] * BLOCK_M + (k0 + ks)[None, :])
-        xb = _x_hat_tile(X, Y, NRM, g, (kk + ks).to(tl.int64), dcols, P, Pp, D, Dp, side, stride_xg, stride_xp,
-                         stride_xd, eps, APPLY_NORM, FROM_Y, cdtype)
-        acc = mma(a, xb, acc, IS_FP32, PRECISION)
-    scale = tl.load(GL) * scale  # the incoming gradient, read on the device (no host sync)
-    gh = acc * (scale / e_scale)
+        return tl.load(tile + loc[:, None] * BLOCK_M + (k0 + ks)[None, :])
+
+
+@triton.jit
+def _gram_bwd_store(gh, i, g, RS, NRM, X, OUT, P, Pp, D, nb, side, stride_xg, stride_xp, stride_xd, scale, eps,
+                    dcols, APPLY_NORM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # The epilogue of row block i: the normalize backward dx = (gh - x̂ (x̂·gh)) / max(|x|, eps) of gh = dL/dx̂ (fp32),
+    # with x̂·gh = scale · Σ_slots RS (a fixed order: the same bits on every run).
+    rows = (i * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mr = rows < P
     m = mr[:, None] & (dcols < D)[None, :]
     if APPLY_NORM:
         proj = tl.zeros((BLOCK_M,), dtype=tl.float32)
         rs = RS + (g * 2 + side) * nb * Pp + rows
-        for s in range(0, nb):  # a fixed order: the same bits on every run
+        for s in range(0, nb):
             proj += tl.load(rs + s * Pp)
         norm = tl.load(NRM + (g * 2 + side) * Pp + rows)
         r = 1.0 / tl.maximum(norm, eps)
@@ -263,6 +237,92 @@ def _gram_bwd_kernel(
     else:
         gx = gh
     tl.store(OUT + g * P * D + rows[:, None] * D + dcols[None, :], gx.to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gram_bwd_kernel(
+    E, RS, NRM, X, Y, OUT, GL,
+    P, Pp, D, Dp, nb, pairs, n_chunks, side, e_slot, NUM_E,
+    stride_xg, stride_xp, stride_xd,
+    scale, e_scale, eps,
+    APPLY_NORM: tl.constexpr, FROM_Y: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr, STAGE_SECOND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (group, ROW_BLOCKS consecutive row blocks, column chunk), flattened on grid axis 0 (the chunk
+    # fastest, so programs that share row blocks of E' run together). For each of its row blocks i,
+    # g = grad_loss · scale · E'_i: · x̂[:, chunk], with E' read from the stored upper-triangle tiles (tile (j, i)
+    # transposed left of the diagonal) and x̂ rebuilt from x and its norm, or read from the forward's Y where it was
+    # kept (FROM_Y: see _layout); then the normalize backward (_gram_bwd_store). OUT is (G, P, D) contiguous. E' is
+    # stored times e_scale. With two row blocks each x̂ tile loaded serves two products (two accumulators): half the
+    # x̂ traffic of one block per program. An odd last block pairs with itself (computed twice, stored once).
+    # STAGE_SECOND (fp32 OUT): the second block's dL/dx̂ is parked in OUT (fp32, exact) before the first block's
+    # epilogue and read back for its own, so that only one accumulator and one fp32 x tile are live at a time (both
+    # accumulators and the fp32 x tile spilled 136 B at 128-row blocks).
+    pid = tl.program_id(0)
+    rb = pid // n_chunks
+    c = pid - rb * n_chunks
+    per_group = tl.cdiv(nb, ROW_BLOCKS)
+    g = (rb // per_group).to(tl.int64)
+    i0 = (rb - (rb // per_group) * per_group) * ROW_BLOCKS
+    i1 = tl.minimum(i0 + ROW_BLOCKS - 1, nb - 1)  # == i0 for one block per program, and at an odd end
+    loc = tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_N)
+    dcols = c * BLOCK_D + tl.arange(0, BLOCK_D)
+    cdtype = E.dtype.element_ty
+    e_g = E + (g * NUM_E + e_slot) * pairs * (BLOCK_M * BLOCK_M)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    # Columns left of block i0's diagonal block: both blocks read transposed tiles.
+    for kk in range(0, i0 * BLOCK_M, BLOCK_N):
+        xb = _x_hat_tile(X, Y, NRM, g, (kk + ks).to(tl.int64), dcols, P, Pp, D, Dp, side, stride_xg, stride_xp,
+                         stride_xd, eps, APPLY_NORM, FROM_Y, cdtype)
+        acc0 = mma(_e_tile(e_g, i0, kk, loc, ks, BLOCK_M, True), xb, acc0, IS_FP32, PRECISION)
+        if ROW_BLOCKS == 2:
+            acc1 = mma(_e_tile(e_g, i1, kk, loc, ks, BLOCK_M, True), xb, acc1, IS_FP32, PRECISION)
+    # From i0's diagonal block to i1's: i0 reads stored tiles, i1 transposed ones (empty when i1 == i0).
+    if ROW_BLOCKS == 2:
+        for kk in range(i0 * BLOCK_M, i1 * BLOCK_M, BLOCK_N):
+            xb = _x_hat_tile(X, Y, NRM, g, (kk + ks).to(tl.int64), dcols, P, Pp, D, Dp, side, stride_xg, stride_xp,
+                             stride_xd, eps, APPLY_NORM, FROM_Y, cdtype)
+            acc0 = mma(_e_tile(e_g, i0, kk, loc, ks, BLOCK_M, False), xb, acc0, IS_FP32, PRECISION)
+            acc1 = mma(_e_tile(e_g, i1, kk, loc, ks, BLOCK_M, True), xb, acc1, IS_FP32, PRECISION)
+    # From i1's diagonal block on: both read stored tiles.
+    for kk in range(i1 * BLOCK_M, Pp, BLOCK_N):
+        xb = _x_hat_tile(X, Y, NRM, g, (kk + ks).to(tl.int64), dcols, P, Pp, D, Dp, side, stride_xg, stride_xp,
+                         stride_xd, eps, APPLY_NORM, FROM_Y, cdtype)
+        acc0 = mma(_e_tile(e_g, i0, kk, loc, ks, BLOCK_M, False), xb, acc0, IS_FP32, PRECISION)
+        if ROW_BLOCKS == 2:
+            acc1 = mma(_e_tile(e_g, i1, kk, loc, ks, BLOCK_M, False), xb, acc1, IS_FP32, PRECISION)
+    scale = tl.load(GL) * scale  # the incoming gradient, read on the device (no host sync)
+    rows1 = (i1 * BLOCK_M + loc).to(tl.int64)
+    park = OUT + g * P * D + rows1[:, None] * D + dcols[None, :]
+    m1 = (rows1 < P)[:, None] & (dcols < D)[None, :]
+    if ROW_BLOCKS == 2:
+        if STAGE_SECOND:
+            if i1 > i0:
+                tl.store(park, acc1 * (scale / e_scale), mask=m1)
+    _gram_bwd_store(acc0 * (scale / e_scale), i0, g, RS, NRM, X, OUT, P, Pp, D, nb, side, stride_xg, stride_xp,
+                    stride_xd, scale, eps, dcols, APPLY_NORM, BLOCK_M)
+    if ROW_BLOCKS == 2:
+        if i1 > i0:
+            if STAGE_SECOND:
+                gh1 = tl.load(park, mask=m1, other=0.0)
+            else:
+                gh1 = acc1 * (scale / e_scale)
+            _gram_bwd_store(gh1, i1, g, RS, NRM, X, OUT, P, Pp, D, nb, side, stride_xg, stride_xp, stride_xd, scale,
+                            eps, dcols, APPLY_NORM, BLOCK_M)
+
+
+@triton.jit
+def _gram_loss_kernel(PART, LOSS, n, M, BLOCK: tl.constexpr):
+    # loss = Σ partials / M, summed in float64 in a fixed order (accurate when M reaches billions of entries, the same
+    # bits on every run), stored as fp32: one launch where torch took three (sum, divide, cast).
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for s in range(0, n, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        acc += tl.load(PART + offs, mask=offs < n, other=0.0).to(tl.float64)
+    tl.store(LOSS, (tl.sum(acc, axis=0) / M).to(tl.float32))
 
 
 def _sm(t):
@@ -279,12 +339,12 @@ def _num_sms(t):
 
 def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee", sm=90, clamp=False):
     """Tiles: dict(BLOCK (fwd tile and bwd rows), BLOCK_K (fwd K step), BLOCK_N (bwd K step over P), BLOCK_D (bwd
-    output columns), and num_warps / num_stages of each kernel)."""
+    output columns), ROW_BLOCKS (row blocks per bwd program), and num_warps / num_stages of each kernel)."""
     if on_cpu:
         # The interpreter pays per program and per op, not per element: few, large tiles (tl.dot needs >= 16).
         b = max(16, min(128, triton.next_power_of_2(P)))
         k = max(16, min(128, triton.next_power_of_2(D)))
-        return dict(BLOCK=b, BLOCK_K=k, BLOCK_N=b, BLOCK_D=k, fwd=(4, 1), bwd=(4, 1))
+        return dict(BLOCK=b, BLOCK_K=k, BLOCK_N=b, BLOCK_D=k, ROW_BLOCKS=2, fwd=(4, 1), bwd=(4, 1))
     # From compiles for sm_90 (tests/kernels/triton_compile.py: registers, spills, shared memory, wgmma):
     # 16-bit and TF32 operands take 128-wide wgmma tiles at 8 warps; IEEE fp32 products run on FMA units with their
     # operands in registers, so they keep 64-wide tiles and 16-wide K slices (wider ones spilled); sm_80/86/89
@@ -301,7 +361,11 @@ def _block_sizes(P, D, on_cpu, is_fp32=False, precision="ieee", sm=90, clamp=Fal
     else:
         b, k, d, fwd, bwd = 64, 32, 64, (8, 3), (8, 3)
     b = min(b, max(16, triton.next_power_of_2(P)))
-    return dict(BLOCK=b, BLOCK_K=k, BLOCK_N=min(b, k if k >= 32 else 32), BLOCK_D=d, fwd=fwd, bwd=bwd)
+    # The gradient takes two row blocks per program on the wgmma paths (two accumulators share each x̂ tile: half the
+    # x̂ bytes); the FMA and mma.sync paths keep one.
+    rows = 2 if sm >= 90 and not (is_fp32 and precision == "ieee") else 1
+    return dict(BLOCK=b, BLOCK_K=k, BLOCK_N=min(b, k if k >= 32 else 32), BLOCK_D=d, ROW_BLOCKS=rows, fwd=fwd,
+                bwd=bwd)
 
 
 def _compute_dtype(dtype, apply_norm, tf32=False):
@@ -342,7 +406,7 @@ def _grids(G, P, D, cfg, programs, grad_sides):
     n_chunks = Dp // cfg["BLOCK_D"]
     prologue = _prologue_blocks(Dp)
     grids = dict(prologue=(triton.cdiv(G * Pp, prologue[0]),), fwd=(max(1, min(n_items, programs)),),
-                 bwd=(G * (Pp // BLOCK) * n_chunks,) if grad_sides else None)
+                 bwd=(G * triton.cdiv(nb, cfg["ROW_BLOCKS"]) * n_chunks,) if grad_sides else None)
     for grid in grids.values():
         if grid is not None and grid[0] > GRID_AXIS0_MAX:
             raise ValueError(f"gram_loss: {grid[0]} programs exceed the CUDA grid limit (G={G}, P={P}, D={D})")
@@ -431,9 +495,8 @@ def gram_triton_forward(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, e
     )
     if not lay["keep_y"]:
         Y = Y.new_empty(0)
-    M = G * P * P
-    # Summing the partials in float64 keeps the loss accurate when M reaches billions of entries.
-    loss = (part.sum(dtype=torch.float64) / M).to(torch.float32)
+    loss = torch.empty((), device=dev, dtype=torch.float32)
+    _gram_loss_kernel[(1,)](part, loss, part.numel(), G * P * P, BLOCK=256, num_warps=4)
     return loss, E, RS, nrm, Y
 
 
@@ -460,7 +523,7 @@ def gram_triton_backward(grad_loss, s, t, E, RS, nrm, Y, *, apply_norm, clamp_s,
             P, lay["Pp"], D, lay["Dp"], lay["nb"], lay["pairs"], lay["n_chunks"], side, slot, lay["num_e"],
             x.stride(0), x.stride(1), x.stride(2), sign * 4.0 / M, e_scale, eps,
             APPLY_NORM=apply_norm, FROM_Y=Y.numel() > 0, IS_FP32=lay["is_fp32"], PRECISION=lay["precision"],
-            BLOCK_M=cfg["BLOCK"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            ROW_BLOCKS=cfg["ROW_BLOCKS"], STAGE_SECOND=out.dtype == torch.float32, BLOCK_M=cfg["BLOCK"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["bwd"][0], num_stages=cfg["bwd"][1],
         )
         return out

@@ -30,6 +30,38 @@ def test_sass_facts_count_dots_atomics_fences_and_spills():
     assert (f["local_stores"], f["local_loads"]) == (1, 0)
 
 
+LOOPS = """
+        /*0000*/                   STL [R1], R6 ;
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0020*/               @P0 BRA 0x10 ;
+        /*0030*/                   LDL.LU R6, [R1] ;
+        /*0040*/                   FADD R2, R2, R3 ;
+        /*0050*/                   STL [R1+0x4], R2 ;
+        /*0060*/                   ISETP.GE.AND P1, PT, R2, R3, PT ;
+        /*0070*/              @!P1 BRA 0x40 ;
+        /*0080*/                   BRA 0x90 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_loop_spills_are_told_apart():
+    # Two loops (0x10-0x20 and 0x40-0x70: branches back); the forward branch at 0x80 closes none. The STL at 0 and
+    # the LDL at 0x30 are outside them; the STL at 0x50 is inside the second.
+    assert cc.loop_ranges(LOOPS) == [(0x10, 0x20), (0x40, 0x70)]
+    assert cc.loop_local_accesses(LOOPS) == 1
+    assert cc.sass_facts(LOOPS)["loop_local"] == 1
+    assert cc.loop_local_accesses(LOOPS.replace("/*0050*/                   STL [R1+0x4], R2 ;", "")) == 0
+
+
+def test_outside_loops_allow_entry_needs_spill_free_loops_and_a_small_stack():
+    entry = [{"kernel": "_x_kernel", "property": "no_spills", "outside_loops": True, "max_stack": 64, "reason": "r"}]
+    fail = {"no_spills": "FAIL: stack 32"}
+    for loop_local, stack, allowed in ((0, 32, True), (1, 32, False), (None, 32, False), (0, 96, False)):
+        used = set()
+        out = cc.apply_allow(_kernel(stack=stack, loop_local=loop_local), fail, entry, used)
+        assert out["no_spills"].startswith("allowed") is allowed and (used == {0}) is allowed
+
+
 def test_a_fence_far_before_an_atomic_does_not_wrap_it():
     far = "\n".join(f"        /*{0x100 + 16 * i:04x}*/                   IADD3 R1, R1, 1, RZ ;" for i in range(20))
     sass = ("        /*0000*/                   MEMBAR.SC.GPU ;\n" + far +

@@ -199,7 +199,7 @@ def _small_tiles(monkeypatch):
     # 16-wide tiles everywhere, so small inputs take many tiles, pairs and column chunks.
     from dinov3_kernels._triton import gram as tg
 
-    cfg = dict(BLOCK=16, BLOCK_K=16, BLOCK_N=16, BLOCK_D=16, fwd=(4, 1), bwd=(4, 1))
+    cfg = dict(BLOCK=16, BLOCK_K=16, BLOCK_N=16, BLOCK_D=16, ROW_BLOCKS=2, fwd=(4, 1), bwd=(4, 1))
     monkeypatch.setattr(tg, "_block_sizes", lambda *a, **k: cfg)
     return tg
 
@@ -239,6 +239,19 @@ def test_triton_many_tiles_gradient_from_the_inputs(triton_cpu, monkeypatch, opt
     assert not tg._layout(s, True, False, False, True, True)["keep_y"]
     assert tg._layout(s.transpose(1, 2), True, False, False, True, True)["keep_y"]
     _kernel_vs_reference(tg, s, t, opts, grad_t=True, programs=3, rtol=RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[2]], ids=str)
+def test_triton_gradient_row_block_pairs(triton_cpu, monkeypatch, opts):
+    # The gradient takes two row blocks per program: P = 70 -> 5 row blocks, programs on (0, 1), (2, 3) and (4, 4)
+    # (the odd last block paired with itself, stored once). Block pair (2, 3) reads transposed tiles for both blocks
+    # left of block 2, stored tiles for block 2 and transposed ones for block 3 in column block 2, stored ones for
+    # both from column block 3 on: every branch of the loops.
+    tg = _small_tiles(monkeypatch)
+    s, t = _features(2, 70, 20, related=False)
+    lay = tg._layout(s, True, False, False, True, True)
+    assert lay["nb"] == 5 and lay["grids"]["bwd"][0] == 2 * 3 * lay["n_chunks"]
+    _kernel_vs_reference(tg, s, t, opts, grad_t=True, programs=4, rtol=RTOL[torch.float32])
 
 
 def test_triton_off_diagonal_tiles_only(triton_cpu, monkeypatch):
@@ -310,7 +323,7 @@ def test_triton_grids_stay_within_cuda_limits():
     lay = tg._grids(100_000, 1024, 1024, cfg, programs=264, grad_sides=True)
     assert all(len(g) == 1 for g in lay["grids"].values())
     assert lay["grids"]["fwd"] == (264,) and lay["n_items"] == 100_000 * lay["pairs"]
-    assert lay["grids"]["bwd"][0] == 100_000 * lay["nb"] * lay["n_chunks"] > 65535
+    assert lay["grids"]["bwd"][0] == 100_000 * (lay["nb"] // 2) * lay["n_chunks"] > 65535  # 2 row blocks each
     assert lay["grids"]["prologue"][0] * lay["prologue"][0] >= 100_000 * lay["Pp"]
     with pytest.raises(ValueError, match="grid limit"):
         tg._grids(2**20, 2**16, 64, cfg, programs=264, grad_sides=True)
