@@ -307,6 +307,9 @@ def _gram_bwd_kernel(
     if ROW_BLOCKS == 2:
         if i1 > i0:
             if STAGE_SECOND:
+                # Other threads of the program stored these elements (the accumulator's layout is not the load's):
+                # a CTA barrier makes their stores visible.
+                tl.debug_barrier()
                 gh1 = tl.load(park, mask=m1, other=0.0)
             else:
                 gh1 = acc1 * (scale / e_scale)
