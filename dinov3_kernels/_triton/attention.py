@@ -145,7 +145,7 @@ def _rope_attention_rotate_kernel(
     # Rotates q (which = 0) or k (which = 1) of the packed qkv once into a (B, H, N, Dh) scratch that the attention
     # kernel re-reads tile after tile (instead of re-rotating them, with their sin/cos rows, on every pass).
     # WITH_DELTA (backward, which = 0): also k into DST_K, and Delta_i = Σ_d dO_id·O_id = Σ_j P_ij dP_ij, the row
-    # term of the softmax backward. Each program takes a group of heads (see _row_grid) and loads its tokens'
+    # term of the softmax backward. Each program takes a group of heads (see _row_pass) and loads its tokens'
     # sin/cos rows once for all of them (and, with Delta, for q and k).
     HALF: tl.constexpr = HEAD_DIM // 2
     b, h0, h1 = _head_group(H, heads_per_program)
@@ -319,7 +319,7 @@ def _rope_attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, TIED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Finishing pass: dQ = scale·Rᵀ(dQ_rot accumulated in fp32) into the packed gradient's q third; a group of heads
-    # per program, the sin/cos rows loaded once for all of them (see _row_grid).
+    # per program, the sin/cos rows loaded once for all of them (see _row_pass).
     HALF: tl.constexpr = HEAD_DIM // 2
     b, h0, h1 = _head_group(H, heads_per_program)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -419,7 +419,7 @@ def _apply_rope_kernel(
     INVERSE: tl.constexpr, HEAD_DIM: tl.constexpr, TIED: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # q and k of a group of heads (see _row_grid) and BLOCK_N tokens share their sin/cos rows: one load of the
+    # q and k of a group of heads (see _row_pass) and BLOCK_N tokens share their sin/cos rows: one load of the
     # coefficients for all of them. INVERSE applies the transposed rotation (the backward of the forward one).
     HALF: tl.constexpr = HEAD_DIM // 2
     b, h0, h1 = _head_group(H, heads_per_program)

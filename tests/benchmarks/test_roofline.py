@@ -89,3 +89,14 @@ def test_koleo_topk_rounds():
     assert short[0] == long[0] == 9 and short[2] < short[0]
     assert long.mean() < 0.5 * short.mean()
     assert (kr.rounds_per_tile(4, 1, reps=3) == 1).all()
+
+
+@pytest.mark.parametrize("B,H,N,D", [(502, 16, 261, 64), (125, 32, 261, 128), (64, 16, 261, 64), (1, 12, 197, 64),
+                                     (7, 32, 4101, 128), (652, 6, 201, 64), (3, 20, 1029, 80)])
+def test_attention_head_groups_are_the_launchers(B, H, N, D):
+    # The model charges the sin/cos tables once per group of heads of the Triton row-wise passes: the groups the
+    # launcher actually makes (its GPU branch).
+    pytest.importorskip("triton")
+    from dinov3_kernels._triton.attention import _row_pass
+
+    assert roofline.attention_heads_per_pass(B, H, N, D) == _row_pass(B, H, N, D, False)[2]
