@@ -261,6 +261,30 @@ KOLEO_TRITON_RESIDENT_D = {2: 384}
 KOLEO_TRITON_SYMMETRIC_MIN_ROWS = 4096
 KOLEO_TRITON_SYMMETRIC_MAX_KC = 4  # ... for lists of up to 4 candidates, longer ones (fp32 input) from d = 2048
 KOLEO_TRITON_SYMMETRIC_LONG_LIST_D = 2048
+KOLEO_TRITON_SYMMETRIC_SUPER = 8  # dinov3_kernels._triton.koleo.SYMMETRIC_SUPER: super-columns of the pair order
+
+
+def koleo_symmetric_order(nsb, sup=KOLEO_TRITON_SYMMETRIC_SUPER):
+    """The slab pairs (a, b), a <= b < nsb, in the order the symmetric search's programs take them
+    (dinov3_kernels._triton.koleo._grouped_pair; sup None: the column-by-column order it replaced)."""
+    if sup is None:
+        return [(i, j) for j in range(nsb) for i in range(j + 1)]
+    order = []
+    for m0 in range(0, nsb, sup):
+        w = min(sup, nsb - m0)
+        order += [(a, m0 + j) for a in range(m0) for j in range(w)]
+        order += [(m0 + i, m0 + j) for j in range(w) for i in range(j + 1)]
+    return order
+
+
+def koleo_symmetric_slabs_in_flight(nsb, sup, window):
+    """Distinct slabs the `window` programs running at once read, averaged over the run (the working set the L2
+    must hold for each slab to come from HBM about once)."""
+    order = koleo_symmetric_order(nsb, sup)
+    if len(order) <= window:
+        return float(nsb)
+    counts = [len({x for pair in order[w:w + window] for x in pair}) for w in range(len(order) - window + 1)]
+    return sum(counts) / len(counts)
 KOLEO_TRITON_SYMMETRIC_MAX_SLABS = 64
 
 
@@ -283,7 +307,9 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       16-bit input or d >= KOLEO_TRITON_SYMMETRIC_LONG_LIST_D):
       128-row tiles against the 128-column (lists of <= 16 slots: every 16-bit topk, fp32 topk <= 8; else 64-column)
       tiles from their own start on (half the pairs, both tiles from L2 per pair, plus the columns' top-k lists read
-      and written per pair), programs = NSB (NSB + 1) / 2 slab pairs, NSB + 1 candidate lists per row for the merge.
+      and written per pair), programs = NSB (NSB + 1) / 2 slab pairs, NSB + 1 candidate lists per row for the merge;
+      HBM: the slabs its programs in flight read (one per SM), averaged over the run in the kernel's pair order
+      (super-columns of KOLEO_TRITON_SYMMETRIC_SUPER slabs: koleo_symmetric_slabs_in_flight), as the re-read set.
       Not modelled (as for every kernel here): the top-k selection's ALU work, which for fp32 input (9 candidates per
       list, lists that see 1-3 tiles per program) may match the matrix work (benchmarks/NOTES.md, KoLeo section 7).
       The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). Both kernels search 16-bit rows
@@ -374,8 +400,15 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     bwd_design = 2 * nd * e + 2 * nd * 8 + 2 * nd * e + nd * 4 + nd * e
     design = fwd_design + (0 if mode == "fwd" else bwd_design)
     # HBM: the input (norm pass, merge re-reads), the copy written and read back, with the searched set re-read
-    # through L2.
-    fwd_hbm = _hbm(3 * nd * e + (2 * nd * 2 if copy else 0), fwd_design, nd * es)
+    # through L2. The symmetric search's working set: the slabs its programs in flight (1 per SM) read, on average
+    # over the run, in its grouped pair order (koleo_symmetric_slabs_in_flight: ~26 of 64 slabs); the other searches
+    # sweep the whole set.
+    working = nd * es
+    if symmetric:
+        slab = min(n, group * bm) * d * es
+        working = min(working, koleo_symmetric_slabs_in_flight(splits - 1, KOLEO_TRITON_SYMMETRIC_SUPER,
+                                                               min(programs, sms)) * slab)
+    fwd_hbm = _hbm(3 * nd * e + (2 * nd * 2 if copy else 0), fwd_design, working)
     hbm = fwd_hbm + (0 if mode == "fwd" else 2 * nd * e + 2 * nd * 4 + nd * e)
     return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, launches + 2 + (0 if mode == "fwd" else 4),
                     sm_fill=min(1.0, programs / sms))

@@ -252,9 +252,28 @@ def _triangle_pair(p):
 
 
 @triton.jit
+def _grouped_pair(p, nsb, sup):
+    """(a, b) with 0 <= a <= b < nsb: the p-th slab pair in an order that keeps the programs running at once on few
+    slabs. Super-columns of `sup` column slabs, left to right; in each, the rows above its diagonal block one by one
+    (each against the super-column's w <= sup columns, the column fastest), then the triangle of the diagonal block.
+    A window of W consecutive programs then reads about sup + W / sup slabs, where the column-by-column order reads
+    every slab up to its column (most of the set late in the run)."""
+    big = 0
+    for s in range(1, tl.cdiv(nsb, sup)):  # the super-column: the last whose first pair comes at or before p
+        m = s * sup
+        big = tl.where(m * (m + 1) // 2 <= p, s, big)
+    m0 = big * sup
+    q = p - m0 * (m0 + 1) // 2
+    w = tl.minimum(sup, nsb - m0)
+    above = q < m0 * w
+    da, db = _triangle_pair(tl.where(above, 0, q - m0 * w))
+    return tl.where(above, q // w, m0 + da), tl.where(above, m0 + q % w, m0 + db)
+
+
+@triton.jit
 def _koleo_search_symmetric_kernel(
     S, NORM, CAND_V, CAND_I,
-    n, D, NSB, GROUP,
+    n, D, NSB, GROUP, SUPER,
     stride_m, stride_d, eps,
     KC: tl.constexpr, KCP: tl.constexpr,
     NORMALIZED: tl.constexpr,
@@ -270,7 +289,8 @@ def _koleo_search_symmetric_kernel(
     #   read back and written for every row tile (the one program that owns the slot writes it).
     # Slots of a row r in slab c: its higher columns, slab by slab (c .. NSB - 1), its lower rows in slabs 0 .. c - 1,
     # and in its own slab (NSB): disjoint index sets covering j != r, each written once, merged like search splits.
-    a, b = _triangle_pair(tl.program_id(0))
+    # Programs take the slab pairs in _grouped_pair's order (super-columns of SUPER slabs: L2 reuse).
+    a, b = _grouped_pair(tl.program_id(0), NSB, SUPER)
     col_slot = tl.where(a < b, a, NSB)
     nslots = NSB + 1
     R: tl.constexpr = BLOCK_M // BLOCK_N  # column tiles per row tile
@@ -478,6 +498,9 @@ def _search_grid(n, M, block_m, block_n, kcp, programs, splits=None):
 # The symmetric search (query rows = the whole set): at most this many slabs, so that the merge reads at most
 # SYMMETRIC_MAX_SLABS + 1 candidate lists per row (and, with KCP slots each, within SYMMETRIC_MERGE_WIDTH).
 SYMMETRIC_MAX_SLABS = 64
+# ... taken in super-columns of this many slabs (_grouped_pair): the ~132 programs running at once (1 per SM) then read
+# about 8 + 132 / 8 = 25 slabs instead of up to all 64 (at n = 16384, d = 4096 in 16 bits: ~50 MB instead of 134).
+SYMMETRIC_SUPER = 8
 # ... and it is the default from this many rows (d past the resident kernel's reach), for lists of up to
 # SYMMETRIC_MAX_KC candidates at any d and longer ones (fp32 input: topk + 8) from SYMMETRIC_LONG_LIST_D columns; see
 # _use_symmetric.
@@ -557,7 +580,8 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
         cand_v = torch.empty((n, nsb + 1, kcp), device=dev, dtype=torch.float32)
         cand_i = torch.empty((n, nsb + 1, kcp), device=dev, dtype=torch.int32)
         _koleo_search_symmetric_kernel[(programs,)](
-            rows, norm, cand_v, cand_i, n, D, nsb, group, rows.stride(0), rows.stride(1), eps,
+            rows, norm, cand_v, cand_i, n, D, nsb, group, 2 if on_cpu else SYMMETRIC_SUPER, rows.stride(0),
+            rows.stride(1), eps,
             KC=kc, KCP=kcp, NORMALIZED=rerank, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or BLOCK_K,
             num_warps=_search_warps(block_m),
         )
