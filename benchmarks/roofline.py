@@ -196,7 +196,8 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
       prologue: reads S and T once (whole rows in registers up to 8192 columns), writes Y = [Ŝ | T̂] (G·Pp·2·Dp·c)
         and the norms.
       forward: per upper-triangle pair one tile product over the 2·Dp columns (2·T²·2·Dp FLOPs; diagonal tiles in
-        full), loading Y_i and Y_j (2·T·2·Dp·c); writes E' for the upper-triangle tiles only (G·pairs·T²·c) and the
+        full), loading Y_i and Y_j (2·T·2·Dp·c; a diagonal tile Y_i alone, for both operands, on the 16-bit paths);
+        writes E' for the upper-triangle tiles only (G·pairs·T²·c) and the
         row-sum slots (2·2·T fp32 per pair side). HBM: Y of the groups in flight re-read through L2 (see _hbm), E'
         once. Y is freed at the end of the forward; E', the row sums and the norms are what autograd holds.
       backward ("fwd+bwd" only): one program per (2 row blocks, 128-column chunk) runs the GEMM E'_i:·x̂ over Pp
@@ -224,7 +225,8 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
     e_bytes = G * pairs * T * T * c
     rs_bytes = G * 2 * nb * Pp * 4
     prologue = 2 * PD * e + y_bytes + G * 2 * Pp * 4
-    fwd = G * pairs * 2 * T * 2 * Dp * c + e_bytes + rs_bytes
+    # Y_i and Y_j per pair; a diagonal tile loads Y_i once for both operands (the wgmma paths: c = 2).
+    fwd = G * (2 * pairs - (nb if c == 2 else 0)) * T * 2 * Dp * c + e_bytes + rs_bytes
     bwd = mode != "fwd"
     flops_exec = G * (fwd_flops + (bwd_flops if bwd else 0))
     # E'_i: (Pp·T elements) per row block and chunk; x̂ (Pp x 128) per program of 2 row blocks: from the kept Y in

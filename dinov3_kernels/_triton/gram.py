@@ -104,6 +104,33 @@ def _gram_prologue_kernel(
 
 
 @triton.jit
+def _chain(y_i, y_j, k_lo, k_hi, acc, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+           DIAG: tl.constexpr):
+    # acc + Y_i[:, k_lo:k_hi] Y_j[:, k_lo:k_hi]ᵀ; on a diagonal tile (DIAG: i == j) one load serves both operands.
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        a = tl.load(y_i + k0)
+        if DIAG:
+            acc = mma(a, tl.trans(a), acc, IS_FP32, PRECISION)
+        else:
+            acc = mma(a, tl.trans(tl.load(y_j + k0)), acc, IS_FP32, PRECISION)
+    return acc
+
+
+@triton.jit
+def _tile_products(y_i, y_j, Dp, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, TWO_CHAINS: tl.constexpr,
+                   IS_FP32: tl.constexpr, PRECISION: tl.constexpr, DIAG: tl.constexpr):
+    # (Gs_ij, Gt_ij) with TWO_CHAINS (the clamps need them apart), else (Gs_ij, Gs_ij - Gt_ij) from one chain over
+    # the 2·Dp columns whose accumulator's sign flips between the halves: -(-Gs + T̂_i T̂_jᵀ) = Gs - Gt.
+    gs = _chain(y_i, y_j, 0, Dp, tl.zeros((BLOCK, BLOCK), dtype=tl.float32), BLOCK_K, IS_FP32, PRECISION, DIAG)
+    if TWO_CHAINS:
+        second = _chain(y_i, y_j, Dp, 2 * Dp, tl.zeros((BLOCK, BLOCK), dtype=tl.float32), BLOCK_K, IS_FP32,
+                        PRECISION, DIAG)
+    else:
+        second = -_chain(y_i, y_j, Dp, 2 * Dp, -gs, BLOCK_K, IS_FP32, PRECISION, DIAG)
+    return gs, second
+
+
+@triton.jit
 def _gram_fwd_kernel(
     Y, E, RS, PART,
     n_items, pairs, nb, Pp, Dp, e_scale,
@@ -130,24 +157,20 @@ def _gram_fwd_kernel(
         rows_j = (j * BLOCK + offs).to(tl.int64)
         y_i = Y + g * Pp * ldy + rows_i[:, None] * ldy + cols[None, :]
         y_j = Y + g * Pp * ldy + rows_j[:, None] * ldy + cols[None, :]
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for k0 in range(0, Dp, BLOCK_K):  # Gs_ij = Ŝ_i Ŝ_jᵀ
-            acc = mma(tl.load(y_i + k0), tl.trans(tl.load(y_j + k0)), acc, IS_FP32, PRECISION)
-        gs = acc
-        if CLAMP_S or CLAMP_T:  # the clamps need Gs and Gt apart: a second chain
-            acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-            for k0 in range(Dp, 2 * Dp, BLOCK_K):
-                acc = mma(tl.load(y_i + k0), tl.trans(tl.load(y_j + k0)), acc, IS_FP32, PRECISION)
-            gt = acc
+        if IS_FP32 and PRECISION == "ieee":  # the FMA path: a second copy of the loops spilled 16 B there (3.9)
+            gs, second = _tile_products(y_i, y_j, Dp, BLOCK, BLOCK_K, CLAMP_S or CLAMP_T, IS_FP32, PRECISION, False)
+        elif i == j:  # a diagonal tile: Y_i once per K step (both operands), 2 tiles loaded per step elsewhere
+            gs, second = _tile_products(y_i, y_i, Dp, BLOCK, BLOCK_K, CLAMP_S or CLAMP_T, IS_FP32, PRECISION, True)
+        else:
+            gs, second = _tile_products(y_i, y_j, Dp, BLOCK, BLOCK_K, CLAMP_S or CLAMP_T, IS_FP32, PRECISION, False)
+        if CLAMP_S or CLAMP_T:
+            gt = second
             # where(x < 0, 0, x) rather than maximum: NaN must propagate as in the reference.
             gs_c = tl.where(gs < 0.0, 0.0, gs) if CLAMP_S else gs
             gt_c = tl.where(gt < 0.0, 0.0, gt) if CLAMP_T else gt
             err = gs_c - gt_c
-        else:  # one chain over the 2·Dp columns: -(-Gs + T̂_i T̂_jᵀ) = Gs - Gt
-            acc = -acc
-            for k0 in range(Dp, 2 * Dp, BLOCK_K):
-                acc = mma(tl.load(y_i + k0), tl.trans(tl.load(y_j + k0)), acc, IS_FP32, PRECISION)
-            err = -acc
+        else:
+            err = second
         # Padding rows and columns are zero in Y, so err is 0 there. Off-diagonal tiles stand for their transpose.
         sq = err * err
         part += tl.sum(sq, axis=1) * tl.where(i == j, 1.0, 2.0)
