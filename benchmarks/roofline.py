@@ -448,8 +448,8 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     128). RoPE sin/cos are the tied (HW, D/2) fp32 tables: 4·D bytes per token per load, from L2 (shared by all
     heads); the Triton row-wise passes (rotations, Delta, dQ finishing, the composed backend's split and merge) load
     them once per token tile for a group of g heads (attention_heads_per_pass: all H at the benchmark shapes), the
-    tile kernels once per (batch, head) tile; the CUDA kernels read them as passed since issue 14 (before, the glue expanded them to (HW, D) with two
-    cat launches per call, 8·D bytes per load). The CUDA tensor-core path (16-bit) rotates K once into a (B, N, C)
+    tile kernels once per (batch, head) tile; the CUDA kernels read them as passed since issue 14 (before, the glue
+    expanded them to (HW, D) with two cat launches per call, 8·D bytes per load). The CUDA tensor-core path (16-bit) rotates K once into a (B, N, C)
     scratch before the forward and Q once before the backward (one launch more each; 2 element moves of scratch
     traffic each), Q (forward) and K (backward) once per tile as they load; its fp32 SIMT path re-rotates K on every
     q-tile pass (tables read ceil(N/64) times per token) and Q on every k-tile pass. The model charges nothing for
@@ -466,8 +466,8 @@ def attention(B, H, N, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     way; compile fuses it to ~8. HBM: K and V (and Q, dO in backward) of the heads in flight, re-read through L2 (see _hbm).
     composed (dinov3_kernels "composed"): SDPA's flash kernels (the FA2 counts) on contiguous rotated q, k, v written
     by one Triton pass over the packed qkv (reads 3 elements, writes 3 per token and head dim, plus the tied tables
-    once per token tile and group of g heads: 4·D/g bytes per token and head, from L2), and in backward one pass that reads dq, dk, dv and
-    writes the packed gradient (6 element moves again); SDPA's output is already in the (B, N, C) layout (no copy)
+    once per token tile and group of g heads: 4·D/g bytes per token and head, from L2), and in backward one pass
+    that reads dq, dk, dv and writes the packed gradient (6 element moves again); SDPA's output is already in the (B, N, C) layout (no copy)
     and dout is read in place. One launch more each way than SDPA alone.
     """
     e = 2 if dtype in ("bfloat16", "float16") else 4

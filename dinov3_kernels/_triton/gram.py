@@ -7,20 +7,22 @@ For one group g (an image, or the whole batch when img_level=False) with rows x_
     dL/dŜ_a   = 4/M Σ_b E'_ab Ŝ_b,    E' = E [Gs_ab >= 0 or no clamp]      (E symmetric)
     dL/dT̂_a   = -4/M Σ_b E''_ab T̂_b,  E'' = E [Gt_ab >= 0 or no clamp]
 
-Three kernels, no atomics (the result does not depend on scheduling: deterministic):
+Three kernels and a one-program loss sum, no atomics (the result does not depend on scheduling: deterministic):
 1. `_gram_prologue_kernel` writes Y = [Ŝ | T̂] (G, Pp, 2·Dp) once, in the compute dtype (bf16/fp16 for 16-bit input;
    for fp32 input fp16 when the products may run in TF32, fp32 otherwise; fp32 for fp16 without normalisation, whose
    raw products can pass fp16's 65504: see _compute_dtype), zero-padded to whole tiles so the matrix loops need no
    masks, and the row norms (fp32).
 2. `_gram_fwd_kernel`, a persistent grid (the programs that fit on the GPU at once) looping over the upper-triangle
    tile pairs of all groups: E_ij = [Ŝ_i | T̂_i]·[Ŝ_j | -T̂_j]ᵀ as one tl.dot chain over the 2·Dp columns (the
-   accumulator's sign flips between the halves, so no -T̂ copy is stored) when not clamping, two chains when
-   clamping. It adds the tile's share of the loss to a per-program partial, writes E' (and E'' when it differs) in
-   the compute dtype for the upper-triangle tile (i, j) only (E is symmetric), and the per-tile row sums of E'∘Gs
-   and E''∘Gt the normalize backward needs (x̂_a·dL/dx̂_a = 4/M Σ_b E'_ab Gs_ab), each into its own slot: no
+   accumulator's sign flips between the halves, so no -T̂ copy is stored) when not clamping, two chains when clamping
+   (on a diagonal tile one load of Y_i per K step serves both operands). It adds the tile's share of the loss to a
+   per-program partial (`_gram_loss_kernel` sums the partials in fp64, in a fixed order), writes E' (and E'' when it
+   differs) in the compute dtype for the upper-triangle tile (i, j) only (E is symmetric), and the per-tile row sums
+   of E'∘Gs and E''∘Gt the normalize backward needs (x̂_a·dL/dx̂_a = 4/M Σ_b E'_ab Gs_ab), each into its own slot: no
    cross-program reduction. The forward (gram_triton_forward) returns the loss and what the backward needs.
-3. `_gram_bwd_kernel`, in the backward (gram_triton_backward), one program per (group, row block i, column chunk):
-   the GEMM dL/dx̂_i = ±grad_loss·4/M Σ_j E'_ij x̂_j with the fp32 accumulator in registers, E'_ij read from the stored
+3. `_gram_bwd_kernel`, in the backward (gram_triton_backward), one program per (group, two row blocks i, column chunk)
+   on the wgmma paths (one row block on the FMA and mma.sync ones): the GEMM dL/dx̂_i = ±grad_loss·4/M Σ_j E'_ij x̂_j
+   with an fp32 accumulator per row block in registers (each x̂_j tile loaded feeds both), E'_ij read from the stored
    tile (i, j) or, left of the diagonal, tile (j, i) transposed, and x̂_j rebuilt from the input and its norm (or read
    from Y where Y was kept: P > D once padded, where E' outweighs it), then the normalize backward fused:
    dx = (g - x̂ (x̂·g)) / max(|x|, eps) (the projection summed from the row-sum slots in a fixed order), written in the
@@ -549,7 +551,8 @@ def gram_triton_backward(grad_loss, s, t, E, RS, nrm, Y, *, apply_norm, clamp_s,
             P, lay["Pp"], D, lay["Dp"], lay["nb"], lay["pairs"], lay["n_chunks"], side, slot, lay["num_e"],
             x.stride(0), x.stride(1), x.stride(2), sign * 4.0 / M, e_scale, eps,
             APPLY_NORM=apply_norm, FROM_Y=Y.numel() > 0, IS_FP32=lay["is_fp32"], PRECISION=lay["precision"],
-            ROW_BLOCKS=cfg["ROW_BLOCKS"], STAGE_SECOND=out.dtype == torch.float32, BLOCK_M=cfg["BLOCK"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            ROW_BLOCKS=cfg["ROW_BLOCKS"], STAGE_SECOND=out.dtype == torch.float32,
+            BLOCK_M=cfg["BLOCK"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["bwd"][0], num_stages=cfg["bwd"][1],
         )
         return out
