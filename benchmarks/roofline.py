@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import os
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -279,6 +280,7 @@ def koleo_symmetric_order(nsb, sup=KOLEO_TRITON_SYMMETRIC_SUPER):
     return order
 
 
+@functools.lru_cache(maxsize=None)  # the same few (nsb, sup, window) for every row of the tables
 def koleo_symmetric_slabs_in_flight(nsb, sup, window):
     """Distinct slabs the `window` programs running at once read, averaged over the run (the working set the L2
     must hold for each slab to come from HBM about once)."""
