@@ -46,6 +46,9 @@ class Ceilings:
     sms: int
     exp_per_s: float
     launch_us: float
+    # Warp instructions issued per second: 4 schedulers per SM, one instruction each per clock (a floor: dependent
+    # chains and shuffles issue far slower with 2 warps per scheduler).
+    issue_per_s: float = 132 * 4 * 1.98e9
 
 
 _EXP = 132 * 16 * 1.98e9
@@ -78,14 +81,21 @@ class Estimate:
     exps: float = 0.0
     launches: int = 1
     sm_fill: float = 1.0  # fraction of the SMs the design's matrix work keeps busy (a grid smaller than the GPU)
+    # Warp instructions of the work between the matrix products that the model counts (so far: the Triton KoLeo
+    # search's top-k selection), and whether they run after the products on the same warps (one CTA per SM: added to
+    # the matrix time) or beside another CTA's products (the larger of the two).
+    warp_instr: float = 0.0
+    alu_serial: bool = True
 
 
 def predict(est: Estimate, ceil: Ceilings) -> dict:
+    alu = est.warp_instr / (ceil.issue_per_s * est.sm_fill)
     terms = {
-        "compute": est.flops_exec / (ceil.tflops[est.precision] * 1e12 * est.sm_fill),
+        "compute": est.flops_exec / (ceil.tflops[est.precision] * 1e12 * est.sm_fill) + (alu if est.alu_serial else 0),
         "hbm": est.hbm_bytes / (ceil.hbm_gbps * 1e9),
         "l2": est.design_bytes / (ceil.l2_gbps * 1e9),
         "exp": est.exps / ceil.exp_per_s,
+        "alu": 0.0 if est.alu_serial else alu,
     }
     bound = max(terms, key=terms.get)
     ms = (terms[bound] + est.launches * ceil.launch_us * 1e-6) * 1e3
@@ -259,6 +269,7 @@ KOLEO_TRITON_EXTRA = 8  # dinov3_kernels._triton.koleo.RERANK_EXTRA
 # ._block_sizes: a 128-row query tile and two 64-row search tiles within RESIDENT_SMEM = 200 KB). The Triton search
 # reads 16-bit rows for every input dtype since 2026-12-01; the CUDA one has no resident kernel.
 KOLEO_TRITON_RESIDENT_D = {2: 384}
+KOLEO_TRITON_RESIDENT_MAX_ROWS = 4096  # ... and below this many rows (dinov3_kernels._triton.koleo.RESIDENT_MAX_ROWS)
 # The symmetric Triton search (dinov3_kernels._triton.koleo: query rows = the whole set, d past the resident reach,
 # n >= SYMMETRIC_MIN_ROWS; half the tile pairs; at most SYMMETRIC_MAX_SLABS slabs).
 KOLEO_TRITON_SYMMETRIC_MIN_ROWS = 4096
@@ -291,6 +302,39 @@ def koleo_symmetric_slabs_in_flight(nsb, sup, window):
     return sum(counts) / len(counts)
 KOLEO_TRITON_SYMMETRIC_MAX_SLABS = 64
 
+# The top-k selection of the Triton searches, in warp instructions per (query tile, search tile) pair, read from the
+# SASS of the default configs (Triton 3.9, sm_90, topk 1: tests/kernels/triton_compile.py's compile of
+# koleo_fwd_triton at n = 9000 / 2048 / 4096, d = 1024 / 384; benchmarks/NOTES.md KoLeo section 10):
+# (kernel, query-tile rows, candidates per list) -> (the tile's fixed epilogue, one round on the rows' lists, one on
+# the columns' lists). Fixed: the tile loop's body less its K loop and its round loops. Lists of one candidate (16-bit
+# input) and the resident kernel's unrolled rounds (KC of them wherever any row improves, i.e. every tile) are
+# inline, so they are in the fixed count. The symmetric search's column rounds reduce across the warps of the
+# transposed tile (shuffles and barriers through shared memory): 3.2x a row round.
+KOLEO_TRITON_SELECT_INSTR = {
+    ("chunked", 128, 9): (538, 472, 0), ("chunked", 128, 1): (1670, 0, 0),
+    ("chunked", 64, 9): (606, 472, 0), ("chunked", 64, 1): (1127, 0, 0),
+    ("symmetric", 128, 9): (1240, 464, 1471), ("symmetric", 128, 1): (3489, 0, 0),
+    ("resident", 128, 9): (2923, 0, 0), ("resident", 128, 1): (874, 0, 0),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def koleo_select_rounds(tiles, kc, rows, width):
+    """Mean top-k rounds per tile of a list that sees `tiles` tiles of `width` candidates, `rows` lists at once
+    (benchmarks/koleo_topk_rounds.py: iid scores, 8 repetitions, fixed seed)."""
+    import koleo_topk_rounds
+
+    return float(koleo_topk_rounds.rounds_per_tile(tiles, kc, rows=rows, width=width, reps=8).mean())
+
+
+def koleo_select_instr(kernel, bm, bn, kc, pairs, tiles_per_list):
+    """Warp instructions of the Triton search's top-k selection over `pairs` tile pairs (see KOLEO_TRITON_SELECT_INSTR;
+    while-loop rounds from koleo_select_rounds for lists that see `tiles_per_list` tiles)."""
+    fixed, row_round, col_round = KOLEO_TRITON_SELECT_INSTR[(kernel, bm, 1 if kc == 1 else 9)]
+    rounds = koleo_select_rounds(tiles_per_list, kc, bm, bn) if row_round or col_round else 0.0
+    per_warp = fixed + rounds * (row_round + col_round)
+    return pairs * (8 if bm == 128 else 4) * per_warp
+
 
 def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     """KoLeo loss (topk 1) of (n, d) features.
@@ -305,17 +349,21 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       per SM (at most 32 splits for top-1 in fp32, 256 for 16-bit), then a merge kernel and a fixed-order sum.
       CUDA, and Triton where the tiles below do not fit: per (query tile, search tile) both tiles come from L2,
       n·M·d·e·(1/BM + 1/BN) bytes (see _hbm).
-      Triton with the query tile resident (since issue 14, d <= KOLEO_TRITON_RESIDENT_D[2] = 384): BM = 128,
+      Triton with the query tile resident (since issue 14, d <= KOLEO_TRITON_RESIDENT_D[2] = 384; since the
+      thirteenth session only below n = KOLEO_TRITON_RESIDENT_MAX_ROWS, where its unrolled rounds cost less than
+      the chunked and symmetric searches save): BM = 128,
       BN = 64 at any n, each program reads its query tile once, n·M·d·e/BM + programs·BM·d·e.
-      Triton symmetric (since 2026-12-01: query rows = the whole set, d > 384, n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS,
-      16-bit input or d >= KOLEO_TRITON_SYMMETRIC_LONG_LIST_D):
+      Triton symmetric (since 2026-12-01: query rows = the whole set, not resident,
+      n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS, 16-bit input or d >= KOLEO_TRITON_SYMMETRIC_LONG_LIST_D):
       128-row tiles against the 128-column (lists of <= 16 slots: every 16-bit topk, fp32 topk <= 8; else 64-column)
       tiles from their own start on (half the pairs, both tiles from L2 per pair, plus the columns' top-k lists read
       and written per pair), programs = NSB (NSB + 1) / 2 slab pairs, NSB + 1 candidate lists per row for the merge;
       HBM: the slabs its programs in flight read (one per SM), averaged over the run in the kernel's pair order
       (super-columns of KOLEO_TRITON_SYMMETRIC_SUPER slabs: koleo_symmetric_slabs_in_flight), as the re-read set.
-      Not modelled (as for every kernel here): the top-k selection's ALU work, which for fp32 input (9 candidates per
-      list, lists that see 1-3 tiles per program) may match the matrix work (benchmarks/NOTES.md, KoLeo section 7).
+      Triton's top-k selection (since the thirteenth session): warp instructions per tile pair read from its SASS
+      (KOLEO_TRITON_SELECT_INSTR) times the rounds its lists take (koleo_select_rounds), issued at 4 per SM per
+      clock, added to the matrix time where one CTA holds the SM (8 warps), beside it for two 4-warp CTAs
+      (Estimate.warp_instr; benchmarks/NOTES.md KoLeo section 10). The CUDA kernels' selection is not modelled.
       The matrix rate is scaled by the SMs the grid fills (min(1, programs / SMs)). Both kernels search 16-bit rows
       in every case: fp32 input (since 2026-12-01; before, Triton ran TF32 on the raw rows and CUDA IEEE FMA) on an
       fp16 copy of u that the norm pass writes (it reads the rows twice, the second time from L2, and writes n·d·2
@@ -370,7 +418,7 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         kmax = 1 if kc == 1 else 16
         merge, launches = (2 * (kc + 1) if kc > 1 else 2) * nd * e + 2 * n * splits * kmax * 8, 3
     else:
-        resident = d <= KOLEO_TRITON_RESIDENT_D[es]
+        resident = d <= KOLEO_TRITON_RESIDENT_D[es] and n < KOLEO_TRITON_RESIDENT_MAX_ROWS
         kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA
         kcp = max(2, 1 << (kc - 1).bit_length())
         symmetric = (not resident and not chunked and n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS
@@ -397,9 +445,19 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         flops_exec = 2 * pairs * bm * bn * d
         search = pairs * ((bm + bn) * d * es + 2 * bn * kcp * 8)
     else:
-        flops_exec = 2 * _cdiv(n, bm) * bm * _cdiv(n, bn) * bn * d
+        pairs = _cdiv(n, bm) * _cdiv(n, bn)
+        flops_exec = 2 * pairs * bm * bn * d
         # The set per query tile; the query tile per search tile, or once per program when resident.
         search = _cdiv(n, bm) * nd * es + (programs * bm * d * es if resident else _cdiv(n, bn) * nd * es)
+    warp_instr, alu_serial = 0.0, True
+    if backend == "triton":
+        # The selection (KOLEO_TRITON_SELECT_INSTR): the symmetric search's lists see the `group` tiles of their
+        # program, the others the column tiles of their split. One CTA per SM (8 warps) runs it after its products;
+        # two 4-warp CTAs per SM (64-row tiles) overlap one's selection with the other's products.
+        kernel = "symmetric" if symmetric else "resident" if resident else "chunked"
+        seen = group if symmetric else _cdiv(_cdiv(n, bn), splits)
+        warp_instr = koleo_select_instr(kernel, bm, bn, kc, pairs, seen)
+        alu_serial = bm == 128
     fwd_design = nd * e + copy + search + merge
     bwd_design = 2 * nd * e + 2 * nd * 8 + 2 * nd * e + nd * 4 + nd * e
     design = fwd_design + (0 if mode == "fwd" else bwd_design)
@@ -415,7 +473,7 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     fwd_hbm = _hbm(3 * nd * e + (2 * nd * 2 if copy else 0), fwd_design, working)
     hbm = fwd_hbm + (0 if mode == "fwd" else 2 * nd * e + 2 * nd * 4 + nd * e)
     return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, launches + 2 + (0 if mode == "fwd" else 4),
-                    sm_fill=min(1.0, programs / sms))
+                    sm_fill=min(1.0, programs / sms), warp_instr=warp_instr, alu_serial=alu_serial)
 
 
 # ---- RoPE attention --------------------------------------------------------------------------------------------------

@@ -425,6 +425,13 @@ def _koleo_sum_kernel(PART, LOSS, num, scale, BLOCK: tl.constexpr):
 # 227 KB per CTA with room for the compiler's scratch (the row reductions: a few hundred bytes).
 RESIDENT_SMEM = 200 * 1024
 RESIDENT_STAGES = 2
+# ... and only below this many query rows. Its top-k rounds are unrolled (KC of them on every tile that improves any
+# row, which is nearly every tile): 2923 instructions per warp per 128 x 64 tile pair for fp32 input (KC = 9), read
+# from the SASS, about 3.5x the tile's matrix work at d = 384 even at one instruction per scheduler per clock; the
+# chunked search's run-time rounds stop early (~3 per tile over many tiles) and the symmetric one halves the pairs.
+# The roofline with that count (benchmarks/NOTES.md, KoLeo section 10) puts the resident kernel behind them from
+# n = 4096 (fp32 d = 384: 0.099 against 0.085 ms there, 0.98 against 0.51 at n = 16384; 16-bit 0.067 against 0.061).
+RESIDENT_MAX_ROWS = 4096
 
 
 def _resident_smem(D, block_m, block_n, block_k, elem):
@@ -437,7 +444,7 @@ def _block_sizes(n, D, on_cpu, rerank, resident=None):
     whether the search keeps the query tile resident). The searched rows are 16-bit in every case (the input's, or
     for fp32 input the fp16 copy of u); `rerank`: fp32 input (spares for the exact re-ranking). `resident` forces the
     kernel (tests); by default the resident one wherever its GPU tiles fit shared memory (on the CPU too, so that the
-    interpreter tests take the GPU's path)."""
+    interpreter tests take the GPU's path) and the query rows are fewer than RESIDENT_MAX_ROWS."""
     extra = RERANK_EXTRA if rerank else 0
     # K chunks of 256 bytes per row in the resident kernel (128 elements), 128 in the other; half that where it pads
     # d less (d = 160: 192, not 256).
@@ -445,7 +452,7 @@ def _block_sizes(n, D, on_cpu, rerank, resident=None):
     if res_k > 16 and triton.cdiv(D, res_k) * res_k > triton.cdiv(D, res_k // 2) * (res_k // 2):
         res_k //= 2
     if resident is None:
-        resident = _resident_smem(D, 128, 64, res_k, 2) <= RESIDENT_SMEM
+        resident = n < RESIDENT_MAX_ROWS and _resident_smem(D, 128, 64, res_k, 2) <= RESIDENT_SMEM
     block_p = max(16, min(128, triton.next_power_of_2(D)))
     if on_cpu:
         # The interpreter pays per program and per op: small tiles that still satisfy tl.dot (>= 16), one split. The
@@ -531,12 +538,14 @@ def _symmetric_sizes(n, kcp, on_cpu):
 
 def _use_symmetric(n, M, offset, resident, kc, D, symmetric=None):
     """Whether the search runs symmetric: only when the query rows are the whole set; by default where the resident
-    kernel does not fit, n >= SYMMETRIC_MIN_ROWS, and the lists are short (kc <= SYMMETRIC_MAX_KC) or the rows wide
-    (D >= SYMMETRIC_LONG_LIST_D). Why the list length: each list of the symmetric search sees only the 1-3 tiles of
-    its program, so a tile takes ~8 of the KC = 9 top-k rounds for fp32 input (simulated on iid scores; the chunked
-    search's lists see ~43 tiles at n = 16384 and average ~3), on both the rows' and the columns' lists: ~2.4x the
-    chunked search's selection work per score, which at d <= 1024 about cancels the halved matrix work (benchmarks/
-    NOTES.md, KoLeo section 7)."""
+    kernel does not run (d past its reach, or n >= RESIDENT_MAX_ROWS), n >= SYMMETRIC_MIN_ROWS, and the lists are
+    short (kc <= SYMMETRIC_MAX_KC) or the rows wide (D >= SYMMETRIC_LONG_LIST_D). Why the list length: each list of
+    the symmetric search sees only the 1-3 tiles of its program, so a tile takes ~8 of the KC = 9 top-k rounds for
+    fp32 input (simulated on iid scores; the chunked search's lists see ~43 tiles at n = 16384 and average ~3), on
+    the rows' lists and on the columns' lists, whose rounds reduce across warps (1471 instructions per warp against
+    464 for a rows' round, from the SASS): ~17500 instructions per warp per pair against ~2050 for each of the two
+    pairs the chunked search scores instead, more than the halved matrix work saves at d <= 1024 (benchmarks/
+    NOTES.md, KoLeo sections 7 and 10)."""
     if offset != 0 or n != M:
         if symmetric:
             raise ValueError("koleo_fwd_triton: the symmetric search needs the query rows to be the whole set")

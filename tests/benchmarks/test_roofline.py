@@ -35,7 +35,7 @@ def test_roofline_invariants(row):
                     est.design_bytes / (dev.l2_gbps * 1e9), est.exps / dev.exp_per_s,
                     est.min_bytes / (dev.hbm_gbps * 1e9))
         assert p["ms"] >= floor * 1e3 * 0.999
-        assert p[p["bound"] + "_ms"] == pytest.approx(max(p[k + "_ms"] for k in ("compute", "hbm", "l2", "exp")))
+        assert p[p["bound"] + "_ms"] == pytest.approx(max(p[k + "_ms"] for k in ("compute", "hbm", "l2", "exp", "alu")))
     h100, h200 = preds
     assert h200["ms"] <= h100["ms"] * 1.0001, "the H200 has the H100's compute and more bandwidth"
 

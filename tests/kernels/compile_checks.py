@@ -111,6 +111,14 @@ def loop_ranges(sass: str) -> list[tuple[int, int]]:
     return loops
 
 
+def loop_sizes(sass: str) -> list[list[int]]:
+    """[instructions, dot instructions] of each loop of one function's SASS, in address order of the loops' starts
+    (nested loops count their inner loops' instructions too)."""
+    instrs = [(int(addr, 16), op) for addr, op, _ in _ADDRESSED.findall(sass)]
+    return [[sum(1 for a, _ in instrs if lo <= a <= hi), sum(1 for a, op in instrs if lo <= a <= hi and _DOT.match(op))]
+            for lo, hi in sorted(set(loop_ranges(sass)))]
+
+
 def loop_local_accesses(sass: str) -> int:
     """Local-memory instructions (STL/LDL: spills) inside a loop of the function: the ones that cost per iteration."""
     loops = loop_ranges(sass)
@@ -153,6 +161,7 @@ def sass_facts(sass: str) -> dict:
         "ffma": sum(1 for o in ops if o.startswith("FFMA")),
         "async_copies": sum(1 for o in ops if o.startswith("LDGSTS")),  # cp.async global -> shared (sm_80+)
         "instructions": len(ops),
+        "loops": loop_sizes(sass),
     }
 
 

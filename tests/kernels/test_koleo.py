@@ -200,16 +200,24 @@ def test_triton_resident_and_chunked_search(triton_cpu, resident, M, offset, n, 
 
 def test_triton_search_kernel_choice():
     # The resident search wherever its GPU tiles (128-row query tile + 2 x 64-row search tiles, 16-bit: the input's
-    # or, for fp32 input, the fp16 copy) fit shared memory: d <= 384 for every dtype; the chunked one beyond (ViT-B/L/
-    # 7B widths); forcing overrides. Spare candidates for fp32 input only, on the CPU as on the GPU.
-    from dinov3_kernels._triton.koleo import RERANK_EXTRA, RESIDENT_SMEM, _block_sizes, _resident_smem
+    # or, for fp32 input, the fp16 copy) fit shared memory, d <= 384 for every dtype, below 4096 query rows (from
+    # there its unrolled top-k rounds cost more than the other searches save); the chunked one beyond (ViT-B/L/7B
+    # widths); forcing overrides. Spare candidates for fp32 input only, on the CPU as on the GPU.
+    from dinov3_kernels._triton.koleo import (RERANK_EXTRA, RESIDENT_MAX_ROWS, RESIDENT_SMEM, _block_sizes,
+                                              _resident_smem, _use_symmetric)
 
-    def pick(d, fp32, n=4096, on_cpu=False, resident=None):
+    def pick(d, fp32, n=4095, on_cpu=False, resident=None):
         return _block_sizes(n, d, on_cpu, fp32, resident)
 
+    assert RESIDENT_MAX_ROWS == 4096
     for fp32 in (False, True):
         for d in (1, 100, 160, 384):
             assert pick(d, fp32)[6] and pick(d, fp32)[:2] == (128, 64)
+            assert not pick(d, fp32, n=4096)[6] and pick(d, fp32, n=4096)[1] == 128
+            assert not pick(d, fp32, n=4096, on_cpu=True)[6]  # the interpreter follows
+            # From 4096 rows 16-bit input takes the symmetric search (lists of 1), fp32 the chunked one (lists of 9).
+            kc = 1 + (RERANK_EXTRA if fp32 else 0)
+            assert _use_symmetric(4096, 4096, 0, False, kc, d) == (not fp32)
         for d in (385, 768, 1024, 4096):
             assert not pick(d, fp32)[6] and pick(d, fp32)[1] == 128
         assert pick(384, fp32, on_cpu=True)[6] and not pick(1024, fp32, on_cpu=True)[6]  # the interpreter follows

@@ -109,6 +109,44 @@ def test_default_configs_have_the_compile_properties(quick_compile):
     assert all(k["ctas_per_sm"] >= 1 for k in defaults)
 
 
+def _selection_instructions(kernel):
+    """(fixed, [round loops]) warp instructions of a KoLeo search kernel's tile loop, from the report's loop sizes:
+    the tile loop is the innermost loop around the K loop (the smallest loop with dot instructions), the rounds are
+    its loops without dots (the top-k `while` loops: 100 instructions and more); fixed = tile - K loop - rounds."""
+    loops = kernel["loops"]
+    with_dots = sorted(n for n, dots in loops if dots)
+    rounds = [n for n, dots in loops if not dots and n >= 100]
+    return with_dots[1] - with_dots[0] - sum(rounds), rounds
+
+
+def test_koleo_selection_counts_in_the_roofline_are_the_sass(quick_compile):
+    # benchmarks/roofline.py charges the Triton KoLeo search's top-k selection by instruction counts read from the
+    # SASS (KOLEO_TRITON_SELECT_INSTR, fp32 input, topk 1: lists of 9). They must stay what the compiler emits (within
+    # 25 %), or the model's verdicts (and the launcher's resident / symmetric choices built on them) go stale.
+    r, report = quick_compile
+    assert report is not None, r.stdout[-2000:] + r.stderr[-4000:]
+    if not report["meta"]["cuobjdump"]:
+        pytest.skip("no cuobjdump (Triton ships one): the SASS could not be read")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "benchmarks"))
+    import roofline
+
+    found = 0
+    for k in report["kernels"]:
+        if k["dtype"] not in ("fp32", "tf32") or k.get("shape") != "n=9000 d=1024 topk=1" or not k["default"]:
+            continue
+        kind = {"_koleo_search_kernel": "chunked", "_koleo_search_symmetric_kernel": "symmetric"}.get(k["name"])
+        if kind is None:
+            continue
+        fixed, rounds = _selection_instructions(k)
+        want_fixed, *want_rounds = roofline.KOLEO_TRITON_SELECT_INSTR[(kind, 128, 9)]
+        want_rounds = [n for n in want_rounds if n]
+        assert len(rounds) == len(want_rounds), (kind, k["loops"])
+        for got, want in zip([fixed, *rounds], [want_fixed, *want_rounds]):
+            assert abs(got - want) <= 0.25 * want, (kind, got, want, k["loops"])
+        found += 1
+    assert found == 4, found  # chunked and symmetric, fp32 and TF32 labels
+
+
 @pytest.mark.parametrize("args, interpret, message", [
     (["--head-dims", "72"], False, "multiples of 16"),
     (["--head-dims", "272"], False, "multiples of 16"),

@@ -67,7 +67,8 @@ class _CompileOnlyDriver:
 
 
 COMPILED: list[dict] = []  # one entry per compiled kernel variant
-_CONTEXT: dict = {"candidate": 0}  # op, dtype and head dim of the launches being compiled; autotune candidate index
+_CONTEXT: dict = {"candidate": 0}  # op, dtype, head dim (attention) or shape (KoLeo) of the launches being compiled;
+# autotune candidate index
 _QUICK = False  # --quick: only the first autotune candidate of each launch
 _JIT_RUN = JITFunction.run  # the real compile-and-launch, called with warmup=True
 _DOT = re.compile(r"tt\.dot [^:]*?(?:inputPrecision = (\w+) )?: tensor<[0-9x]*x(\w+)>")
@@ -175,20 +176,21 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
     dtypes = dtypes or (list(DTYPES) if full else ["bf16", "fp32", "tf32"])
     for label in dtypes:
         dtype, tf32[0] = DTYPES[label]
-        _CONTEXT.update(op="gram", dtype=label, head_dim=None)
+        _CONTEXT.update(op="gram", dtype=label, head_dim=None, shape=None)
         for P, D in (((200, 384), (261, 1024)) if full else ((200, 384),)) if "gram" in ops else ():
             s = torch.randn(2, P, D).to(dtype)
             t = torch.randn(2, P, D).to(dtype)
             gram.gram_fwd_triton(s, t, apply_norm=True, clamp_s=False, clamp_t=False, grad_s=True, grad_t=False)
             gram.gram_fwd_triton(s, t, apply_norm=False, clamp_s=True, clamp_t=True, grad_s=True, grad_t=True)
 
-        _CONTEXT.update(op="koleo", head_dim=None)
+        _CONTEXT.update(op="koleo", head_dim=None, shape=None)
         # d <= 384 takes the resident search, larger d the chunked one, or from 4096 rows (the whole set searched,
         # offset 0) possibly the symmetric one: both are compiled there, whichever is the default (symmetric tiles
         # 128 x 128 for lists of <= 16 slots, 128 x 64 for 32: fp32 topk 9).
         koleo_shapes = ((64, 384, 1), (64, 1024, 1), (9000, 1024, 4), (64, 160, 1), (9000, 1024, 1), (9000, 1024, 9))
         koleo_shapes += ((9000, 384, 4),) if full else ()
         for n, D, topk in koleo_shapes if "koleo" in ops else ():
+            _CONTEXT["shape"] = f"n={n} d={D} topk={topk}"  # (the report's JSON: which launch a kernel came from)
             x = torch.randn(n, D).to(dtype)
             if n >= koleo.SYMMETRIC_MIN_ROWS:
                 koleo.koleo_fwd_triton(x, 0, n, topk, 1e-8, 1e-8, symmetric=False)
@@ -199,7 +201,7 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
             koleo.koleo_bwd_triton(torch.ones(()), x, idx, dist, norm, 0, n, 1e-8, 1e-8)
             koleo.candidate_dots_triton(x.float(), 0, n, torch.zeros((n, topk + 8), dtype=torch.int64))  # composed
 
-        _CONTEXT.update(op="head", head_dim=None)
+        _CONTEXT.update(op="head", head_dim=None, shape=None)
         # DINO (10 student crops against 2 teacher crops of 7 images) at the bottleneck widths of the official
         # configs; the loss kernels do not depend on K beyond its masks.
         for D in ((256, 384, 512) if full else (256,)) if "head" in ops else ():
@@ -213,7 +215,7 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
             _, slse = head_loss.head_ce_fwd_triton(zs, Ws, zt, Wt, bias, lse, pw, 10.0, 20.0)
             head_loss.head_ce_bwd_triton(torch.ones(70), zs, Ws, zt, Wt, bias, lse, pw, slse, 10.0, 20.0, True, True)
 
-        _CONTEXT.update(op="attention")
+        _CONTEXT.update(op="attention", shape=None)
         dims = head_dims or ((64, 128, 80, 256) if full else (64, 128))
         # The split backward (attention._split_bwd) serves TF32 at Dh 128 only: compiled there when Dh 128 is not in
         # the list (--quick), so that every kernel is compiled and checked.
