@@ -127,6 +127,10 @@ def test_koleo_selection_counts_in_the_roofline_are_the_sass(quick_compile):
     assert report is not None, r.stdout[-2000:] + r.stderr[-4000:]
     if not report["meta"]["cuobjdump"]:
         pytest.skip("no cuobjdump (Triton ships one): the SASS could not be read")
+    import triton
+
+    if not triton.__version__.startswith("3.9"):  # Triton 3.6 emits other counts (benchmarks/NOTES.md, section 10)
+        pytest.skip(f"the model's counts are Triton 3.9's; this is {triton.__version__}")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "benchmarks"))
     import roofline
 
