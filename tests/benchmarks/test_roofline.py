@@ -91,6 +91,38 @@ def test_koleo_topk_rounds():
     assert (kr.rounds_per_tile(4, 1, reps=3) == 1).all()
 
 
+def test_koleo_model_constants_are_the_launchers():
+    # The model replicates the Triton KoLeo launcher's choices (spares, resident and symmetric searches) by its own
+    # constants: they must be the launcher's.
+    pytest.importorskip("triton")
+    from dinov3_kernels._triton import koleo
+
+    assert roofline.KOLEO_TRITON_EXTRA == koleo.RERANK_EXTRA
+    assert roofline.KOLEO_TRITON_RESIDENT_MAX_ROWS == koleo.RESIDENT_MAX_ROWS
+    assert roofline.KOLEO_TRITON_SYMMETRIC_MIN_ROWS == koleo.SYMMETRIC_MIN_ROWS
+    assert roofline.KOLEO_TRITON_SYMMETRIC_MAX_KC == koleo.SYMMETRIC_MAX_KC
+    assert roofline.KOLEO_TRITON_SYMMETRIC_LONG_LIST_D == koleo.SYMMETRIC_LONG_LIST_D
+    assert roofline.KOLEO_TRITON_SYMMETRIC_SUPER == koleo.SYMMETRIC_SUPER
+    assert roofline.KOLEO_TRITON_SYMMETRIC_MAX_SLABS == koleo.SYMMETRIC_MAX_SLABS
+
+
+def test_koleo_selection_is_charged():
+    # The top-k selection's instructions count: more rounds (lists of 9 that see few tiles) never predict less work,
+    # and the resident search's unrolled rounds make it selection-bound at n = 16384, d = 384 in fp32 (the reason
+    # the launcher stops using it from 4096 rows).
+    few = roofline.koleo_select_instr("chunked", 128, 128, 9, 100, 2)
+    many = roofline.koleo_select_instr("chunked", 128, 128, 9, 100, 40)
+    assert few > many > 100 * 8 * roofline.KOLEO_TRITON_SELECT_INSTR[("chunked", 128, 9)][0]
+    saved = roofline.KOLEO_TRITON_RESIDENT_MAX_ROWS
+    try:
+        roofline.KOLEO_TRITON_RESIDENT_MAX_ROWS = 10**9
+        resident = roofline.predict(roofline.koleo(16384, 384, "float32", "triton", "fwd+bwd"), roofline.H200)
+    finally:
+        roofline.KOLEO_TRITON_RESIDENT_MAX_ROWS = saved
+    chunked = roofline.predict(roofline.koleo(16384, 384, "float32", "triton", "fwd+bwd"), roofline.H200)
+    assert resident["bound"] == "compute" and resident["ms"] > 1.5 * chunked["ms"]
+
+
 @pytest.mark.parametrize("B,H,N,D", [(502, 16, 261, 64), (125, 32, 261, 128), (64, 16, 261, 64), (1, 12, 197, 64),
                                      (7, 32, 4101, 128), (652, 6, 201, 64), (3, 20, 1029, 80)])
 def test_attention_head_groups_are_the_launchers(B, H, N, D):

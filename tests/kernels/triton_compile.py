@@ -184,9 +184,9 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
             gram.gram_fwd_triton(s, t, apply_norm=False, clamp_s=True, clamp_t=True, grad_s=True, grad_t=True)
 
         _CONTEXT.update(op="koleo", head_dim=None, shape=None)
-        # d <= 384 takes the resident search, larger d the chunked one, or from 4096 rows (the whole set searched,
-        # offset 0) possibly the symmetric one: both are compiled there, whichever is the default (symmetric tiles
-        # 128 x 128 for lists of <= 16 slots, 128 x 64 for 32: fp32 topk 9).
+        # d <= 384 below 4096 rows takes the resident search, larger d (or n) the chunked one, or from 4096 rows (the
+        # whole set searched, offset 0) possibly the symmetric one: both are compiled there, whichever is the default
+        # (symmetric tiles 128 x 128 for lists of <= 16 slots, 128 x 64 for 32: fp32 topk 9).
         koleo_shapes = ((64, 384, 1), (64, 1024, 1), (9000, 1024, 4), (64, 160, 1), (9000, 1024, 1), (9000, 1024, 9))
         koleo_shapes += ((9000, 384, 4),) if full else ()
         for n, D, topk in koleo_shapes if "koleo" in ops else ():
