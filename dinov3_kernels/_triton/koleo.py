@@ -40,10 +40,10 @@ MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 @triton.jit
-def _koleo_norm_kernel(S, NORM, U, M, D, stride_m, stride_d, eps,
+def _koleo_norm_kernel(S, NORM, U, M, D, stride_m, stride_d, stride_u, eps,
                        WRITE_U: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # |s| of each row; with WRITE_U also u = s / max(|s|, eps) rounded to fp16 into U (M, D) contiguous: the copy the
-    # fp32 search runs on (the second pass re-reads the rows, from L2).
+    # |s| of each row; with WRITE_U also u = s / max(|s|, eps) rounded to fp16 into U (M, stride_u) contiguous, the
+    # columns past D zero: the copy the fp32 search runs on (the second pass re-reads the rows, from L2).
     pid = tl.program_id(0)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     mr = rows < M
@@ -62,7 +62,8 @@ def _koleo_norm_kernel(S, NORM, U, M, D, stride_m, stride_d, eps,
             k = k0 + cols
             m2 = mr[:, None] & (k < D)[None, :]
             x = tl.load(S + rows[:, None] * stride_m + k[None, :] * stride_d, mask=m2, other=0.0).to(tl.float32)
-            tl.store(U + rows[:, None] * D + k[None, :], (x / den[:, None]).to(tl.float16), mask=m2)
+            tl.store(U + rows[:, None] * stride_u + k[None, :], (x / den[:, None]).to(tl.float16),
+                     mask=mr[:, None] & (k < stride_u)[None, :])
 
 
 @triton.jit
@@ -577,13 +578,21 @@ def koleo_fwd_triton(search, offset, n, topk, eps, pdist_eps, splits=None, extra
     if BLOCK_M == 128 and kcp > 16 and not resident:
         BLOCK_M = 64
     norm = torch.empty(M, device=dev, dtype=torch.float32)
-    u = torch.empty((M, D), device=dev, dtype=torch.float16) if rerank else norm  # (a placeholder when unused)
+    # The copy is zero-padded to a multiple of 16 columns and searched over all of them (the zeros add nothing to a
+    # product): with rows D apart and D not a multiple of 8 the tile loads lose their 16-byte alignment, and with D
+    # not a multiple of 16 their masks split the 16-byte vectors; the chunked search compiled for d = 100 (sm_90)
+    # then spilled 304 bytes (256 for 16-bit rows, also at d = 770), and ran unpipelined (one stage of shared memory).
+    u = (torch.empty((M, triton.cdiv(D, 16) * 16), device=dev, dtype=torch.float16) if rerank
+         else norm)  # (a placeholder when unused)
     BLOCK_R, BLOCK_D = 16, max(16, min(128, triton.next_power_of_2(D)))
     _koleo_norm_kernel[(triton.cdiv(M, BLOCK_R),)](
-        search, norm, u, M, D, search.stride(0), search.stride(1), eps, WRITE_U=rerank, BLOCK_R=BLOCK_R,
-        BLOCK_D=BLOCK_D,
+        search, norm, u, M, D, search.stride(0), search.stride(1), u.shape[-1] if rerank else 0, eps,
+        WRITE_U=rerank, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
     )
     rows = u if rerank else search
+    if not rerank and D % 16:  # 16-bit rows searched as they are: the same alignment, on a zero-padded copy (O(n·d))
+        rows = torch.nn.functional.pad(search, (0, triton.cdiv(D, 16) * 16 - D))
+    D = rows.shape[1]  # the searched width (the merge re-ranks from the input rows, of their own width)
     if _use_symmetric(n, M, offset, resident, kc, D, symmetric):
         block_m, block_n, block_k, group, nsb, programs = _symmetric_sizes(n, kcp, on_cpu)
         cand_v = torch.empty((n, nsb + 1, kcp), device=dev, dtype=torch.float32)

@@ -232,6 +232,24 @@ def test_triton_search_kernel_choice():
     assert pick(1024, False, n=2048)[0] == 64 and pick(768, True, n=256)[0] == 64
 
 
+@pytest.mark.parametrize("d", [5, 33, 100])
+def test_triton_norm_pass_writes_a_zero_padded_copy(triton_cpu, d):
+    # The fp32 search runs on an fp16 copy of u padded to a multiple of 16 columns (aligned, unsplit 16-byte loads)
+    # and reads every column of it: the norm pass must write u rounded to fp16 in the first d and zeros after, over
+    # whatever the buffer held (NaN here), for rows that are not contiguous either.
+    from dinov3_kernels._triton.koleo import _koleo_norm_kernel
+
+    x = torch.randn(d, 37).T  # (37, d), column-major
+    width = -(-d // 16) * 16
+    u = torch.full((37, width), float("nan"), dtype=torch.float16)
+    norm = torch.empty(37)
+    _koleo_norm_kernel[(3,)](x, norm, u, 37, d, x.stride(0), x.stride(1), width, 1e-8, WRITE_U=True, BLOCK_R=16,
+                             BLOCK_D=max(16, min(128, 1 << (d - 1).bit_length())))
+    torch.testing.assert_close(norm, x.norm(dim=1))
+    assert torch.equal(u[:, :d], (x / norm[:, None]).half())  # the pass's own norms (its sum order)
+    assert (u[:, d:] == 0).all()
+
+
 @pytest.mark.parametrize("resident", [True, False])
 def test_triton_fp32_search_runs_on_fp16_copy_and_reranks(triton_cpu, resident):
     # fp32 input is searched on an fp16 copy of u, then re-ranked from the fp32 rows. Rows 1 and 2 are both within

@@ -187,7 +187,8 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
         # d <= 384 below 4096 rows takes the resident search, larger d (or n) the chunked one, or from 4096 rows (the
         # whole set searched, offset 0) possibly the symmetric one: both are compiled there, whichever is the default
         # (symmetric tiles 128 x 128 for lists of <= 16 slots, 128 x 64 for 32: fp32 topk 9).
-        koleo_shapes = ((64, 384, 1), (64, 1024, 1), (9000, 1024, 4), (64, 160, 1), (9000, 1024, 1), (9000, 1024, 9))
+        koleo_shapes = ((64, 384, 1), (64, 1024, 1), (9000, 1024, 4), (64, 160, 1), (9000, 1024, 1), (9000, 1024, 9),
+                        (4500, 100, 1))  # d = 100: rows not 16-byte aligned unless the launcher pads them
         koleo_shapes += ((9000, 384, 4),) if full else ()
         for n, D, topk in koleo_shapes if "koleo" in ops else ():
             _CONTEXT["shape"] = f"n={n} d={D} topk={topk}"  # (the report's JSON: which launch a kernel came from)
