@@ -330,6 +330,7 @@ def koleo_select_rounds(tiles, kc, rows, width):
 def koleo_select_instr(kernel, bm, bn, kc, pairs, tiles_per_list):
     """Warp instructions of the Triton search's top-k selection over `pairs` tile pairs (see KOLEO_TRITON_SELECT_INSTR;
     while-loop rounds from koleo_select_rounds for lists that see `tiles_per_list` tiles)."""
+    # Counts were read for lists of 1 (inline round) and of 9 (run-time rounds); other lengths take the latter's.
     fixed, row_round, col_round = KOLEO_TRITON_SELECT_INSTR[(kernel, bm, 1 if kc == 1 else 9)]
     rounds = koleo_select_rounds(tiles_per_list, kc, bm, bn) if row_round or col_round else 0.0
     per_warp = fixed + rounds * (row_round + col_round)

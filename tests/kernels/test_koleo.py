@@ -251,6 +251,25 @@ def test_triton_norm_pass_writes_a_zero_padded_copy(triton_cpu, d):
 
 
 @pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("d", [20, 100])
+def test_triton_16bit_rows_of_unaligned_width(triton_cpu, resident, d):
+    # 16-bit rows whose width is not a multiple of 16 are searched on a zero-padded copy (aligned 16-byte loads):
+    # neighbours in order (ties to the lowest index), distances and loss as the float64 reference's, on both search
+    # kernels (the public op takes fp32 only under the interpreter; the backward reads the input rows, not the copy).
+    from dinov3_kernels._triton.koleo import koleo_fwd_triton
+
+    x = torch.randn(90, d).half()
+    x[45] = x[0]  # a tie: the lower index wins
+    loss, idx, dist, _ = koleo_fwd_triton(x, 0, 90, 2, 1e-8, 1e-8, resident=resident)
+    want = _reference_neighbors(x, 2)
+    assert torch.equal(idx, want)
+    u = F.normalize(x.double(), dim=-1, eps=1e-8)
+    want_d = F.pairwise_distance(u.unsqueeze(1).expand(-1, 2, -1), u[want], eps=1e-8)
+    torch.testing.assert_close(dist.double(), want_d, rtol=1e-3, atol=1e-4)
+    _assert_close(loss, koleo_loss_reference(x.double(), topk=2), RTOL[torch.bfloat16], f"loss (d={d})")
+
+
+@pytest.mark.parametrize("resident", [True, False])
 def test_triton_fp32_search_runs_on_fp16_copy_and_reranks(triton_cpu, resident):
     # fp32 input is searched on an fp16 copy of u, then re-ranked from the fp32 rows. Rows 1 and 2 are both within
     # fp16's resolution of row 0's direction (cos 1 - 4.5e-6 and 1 - 2e-6: u's first component rounds to 1.0 in
