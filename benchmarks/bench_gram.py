@@ -5,11 +5,11 @@
 Backends (student and teacher features (G, P, D), the student requiring grad, remove_neg=False as in the recipes):
   official_tf32   the official GramLoss computation (normalize, two P×P Gram matrices, MSE) on fp32 features with
                   torch.backends.cuda.matmul.allow_tf32 = True, as the official trainer sets it
-  official_fp32   the same in IEEE fp32 (TF32 off)
+  official_fp32   the same in IEEE fp32 (TF32 off); not for 16-bit features, where TF32 does not apply
   compile         torch.compile of the official computation, TF32 on
   triton, cuda    our fused tiled kernels (method="tiled"), TF32 on (the kernels follow the flag)
-  factored        our factored form |SᵀS|² - 2|SᵀT|² + |TᵀT|² (plain PyTorch, fp32; "auto" picks it when
-                  P >= 2·D)
+  factored        our factored form |SᵀS|² - 2|SᵀT|² + |TᵀT|² (plain PyTorch, IEEE fp32; "auto" picks it for
+                  fp32 features when P >= 2·D; not timed for 16-bit features)
 No outside library computes this loss; the official formulation is the alternative.
 
 FLOPs (useful work, the same for every backend): forward 4·G·P²·D (two Gram matrices); forward+backward 6·G·P²·D
@@ -68,15 +68,20 @@ def _fused(backend, method):
 
 def providers(s, t, settings):
     """name -> (fn(s, t, **OPTS) -> loss, tf32 flag), or the reason it cannot run here."""
-    out = {"official_tf32": (gram_loss_reference, True), "official_fp32": (gram_loss_reference, False)}
+    out = {"official_tf32": (gram_loss_reference, True)}
+    sixteen = s.dtype in (torch.bfloat16, torch.float16)
+    if not sixteen:  # 16-bit features: TF32 does not apply, this would be official_tf32 again
+        out["official_fp32"] = (gram_loss_reference, False)
     if settings.compile:
         out["compile"] = (common.compiled(gram_loss_reference), True)
     # The composed yardstick (batched vendor GEMMs) runs wherever PyTorch does.
     out["composed"] = why_not("composed", (s, t)) or (_fused("composed", "tiled"), True)
     for backend in ("triton", "cuda"):
         out[backend] = why_not(backend, (s, t)) or (_fused(backend, "tiled"), True)
-    # The factored form is plain PyTorch, behind any non-reference backend: the composed one runs everywhere.
-    out["factored"] = why_not("composed", (s, t)) or (_fused("composed", "factored"), True)
+    # The factored form is plain PyTorch, behind any non-reference backend: the composed one runs everywhere. It
+    # computes in IEEE fp32 whatever the input, and "auto" takes it only for fp32 input: not timed for 16-bit input.
+    if not sixteen:
+        out["factored"] = why_not("composed", (s, t)) or (_fused("composed", "factored"), True)
     return out
 
 

@@ -8,7 +8,8 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #
 # With $OUT set (the device tool's output folder, which brings back at most 8 files), $OUT receives results.json,
-# results.md, tests.xml, gpu_check.log (build + run output) and results.tar.gz (the whole results folder: plots, logs).
+# results.md, tests.xml, auto_table.json (the committed auto table with the rows this run timed ordered by its
+# measurements), gpu_check.log (build + run output) and results.tar.gz (the whole results folder: plots, logs).
 # Wheels in .whl/ (packages the image lacks, e.g. kornia for the data benchmark's augment rows) are installed first,
 # offline. Exit status: that of run_all.py (1: a GPU test failed; 2: the GPU tests could not run; 4: a phase
 # crashed), or 3 if the build failed (run_all.py still runs, on the Triton and reference backends); every result is
@@ -83,7 +84,7 @@ RC=${PIPESTATUS[0]}
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
-    for f in results.json results.md tests.xml; do
+    for f in results.json results.md tests.xml auto_table.json; do
         [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"
     done
     cp "$LOG" "$WORK/gpu_check.log" 2>/dev/null

@@ -1,6 +1,7 @@
 """A roofline model of every benchmarked op, written before any GPU measurement, so that the GPU run tests the model.
 
     python benchmarks/roofline.py [--out benchmarks/results/predicted.md]
+    python benchmarks/roofline.py --auto-table [--measured RUN/results.json]   # dinov3_kernels/auto_table.json
 
 For each op, backend and benchmark shape it counts
   flops        the useful work (the formula the benchmark reports TFLOP/s with; the same for every backend)
@@ -810,44 +811,123 @@ AUTO_OPS = {
 }
 
 
-def auto_table(existing: Optional[dict] = None) -> dict:
-    """The auto table: per op, dtype and size bucket the op's backends ordered by the predicted H200 time of a
-    forward+backward pass at TF32 (as the official trainer runs; CUDA_MARGIN for the CUDA kernels), headed by "reference" (the official formulation)
-    where it is predicted faster than all of them. Rows of `existing` whose source is a measurement are kept;
-    backends the model does not cover go last, in the op's order."""
-    measured = {(r["op"], r["dtype"], r["max_size"]): r for r in (existing or {}).get("rows", [])
-                if not r["source"].startswith("predicted")}
+def _predicted_row(op: str, dtype: str, max_size, params, backends) -> dict:
+    """One predicted row of the auto table: the op's backends ordered by the predicted H200 time of a forward+backward
+    pass at TF32 (as the official trainer runs; CUDA_MARGIN for the CUDA kernels), headed by "reference" (the
+    official formulation) where it is predicted faster than all of them; backends the model does not cover go last,
+    in the op's order."""
+    ms = {}
+    for b in backends:
+        est = estimate(op, b, params, dtype, "fwd+bwd", True) if params else None
+        if est is not None:
+            ms[b] = round(predict(est, H200)["ms"], 4)
+    ref = (estimate(op, REFERENCE_MODEL[op], params, dtype, "fwd+bwd", True)
+           if op in REFERENCE_MODEL and params else None)
+    ref_ms = round(predict(ref, H200)["ms"], 4) if ref is not None else None
+    order = sorted(ms, key=ms.get)
+    while "cuda" in order[:-1]:  # CUDA_MARGIN, above
+        i = order.index("cuda")
+        if ms["cuda"] * CUDA_MARGIN <= ms[order[i + 1]]:
+            break
+        order[i], order[i + 1] = order[i + 1], "cuda"
+    order += [b for b in backends if b not in ms]
+    if ref_ms is not None and ms and ref_ms < min(ms.values()):
+        order.insert(0, "reference")  # a kernel backend stays next, for what the reference cannot take
+    if ref_ms is not None:
+        ms["reference"] = ref_ms
+    source = ("predicted: benchmarks/roofline.py, H200 datasheet, fwd+bwd at "
+              + ", ".join(f"{k}={v}" for k, v in params.items()) if ms else
+              "predicted: the only kernel backend of this op (not modelled)")
+    return dict(op=op, dtype=dtype, max_size=max_size, order=order, source=source, predicted_ms_h200=ms)
+
+
+# ---- measured rows: a GPU run's results.json orders the backends -----------------------------------------------------
+# The shape parameter that only repeats the work (images, Gram matrices): a measurement at the bucket's deciding shape
+# with another batch stands for it (the benchmarks size the batch to fill the GPU, the table's shapes are nominal).
+BATCH_PARAM = {"gram_loss": "G", "rope_attention": "B"}
+# A backend whose measured result was further than this from float64 (forward loss or input gradient, relative) is
+# not ranked by its time: the GPU tests say what is wrong with it, "auto" does not reward it.
+MAX_MEASURED_ERROR = 0.05
+
+
+def _measured_row(results: dict, op: str, dtype: str, max_size, params, backends):
+    """The row a run measured at the bucket's deciding shape (forward+backward medians), or None where it measured
+    no kernel backend there. Kernel backends measured there go first, fastest first; then those it could not time
+    (not available on that machine: in predicted order); then those that failed or were too far from float64.
+    "reference" (the official path as users run it, TF32 on) heads the row where it was faster than every kernel."""
+    if not params:
+        return None
+    key = {k: v for k, v in params.items() if k != BATCH_PARAM.get(op)}
+    official = REFERENCE_MODEL.get(op)
+    ok, failed, shape = {}, {}, None
+    for r in results.get("records", []):
+        if (r.get("op") != op or r.get("dtype") != dtype or r.get("pass") != "fwd+bwd"
+                or any((r.get("params") or {}).get(k) != v for k, v in key.items())):
+            continue
+        name = "reference" if r.get("backend") == official else r.get("backend")
+        if name != "reference" and name not in backends:
+            continue  # a yardstick the table does not choose (compile, SDPA without RoPE, ...)
+        if r.get("status") != "ok" or not r.get("median_ms"):
+            if r.get("status") == "failed":
+                failed[name] = r.get("note") or "failed"
+            continue
+        if r.get("error") is not None and r["error"] > MAX_MEASURED_ERROR:
+            failed[name] = f"relative error {r['error']:.3g} against float64 (> {MAX_MEASURED_ERROR})"
+            continue
+        ok[name] = min(ok.get(name, float("inf")), float(r["median_ms"]))
+        shape = r.get("shape")
+    kernels = {b: ms for b, ms in ok.items() if b != "reference"}
+    if not kernels:
+        return None
+    predicted = _predicted_row(op, dtype, max_size, params, backends)
+    order = sorted(kernels, key=kernels.get)
+    order += [b for b in predicted["order"] if b not in order and b != "reference" and b not in failed]
+    order += [b for b in backends if b not in order]
+    if "reference" in ok and ok["reference"] < min(kernels.values()):
+        order.insert(0, "reference")
+    env = results.get("environment", {})
+    dry = " (DRY RUN on the CPU: not a GPU result)" if results.get("dry_run") else ""
+    row = dict(op=op, dtype=dtype, max_size=max_size, order=order,
+               source=f"measured{dry}: {env.get('device', '?')}, commit {env.get('commit', '?')}, "
+                      f"{env.get('date', '?')}, fwd+bwd median at {shape}",
+               measured_ms={b: round(v, 4) for b, v in sorted(ok.items(), key=lambda kv: kv[1])},
+               predicted_ms_h200=predicted["predicted_ms_h200"])
+    if failed:
+        row["not_ranked"] = failed
+    return row
+
+
+def measured_rows(results: dict, allow_dry_run: bool = False) -> dict:
+    """(op, dtype, max_size) -> the auto-table row that a run's results.json (benchmarks/run_all.py) measured, for
+    every row whose deciding shape it timed; rows it did not time are absent (they stay as they are). A dry run or a
+    run without a GPU orders nothing unless allow_dry_run (its rows then say so)."""
+    env = results.get("environment") or {}
+    if not allow_dry_run and (results.get("dry_run") or not env.get("gpu")):
+        raise ValueError("these results are not from a GPU run (a dry run, or no GPU): their times cannot order the "
+                         "backends of the auto table")
+    rows = {}
+    for op, (_, backends, buckets) in AUTO_OPS.items():
+        for dtype in AUTO_DTYPES:
+            for max_size, params in buckets:
+                row = _measured_row(results, op, dtype, max_size, params, backends)
+                if row is not None:
+                    rows[op, dtype, max_size] = row
+    return rows
+
+
+def auto_table(existing: Optional[dict] = None, measured: Optional[dict] = None) -> dict:
+    """The auto table: per op, dtype and size bucket the order "auto" tries the op's backends in. A row of `measured`
+    (measured_rows) replaces the row; else a row of `existing` whose source is a measurement is kept; else the row is
+    predicted (_predicted_row)."""
+    kept = {(r["op"], r["dtype"], r["max_size"]): r for r in (existing or {}).get("rows", [])
+            if not r["source"].startswith("predicted")}
+    kept.update(measured or {})
     rows = []
     for op, (_, backends, buckets) in AUTO_OPS.items():
         for dtype in AUTO_DTYPES:
             for max_size, params in buckets:
-                if (op, dtype, max_size) in measured:
-                    rows.append(measured[op, dtype, max_size])
-                    continue
-                ms = {}
-                for b in backends:
-                    est = estimate(op, b, params, dtype, "fwd+bwd", True) if params else None
-                    if est is not None:
-                        ms[b] = round(predict(est, H200)["ms"], 4)
-                ref = (estimate(op, REFERENCE_MODEL[op], params, dtype, "fwd+bwd", True)
-                       if op in REFERENCE_MODEL else None)
-                ref_ms = round(predict(ref, H200)["ms"], 4) if ref is not None else None
-                order = sorted(ms, key=ms.get)
-                while "cuda" in order[:-1]:  # CUDA_MARGIN, above
-                    i = order.index("cuda")
-                    if ms["cuda"] * CUDA_MARGIN <= ms[order[i + 1]]:
-                        break
-                    order[i], order[i + 1] = order[i + 1], "cuda"
-                order += [b for b in backends if b not in ms]
-                if ref_ms is not None and ms and ref_ms < min(ms.values()):
-                    order.insert(0, "reference")  # a kernel backend stays next, for what the reference cannot take
-                if ref_ms is not None:
-                    ms["reference"] = ref_ms
-                source = ("predicted: benchmarks/roofline.py, H200 datasheet, fwd+bwd at "
-                          + ", ".join(f"{k}={v}" for k, v in params.items()) if ms else
-                          "predicted: the only kernel backend of this op (not modelled)")
-                rows.append(dict(op=op, dtype=dtype, max_size=max_size, order=order, source=source,
-                                 predicted_ms_h200=ms))
+                row = kept.get((op, dtype, max_size))
+                rows.append(row if row is not None else _predicted_row(op, dtype, max_size, params, backends))
     return {
         "about": "backend=\"auto\" on CUDA tensors: the first backend of `order` that can run, from the row of the "
                  "op and dtype with the smallest max_size >= size (null: no bound). Written by `python "
@@ -857,17 +937,45 @@ def auto_table(existing: Optional[dict] = None) -> dict:
     }
 
 
-def write_auto_table(path: str = AUTO_TABLE) -> str:
+def load_measured(paths) -> dict:
+    """measured_rows of each results.json in paths, later files replacing earlier ones row by row."""
+    import json
+
+    rows = {}
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        try:
+            rows.update(measured_rows(results))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return rows
+
+
+def write_auto_table(path: str = AUTO_TABLE, measured: Optional[dict] = None) -> str:
     import json
 
     existing = None
     if os.path.exists(path):
         with open(path) as f:
             existing = json.load(f)
-    text = json.dumps(auto_table(existing), indent=1) + "\n"
-    with open(path, "w") as f:
+    text = json.dumps(auto_table(existing, measured), indent=1) + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         f.write(text)
+    os.replace(tmp, path)
     return path
+
+
+def table_changes(before: dict, after: dict) -> list:
+    """(op, dtype, max_size, order before, order after, source after) for each row whose order or source changed."""
+    old = {(r["op"], r["dtype"], r["max_size"]): r for r in before.get("rows", [])}
+    out = []
+    for r in after["rows"]:
+        b = old.get((r["op"], r["dtype"], r["max_size"]))
+        if b is None or b["order"] != r["order"] or b["source"] != r["source"]:
+            out.append((r["op"], r["dtype"], r["max_size"], b["order"] if b else None, r["order"], r["source"]))
+    return out
 
 
 def main():
@@ -876,9 +984,28 @@ def main():
                                                "(the committed one is benchmarks/results/predicted.md)")
     p.add_argument("--auto-table", action="store_true",
                    help="write dinov3_kernels/auto_table.json from the predictions (keeps measured rows)")
+    p.add_argument("--measured", action="append", default=[], metavar="RESULTS_JSON",
+                   help="with --auto-table: a GPU run's results.json (benchmarks/run_all.py); the rows whose deciding "
+                        "shape it timed are ordered by its measured times (repeatable: later files win)")
     args = p.parse_args()
+    if args.measured and not args.auto_table:
+        p.error("--measured goes with --auto-table")
     if args.auto_table:
-        print(f"wrote {write_auto_table()}")
+        import json
+
+        try:
+            measured = load_measured(args.measured)
+        except (OSError, ValueError, KeyError) as exc:
+            p.exit(2, f"roofline.py: cannot read the measurements: {exc}\n")
+        with open(AUTO_TABLE) as f:
+            before = json.load(f)
+        path = write_auto_table(measured=measured)
+        with open(path) as f:
+            changes = table_changes(before, json.load(f))
+        print(f"wrote {path}: {len(measured)} measured rows from {len(args.measured)} file(s), "
+              f"{len(changes)} rows changed")
+        for op, dtype, size, old_order, new_order, source in changes:
+            print(f"  {op} {dtype} <= {size}: {old_order} -> {new_order} ({source})")
         return
     text = markdown()
     print(text)

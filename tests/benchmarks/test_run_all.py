@@ -105,6 +105,19 @@ def test_markdown_and_plots(dry_run):
         assert f"({op}.png)" in md
 
 
+def test_the_run_writes_its_auto_table(dry_run):
+    """The table run_all.py writes beside its results (tests/benchmarks/test_auto_table_measured.py checks how
+    measurements order it): the dry run's tiny shapes decide no row, so it is the committed table, and results.md
+    says that no row changed."""
+    out, _, stdout = dry_run
+    with open(os.path.join(ROOT, "dinov3_kernels", "auto_table.json")) as f:
+        committed = json.load(f)
+    assert json.loads((out / "auto_table.json").read_text()) == committed
+    md = (out / "results.md").read_text()
+    assert "## The auto table this run measured" in md and "No row changed." in md
+    assert "auto_table.json" in stdout and not list(out.glob("*.tmp"))
+
+
 def test_a_failing_gpu_test_fails_the_run_but_writes_everything(tmp_path):
     tests = tmp_path / "test_fake_gpu.py"
     tests.write_text(textwrap.dedent("""
