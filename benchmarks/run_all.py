@@ -53,6 +53,7 @@ import bench_gram  # noqa: E402
 import bench_koleo  # noqa: E402
 import bench_train  # noqa: E402
 import common  # noqa: E402
+import goals  # noqa: E402
 import roofline  # noqa: E402
 
 SIZE_LABELS = {"gram_loss": "P (patches per Gram matrix)", "koleo_loss": "n (rows)", "rope_attention": "N (tokens)",
@@ -300,8 +301,9 @@ class Run:
 
     # -- writing
     def write(self, final: bool = False):
+        records = [r.to_dict() for r in self.records]
         data = {"environment": self.env, "dry_run": self.dry, "ceilings": self.ceilings, "tests": self.tests,
-                "phases": self.phases, "records": [r.to_dict() for r in self.records],
+                "phases": self.phases, "records": records, "goals": self.goal_verdicts(records),
                 "model": {"ceilings": vars(self.model_ceilings()),
                           "note": "predicted_ms: roofline.py at these ceilings; predicted_ms_H100/H200 in extra: at "
                                   "the datasheet ceilings (benchmarks/results/predicted.md)"}}
@@ -311,6 +313,14 @@ class Run:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1, default=str)
         os.replace(tmp, os.path.join(self.out, "results.json"))
+
+    def goal_verdicts(self, records: list):
+        """Issue 14's goals against the records so far (benchmarks/goals.py), or why they could not be checked."""
+        try:
+            return goals.evaluate(json.loads(json.dumps(records, default=str)))
+        except Exception as exc:  # noqa: BLE001 - the measurements matter more than their verdicts
+            traceback.print_exc()
+            return f"not checked: {type(exc).__name__}: {exc}"
 
     def markdown(self, plots) -> str:
         env = self.env
@@ -337,7 +347,10 @@ class Run:
                 lines.append(f"- {f['kind']}: `{f['test']}`: {f['message'].splitlines()[0] if f['message'] else ''}")
         else:
             lines.append("not run")
-        lines += ["", "## Ceilings (measured)", "", f"{self.ceilings}", ""]
+        verdicts = self.goal_verdicts([r.to_dict() for r in self.records])
+        lines += [""] + (goals.markdown(verdicts, dry=self.dry) if isinstance(verdicts, list)
+                         else ["## Issue 14's goals, measured", "", verdicts, ""])
+        lines += ["## Ceilings (measured)", "", f"{self.ceilings}", ""]
         lines += ["## The roofline model against the measurements", "",
                   "measured/predicted per op and backend (roofline.py at the measured ceilings; 1 = at the model's "
                   "floor; the spread says how well the model explains the backend)", "",

@@ -118,6 +118,17 @@ def test_the_run_writes_its_auto_table(dry_run):
     assert "auto_table.json" in stdout and not list(out.glob("*.tmp"))
 
 
+def test_the_run_checks_the_issue_goals(dry_run):
+    """results.json and results.md carry issue 14's goals checked against the records (benchmarks/goals.py; its own
+    tests check the verdicts): the dry run's KoLeo and attention shapes get verdicts, labelled as a dry run."""
+    out, data, _ = dry_run
+    assert isinstance(data["goals"], list) and data["goals"], data.get("goals")
+    assert {g["verdict"] for g in data["goals"]} <= {"met", "MISSED", "not measured"}
+    assert {g["goal"].split()[0] for g in data["goals"]} == {"KoLeo", "attention"}  # no dry Gram shape has P >= 1024
+    md = (out / "results.md").read_text()
+    assert "## Issue 14's goals, measured" in md and "Dry run: CPU times" in md
+
+
 def test_a_failing_gpu_test_fails_the_run_but_writes_everything(tmp_path):
     tests = tmp_path / "test_fake_gpu.py"
     tests.write_text(textwrap.dedent("""
