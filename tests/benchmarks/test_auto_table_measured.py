@@ -168,7 +168,8 @@ def test_the_gpu_run_times_the_deciding_shape_of_every_row_it_can_measure():
 
 def test_the_gram_phase_times_bf16_after_fp32_on_the_gpu_only(monkeypatch, tmp_path):
     """The bf16 Gram measurement (the issue's 40 %-of-bf16-peak goal) runs after every fp32 shape, in what the fp32
-    part left of the phase's budget; the dry run (the interpreter is fp32-only) leaves it out."""
+    part left of the phase's budget and without torch.compile; the dry run (the interpreter is fp32-only) leaves it
+    out."""
     import torch
 
     import bench_gram
@@ -176,11 +177,14 @@ def test_the_gram_phase_times_bf16_after_fp32_on_the_gpu_only(monkeypatch, tmp_p
     import run_all
 
     calls = []
-    monkeypatch.setattr(bench_gram, "run", lambda st, shapes=None, dtypes=None: calls.append((shapes, dtypes)) or [])
-    for dry, expected in ((True, [(None, None)]),
-                          (False, [(None, None), (run_all.GRAM_BF16_SHAPES, [torch.bfloat16])])):
+    monkeypatch.setattr(bench_gram, "run", lambda st, shapes=None, dtypes=None:
+                        calls.append((shapes, dtypes, st.compile, st.deadline)) or [])
+    deadline = common.Deadline(10)
+    for dry, expected in ((True, [(None, None, True, deadline)]),
+                          (False, [(None, None, True, deadline),
+                                   (run_all.GRAM_BF16_SHAPES, [torch.bfloat16], False, deadline)])):
         calls.clear()
         run = run_all.Run(run_all.parse_args((["--dry-run"] if dry else []) + ["--out", str(tmp_path)]))
-        run.phase_gram(common.Settings(device="cpu", deadline=common.Deadline(10)))
-        assert calls == expected
+        run.phase_gram(common.Settings(device="cpu", deadline=deadline))
+        assert calls == expected  # bf16 without torch.compile, within the phase's one deadline
     assert run_all.GRAM_BF16_SHAPES[0][1] == 1024  # the goal is stated at P >= 1024: that shape first
