@@ -60,8 +60,6 @@ SIZE_LABELS = {"gram_loss": "P (patches per Gram matrix)", "koleo_loss": "n (row
                "train_step": "backbone parameters (M)", "data_loader": "batch"}
 BASELINES = {"gram_loss": "official_tf32", "koleo_loss": "official_tf32", "rope_attention": "official"}
 DRY_TESTS = ["tests/kernels/test_koleo.py"]
-# Gram in bf16 on the GPU, after the fp32 shapes: P = 1024 (the bf16-peak goal's shape), 4096, 256 at ViT-L width.
-GRAM_BF16_SHAPES = [(32, 1024, 1024), (8, 4096, 1024), (64, 256, 1024)]
 GRACE_S = 30  # seconds a GPU test started before the phase's budget ran out may take to finish
 
 
@@ -242,7 +240,7 @@ class Run:
             # bf16 features, in what the fp32 part left of the budget: the issue's goal of 40 % of the bf16
             # tensor-core peak (P >= 1024 first), and the auto table's bf16 rows (the same three deciding shapes).
             # Without torch.compile (no goal compares with it in bf16; its recompile would take the budget).
-            records += bench_gram.run(dataclasses.replace(st, compile=False), shapes=GRAM_BF16_SHAPES,
+            records += bench_gram.run(dataclasses.replace(st, compile=False), shapes=bench_gram.BF16_GPU_SHAPES,
                                       dtypes=[torch.bfloat16])
         return records
 
@@ -316,10 +314,11 @@ class Run:
             json.dump(data, f, indent=1, default=str)
         os.replace(tmp, os.path.join(self.out, "results.json"))
 
-    def goal_verdicts(self, records: list):
-        """Issue 14's goals against the records so far (benchmarks/goals.py), or why they could not be checked."""
+    def goal_verdicts(self, records: list, time: str = "median_ms"):
+        """Issue 14's goals against the records so far (benchmarks/goals.py; time="predicted_ms": the model's verdicts
+        at the measured ceilings), or why they could not be checked."""
         try:
-            return goals.evaluate(json.loads(json.dumps(records, default=str)))
+            return goals.evaluate(json.loads(json.dumps(records, default=str)), time)
         except Exception as exc:  # noqa: BLE001 - the measurements matter more than their verdicts
             traceback.print_exc()
             return f"not checked: {type(exc).__name__}: {exc}"
@@ -349,9 +348,10 @@ class Run:
                 lines.append(f"- {f['kind']}: `{f['test']}`: {f['message'].splitlines()[0] if f['message'] else ''}")
         else:
             lines.append("not run")
-        verdicts = self.goal_verdicts([r.to_dict() for r in self.records])
-        lines += [""] + (goals.markdown(verdicts, dry=self.dry) if isinstance(verdicts, list)
-                         else ["## Issue 14's goals, measured", "", verdicts, ""])
+        records = [r.to_dict() for r in self.records]
+        verdicts, model = self.goal_verdicts(records), self.goal_verdicts(records, "predicted_ms")
+        lines += [""] + (goals.markdown(verdicts, dry=self.dry, predicted=model if isinstance(model, list) else None)
+                         if isinstance(verdicts, list) else ["## Issue 14's goals, measured", "", verdicts, ""])
         lines += ["## Ceilings (measured)", "", f"{self.ceilings}", ""]
         lines += ["## The roofline model against the measurements", "",
                   "measured/predicted per op and backend (roofline.py at the measured ceilings; 1 = at the model's "

@@ -156,7 +156,7 @@ def test_the_gpu_run_times_the_deciding_shape_of_every_row_it_can_measure():
 
     timed = {
         ("gram_loss", "float32"): [dict(G=G, P=P, D=D) for G, P, D in bench_gram.GPU_SHAPES],
-        ("gram_loss", "bfloat16"): [dict(G=G, P=P, D=D) for G, P, D in run_all.GRAM_BF16_SHAPES],
+        ("gram_loss", "bfloat16"): [dict(G=G, P=P, D=D) for G, P, D in bench_gram.BF16_GPU_SHAPES],
         ("koleo_loss", "float32"): [dict(n=n, d=d) for n, d in bench_koleo.GPU_SHAPES],
         ("rope_attention", "bfloat16"): [dict(B=B, H=H, N=N, D=D) for _, H, D, B, N in bench_attention.gpu_cases()],
     }
@@ -182,9 +182,9 @@ def test_the_gram_phase_times_bf16_after_fp32_on_the_gpu_only(monkeypatch, tmp_p
     deadline = common.Deadline(10)
     for dry, expected in ((True, [(None, None, True, deadline)]),
                           (False, [(None, None, True, deadline),
-                                   (run_all.GRAM_BF16_SHAPES, [torch.bfloat16], False, deadline)])):
+                                   (bench_gram.BF16_GPU_SHAPES, [torch.bfloat16], False, deadline)])):
         calls.clear()
         run = run_all.Run(run_all.parse_args((["--dry-run"] if dry else []) + ["--out", str(tmp_path)]))
         run.phase_gram(common.Settings(device="cpu", deadline=deadline))
         assert calls == expected  # bf16 without torch.compile, within the phase's one deadline
-    assert run_all.GRAM_BF16_SHAPES[0][1] == 1024  # the goal is stated at P >= 1024: that shape first
+    assert bench_gram.BF16_GPU_SHAPES[0][1] == 1024  # the goal is stated at P >= 1024: that shape first

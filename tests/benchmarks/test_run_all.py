@@ -127,6 +127,7 @@ def test_the_run_checks_the_issue_goals(dry_run):
     assert {g["goal"].split()[0] for g in data["goals"]} == {"KoLeo", "attention"}  # no dry Gram shape has P >= 1024
     md = (out / "results.md").read_text()
     assert "## Issue 14's goals, measured" in md and "Dry run: CPU times" in md
+    assert "| all backends | model |" in md  # the model's verdict at the measured ceilings beside each one
 
 
 def test_a_failing_gpu_test_fails_the_run_but_writes_everything(tmp_path):
