@@ -13,8 +13,11 @@ Phases, each with a time budget (printed first) and each in its own try/except, 
                the benchmark scripts' run() functions at the shapes their issues name (bench_*.py)
 Every measurement warms up first (compilation and autotuning are timed apart, as compile_ms), and gets the roofline
 prediction (roofline.py) at the measured ceilings beside it. Writes into --out (default
-benchmarks/results/<gpu>/<date>-<commit>/): results.json (one record per measurement), results.md (tables), one PNG per
-op, tests.xml and tests.log. results.json is rewritten after every phase, so a run cut short keeps what it measured.
+benchmarks/results/<gpu>/<date>-<commit>/): results.json (one record per measurement, and issue 14's goals checked
+against them: goals.py), results.md (tables, the goals with the model's verdict beside each), one PNG per op,
+tests.xml, tests.log and auto_table.json (the committed auto table with the rows this run timed ordered by its
+measurements: roofline.measured_rows). results.json is rewritten after every phase, so a run cut short keeps what it
+measured (`roofline.py --auto-table --measured` and `goals.py` rebuild the rest from it).
 
 Exit status: 0; 1 if a GPU test failed or errored; 2 if the GPU tests could not run or finish (no pytest, pytest
 crashed or was interrupted, a test ran past the budget's grace period); 4 if a phase crashed (its error is in
@@ -423,6 +426,13 @@ class Run:
         with open(os.path.join(self.out, "results.md"), "w") as f:
             f.write(self.markdown(plots))
         code = self.exit_code()
+        verdicts = self.goal_verdicts([r.to_dict() for r in self.records])
+        if isinstance(verdicts, list):  # last, so that the tail of the log (all a device call may return) has them
+            print(f"\nissue 14's goals{' (DRY RUN: not a verdict)' if self.dry else ''}: {goals.summary(verdicts)}")
+            for v in verdicts:
+                if v["verdict"] != "met":
+                    print(f"  {v['verdict']}: {v['goal']} at {v['shape']} ({v['dtype']}): "
+                          + (f"{v['best']} {v['value']:.3g}" if v["value"] is not None else v.get("reason", "")))
         print(f"\nwrote {self.out}/results.json, results.md, auto_table.json and {len(plots)} plots; "
               f"exit status {code}")
         return code

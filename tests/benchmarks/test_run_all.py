@@ -121,8 +121,12 @@ def test_the_run_writes_its_auto_table(dry_run):
 def test_the_run_checks_the_issue_goals(dry_run):
     """results.json and results.md carry issue 14's goals checked against the records (benchmarks/goals.py; its own
     tests check the verdicts): the dry run's KoLeo and attention shapes get verdicts, labelled as a dry run."""
-    out, data, _ = dry_run
+    out, data, stdout = dry_run
     assert isinstance(data["goals"], list) and data["goals"], data.get("goals")
+    # The summary and every goal not met close the log (the tail a device call returns)
+    tail = stdout[stdout.index("issue 14's goals (DRY RUN: not a verdict)"):]
+    assert sum(line.startswith(("  MISSED: ", "  not measured: ")) for line in tail.splitlines()) == sum(
+        g["verdict"] != "met" for g in data["goals"])
     assert {g["verdict"] for g in data["goals"]} <= {"met", "MISSED", "not measured"}
     assert {g["goal"].split()[0] for g in data["goals"]} == {"KoLeo", "attention"}  # no dry Gram shape has P >= 1024
     md = (out / "results.md").read_text()
