@@ -13,8 +13,12 @@ with autocast off):
   triton, cuda    dinov3_kernels.koleo_loss: both search fp32 input on an fp16 copy of the normalised rows and re-rank
                   each row's best 1 + 8 exactly; Triton scores each pair of rows once (its symmetric search) from
                   n = 4096 at d > 384
-  triton_chunked  the Triton kernel with the symmetric search turned off (every query row against the whole set), so
-                  that the GPU run shows what the symmetric search buys (benchmarks/NOTES.md, KoLeo section 7)
+  triton_chunked  from n = 4096 (where the launcher may choose the symmetric search): the Triton kernel with the
+                  symmetric search turned off (every query row against the whole set)
+  triton_symmetric  the same rows with the symmetric search forced (the launcher's list-length rule lifted: fp32
+                  input keeps the chunked search below d = 2048 by default, because of its top-k selection cost)
+                  One of the two repeats the "triton" row at each shape; side by side they show on the GPU which
+                  search wins where (benchmarks/NOTES.md, KoLeo sections 7 and 10), the launcher's rule to check.
 No outside library is installed that would do better than the official formulation (a faiss-style k-NN search also
 materialises the n×n scores or trades exactness away), so there is no further alternative row.
 
@@ -64,22 +68,33 @@ def providers(x, settings):
     for backend in ("composed", "triton", "cuda"):
         reason = why_not(backend, (x,))
         out[backend] = reason or ((lambda be: lambda a: koleo_loss(a, backend=be))(backend), True)
-        if backend == "triton":
-            out["triton_chunked"] = reason or (_triton_chunked, True)
+        if backend == "triton" and x.shape[0] >= _symmetric_min_rows():
+            out["triton_chunked"] = reason or ((lambda a: _triton_forced(a, SYMMETRIC_MIN_ROWS=2**62)), True)
+            out["triton_symmetric"] = reason or ((lambda a: _triton_forced(a, SYMMETRIC_MAX_KC=2**30)), True)
     return out
 
 
-def _triton_chunked(x):
-    """koleo_loss(backend="triton") with the symmetric search's threshold out of reach for this call (the search is
-    chosen in the forward; the backward does not depend on it)."""
+def _symmetric_min_rows() -> int:
     from dinov3_kernels._triton import koleo as triton_koleo
 
-    saved = triton_koleo.SYMMETRIC_MIN_ROWS
-    triton_koleo.SYMMETRIC_MIN_ROWS = 2**62
+    return triton_koleo.SYMMETRIC_MIN_ROWS
+
+
+def _triton_forced(x, **constants):
+    """koleo_loss(backend="triton") with the launcher's search-choice constants set for this call (the search is
+    chosen in the forward; the backward does not depend on it): SYMMETRIC_MIN_ROWS out of reach turns the symmetric
+    search off, SYMMETRIC_MAX_KC out of reach lifts its list-length rule (symmetric wherever the rows are the whole
+    set, n >= SYMMETRIC_MIN_ROWS and the resident search does not run)."""
+    from dinov3_kernels._triton import koleo as triton_koleo
+
+    saved = {k: getattr(triton_koleo, k) for k in constants}
+    for k, v in constants.items():
+        setattr(triton_koleo, k, v)
     try:
         return koleo_loss(x, backend="triton")
     finally:
-        triton_koleo.SYMMETRIC_MIN_ROWS = saved
+        for k, v in saved.items():
+            setattr(triton_koleo, k, v)
 
 
 def run(settings: common.Settings, shapes=None) -> list:

@@ -265,7 +265,8 @@ def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False
 
 
 # ---- KoLeo loss ------------------------------------------------------------------------------------------------------
-KOLEO_BACKENDS = ("official_tf32", "official_fp32", "compile", "composed", "triton", "triton_chunked", "cuda")
+KOLEO_BACKENDS = ("official_tf32", "official_fp32", "compile", "composed", "triton", "triton_chunked",
+                  "triton_symmetric", "cuda")
 KOLEO_COMPOSED_EXTRA = 8  # dinov3_kernels.koleo.COMPOSED_EXTRA
 KOLEO_COMPOSED_BLOCK = 2**26  # dinov3_kernels.koleo.COMPOSED_BLOCK
 KOLEO_TRITON_EXTRA = 8  # dinov3_kernels._triton.koleo.RERANK_EXTRA
@@ -365,6 +366,8 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
       and written per pair), programs = NSB (NSB + 1) / 2 slab pairs, NSB + 1 candidate lists per row for the merge;
       HBM: the slabs its programs in flight read (one per SM), averaged over the run in the kernel's pair order
       (super-columns of KOLEO_TRITON_SYMMETRIC_SUPER slabs: koleo_symmetric_slabs_in_flight), as the re-read set.
+      triton_chunked / triton_symmetric: the Triton kernel with the symmetric search off / with its list-length rule
+      lifted (symmetric wherever the rows are the whole set, n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS, not resident).
       Triton's top-k selection (since the thirteenth session): warp instructions per tile pair read from its SASS
       (KOLEO_TRITON_SELECT_INSTR) times the rounds its lists take (koleo_select_rounds), issued at 4 per SM per
       clock, added to the matrix time where one CTA holds the SM (8 warps), beside it for two 4-warp CTAs
@@ -405,11 +408,12 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         b = f + loss + (0 if mode == "fwd" else 10 * nd * 4)
         launches = 4 * blocks + 29 + (0 if mode == "fwd" else 12)
         return Estimate(useful, useful, prec, min_b, b, b, 0, launches)
-    if backend not in ("triton", "triton_chunked", "cuda"):
+    if backend not in ("triton", "triton_chunked", "triton_symmetric", "cuda"):
         raise ValueError(f"koleo: unknown backend {backend!r}")
-    # triton_chunked: the Triton kernel with its symmetric search turned off (bench_koleo's row of that name).
-    chunked = backend == "triton_chunked"
-    backend = "triton" if chunked else backend
+    # triton_chunked / triton_symmetric: the Triton kernel with its symmetric search turned off / with the search's
+    # list-length rule lifted (bench_koleo's rows of those names).
+    chunked, forced = backend == "triton_chunked", backend == "triton_symmetric"
+    backend = "triton" if chunked or forced else backend
     # Since 2026-12-01 both kernels search fp32 input on an fp16 copy of u (TF32's mantissa, 16-bit bytes and rate)
     # that the norm pass writes (re-reading the rows): es bytes per searched element, copy the pass's extra traffic.
     es = 2
@@ -427,7 +431,7 @@ def koleo(n, d, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         kc = 1 if e == 2 else 1 + KOLEO_TRITON_EXTRA
         kcp = max(2, 1 << (kc - 1).bit_length())
         symmetric = (not resident and not chunked and n >= KOLEO_TRITON_SYMMETRIC_MIN_ROWS
-                     and (kc <= KOLEO_TRITON_SYMMETRIC_MAX_KC or d >= KOLEO_TRITON_SYMMETRIC_LONG_LIST_D))
+                     and (forced or kc <= KOLEO_TRITON_SYMMETRIC_MAX_KC or d >= KOLEO_TRITON_SYMMETRIC_LONG_LIST_D))
         tiles = _cdiv(n, 128)  # the launcher's rule: 128-row tiles where the grid keeps 2 programs per SM
         bm = 128 if tiles * min(_cdiv(2 * sms, tiles), tiles) >= 2 * sms else 64
         if symmetric:
