@@ -42,15 +42,10 @@ def _shapes(records, op: str, dtype: str, time: str) -> dict:
     for r in records:
         if r.get("op") != op or r.get("dtype") != dtype or r.get("pass") != "fwd+bwd":
             continue
-        entry = out.setdefault(r["shape"], {"params": r.get("params") or {}, "ok": {}, "not_ok": {}})
-        if r.get("status") == "ok" and r.get(time):
-            r = dict(r, ms=float(r[time]))
-            if r.get("error") is not None and r["error"] > roofline.MAX_MEASURED_ERROR:
-                entry["not_ok"][r["backend"]] = f"error {r['error']:.2g}"
-            else:
-                entry["ok"][r["backend"]] = r
-        else:
-            entry["not_ok"][r["backend"]] = r.get("status") or "?"
+        entry = out.setdefault(r["shape"], {"params": r.get("params") or {}, "ok": {}})
+        accurate = r.get("error") is None or r["error"] <= roofline.MAX_MEASURED_ERROR
+        if r.get("status") == "ok" and r.get(time) and accurate:
+            entry["ok"][r["backend"]] = dict(r, ms=float(r[time]))
     return out
 
 

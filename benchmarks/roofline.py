@@ -957,6 +957,8 @@ def load_measured(paths) -> dict:
     for path in paths:
         with open(path) as f:
             results = json.load(f)
+        if not isinstance(results, dict) or not isinstance(results.get("records"), list):
+            raise ValueError(f"{path}: not a results.json of benchmarks/run_all.py (no list of records)")
         try:
             rows.update(measured_rows(results))
         except ValueError as exc:

@@ -142,6 +142,11 @@ def test_cli_refuses_what_cannot_order_the_table(tmp_path, committed):
     r = subprocess.run([sys.executable, ROOFLINE, "--auto-table", "--measured", str(tmp_path / "missing.json")],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "missing.json" in r.stderr and "Traceback" not in r.stderr
+    other = tmp_path / "other.json"
+    other.write_text("[1, 2]")  # JSON, but not a run's results
+    r = subprocess.run([sys.executable, ROOFLINE, "--auto-table", "--measured", str(other)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "not a results.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
     with open(roofline.AUTO_TABLE) as f:
         assert json.load(f) == committed  # nothing was written
 
