@@ -544,8 +544,14 @@ def report(name: str, records, env: dict, args, speedup_vs: Optional[str] = None
     print(f"wrote {base}.json and {base}.md")
 
 
+def plot_panels(records) -> list:
+    """The (series, dtype, pass) rows of an op's plot, in the records' order: one line per backend in each, so that
+    the same backend timed in two dtypes (the Gram loss in fp32 and bf16) never shares a line."""
+    return list(dict.fromkeys((r.series, r.dtype, r.mode) for r in records))
+
+
 def plot_records(records, out_dir: str, size_label: Optional[dict] = None) -> list:
-    """One PNG per op: a row per (series, pass), time and peak memory against size, one line per backend."""
+    """One PNG per op: a row per (series, dtype, pass), time and peak memory against size, one line per backend."""
     try:
         import matplotlib
 
@@ -558,12 +564,12 @@ def plot_records(records, out_dir: str, size_label: Optional[dict] = None) -> li
     written = []
     for op in dict.fromkeys(r.op for r in records if r.op != "ceiling"):
         ok = [r for r in records if r.op == op and r.median_ms and r.size is not None]
-        panels = list(dict.fromkeys((r.series, r.mode) for r in ok))
+        panels = plot_panels(ok)
         if not panels:
             continue
         fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
-        for (series, mode), (ax_t, ax_m) in zip(panels, axes):
-            rows = [r for r in ok if (r.series, r.mode) == (series, mode)]
+        for (series, dtype, mode), (ax_t, ax_m) in zip(panels, axes):
+            rows = [r for r in ok if (r.series, r.dtype, r.mode) == (series, dtype, mode)]
             for backend in dict.fromkeys(r.backend for r in rows):
                 pts = sorted((r.size, r.median_ms, r.peak_mb) for r in rows if r.backend == backend)
                 xs = [p[0] for p in pts]
@@ -572,7 +578,7 @@ def plot_records(records, out_dir: str, size_label: Optional[dict] = None) -> li
                 if mem:
                     ax_m.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=backend)
             for ax, what in ((ax_t, "median ms"), (ax_m, "peak MiB")):
-                ax.set_title(f"{op} {series} {mode}: {what}", fontsize=9)
+                ax.set_title(f"{op} {series} {dtype} {mode}: {what}", fontsize=9)
                 ax.set_xlabel(size_label.get(op, "size"))
                 if ax.lines:
                     ax.set_xscale("log", base=2)

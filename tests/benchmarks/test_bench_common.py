@@ -82,3 +82,13 @@ def test_rel_error():
     assert common.rel_error(ref, ref) == 0
     assert common.rel_error(ref + torch.tensor([0.0, 0.5]), ref) == pytest.approx(0.1)
     assert common.rel_error(torch.tensor([float("nan"), 0.0]), ref) == float("inf")
+
+
+def test_plots_keep_dtypes_apart():
+    """The same backend and series timed in two dtypes (run_all.py times the Gram loss in fp32 and bf16) get a row
+    of panels each, not one line through both."""
+    recs = [common.Record("gram_loss", "triton", f"G=8 P={P} D=1024", dtype, mode, series="D=1024", size=P,
+                          median_ms=1.0)
+            for dtype in ("float32", "bfloat16") for P in (1024, 4096) for mode in ("fwd", "fwd+bwd")]
+    assert common.plot_panels(recs) == [("D=1024", "float32", "fwd"), ("D=1024", "float32", "fwd+bwd"),
+                                        ("D=1024", "bfloat16", "fwd"), ("D=1024", "bfloat16", "fwd+bwd")]
