@@ -61,10 +61,11 @@ DEVICES = (H100, H200)
 
 def measured_ceilings(measured: dict, gpu: bool) -> Ceilings:
     """Ceilings with what run_all.py measured (copy bandwidth, matmul rates); the rest from the H200 datasheet on a GPU.
-    On the CPU (--dry-run) the model runs only to check the pipeline: L2 is taken as twice the copy bandwidth."""
+    On the CPU (--dry-run) the model runs only to check the pipeline: L2 is taken as twice the copy bandwidth, and a
+    nominal 20 GB/s stands in for the copy where it was not measured (run_all.py --only without the ceilings)."""
     rates = {"bf16": measured.get("bf16_tflops"), "tf32": measured.get("tf32_tflops"),
              "fp32": measured.get("fp32_tflops")}
-    base = H200 if gpu else Ceilings("CPU", {}, 0, 0, 32.0, 1, 1e9, 20.0)
+    base = H200 if gpu else Ceilings("CPU", {}, 20.0, 40.0, 32.0, 1, 1e9, 20.0)
     rates = {k: v or base.tflops.get(k) or measured.get("fp32_tflops") or 1e-3 for k, v in rates.items()}
     hbm = measured.get("copy_gbps") or base.hbm_gbps
     return replace(base, name=("measured: " if gpu else "CPU, measured: ") + base.name, tflops=rates, hbm_gbps=hbm,
