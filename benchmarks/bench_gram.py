@@ -8,8 +8,9 @@ Backends (student and teacher features (G, P, D), the student requiring grad, re
   official_fp32   the same in IEEE fp32 (TF32 off); not for 16-bit features, where TF32 does not apply
   compile         torch.compile of the official computation, TF32 on
   triton, cuda    our fused tiled kernels (method="tiled"), TF32 on (the kernels follow the flag)
-  factored        our factored form |SᵀS|² - 2|SᵀT|² + |TᵀT|² (plain PyTorch, IEEE fp32; "auto" picks it for
-                  fp32 features when P >= 2·D; not timed for 16-bit features)
+  factored        our factored form (O(P·D²): D×D products of the rows' sum and difference, cuBLAS GEMMs in fp16
+                  under TF32 and for 16-bit features, Triton row passes where Triton runs); method="auto" takes it
+                  on tall groups (dinov3_kernels/gram.py _factored_wins)
 No outside library computes this loss; the official formulation is the alternative.
 
 FLOPs (useful work, the same for every backend): forward 4·G·P²·D (two Gram matrices); forward+backward 6·G·P²·D
@@ -81,10 +82,9 @@ def providers(s, t, settings):
     out["composed"] = why_not("composed", (s, t)) or (_fused("composed", "tiled"), True)
     for backend in ("triton", "cuda"):
         out[backend] = why_not(backend, (s, t)) or (_fused(backend, "tiled"), True)
-    # The factored form is plain PyTorch, behind any non-reference backend: the composed one runs everywhere. It
-    # computes in IEEE fp32 whatever the input, and "auto" takes it only for fp32 input: not timed for 16-bit input.
-    if not sixteen:
-        out["factored"] = why_not("composed", (s, t)) or (_fused("composed", "factored"), True)
+    # The factored form as "auto" runs it: with the Triton row passes where Triton runs, torch ops otherwise.
+    out["factored"] = (_fused("triton", "factored"), True) if why_not("triton", (s, t)) is None else \
+        (why_not("composed", (s, t)) or (_fused("composed", "factored"), True))
     return out
 
 

@@ -30,7 +30,9 @@ from typing import Optional
 
 import roofline
 
-PACKAGE = ("composed", "triton", "cuda")
+# The package's ways of computing an op. "factored" is the Gram loss's O(P·D²) form, which gram_loss(method="auto")
+# takes on tall groups (P several times D: the 1024 px shapes) whatever the backend; the other ops have no such row.
+PACKAGE = ("composed", "triton", "cuda", "factored")
 BF16_PEAK_TFLOPS = roofline.H200.tflops["bf16"]  # dense, datasheet; the H100 SXM's is the same
 SDPA = ("sdpa_flash", "sdpa_cudnn")
 

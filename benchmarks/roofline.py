@@ -123,9 +123,9 @@ def _cdiv(a, b):
 
 # ---- Gram loss -------------------------------------------------------------------------------------------------------
 GRAM_BACKENDS = ("official_tf32", "official_fp32", "compile", "composed", "triton", "cuda", "factored")
-# What run_all.py times for bf16 features: official_fp32 would repeat official_tf32 (TF32 does not apply), factored
-# computes in fp32 whatever the input, and torch.compile is left out for the time budget.
-GRAM_BF16_BACKENDS = ("official_tf32", "composed", "triton", "cuda")
+# What run_all.py times for bf16 features: official_fp32 would repeat official_tf32 (TF32 does not apply), and
+# torch.compile is left out for the time budget.
+GRAM_BF16_BACKENDS = ("official_tf32", "composed", "triton", "cuda", "factored")
 
 
 def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
@@ -145,8 +145,8 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     triton (see _gram_triton): prologue writing [Ŝ | T̂] once in the compute dtype, a persistent forward over the
       upper-triangle 128x128 tile pairs (one dot chain over the 2·D columns) storing E', and a deterministic
       gradient GEMM E'·Ŝ with the normalize backward fused; no atomics.
-    factored: torch ops on fp32 (|SᵀS|² - 2|SᵀT|² + |TᵀT|², three D×D products per group, two more for the
-      gradient); elementwise passes counted from _gram_fwd_factored (~29 passes over G·P·D fp32, ~14 over G·D²).
+    factored (see _gram_factored): Z = [Ŝ + T̂ | Ŝ - T̂] in fp16 (TF32 on or 16-bit input; IEEE fp32 otherwise),
+      three D×D cuBLAS products and one gradient GEMM (10·P·D² FLOPs per group), Triton row passes.
     composed (dinov3_kernels/gram.py _gram_fwd_composed): Ŝ and T̂ normalised into one [Ŝ | T̂] buffer (a norm read
       and a divide per tensor: 3 passes each). fp32: ŜŜᵀ written (G·P² fp32), then an in-place baddbmm reads and
       rewrites it as E = ŜŜᵀ - T̂T̂ᵀ; 16-bit: [Ŝ | -T̂] built (4 passes) and ONE GEMM over 2D columns writes E
@@ -170,10 +170,7 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
         launches = (5 if fused else 8) + (0 if mode == "fwd" else (5 if fused else 10))
         return Estimate(useful, flops_exec, prec, min_b, b, b, 0, launches)
     if backend == "factored":
-        prec = _precision("float32", tf32)
-        flops_exec = 10 * G * P * D * D
-        b = 29 * PD * 4 + 14 * G * D * D * 4 + (0 if mode == "fwd" else 2 * PD * e)
-        return Estimate(useful, flops_exec, prec, min_b, b, b, 0, 25 + (0 if mode == "fwd" else 1))
+        return _gram_factored(G, P, D, dtype, mode, tf32, useful, min_b)
     if backend == "composed":
         flops_exec = 6 * G * P * P * D
         if e == 2:
@@ -201,6 +198,42 @@ def gram(G, P, D, dtype, backend, mode, tf32=True, sms=132) -> Estimate:
     hbm = _hbm(4 * PD * e + 3 * PD * 4 + 2 * G * w_bytes + scale, design,
                in_flight * (P * D * (2 * e + 4) + w_bytes))
     return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, 6 + (0 if mode == "fwd" else 1))
+
+
+def _gram_factored(G, P, D, dtype, mode, tf32, useful, min_b) -> Estimate:
+    """The factored form as "auto" runs it on a GPU (dinov3_kernels/gram.py _gram_fwd_factored with the Triton row
+    passes), normalised rows, student gradient only. Compute dtype c: fp16 for 16-bit input and for fp32 under TF32,
+    IEEE fp32 otherwise.
+      row pass: reads S and T once, writes Z = [Σ | Δ] (G·P·2D·c) and the norms.
+      K11 = ΣᵀΣ, K22 = ΔᵀΔ, K12 = ΣᵀΔ: three cuBLAS GEMMs (2·P·D² FLOPs each per group, fp32 results), operands
+        read once each from HBM; L2 traffic as 128 x 256 output tiles each loading its (128 + 256) x P operand strips.
+      D x D pass (one Triton kernel): reads K11, K22 and K12 twice, writes the loss partials and the (2D x D)
+        gradient operand in c.
+      gradient GEMM Z·W (4·P·D² FLOPs per group, fp32 result: 128 x 256 output tiles over K = 2D), then the normalize
+        backward row pass (reads x and g, writes the gradient). The gradient is formed in "fwd" (the op computes it
+        with the loss); "fwd+bwd" adds autograd's scale by grad_output (read and write G·P·D).
+    The roofline takes the largest term over the whole op; the phases run one after the other (GEMMs compute-bound,
+    row passes HBM-bound), so their sum is the less favourable estimate NOTES.md gives beside it."""
+    e = 2 if dtype in ("bfloat16", "float16") else 4
+    c = 2 if (e == 2 or tf32) else 4
+    prec = "bf16" if c == 2 else "fp32"
+    PD = G * P * D
+    DD = G * D * D
+    flops_exec = 10 * G * P * D * D
+    tile_mn = lambda m, n: _cdiv(m, 128) * _cdiv(n, 256)  # noqa: E731
+    k_l2 = 3 * G * tile_mn(D, D) * (128 + 256) * P * c
+    g_l2 = G * tile_mn(P, D) * (128 + 256) * 2 * D * c
+    row_in = 2 * PD * e + 2 * PD * c + 2 * G * P * 4
+    gemms = 6 * PD * c + 3 * DD * 4
+    dd = 4 * DD * 4 + 2 * DD * c
+    grad = 2 * PD * c + 2 * DD * c + PD * 4
+    row_out = PD * e + PD * 4 + G * P * 4 + PD * e
+    scale = 0 if mode == "fwd" else 2 * PD * e
+    hbm = row_in + gemms + dd + grad + row_out + scale
+    design = row_in + k_l2 + dd + g_l2 + PD * 4 + row_out + scale
+    # launches: row pass, 3 GEMMs, the scale (diagonal maxima, frexp, ldexp: ~6), D x D pass, partial sum, loss (2),
+    # gradient GEMM, factor (2), normalize backward; + autograd's scale
+    return Estimate(useful, flops_exec, prec, min_b, design, hbm, 0, 18 + (0 if mode == "fwd" else 1))
 
 
 def _gram_triton(G, P, D, dtype, mode, prec, useful, min_b, sms=132, clamp=False) -> Estimate:

@@ -5,8 +5,6 @@ reference (the spec) -> input checks -> kernels and autograd -> public function 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -78,62 +76,141 @@ def _op_check(dtype):
 
 
 # ---- 3. kernels and autograd -------------------------------------------------------------------------------------
-def _normalize_backward(x, g_hat, apply_norm):
-    """Gradient w.r.t. x of x̂ = x / max(|x|, eps), given the gradient w.r.t. x̂ (both in the compute dtype)."""
+def _factored_cdtype(x, apply_norm):
+    """The dtype of Z = [Ŝ + T̂ | Ŝ - T̂] in the factored form (its products accumulate in fp32, fp64 for fp64).
+
+    Where torch would run fp32 products in TF32 (allow_tf32 on a CUDA tensor) and for 16-bit input: fp16 when the
+    rows are normalised (|Ŝ ± T̂| <= 2 per element fits; fp16 keeps TF32's 10-bit mantissa and runs the tensor cores
+    at twice TF32's rate on half the bytes); raw features need range first, bf16 (bf16 input) or fp32 (products in
+    TF32 where allowed). IEEE fp32 otherwise (the CPU, TF32 off); fp64 for fp64."""
+    if x.dtype == torch.float64:
+        return torch.float64
+    low = x.dtype != torch.float32 or (x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    if not low:
+        return torch.float32
+    if apply_norm:
+        return torch.float16
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+
+
+_OUT_DTYPE = {"cuda": None}  # whether torch.bmm(..., out_dtype=float32) runs on 16-bit CUDA operands (probed once)
+
+
+def _bmm_acc(a, b, acc):
+    """a @ b (batched) with the result in `acc` (fp32 or fp64): 16-bit operands multiply on the tensor cores with fp32
+    accumulation and an fp32 result (cuBLAS through torch's out_dtype, torch >= 2.8); on the CPU, or where that is not
+    available, they are upcast first (the same products: a 16-bit value is exact in fp32, and in TF32)."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda and _OUT_DTYPE["cuda"] is not False:
+            try:
+                out = torch.bmm(a, b, out_dtype=torch.float32)
+            except (RuntimeError, NotImplementedError, TypeError):
+                _OUT_DTYPE["cuda"] = False
+            else:
+                _OUT_DTYPE["cuda"] = True
+                return out
+        a, b = a.to(acc), b.to(acc)
+    return torch.bmm(a, b)
+
+
+def _sum_diff_torch(s, t, z, apply_norm, acc):
+    """z <- [Ŝ + T̂ | Ŝ - T̂] in z's dtype, normalised in `acc`; returns the row norms (G, 2, P) or None. One (G, P, D)
+    temporary in `acc` at a time."""
+    D = s.shape[-1]
     if not apply_norm:
-        return g_hat
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    r = 1.0 / norm.clamp_min(NORM_EPS)
-    x_hat = x * r
-    proj = torch.where(norm > NORM_EPS, (x_hat * g_hat).sum(-1, keepdim=True), torch.zeros_like(norm))
-    return (g_hat - x_hat * proj) * r
+        s, t = s.to(acc), t.to(acc)  # raw 16-bit sums can pass their range: formed in acc, then rounded
+        torch.add(s, t, out=z[..., :D])
+        torch.sub(s, t, out=z[..., D:])
+        return None
+    ns = torch.linalg.vector_norm(s, dim=-1, dtype=acc)
+    nt = torch.linalg.vector_norm(t, dim=-1, dtype=acc)
+    rs, rt = (1.0 / ns.clamp_min(NORM_EPS)).unsqueeze(-1), (1.0 / nt.clamp_min(NORM_EPS)).unsqueeze(-1)
+    th = t.to(acc) * rt
+    z[..., :D].copy_(torch.addcmul(th, s.to(acc), rs))
+    z[..., D:].copy_(torch.addcmul(th.neg_(), s.to(acc), rs))
+    return torch.stack((ns, nt), dim=1)
 
 
-@contextlib.contextmanager
-def _ieee_fp32_matmuls():
-    """fp32 matmuls in full IEEE precision for the duration (TF32 off), then the caller's setting back.
-
-    The official trainer turns TF32 on; the factored form's cancellation would then lose tens of percent of the loss
-    (TF32 keeps 10 mantissa bits). The switch is process-global, like the setting it overrides."""
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_tf32
-    matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        matmul.allow_tf32 = saved
+def _normalize_backward_torch(x, g, norm, scale, apply_norm, acc):
+    """d loss/dx (x's dtype) from g = scale⁻¹ · d loss/dx̂ (acc) and the row norms (G, P) of x: (g - x̂ (x̂·g)) / |x|
+    per row, g / eps where |x| <= eps (x̂ = x / eps is linear there)."""
+    g = g.mul_(scale)
+    if apply_norm:
+        n = norm.unsqueeze(-1)
+        xh = x.to(acc) / n.clamp_min(NORM_EPS)
+        proj = torch.where(n > NORM_EPS, torch.linalg.vecdot(xh, g).unsqueeze(-1), torch.zeros_like(n))
+        g.addcmul_(xh, proj, value=-1.0).div_(n.clamp_min(NORM_EPS))
+    return g.to(x.dtype).contiguous()
 
 
-def _gram_fwd_factored(s, t, apply_norm, grad_s, grad_t):
-    """|ŜŜᵀ - T̂T̂ᵀ|² = |ŜᵀŜ|² - 2|ŜᵀT̂|² + |T̂ᵀT̂|² per group: O(P·D²) instead of O(P²·D), no P×P matrix.
+def _gram_fwd_factored(s, t, apply_norm, grad_s, grad_t, backend="composed", cdtype=None):
+    """The factored form without a P×P matrix, in the sum and difference of the rows: O(P·D²) instead of O(P²·D).
 
-    Only valid without clamping. It cancels in low precision, so it runs in IEEE float32 (never TF32; float64 for
-    float64 input).
+    With Σ = Ŝ + T̂ and Δ = Ŝ - T̂ (P×D per group), E = ŜŜᵀ - T̂T̂ᵀ = ½(ΣΔᵀ + ΔΣᵀ), so with the D×D products
+    K11 = ΣᵀΣ, K22 = ΔᵀΔ, K12 = ΣᵀΔ (K21 = K12ᵀ):
+        |E|² = ½⟨K11, K22⟩ + ½ Σ_ab (K12)_ab (K12)_ba
+        dL/dŜ =  1/M (Σ (K21 + K22) + Δ (K11 + K12)),   dL/dT̂ = -1/M (Σ (K21 - K22) + Δ (K11 - K12)),
+    each gradient one GEMM of Z = [Σ | Δ] with a (2D×D) stack of those sums. The loss's terms are of the order of
+    |Δ|², the gradients' of |Δ|, so a student close to its teacher does not make large terms cancel (the
+    |ŜᵀŜ|² - 2|ŜᵀT̂|² + |T̂ᵀT̂|² form loses the loss that way), and rounding Σ and Δ to fp16 perturbs the difference of
+    the rows only relative to itself: the products run on 16-bit tensor cores (see _factored_cdtype) with fp32
+    accumulation. Only valid without
+    clamping. backend "triton" normalises into Z and runs the normalize backward with Triton kernels (one pass each);
+    otherwise torch ops. Returns (loss, grad_s or empty, grad_t or empty) for a loss weight of 1.
     """
-    with _ieee_fp32_matmuls():
-        return _gram_fwd_factored_ieee(s, t, apply_norm, grad_s, grad_t)
-
-
-def _gram_fwd_factored_ieee(s, t, apply_norm, grad_s, grad_t):
     G, P, D = s.shape
-    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-    xs, xt = s.to(dtype), t.to(dtype)
-    sh = F.normalize(xs, dim=-1, eps=NORM_EPS) if apply_norm else xs
-    th = F.normalize(xt, dim=-1, eps=NORM_EPS) if apply_norm else xt
-    a_s = sh.transpose(1, 2) @ sh  # (G, D, D)
-    a_t = th.transpose(1, 2) @ th
-    c = sh.transpose(1, 2) @ th
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    cdtype = cdtype or _factored_cdtype(s, apply_norm)
+    fused = backend == "triton" and cdtype != torch.float64
+    z = s.new_empty((G, P, 2 * D), dtype=cdtype)
+    if fused:
+        from ._triton.gram import gram_sum_diff_triton
+
+        norms = gram_sum_diff_triton(s, t, z, apply_norm=apply_norm, eps=NORM_EPS)
+    else:
+        norms = _sum_diff_torch(s, t, z, apply_norm, acc)
+    sig, dlt = z[..., :D], z[..., D:]
+    k11 = _bmm_acc(sig.transpose(1, 2), sig, acc)
+    k22 = _bmm_acc(dlt.transpose(1, 2), dlt, acc)
+    k12 = _bmm_acc(sig.transpose(1, 2), dlt, acc)
     M = G * P * P
-    total = a_s.square().sum() - 2 * c.square().sum() + a_t.square().sum()
-    loss = (total.clamp_min(0) / M).to(dtype)
-    gs = gt = s.new_empty(0)
-    if grad_s:  # 4/M (ŜŜᵀ - T̂T̂ᵀ) Ŝ = 4/M (Ŝ A_s - T̂ Cᵀ)
-        g_hat = (sh @ a_s - th @ c.transpose(1, 2)) * (4.0 / M)
-        gs = _normalize_backward(xs, g_hat, apply_norm).to(s.dtype).contiguous()
-    if grad_t:  # -4/M (ŜŜᵀ - T̂T̂ᵀ) T̂ = -4/M (Ŝ C - T̂ A_t)
-        g_hat = (th @ a_t - sh @ c) * (4.0 / M)
-        gt = _normalize_backward(xt, g_hat, apply_norm).to(t.dtype).contiguous()
-    return loss, gs, gt
+    scale = torch.ones((), dtype=acc, device=s.device)
+    if cdtype in (torch.float16, torch.bfloat16):
+        # The gradient GEMM's operand in range: K11 and K22 are positive semidefinite, so |K11_ab| <= a, |K22_ab| <= b
+        # and |K12_ab| <= sqrt(a·b) with a, b their largest diagonal entries; every operand entry is then below
+        # max(a, b) + sqrt(a·b), scaled by a power of two (exact) into [2^13, 2^14): fp16 range, small entries clear
+        # of its subnormals. Undone in the normalize backward.
+        a = k11.diagonal(dim1=1, dim2=2).amax()
+        b = k22.diagonal(dim1=1, dim2=2).amax()
+        _, e = torch.frexp(torch.maximum(a, b) + torch.sqrt(a * b))
+        scale = torch.ldexp(scale, 14 - e)
+    if fused:
+        from ._triton.gram import gram_factored_dd_triton
+
+        total, ws, wt = gram_factored_dd_triton(k11, k22, k12, scale, cdtype, want_s=grad_s, want_t=grad_t)
+    else:
+        k21 = k12.transpose(1, 2)
+        total = 0.5 * (torch.dot(k11.flatten(), k22.flatten()) + torch.dot(k12.flatten(), k21.flatten()))
+        ws, wt = (torch.cat((k21 + sign * k22, k11 + sign * k12), dim=1).mul_(scale).to(cdtype) if want else None
+                  for want, sign in ((grad_s, 1.0), (grad_t, -1.0)))
+        del k21
+    del k11, k22, k12
+    loss = (total.clamp_min(0) / M).to(acc)
+    out = []
+    for w, sign, x, side in ((ws, 1.0, s, 0), (wt, -1.0, t, 1)):
+        if w is None:
+            out.append(x.new_empty(0))
+            continue
+        g = _bmm_acc(z, w, acc)  # M · dL/dx̂ · scale, the K dimension over [Σ | Δ]
+        factor = sign / (M * scale)
+        n = None if norms is None else norms[:, side]
+        if fused:
+            from ._triton.gram import gram_norm_backward_triton
+
+            out.append(gram_norm_backward_triton(x, g, n, factor, apply_norm=apply_norm, eps=NORM_EPS))
+        else:
+            out.append(_normalize_backward_torch(x, g, n, factor, apply_norm, acc))
+    return loss, out[0], out[1]
 
 
 def _normalize_into(x, out, apply_norm, acc):
@@ -208,14 +285,28 @@ def _gram_fwd_composed(s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t):
     return loss, gs, gt
 
 
+def _factored_wins(G, P, D, tensor_cores):
+    """Whether the factored form (~10·P·D² FLOPs per group, cuBLAS GEMMs and four short passes) is predicted faster
+    than the tiled one (~4·P²·D: the forward over the upper triangle, then the gradient GEMM).
+
+    Without tensor cores (the CPU, IEEE fp32) by the FLOPs of the torch formulations, from P = 2·D. On tensor cores
+    by the roofline model (benchmarks/roofline.py, H200; benchmarks/NOTES.md): the tiled kernels run near their L2
+    roof, the factored GEMMs near peak but with ~18 launches and passes of ~24 bytes per feature, so it needs a
+    taller group the narrower the rows, and enough work to amortise its launches. Predicted, not yet measured."""
+    if not tensor_cores:
+        return P >= 2 * D
+    ratio = 2 if D >= 4096 else 3 if D >= 2048 else 4 if D >= 512 else 8
+    return P >= ratio * D and 4 * G * P * P * D >= 1e11  # below ~0.1 ms of tiled work its launches weigh
+
+
 def _choose_method(method, s, clamp):
     if method != "auto":
         return method
     G, P, D = s.shape
-    # The factored form wins when P > D (cost P·D² vs P²·D) but cancels in low precision: fp32/fp64 only.
-    if not clamp and P >= 2 * D and s.dtype in (torch.float32, torch.float64):
-        return "factored"
-    return "tiled"
+    if clamp:  # the factored form cannot clamp
+        return "tiled"
+    tensor_cores = s.is_cuda and _factored_cdtype(s, True) != torch.float32
+    return "factored" if _factored_wins(G, P, D, tensor_cores) else "tiled"
 
 
 def _gram_loss_fwd_impl(student, teacher, apply_norm, clamp_student, clamp_teacher, grad_student, grad_teacher,
@@ -224,7 +315,7 @@ def _gram_loss_fwd_impl(student, teacher, apply_norm, clamp_student, clamp_teach
     if method == "factored":
         if clamp_student or clamp_teacher:
             raise ValueError("gram_loss: method='factored' cannot clamp negative entries (remove_neg)")
-        return _gram_fwd_factored(student, teacher, apply_norm, grad_student, grad_teacher)
+        return _gram_fwd_factored(student, teacher, apply_norm, grad_student, grad_teacher, backend)
     if backend == "composed":
         return _gram_fwd_composed(student, teacher, apply_norm, clamp_student, clamp_teacher, grad_student,
                                   grad_teacher)
@@ -317,7 +408,8 @@ def gram_loss(student, teacher, *, apply_norm=True, img_level=True, remove_neg=F
     (img_level=True) or over the whole flattened batch. Gradients reach the student, and the teacher when it requires
     grad. backend: "auto" | "reference" | "composed" (batched vendor GEMMs over [Ŝ | T̂]: one (B, P, P) buffer in the
     compute dtype) | "triton" | "cuda". method (non-reference backends): "tiled" (triton/cuda: fused P×P tiles, never
-    stored; composed: the GEMM form), "factored" (|SᵀS|² - 2|SᵀT|² + |TᵀT|², no clamping, fp32), or "auto".
+    stored; composed: the GEMM form), "factored" (D×D products of the rows' sum and difference, O(P·D²), no clamping;
+    see _gram_fwd_factored), or "auto" (factored on tall groups where it is predicted faster: _factored_wins).
     """
     if not torch.compiler.is_compiling():
         _check_inputs(student, teacher, img_level, remove_neg, remove_only_teacher_neg, method)

@@ -55,6 +55,14 @@ def _tile_pair(pid):
 
 
 @triton.jit
+def _row_block(BLOCK_R: tl.constexpr, P, R):
+    """This program's rows of a (G, P) grid flattened to R = G·P rows: (row, group, row in group, in range)."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    g = rows // P
+    return rows, g, rows - g * P, rows < R
+
+
+@triton.jit
 def _gram_prologue_kernel(
     S, T, Y, NRM, R, P, Pp, D, Dp,
     stride_sg, stride_sp, stride_sd,
@@ -64,10 +72,7 @@ def _gram_prologue_kernel(
 ):
     # Rows (g, p) of the padded (G, Pp) grid, flattened: R = G·Pp. Y is (G, Pp, 2·Dp), NRM (G, 2, Pp).
     # ONE_PASS (BLOCK_D >= Dp): a whole row in registers, x read once; otherwise a norm pass, then a scaling pass.
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    g = rows // Pp
-    p = rows - g * Pp
-    mr = rows < R
+    rows, g, p, mr = _row_block(BLOCK_R, Pp, R)
     mx = mr & (p < P)
     cols = tl.arange(0, BLOCK_D)
     for side in tl.static_range(2):
@@ -572,3 +577,218 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
     gs, gt = gram_triton_backward(torch.ones((), device=s.device), s, t, E, RS, nrm, Y, apply_norm=apply_norm,
                                   clamp_s=clamp_s, clamp_t=clamp_t, grad_s=grad_s, grad_t=grad_t, eps=eps)
     return loss, gs, gt
+
+
+# ---- the factored form's row passes (dinov3_kernels/gram.py, _gram_fwd_factored) ----------------------------------
+# The factored form's matrix products are cuBLAS GEMMs (torch); what is left are two passes over the rows, each one
+# read of its inputs: Z = [Ŝ + T̂ | Ŝ - T̂] with the row norms, and the normalize backward of a gradient.
+ROW_PASS_ONE_PASS_MAX = 4096  # widest padded row held in registers (two rows of it at once: 64 fp32 per thread)
+
+
+def _row_pass_blocks(D):
+    """(BLOCK_R, BLOCK_D, ONE_PASS) of the row passes: whole rows, 4096 elements of each tensor per program, when they
+    fit; 128-column chunks otherwise."""
+    width = max(16, triton.next_power_of_2(D))
+    if width <= ROW_PASS_ONE_PASS_MAX:
+        return max(1, min(16, 4096 // width)), width, True
+    return 16, 128, False
+
+
+@triton.jit
+def _gram_sum_diff_kernel(
+    S, T, Z, NRM, R, P, D,
+    stride_sg, stride_sp, stride_sd,
+    stride_tg, stride_tp, stride_td,
+    eps,
+    APPLY_NORM: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Rows (g, p) flattened, R = G·P. Z is (G, P, 2·D) contiguous, NRM (G, 2, P) fp32.
+    rows, g, p, mr = _row_block(BLOCK_R, P, R)
+    cols = tl.arange(0, BLOCK_D)
+    s_ptr = S + g[:, None] * stride_sg + p[:, None] * stride_sp
+    t_ptr = T + g[:, None] * stride_tg + p[:, None] * stride_tp
+    z_ptr = Z + rows[:, None] * (2 * D)
+    if ONE_PASS:
+        m = mr[:, None] & (cols < D)[None, :]
+        xs = tl.load(s_ptr + cols[None, :] * stride_sd, mask=m, other=0.0).to(tl.float32)
+        xt = tl.load(t_ptr + cols[None, :] * stride_td, mask=m, other=0.0).to(tl.float32)
+        if APPLY_NORM:
+            ns = tl.sqrt(tl.sum(xs * xs, axis=1))
+            nt = tl.sqrt(tl.sum(xt * xt, axis=1))
+            tl.store(NRM + (g * 2) * P + p, ns, mask=mr)
+            tl.store(NRM + (g * 2 + 1) * P + p, nt, mask=mr)
+            xs = xs * (1.0 / tl.maximum(ns, eps))[:, None]  # F.normalize: x / max(|x|, eps)
+            xt = xt * (1.0 / tl.maximum(nt, eps))[:, None]
+        tl.store(z_ptr + cols[None, :], (xs + xt).to(Z.dtype.element_ty), mask=m)
+        tl.store(z_ptr + D + cols[None, :], (xs - xt).to(Z.dtype.element_ty), mask=m)
+    else:
+        rs = tl.full((BLOCK_R,), 1.0, tl.float32)
+        rt = tl.full((BLOCK_R,), 1.0, tl.float32)
+        if APPLY_NORM:
+            ss = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            st = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_D):
+                k = k0 + cols
+                m = mr[:, None] & (k < D)[None, :]
+                xs = tl.load(s_ptr + k[None, :] * stride_sd, mask=m, other=0.0).to(tl.float32)
+                xt = tl.load(t_ptr + k[None, :] * stride_td, mask=m, other=0.0).to(tl.float32)
+                ss += tl.sum(xs * xs, axis=1)
+                st += tl.sum(xt * xt, axis=1)
+            ns = tl.sqrt(ss)
+            nt = tl.sqrt(st)
+            tl.store(NRM + (g * 2) * P + p, ns, mask=mr)
+            tl.store(NRM + (g * 2 + 1) * P + p, nt, mask=mr)
+            rs = 1.0 / tl.maximum(ns, eps)
+            rt = 1.0 / tl.maximum(nt, eps)
+        for k0 in range(0, D, BLOCK_D):
+            k = k0 + cols
+            m = mr[:, None] & (k < D)[None, :]
+            xs = tl.load(s_ptr + k[None, :] * stride_sd, mask=m, other=0.0).to(tl.float32) * rs[:, None]
+            xt = tl.load(t_ptr + k[None, :] * stride_td, mask=m, other=0.0).to(tl.float32) * rt[:, None]
+            tl.store(z_ptr + k[None, :], (xs + xt).to(Z.dtype.element_ty), mask=m)
+            tl.store(z_ptr + D + k[None, :], (xs - xt).to(Z.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gram_norm_bwd_kernel(
+    X, GR, NRM, F, OUT, R, P, D,
+    stride_xg, stride_xp, stride_xd, stride_ng,
+    eps,
+    APPLY_NORM: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # OUT = d loss/dx (G, P, D) contiguous in x's dtype from GR = d loss/dx̂ / f (G, P, D) fp32 contiguous, f = *F (one
+    # fp32 on the device: no host sync) and the norms NRM (g, p) at g·stride_ng + p:
+    # dx = (ĝ - x̂ (x̂·ĝ)) / max(|x|, eps), ĝ = f·GR, the projection 0 where |x| <= eps (x̂ = x / eps is linear there).
+    rows, g, p, mr = _row_block(BLOCK_R, P, R)
+    cols = tl.arange(0, BLOCK_D)
+    f = tl.load(F)
+    x_ptr = X + g[:, None] * stride_xg + p[:, None] * stride_xp
+    g_ptr = GR + rows[:, None] * D
+    o_ptr = OUT + rows[:, None] * D
+    r = tl.full((BLOCK_R,), 1.0, tl.float32)
+    live = tl.full((BLOCK_R,), 0.0, tl.float32)
+    if APPLY_NORM:
+        n = tl.load(NRM + g * stride_ng + p, mask=mr, other=1.0)
+        r = 1.0 / tl.maximum(n, eps)
+        live = tl.where(n > eps, 1.0, 0.0)
+    if ONE_PASS:
+        m = mr[:, None] & (cols < D)[None, :]
+        gr = tl.load(g_ptr + cols[None, :], mask=m, other=0.0) * f
+        if APPLY_NORM:
+            xh = tl.load(x_ptr + cols[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32) * r[:, None]
+            proj = tl.sum(xh * gr, axis=1) * live
+            gr = (gr - xh * proj[:, None]) * r[:, None]
+        tl.store(o_ptr + cols[None, :], gr.to(OUT.dtype.element_ty), mask=m)
+    else:
+        proj = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        if APPLY_NORM:
+            for k0 in range(0, D, BLOCK_D):
+                k = k0 + cols
+                m = mr[:, None] & (k < D)[None, :]
+                gr = tl.load(g_ptr + k[None, :], mask=m, other=0.0) * f
+                xh = tl.load(x_ptr + k[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32) * r[:, None]
+                proj += tl.sum(xh * gr, axis=1)
+            proj = proj * live
+        for k0 in range(0, D, BLOCK_D):
+            k = k0 + cols
+            m = mr[:, None] & (k < D)[None, :]
+            gr = tl.load(g_ptr + k[None, :], mask=m, other=0.0) * f
+            if APPLY_NORM:
+                xh = tl.load(x_ptr + k[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32) * r[:, None]
+                gr = (gr - xh * proj[:, None]) * r[:, None]
+            tl.store(o_ptr + k[None, :], gr.to(OUT.dtype.element_ty), mask=m)
+
+
+def _row_grid(R, BLOCK_R):
+    grid = (triton.cdiv(R, BLOCK_R),)
+    if grid[0] > GRID_AXIS0_MAX:
+        raise ValueError(f"gram_loss: {grid[0]} programs exceed the CUDA grid limit ({R} rows)")
+    return grid
+
+
+def gram_sum_diff_triton(s, t, z, *, apply_norm, eps=1e-12):
+    """z (G, P, 2·D) contiguous <- [Ŝ + T̂ | Ŝ - T̂] in z's dtype (normalised in fp32 when apply_norm), one read of s and
+    t; returns the fp32 row norms (G, 2, P) (student, teacher), or None without normalisation."""
+    G, P, D = s.shape
+    assert z.is_contiguous() and z.shape == (G, P, 2 * D)
+    nrm = torch.empty((G, 2, P), device=s.device, dtype=torch.float32) if apply_norm else None
+    BLOCK_R, BLOCK_D, one_pass = _row_pass_blocks(D)
+    _gram_sum_diff_kernel[_row_grid(G * P, BLOCK_R)](
+        s, t, z, nrm if apply_norm else z, G * P, P, D,
+        s.stride(0), s.stride(1), s.stride(2), t.stride(0), t.stride(1), t.stride(2), eps,
+        APPLY_NORM=apply_norm, ONE_PASS=one_pass, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return nrm
+
+
+def gram_norm_backward_triton(x, g, norms, factor, *, apply_norm, eps=1e-12):
+    """d loss/dx in x's dtype, (G, P, D) contiguous, from g = d loss/dx̂ / factor ((G, P, D) fp32 contiguous), the
+    factor (a one-element tensor, read on the device) and the row norms (G, P) of x (any strides; None without
+    normalisation): one read of x and g."""
+    G, P, D = x.shape
+    assert g.is_contiguous() and g.dtype == torch.float32 and g.shape == x.shape
+    out = torch.empty((G, P, D), device=x.device, dtype=x.dtype)
+    f = factor.detach().to(device=x.device, dtype=torch.float32).reshape(1)
+    BLOCK_R, BLOCK_D, one_pass = _row_pass_blocks(D)
+    _gram_norm_bwd_kernel[_row_grid(G * P, BLOCK_R)](
+        x, g, norms if apply_norm else f, f, out, G * P, P, D,
+        x.stride(0), x.stride(1), x.stride(2), norms.stride(0) if apply_norm else 0, eps,
+        APPLY_NORM=apply_norm, ONE_PASS=one_pass, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _gram_factored_dd_kernel(
+    K11, K22, K12, SCALE, WS, WT, PART, D, tiles,
+    WANT_S: tl.constexpr, WANT_T: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program per (group, BLOCK x BLOCK tile (i, j)) of the D x D products K11 = ΣᵀΣ, K22 = ΔᵀΔ, K12 = ΣᵀΔ
+    # ((G, D, D) fp32 contiguous; K21 = K12ᵀ read as the transposed tile (j, i)):
+    #   PART[pid] = ½ Σ_tile (K11 ⊙ K22 + K12 ⊙ K21)                 (the tile's share of M·loss)
+    #   WS (G, 2D, D) = scale · [K21 + K22 ; K11 + K12],  WT = scale · [K21 - K22 ; K11 - K12]   (the GEMM operands)
+    pid = tl.program_id(0)
+    g = pid // tiles
+    r = pid - g * tiles
+    nt = tl.cdiv(D, BLOCK)
+    ti = r // nt
+    tj = r - ti * nt
+    rows = ti * BLOCK + tl.arange(0, BLOCK)
+    cols = tj * BLOCK + tl.arange(0, BLOCK)
+    m = (rows < D)[:, None] & (cols < D)[None, :]
+    base = g.to(tl.int64) * D * D
+    ij = base + rows[:, None] * D + cols[None, :]
+    k11 = tl.load(K11 + ij, mask=m, other=0.0)
+    k22 = tl.load(K22 + ij, mask=m, other=0.0)
+    k12 = tl.load(K12 + ij, mask=m, other=0.0)
+    k21 = tl.load(K12 + base + cols[None, :] * D + rows[:, None], mask=m, other=0.0)
+    tl.store(PART + pid, 0.5 * tl.sum(tl.sum(k11 * k22 + k12 * k21, axis=1), axis=0))
+    scale = tl.load(SCALE)
+    w_top = g.to(tl.int64) * 2 * D * D + rows[:, None] * D + cols[None, :]
+    w_bot = w_top + D * D
+    if WANT_S:
+        tl.store(WS + w_top, ((k21 + k22) * scale).to(WS.dtype.element_ty), mask=m)
+        tl.store(WS + w_bot, ((k11 + k12) * scale).to(WS.dtype.element_ty), mask=m)
+    if WANT_T:
+        tl.store(WT + w_top, ((k21 - k22) * scale).to(WT.dtype.element_ty), mask=m)
+        tl.store(WT + w_bot, ((k11 - k12) * scale).to(WT.dtype.element_ty), mask=m)
+
+
+def gram_factored_dd_triton(k11, k22, k12, scale, cdtype, *, want_s, want_t):
+    """(M·loss as a 0-d fp64 tensor, WS or None, WT or None) from the factored form's D x D products ((G, D, D) fp32
+    contiguous): one read of each product; WS/WT (G, 2D, D) in cdtype, times `scale` (a one-element tensor)."""
+    G, D, _ = k11.shape
+    BLOCK = 64 if k11.is_cuda else max(16, min(64, triton.next_power_of_2(D)))
+    tiles = triton.cdiv(D, BLOCK) ** 2
+    grid = (G * tiles,)
+    if grid[0] > GRID_AXIS0_MAX:
+        raise ValueError(f"gram_loss: {grid[0]} programs exceed the CUDA grid limit (G={G}, D={D})")
+    part = torch.empty(grid, device=k11.device, dtype=torch.float32)
+    ws = torch.empty((G, 2 * D, D), device=k11.device, dtype=cdtype) if want_s else None
+    wt = torch.empty((G, 2 * D, D), device=k11.device, dtype=cdtype) if want_t else None
+    sc = scale.detach().to(device=k11.device, dtype=torch.float32).reshape(1)
+    _gram_factored_dd_kernel[grid](
+        k11, k22, k12, sc, ws if want_s else part, wt if want_t else part, part, D, tiles,
+        WANT_S=want_s, WANT_T=want_t, BLOCK=BLOCK, num_warps=4,
+    )
+    return part.sum(dtype=torch.float64), ws, wt

@@ -148,10 +148,11 @@ def test_the_models_verdicts_use_the_predictions_and_leave_memory_out():
     assert all(r["verdict"] in ("met", "MISSED") for r in rows)  # the model covers every backend at every shape
     shape = dict(G=8, P=4096, D=1024)
     ms = {b: roofline.predict(roofline.estimate("gram_loss", b, shape, "float32", "fwd+bwd", True), roofline.H200)["ms"]
-          for b in ("official_tf32", "composed", "triton", "cuda")}
+          for b in ("official_tf32", "composed", "triton", "cuda", "factored")}
     (r,) = [r for r in rows if r["goal"].startswith("Gram >= 3x") and r["shape"] == "G=8 P=4096 D=1024"]
-    best = min(("composed", "triton", "cuda"), key=ms.get)
+    best = min(("composed", "triton", "cuda", "factored"), key=ms.get)
     assert r["best"] == best and abs(r["value"] - ms["official_tf32"] / ms[best]) < 1e-3
+    assert best == "factored" and set(r["values"]) == {"composed", "triton", "cuda", "factored"}  # what auto takes
     # Measured times beside the predictions do not change the model's verdicts, nor do they the other way round.
     assert goals.evaluate([dict(x, median_ms=1e-6) for x in records], "predicted_ms") == rows
     unmeasured = goals.evaluate(records)  # no measured time: every goal the shapes cover, none judged

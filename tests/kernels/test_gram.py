@@ -1,6 +1,8 @@
 """Tests of dinov3_kernels/gram.py: the reference against the official formulation, every kernel backend against
 the float64 reference (forward and backward), the op registration, and the public boundary."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -439,45 +441,92 @@ def test_triton_saved_shapes_match_the_forward(triton_cpu, monkeypatch):
             assert out[4].numel() == 0
 
 
-# ---- the factored form |SᵀS|² - 2|SᵀT|² + |TᵀT|² --------------------------------------------------------------
+# ---- the factored form, in the sum and difference of the rows ----------------------------------------------------
+FACTORED_RTOL = {torch.float32: RTOL[torch.float32], torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("backend,dtype", [("composed", torch.float32), ("triton", torch.float32),
+                                           ("composed", torch.float16), ("composed", torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("opts", [dict(), dict(apply_norm=False), dict(img_level=False)], ids=str)
-def test_factored_matches_reference(triton_cpu, opts):
-    s, t = _features(2, 50, 7)
-    _check_against_reference(s, t, "triton", RTOL[torch.float32], method="factored", **opts)
-    _check_against_reference(s, t, "triton", RTOL[torch.float32], method="factored", teacher_grad=False, **opts)
+def test_factored_matches_reference(triton_cpu, backend, dtype, opts):
+    # fp32 on the CPU computes in IEEE fp32; 16-bit input in fp16 (normalised) or its own dtype (raw features), the
+    # products accumulated in fp32, as on the GPU. (The Triton interpreter takes fp32 input only: its row passes
+    # writing fp16 are checked by the forced-fp16 tests below.)
+    s, t = _features(2, 50, 7, dtype)
+    _check_against_reference(s, t, backend, FACTORED_RTOL[dtype], method="factored", **opts)
+    _check_against_reference(s, t, backend, FACTORED_RTOL[dtype], method="factored", teacher_grad=False, **opts)
 
 
-def test_factored_accuracy_when_student_is_close_to_teacher(triton_cpu):
-    # Near convergence the three terms nearly cancel; in fp32 the loss must still be accurate to ~1e-3 relative.
-    t = torch.randn(2, 512, 32, dtype=torch.float64)
-    s = t + 1e-2 * torch.randn_like(t)
-    loss = gram_loss(s.float(), t.float(), backend="triton", method="factored")
-    ref = gram_loss_reference(s, t)
+@pytest.mark.parametrize("backend", ["composed", "triton"])
+def test_factored_in_fp16_stays_accurate_when_student_is_close_to_teacher(triton_cpu, backend):
+    # fp32 features under TF32 on the GPU compute the factored form from Σ = Ŝ + T̂ and Δ = Ŝ - T̂ rounded to fp16
+    # (forced here on the CPU), products accumulated in fp32. The older form |ŜᵀŜ|² - 2|ŜᵀT̂|² + |T̂ᵀT̂|² from the
+    # same 16-bit rows and fp32 products loses the loss to cancellation in this regime (tall groups, a student close
+    # to its teacher: three terms ~1e5 times the result); every term of the sum-and-difference form is of the order
+    # of the result.
+    from dinov3_kernels.gram import _gram_fwd_factored
+
+    t = torch.randn(2, 1024, 8, dtype=torch.float64)
+    s = t + 1e-3 * torch.randn_like(t)
+    ref, rs, rt = _run(gram_loss_reference, s, t)
+    sh, th = (F.normalize(x, dim=-1).half().float() for x in (s, t))
+    plain = ((sh.mT @ sh).square().sum() - 2 * (sh.mT @ th).square().sum() + (th.mT @ th).square().sum()) / (2 * 1024**2)
+    assert abs(plain.double() - ref) / ref > 0.1  # the regime is one where the older form fails
+    loss, gs, gt = _gram_fwd_factored(s.float(), t.float(), True, True, True, backend, torch.float16)
+    assert abs(loss.double() - ref) / ref < 1e-4
+    _assert_close(gs, rs, 2e-3, "student gradient")
+    _assert_close(gt, rt, 2e-3, "teacher gradient")
+
+
+def test_factored_gradient_operand_in_fp16_range(triton_cpu):
+    # The gradient GEMM's (2D x D) operand is stored in fp16; its entries grow with P (K11 = ΣᵀΣ reaches 4·P·|x|² on
+    # rows that all point one way: 4·300·100 = 120000 here, past fp16's 65504), so it is rescaled by a power of two
+    # (undone in the normalize backward) before the cast. (Raw features in fp16, forced, keep the reference small;
+    # normalised ones reach the same at P > 16384.)
+    from dinov3_kernels.gram import _gram_fwd_factored
+
+    t = torch.zeros(1, 300, 2, dtype=torch.float64)
+    t[..., 0] = 10.0
+    s = t.clone()
+    s[..., 1] = 0.1 * torch.randn(300, dtype=torch.float64)
+    ref, rs, _ = _run(gram_loss_reference, s, t, apply_norm=False)
+    loss, gs, _ = _gram_fwd_factored(s.float(), t.float(), False, True, False, "composed", torch.float16)
+    assert torch.isfinite(gs).all()
     assert abs(loss.double() - ref) / ref < 1e-3
+    _assert_close(gs, rs, 5e-3, "student gradient")
 
 
-def test_factored_matmuls_never_run_in_tf32(triton_cpu, monkeypatch):
-    # The official trainer turns TF32 on; the factored form must not inherit it (its cancellation would eat the loss).
-    # The TF32 switch is recorded where the factored matmuls run; the caller's setting must come back afterwards.
-    import dinov3_kernels.gram as gram_mod
+def test_factored_row_passes_over_column_chunks(triton_cpu, monkeypatch):
+    # Rows wider than the one-pass limit take the chunked path of both Triton row passes.
+    from dinov3_kernels._triton import gram as tg
 
-    seen = []
-    real = gram_mod._gram_fwd_factored_ieee
+    monkeypatch.setattr(tg, "ROW_PASS_ONE_PASS_MAX", 16)
+    assert tg._row_pass_blocks(40)[2] is False
+    s, t = _features(2, 90, 40)
+    for opts in (dict(), dict(apply_norm=False)):
+        _check_against_reference(s, t, "triton", RTOL[torch.float32], method="factored", **opts)
+    s[0, 1] = 0.0  # a zero row: norm below eps, x̂ = x / eps (the normalize backward's linear branch)
+    _check_against_reference(s, t, "triton", RTOL[torch.float32], method="factored")
 
-    def spy(*args):
-        seen.append(torch.backends.cuda.matmul.allow_tf32)
-        return real(*args)
 
-    monkeypatch.setattr(gram_mod, "_gram_fwd_factored_ieee", spy)
-    s, t = _features(2, 64, 8)
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        loss = gram_loss(s, t, backend="triton", method="factored")
-        assert torch.backends.cuda.matmul.allow_tf32 is True
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-    assert seen == [False] and torch.isfinite(loss)
+def test_factored_compute_dtype():
+    from dinov3_kernels.gram import _factored_cdtype
+
+    x = torch.empty(1, 8, 4)
+    assert _factored_cdtype(x, True) == torch.float32  # CPU: IEEE fp32 whatever allow_tf32 says
+    assert _factored_cdtype(x.double(), True) == torch.float64
+    assert _factored_cdtype(x.bfloat16(), True) == torch.float16  # normalised: |Ŝ ± T̂| <= 2
+    assert _factored_cdtype(x.half(), True) == torch.float16
+    assert _factored_cdtype(x.bfloat16(), False) == torch.bfloat16  # raw features: range first
+    assert _factored_cdtype(x.half(), False) == torch.float32
+
+
+def test_factored_nan_propagates(triton_cpu):
+    s, t = _features(1, 20, 8)
+    s[0, 2, 1] = float("nan")
+    for backend in ("composed", "triton"):
+        loss, gs, _ = _run(lambda a, b: gram_loss(a, b, backend=backend, method="factored"), s, t)
+        assert torch.isnan(loss) and torch.isnan(gs).any()
 
 
 def test_factored_rejects_clamping(triton_cpu):
@@ -494,7 +543,32 @@ def test_auto_method_choice():
     assert _choose_method("auto", wide, clamp=False) == "tiled"
     assert _choose_method("auto", tall, clamp=False) == "factored"
     assert _choose_method("auto", tall, clamp=True) == "tiled"
-    assert _choose_method("auto", tall.bfloat16(), clamp=False) == "tiled"  # cancels badly in bf16
+    assert _choose_method("auto", tall.bfloat16(), clamp=False) == "factored"  # accurate in 16 bits too
+    assert _choose_method("auto", torch.empty(1, 2047, 1024), clamp=False) == "tiled"
+    assert _choose_method("auto", torch.empty(1, 2048, 1024), clamp=False) == "factored"
+
+
+def test_factored_choice_on_tensor_cores_follows_the_roofline_model(monkeypatch):
+    # On a GPU (16-bit products) the rule is the model's: at every shape where it takes the factored form the model
+    # predicts that form faster than the tiled Triton kernels, and where the model puts it ahead by more than 1.5x
+    # the rule takes it (groups of ViT-S/B/L/7B widths, 1 to 64 groups, P from D to 32·D).
+    from dinov3_kernels.gram import _factored_wins
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "benchmarks"))
+    import roofline
+
+    for D in (256, 384, 768, 1024, 2048, 4096):
+        for G in (1, 8, 64):
+            for ratio in (1, 2, 3, 4, 6, 8, 12, 16, 32):
+                P = ratio * D
+                ms = {b: roofline.predict(roofline.gram(G, P, D, "float32", b, "fwd+bwd"), roofline.H200)["ms"]
+                      for b in ("triton", "factored")}
+                if _factored_wins(G, P, D, True):
+                    assert ms["factored"] < ms["triton"], (G, P, D, ms)
+                elif ms["factored"] * 1.5 < ms["triton"]:
+                    raise AssertionError(f"the tiled form is kept where the model predicts the factored one "
+                                         f"1.5x faster: {(G, P, D, ms)}")
 
 
 # ---- registration: opcheck and torch.compile -----------------------------------------------------------------
@@ -507,6 +581,10 @@ def test_opcheck(triton_cpu, flags):
     t.requires_grad_(grad_t)
     torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_fwd.default,
                           (s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t, "triton", "tiled"))
+    if not (clamp_s or clamp_t):  # the factored form (no clamping), with the Triton row passes and with torch ops
+        for backend in ("triton", "composed"):
+            torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_fwd.default,
+                                  (s, t, apply_norm, False, False, grad_s, grad_t, backend, "factored"))
     # The Triton tiled form's own pair (what gram_loss runs for backend="triton"): forward, then backward.
     torch.library.opcheck(torch.ops.dinov3_kernels.gram_loss_tiled_fwd.default,
                           (s, t, apply_norm, clamp_s, clamp_t, grad_s, grad_t))
@@ -639,6 +717,33 @@ def test_gpu_against_reference(backend, dtype, B, N, D, opts):
     try:
         _check_against_reference(s, t, backend, RTOL[dtype if dtype == "tf32" else torch_dtype], method="tiled",
                                  **opts)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["composed", "triton"])
+@pytest.mark.parametrize("dtype", ["fp32", "tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("B,N,D", [(2, 300, 64), (1, 2048, 1024), (3, 7, 2)])
+@pytest.mark.parametrize("opts", [dict(), dict(apply_norm=False), dict(img_level=False)], ids=str)
+def test_gpu_factored_against_reference(backend, dtype, B, N, D, opts):
+    # Under TF32 (as official training runs) and for 16-bit input the factored form runs fp16 tensor-core GEMMs on
+    # Σ = Ŝ + T̂ and Δ = Ŝ - T̂ with fp32 results (torch's out_dtype): the TF32 tolerance holds for fp32 input.
+    torch_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    s, t = _features(B, N, D, torch_dtype, "cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        rtol = RTOL["tf32"] if dtype == "tf32" else FACTORED_RTOL[torch_dtype]
+        _check_against_reference(s, t, backend, rtol, method="factored", **opts)
+        if dtype == "tf32" and not opts:  # close to the teacher, where 16-bit rounding of Ŝ and T̂ themselves fails
+            t64 = torch.randn(B, N, D, dtype=torch.float64)
+            s64 = t64 + 1e-2 * torch.randn_like(t64)
+            ref, rs, _ = _run(gram_loss_reference, s64, t64)
+            loss, gs, _ = _run(lambda a, b: gram_loss(a, b, backend=backend, method="factored"),
+                               s64.float().cuda(), t64.float().cuda())
+            assert abs(loss.double().cpu() - ref) / ref < 1e-3
+            _assert_close(gs, rs, 5e-3, "student gradient")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 

@@ -27,6 +27,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "dinov3_kernels",
 # Every @triton.jit kernel the launchers start (the helpers they call inline are compiled inside them).
 KERNELS = {
     "_gram_prologue_kernel", "_gram_fwd_kernel", "_gram_bwd_kernel", "_gram_loss_kernel",
+    "_gram_sum_diff_kernel", "_gram_norm_bwd_kernel", "_gram_factored_dd_kernel",
     "_koleo_norm_kernel", "_koleo_search_kernel", "_koleo_search_resident_kernel", "_koleo_search_symmetric_kernel",
     "_koleo_merge_kernel",
     "_koleo_sum_kernel", "_koleo_bwd_kernel", "_koleo_norm_bwd_kernel", "_koleo_candidate_dots_kernel",

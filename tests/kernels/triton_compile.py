@@ -182,6 +182,15 @@ def compile_all(arch: int, full: bool, dtypes=None, ops=OPS, head_dims=None) -> 
             t = torch.randn(2, P, D).to(dtype)
             gram.gram_fwd_triton(s, t, apply_norm=True, clamp_s=False, clamp_t=False, grad_s=True, grad_t=False)
             gram.gram_fwd_triton(s, t, apply_norm=False, clamp_s=True, clamp_t=True, grad_s=True, grad_t=True)
+        # The factored form's row passes (its products are cuBLAS GEMMs): Z in fp16 for 16-bit input and under TF32,
+        # fp32 otherwise; whole rows up to 4096 columns, chunks beyond (D = 5000).
+        for P, D in ((200, 384), (50, 5000)) if "gram" in ops else ():
+            s = torch.randn(2, P, D).to(dtype)
+            z = torch.empty(2, P, 2 * D, dtype=torch.float32 if label == "fp32" else torch.float16)
+            nrm = gram.gram_sum_diff_triton(s, s, z, apply_norm=True)
+            gram.gram_norm_backward_triton(s, torch.randn(2, P, D), nrm[:, 0], torch.ones(()), apply_norm=True)
+            k = [torch.randn(2, 384, 384) for _ in range(3)]
+            gram.gram_factored_dd_triton(*k, torch.ones(()), z.dtype, want_s=True, want_t=True)
 
         _CONTEXT.update(op="koleo", head_dim=None, shape=None)
         # d <= 384 below 4096 rows takes the resident search, larger d (or n) the chunked one, or from 4096 rows (the
