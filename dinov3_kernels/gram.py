@@ -154,9 +154,9 @@ def _gram_fwd_factored(s, t, apply_norm, grad_s, grad_t, backend="composed", cdt
     |Δ|², the gradients' of |Δ|, so a student close to its teacher does not make large terms cancel (the
     |ŜᵀŜ|² - 2|ŜᵀT̂|² + |T̂ᵀT̂|² form loses the loss that way), and rounding Σ and Δ to fp16 perturbs the difference of
     the rows only relative to itself: the products run on 16-bit tensor cores (see _factored_cdtype) with fp32
-    accumulation. Only valid without
-    clamping. backend "triton" normalises into Z and runs the normalize backward with Triton kernels (one pass each);
-    otherwise torch ops. Returns (loss, grad_s or empty, grad_t or empty) for a loss weight of 1.
+    accumulation. Only valid without clamping. Backend "triton": Triton kernels for the three passes that are not
+    GEMMs (Z and the norms, the D×D pass, the normalize backward; one read of their inputs each); otherwise torch ops.
+    Returns (loss, grad_s or empty, grad_t or empty) for a loss weight of 1.
     """
     G, P, D = s.shape
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
@@ -178,8 +178,8 @@ def _gram_fwd_factored(s, t, apply_norm, grad_s, grad_t, backend="composed", cdt
     if cdtype in (torch.float16, torch.bfloat16):
         # The gradient GEMM's operand in range: K11 and K22 are positive semidefinite, so |K11_ab| <= a, |K22_ab| <= b
         # and |K12_ab| <= sqrt(a·b) with a, b their largest diagonal entries; every operand entry is then below
-        # max(a, b) + sqrt(a·b), scaled by a power of two (exact) into [2^13, 2^14): fp16 range, small entries clear
-        # of its subnormals. Undone in the normalize backward.
+        # max(a, b) + sqrt(a·b), which a power of two (exact) scales into [2^13, 2^14): fp16 range, small entries
+        # clear of its subnormals. Undone in the normalize backward.
         a = k11.diagonal(dim1=1, dim2=2).amax()
         b = k22.diagonal(dim1=1, dim2=2).amax()
         _, e = torch.frexp(torch.maximum(a, b) + torch.sqrt(a * b))
@@ -305,7 +305,7 @@ def _choose_method(method, s, clamp):
     G, P, D = s.shape
     if clamp:  # the factored form cannot clamp
         return "tiled"
-    tensor_cores = s.is_cuda and _factored_cdtype(s, True) != torch.float32
+    tensor_cores = s.is_cuda and _factored_cdtype(s, True) in (torch.float16, torch.bfloat16)
     return "factored" if _factored_wins(G, P, D, tensor_cores) else "tiled"
 
 

@@ -606,6 +606,14 @@ def test_torch_compile_fullgraph(triton_cpu):
     want = _run(lambda a, b: 2.0 * gram_loss_reference(a, b, remove_neg=True), s.double(), t.double())
     for g, w in zip(got, want):
         _assert_close(g, w, RTOL[torch.float32], "compiled")
+    # The factored form (what "auto" takes on tall groups) through the same op.
+    tall_s, tall_t = _features(2, 64, 8)
+    compiled = torch.compile(lambda a, b: gram_loss(a, b, backend="triton", method="factored") * 2.0,
+                             fullgraph=True, backend="aot_eager")
+    got = _run(lambda a, b: compiled(a, b), tall_s, tall_t)
+    want = _run(lambda a, b: 2.0 * gram_loss_reference(a, b), tall_s.double(), tall_t.double())
+    for g, w in zip(got, want):
+        _assert_close(g, w, RTOL[torch.float32], "compiled factored")
 
 
 # ---- module drop-in ------------------------------------------------------------------------------------------
