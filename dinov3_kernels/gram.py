@@ -104,7 +104,9 @@ def _bmm_acc(a, b, acc):
         if a.is_cuda and _OUT_DTYPE["cuda"] is not False:
             try:
                 out = torch.bmm(a, b, out_dtype=torch.float32)
-            except (RuntimeError, NotImplementedError, TypeError):
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (RuntimeError, NotImplementedError, TypeError):  # this torch has no fp32-output 16-bit bmm
                 _OUT_DTYPE["cuda"] = False
             else:
                 _OUT_DTYPE["cuda"] = True

@@ -509,6 +509,32 @@ def test_factored_row_passes_over_column_chunks(triton_cpu, monkeypatch):
     _check_against_reference(s, t, "triton", RTOL[torch.float32], method="factored")
 
 
+def test_factored_products_fall_back_where_torch_has_no_fp32_output_bmm(monkeypatch):
+    # On CUDA the 16-bit products ask torch.bmm for an fp32 result (out_dtype, torch >= 2.8). A torch without it
+    # (here: the CPU build, which has no kernel for it, posing as CUDA) gets the upcast products instead, once probed;
+    # running out of memory is not taken for a missing feature.
+    import dinov3_kernels.gram as gram_mod
+
+    a, b = torch.randn(2, 8, 5).half(), torch.randn(2, 5, 3).half()
+    want = torch.bmm(a.float(), b.float())
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setitem(gram_mod._OUT_DTYPE, "cuda", None)
+    got = gram_mod._bmm_acc(a, b, torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, want) and gram_mod._OUT_DTYPE["cuda"] is False
+    monkeypatch.setitem(gram_mod._OUT_DTYPE, "cuda", None)
+    real = torch.bmm
+
+    def oom(x, y, **kw):
+        if "out_dtype" in kw:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(x, y, **kw)
+
+    monkeypatch.setattr(torch, "bmm", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        gram_mod._bmm_acc(a, b, torch.float32)
+    assert gram_mod._OUT_DTYPE["cuda"] is None
+
+
 def test_factored_compute_dtype():
     from dinov3_kernels.gram import _factored_cdtype
 
