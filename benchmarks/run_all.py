@@ -78,7 +78,7 @@ PHASES = [
     Phase("ceilings", 15, 20, "2 GiB copy, 8192³ matmuls (bf16, TF32, fp32)"),
     Phase("tests", 100, 60, "pytest -m gpu: representative cases first, then as many as fit"),
     Phase("gram", 65, 120, "fp32: 4 shapes x 7 backends x 2 passes, compile of the official loss; then bf16 "
-                           "(GPU only): 3 shapes x 4 backends x 2 passes, no compile"),
+                           "(GPU only): 3 shapes x 5 backends x 2 passes, no compile"),
     Phase("koleo", 50, 40, "6 shapes x 6 backends x 2 passes, the two Triton searches from n = 4096"),
     Phase("attention", 70, 60, "ViT-L, 7B, S, B, H+ at N = 201..4101 x 8 backends x 2 passes (budget cuts the last)"),
     Phase("data", 25, 30, "loader and BatchAugment at the vits16 crops, 8 workers"),

@@ -579,9 +579,10 @@ def gram_fwd_triton(s, t, *, apply_norm, clamp_s, clamp_t, grad_s, grad_t, eps=1
     return loss, gs, gt
 
 
-# ---- the factored form's row passes (dinov3_kernels/gram.py, _gram_fwd_factored) ----------------------------------
-# The factored form's matrix products are cuBLAS GEMMs (torch); what is left are two passes over the rows, each one
-# read of its inputs: Z = [Ŝ + T̂ | Ŝ - T̂] with the row norms, and the normalize backward of a gradient.
+# ---- the factored form's passes (dinov3_kernels/gram.py, _gram_fwd_factored) --------------------------------------
+# The factored form's matrix products are cuBLAS GEMMs (torch); what is left are three passes, each one read of its
+# inputs: over the rows, Z = [Ŝ + T̂ | Ŝ - T̂] with the row norms, and the normalize backward of a gradient; over the
+# D x D products, the loss and the gradient GEMMs' operands.
 ROW_PASS_ONE_PASS_MAX = 4096  # widest padded row held in registers (two rows of it at once: 64 fp32 per thread)
 
 

@@ -790,18 +790,19 @@ def test_gpu_auto_picks_kernel():
 
 @pytest.mark.gpu
 def test_gpu_deterministic_loss():
-    # Loss and gradient bit for bit the same on every run, for every backend (none uses atomics).
+    # Loss and gradient bit for bit the same on every run, for every backend and both forms (none uses atomics; the
+    # factored form's partial sums are added in a fixed order, its GEMMs are cuBLAS's).
     s, t = _features(4, 1024, 256, torch.bfloat16, "cuda")
-    for backend in _gpu_backends():
+    for backend, method in [(b, "tiled") for b in _gpu_backends()] + [("triton", "factored")]:
         runs = []
         for _ in range(5):
             x = s.detach().clone().requires_grad_(True)
-            loss = gram_loss(x, t, backend=backend, method="tiled")
+            loss = gram_loss(x, t, backend=backend, method=method)
             loss.backward()
             runs.append((loss.detach(), x.grad))
         for loss, grad in runs[1:]:
-            assert torch.equal(loss, runs[0][0]), f"{backend}: loss changed between runs"
-            assert torch.equal(grad, runs[0][1]), f"{backend}: gradient changed between runs"
+            assert torch.equal(loss, runs[0][0]), f"{backend} {method}: loss changed between runs"
+            assert torch.equal(grad, runs[0][1]), f"{backend} {method}: gradient changed between runs"
 
 
 @pytest.mark.gpu
