@@ -116,33 +116,18 @@ def _bmm_acc(a, b, acc):
 
 
 def _sum_diff_torch(s, t, z, apply_norm, acc):
-    """z <- [Ŝ + T̂ | Ŝ - T̂] in z's dtype, normalised in `acc`; returns the row norms (G, 2, P) or None. One (G, P, D)
-    temporary in `acc` at a time."""
+    """z <- [Ŝ + T̂ | Ŝ - T̂] in z's dtype, formed in `acc` (normalised when apply_norm; raw 16-bit sums could pass
+    their range); returns the row norms (G, 2, P) or None."""
     D = s.shape[-1]
-    if not apply_norm:
-        s, t = s.to(acc), t.to(acc)  # raw 16-bit sums can pass their range: formed in acc, then rounded
-        torch.add(s, t, out=z[..., :D])
-        torch.sub(s, t, out=z[..., D:])
-        return None
-    ns = torch.linalg.vector_norm(s, dim=-1, dtype=acc)
-    nt = torch.linalg.vector_norm(t, dim=-1, dtype=acc)
-    rs, rt = (1.0 / ns.clamp_min(NORM_EPS)).unsqueeze(-1), (1.0 / nt.clamp_min(NORM_EPS)).unsqueeze(-1)
-    th = t.to(acc) * rt
-    z[..., :D].copy_(torch.addcmul(th, s.to(acc), rs))
-    z[..., D:].copy_(torch.addcmul(th.neg_(), s.to(acc), rs))
-    return torch.stack((ns, nt), dim=1)
-
-
-def _normalize_backward_torch(x, g, norm, scale, apply_norm, acc):
-    """d loss/dx (x's dtype) from g = scale⁻¹ · d loss/dx̂ (acc) and the row norms (G, P) of x: (g - x̂ (x̂·g)) / |x|
-    per row, g / eps where |x| <= eps (x̂ = x / eps is linear there)."""
-    g = g.mul_(scale)
+    xs, xt = s.to(acc), t.to(acc)
+    norms = None
     if apply_norm:
-        n = norm.unsqueeze(-1)
-        xh = x.to(acc) / n.clamp_min(NORM_EPS)
-        proj = torch.where(n > NORM_EPS, torch.linalg.vecdot(xh, g).unsqueeze(-1), torch.zeros_like(n))
-        g.addcmul_(xh, proj, value=-1.0).div_(n.clamp_min(NORM_EPS))
-    return g.to(x.dtype).contiguous()
+        norms = torch.stack((torch.linalg.vector_norm(xs, dim=-1), torch.linalg.vector_norm(xt, dim=-1)), dim=1)
+        xs = xs / norms[:, 0, :, None].clamp_min(NORM_EPS)
+        xt = xt / norms[:, 1, :, None].clamp_min(NORM_EPS)
+    torch.add(xs, xt, out=z[..., :D])
+    torch.sub(xs, xt, out=z[..., D:])
+    return norms
 
 
 def _gram_fwd_factored(s, t, apply_norm, grad_s, grad_t, backend="composed", cdtype=None):
@@ -205,13 +190,15 @@ def _gram_fwd_factored(s, t, apply_norm, grad_s, grad_t, backend="composed", cdt
             continue
         g = _bmm_acc(z, w, acc)  # M · dL/dx̂ · scale, the K dimension over [Σ | Δ]
         factor = sign / (M * scale)
-        n = None if norms is None else norms[:, side]
         if fused:
             from ._triton.gram import gram_norm_backward_triton
 
+            n = norms[:, side] if apply_norm else None
             out.append(gram_norm_backward_triton(x, g, n, factor, apply_norm=apply_norm, eps=NORM_EPS))
-        else:
-            out.append(_normalize_backward_torch(x, g, n, factor, apply_norm, acc))
+        else:  # the composed form's normalize backward, x̂ rebuilt from x and its norm
+            n = norms[:, side, :, None] if apply_norm else None
+            x_hat = x.to(acc) / n.clamp_min(NORM_EPS) if apply_norm else None
+            out.append(_grad_through_norm(x, x_hat, n, g, factor, apply_norm, acc))
     return loss, out[0], out[1]
 
 
