@@ -767,8 +767,8 @@ def benchmark_cases():
         return dict(n_s=n_s, n_t=n_t, T=bench_head.T_CROPS if kind == "dino" else 1, K=K, d=d)
 
     return [
-        ("gram_loss", GRAM_BACKENDS, [(f"G={G} P={P} D={D}", dict(G=G, P=P, D=D)) for G, P, D in bench_gram.GPU_SHAPES],
-         "float32"),
+        ("gram_loss", GRAM_BACKENDS, [(f"G={G} P={P} D={D}", dict(G=G, P=P, D=D))
+                                      for G, P, D in bench_gram.GPU_SHAPES + bench_gram.WIDE_GPU_SHAPES], "float32"),
         ("gram_loss", GRAM_BF16_BACKENDS,
          [(f"G={G} P={P} D={D}", dict(G=G, P=P, D=D)) for G, P, D in bench_gram.BF16_GPU_SHAPES], "bfloat16"),
         ("koleo_loss", KOLEO_BACKENDS, [(f"n={n} d={d}", dict(n=n, d=d)) for n, d in bench_koleo.GPU_SHAPES],

@@ -78,7 +78,8 @@ PHASES = [
     Phase("ceilings", 15, 20, "2 GiB copy, 8192³ matmuls (bf16, TF32, fp32)"),
     Phase("tests", 100, 60, "pytest -m gpu: representative cases first, then as many as fit"),
     Phase("gram", 65, 120, "fp32: 4 shapes x 7 backends x 2 passes, compile of the official loss; then bf16 "
-                           "(GPU only): 3 shapes x 5 backends x 2 passes, no compile"),
+                           "(GPU only): 3 shapes x 5 backends x 2 passes, no compile; then fp32 at the 7B width "
+                           "and 768 px (GPU only, no compile) as far as the budget goes"),
     Phase("koleo", 50, 40, "6 shapes x 6 backends x 2 passes, the two Triton searches from n = 4096"),
     Phase("attention", 70, 60, "ViT-L, 7B, S, B, H+ at N = 201..4101 x 8 backends x 2 passes (budget cuts the last)"),
     Phase("data", 25, 30, "loader and BatchAugment at the vits16 crops, 8 workers"),
@@ -245,6 +246,9 @@ class Run:
             # Without torch.compile (no goal compares with it in bf16; its recompile would take the budget).
             records += bench_gram.run(dataclasses.replace(st, compile=False), shapes=bench_gram.BF16_GPU_SHAPES,
                                       dtypes=[torch.bfloat16])
+            # Then fp32 at the ViT-7B width and at 768 px (the goal's P >= 1024 beyond its two ViT-L shapes), as far as
+            # the budget goes.
+            records += bench_gram.run(dataclasses.replace(st, compile=False), shapes=bench_gram.WIDE_GPU_SHAPES)
         return records
 
     def phase_koleo(self, st):

@@ -173,8 +173,9 @@ def test_the_gpu_run_times_the_deciding_shape_of_every_row_it_can_measure():
 
 def test_the_gram_phase_times_bf16_after_fp32_on_the_gpu_only(monkeypatch, tmp_path):
     """The bf16 Gram measurement (the issue's 40 %-of-bf16-peak goal) runs after every fp32 shape, in what the fp32
-    part left of the phase's budget and without torch.compile; the dry run (the interpreter is fp32-only) leaves it
-    out."""
+    part left of the phase's budget and without torch.compile; then, without torch.compile, the fp32 shapes at the
+    ViT-7B width and 768 px (so that they can never cut the bf16 goal's shapes). The dry run (the interpreter is
+    fp32-only) leaves both out."""
     import torch
 
     import bench_gram
@@ -187,9 +188,13 @@ def test_the_gram_phase_times_bf16_after_fp32_on_the_gpu_only(monkeypatch, tmp_p
     deadline = common.Deadline(10)
     for dry, expected in ((True, [(None, None, True, deadline)]),
                           (False, [(None, None, True, deadline),
-                                   (bench_gram.BF16_GPU_SHAPES, [torch.bfloat16], False, deadline)])):
+                                   (bench_gram.BF16_GPU_SHAPES, [torch.bfloat16], False, deadline),
+                                   (bench_gram.WIDE_GPU_SHAPES, None, False, deadline)])):
         calls.clear()
         run = run_all.Run(run_all.parse_args((["--dry-run"] if dry else []) + ["--out", str(tmp_path)]))
         run.phase_gram(common.Settings(device="cpu", deadline=deadline))
         assert calls == expected  # bf16 without torch.compile, within the phase's one deadline
     assert bench_gram.BF16_GPU_SHAPES[0][1] == 1024  # the goal is stated at P >= 1024: that shape first
+    # The wide shapes are all goal shapes (P >= 1024), none a repeat of a shape timed before them.
+    assert all(P >= 1024 for _, P, _ in bench_gram.WIDE_GPU_SHAPES)
+    assert not set(bench_gram.WIDE_GPU_SHAPES) & set(bench_gram.GPU_SHAPES)
