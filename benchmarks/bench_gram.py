@@ -120,14 +120,19 @@ def run(settings: common.Settings, shapes=None, dtypes=None) -> list:
     return records
 
 
+def standalone_shapes(settings):
+    """The shapes `python bench_gram.py` times: on a GPU (not --quick) every goal shape, the wide ones last (run_all.py
+    times those after its bf16 shapes instead); None (run's default) otherwise."""
+    return GPU_SHAPES + WIDE_GPU_SHAPES if settings.gpu and not settings.quick else None
+
+
 def main():
     p = common.parser(__doc__)
     p.add_argument("--dtypes", default="float32", help="comma-separated feature dtypes (training uses float32)")
     args = p.parse_args()
     settings = common.settings_from_args(args)
-    # Standalone on a GPU every goal shape is timed, the wide ones last (run_all.py times them after its bf16 shapes).
-    shapes = GPU_SHAPES + WIDE_GPU_SHAPES if settings.gpu and not settings.quick else None
-    records = run(settings, shapes=shapes, dtypes=[getattr(torch, d) for d in args.dtypes.split(",")])
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    records = run(settings, shapes=standalone_shapes(settings), dtypes=dtypes)
     common.report("bench_gram", records, common.environment(), args, speedup_vs="official_tf32")
 
 

@@ -198,3 +198,13 @@ def test_the_gram_phase_times_bf16_after_fp32_on_the_gpu_only(monkeypatch, tmp_p
     # The wide shapes are all goal shapes (P >= 1024), none a repeat of a shape timed before them.
     assert all(P >= 1024 for _, P, _ in bench_gram.WIDE_GPU_SHAPES)
     assert not set(bench_gram.WIDE_GPU_SHAPES) & set(bench_gram.GPU_SHAPES)
+
+
+def test_bench_gram_standalone_times_the_wide_shapes_last_on_a_gpu_only():
+    import bench_gram
+    import common
+
+    gpu = common.Settings(device="cuda")
+    assert bench_gram.standalone_shapes(gpu) == bench_gram.GPU_SHAPES + bench_gram.WIDE_GPU_SHAPES
+    assert bench_gram.standalone_shapes(common.Settings(device="cuda", quick=True)) is None  # run's QUICK_SHAPES
+    assert bench_gram.standalone_shapes(common.Settings(device="cpu")) is None  # run's CPU_SHAPES
