@@ -625,13 +625,15 @@ class Trainer:
             # deadlock (seen once in CI, on rank 1 at exit). So the model, its wrapper and optimizer go first, with
             # whatever cycle holds them, while the group is still registered, and destroy_process_group() frees it
             # without the GIL. The group was ours (torchrun): the run is over. Under FSDP2 the DTensor sharding
-            # caches hold the device mesh (and through it the group) after the model is gone: cleared as well
-            # (tests/train/test_distributed.py test_no_gloo_thread_outlives_the_cli, both parallel modes).
+            # caches hold the device mesh (and through it the group) after the model is gone: cleared as well, and
+            # the meshes torch 2.11 leaks let go of their groups (tests/train/test_distributed.py
+            # test_no_gloo_thread_outlives_the_cli, both parallel modes).
             self.student_forward = self.optimizer = self.arch = self.anchor = self.augment = None
             gc.collect()
             if self.parallel == "fsdp":
                 _clear_dtensor_caches()
                 gc.collect()
+                _release_mesh_groups()
             dist.destroy_process_group()
             self.dist.initialized_here = False
 
@@ -656,6 +658,23 @@ def _clear_dtensor_caches() -> None:
         if (type(obj).__name__ == "_lru_cache_wrapper"
                 and str(getattr(obj, "__module__", "")).startswith("torch.distributed")):
             obj.cache_clear()
+
+
+def _release_mesh_groups() -> None:
+    """Drops the process groups held by device meshes that outlive their training run. torch 2.11 keeps the
+    sharding-strategy tuples built while FSDP2's `fully_shard` shards parameters alive through a reference no
+    Python object holds (no cache
+    clear frees it; torch 2.13 does not), and with it a DTensorSpec, its DeviceMesh and the mesh's `_pg_registry`:
+    the gloo group, whose threads then run into interpreter exit. Called only when the trainer created the default
+    group and is about to destroy it, so every group a mesh holds is ours and unusable afterwards; a torch without
+    the registry attribute is left alone."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh):
+            registry = getattr(obj, "_pg_registry", None)
+            if isinstance(registry, dict):
+                registry.clear()
 
 
 class TrainingStopped(Exception):
