@@ -157,7 +157,6 @@ def test_the_gpu_run_times_the_deciding_shape_of_every_row_it_can_measure():
     import bench_attention
     import bench_gram
     import bench_koleo
-    import run_all
 
     timed = {
         ("gram_loss", "float32"): [dict(G=G, P=P, D=D) for G, P, D in bench_gram.GPU_SHAPES],
