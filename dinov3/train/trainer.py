@@ -663,15 +663,15 @@ def _clear_dtensor_caches() -> None:
 def _release_mesh_groups() -> None:
     """Drops the process groups held by device meshes that outlive their training run. torch 2.11 keeps the
     sharding-strategy tuples built while FSDP2's `fully_shard` shards parameters alive through a reference no
-    Python object holds (no cache
-    clear frees it; torch 2.13 does not), and with it a DTensorSpec, its DeviceMesh and the mesh's `_pg_registry`:
-    the gloo group, whose threads then run into interpreter exit. Called only when the trainer created the default
-    group and is about to destroy it, so every group a mesh holds is ours and unusable afterwards; a torch without
-    the registry attribute is left alone."""
+    Python object holds (no cache clear frees it; torch 2.13 does not leak), and with them a DTensorSpec, its
+    DeviceMesh and the mesh's `_pg_registry`: the gloo group, whose threads then run into interpreter exit. Called
+    only when the trainer created the default group and is about to destroy it, so every group a mesh holds is ours
+    and unusable afterwards; a torch without the registry attribute is left alone. Matched by exact type: isinstance
+    on every live object would trip torch's deprecated-alias warnings."""
     from torch.distributed.device_mesh import DeviceMesh
 
     for obj in gc.get_objects():
-        if isinstance(obj, DeviceMesh):
+        if type(obj) is DeviceMesh:
             registry = getattr(obj, "_pg_registry", None)
             if isinstance(registry, dict):
                 registry.clear()

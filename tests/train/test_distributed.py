@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -206,3 +207,44 @@ def test_no_gloo_thread_outlives_the_cli(image_dir, tmp_path, parallel):
     proc = run_cmd(cmd, env, 240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_no_gloo_thread_left(proc.stderr, 2)
+
+
+MESH_LEAK_SCRIPT = r"""
+import gc, os, sys, warnings
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from dinov3.train.trainer import _release_mesh_groups
+
+def gloo_threads():
+    names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    return [n for n in names if "gloo" in n]
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+leaked = [init_device_mesh("cpu", (1,))]  # what torch 2.11 keeps alive after an FSDP2 run
+assert gloo_threads(), "a gloo group has threads"
+if sys.argv[1] == "release":
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _release_mesh_groups()
+dist.destroy_process_group()
+gc.collect()
+print("gloo threads:", gloo_threads())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from Linux /proc")
+@pytest.mark.parametrize("release", [False, True])
+def test_a_mesh_that_outlives_the_run_lets_go_of_its_group(tmp_path, release):
+    """torch 2.11 leaks each FSDP2 run's DeviceMesh (Trainer.close's `_release_mesh_groups`); a mesh held alive here
+    stands for it on any torch. Held, it keeps the group's gloo threads running past destroy_process_group(); released
+    (without a warning), none is left."""
+    script = tmp_path / "mesh_leak.py"
+    script.write_text(MESH_LEAK_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    proc = subprocess.run([sys.executable, str(script), "release" if release else "keep", str(tmp_path / "store")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("gloo threads:")]
+    assert line, proc.stdout + proc.stderr[-3000:]
+    assert (line[0] == "gloo threads: []") == release, line[0]
