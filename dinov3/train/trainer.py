@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,6 +284,12 @@ class Trainer:
             fully_shard(root, mp_policy=mp)
         if self.arch.distiller is not None:
             self.arch.distiller.to(self.device).shard(mp)
+        # torch >= 2.13 warns at every step that the student returns views (its CLS and patch tokens are slices of the
+        # normed tokens, the logits a split): an in-place op on one would drop FSDP2's pre-backward hook. Nothing
+        # writes into the student's outputs (the losses and kernels never modify their inputs; FSDP2 and DDP train
+        # alike: tests/train/test_distributed.py), so the warning is noise to a user, silenced for this module only.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPStudentNet\) returned a view tensor",
+                                category=UserWarning)
 
     def _gram_teacher_to(self, device: torch.device) -> None:
         if self.arch.gram_teacher is not None and self.parallel != "fsdp":
